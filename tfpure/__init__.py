@@ -1,0 +1,42 @@
+"""tfpure: functional, graph-compiled, property-tested training loops for Keras 3.
+
+The hand-written TensorFlow loop (GradientTape, ``apply_gradients``, metric
+``update_state``/``reset_state``, ``training=``, ``model.losses``,
+``@tf.function``) as a few composable pieces::
+
+    state = tp.TrainState.create(model=model, optimizer=keras.optimizers.Adam())
+    train_step = tp.make_train_step(loss)
+    state, logs = train_step(state, (x, y))
+    state, history = tp.fit_loop(state, train_ds, train_step, epochs=5, val_data=val_ds)
+"""
+
+from tfpure.batch import LossFn, ModelLossFn
+from tfpure.loop import evaluate, fit_loop, fold
+from tfpure.state import TrainState
+from tfpure.steps import (
+    GradTransform,
+    Logs,
+    NonFiniteError,
+    Step,
+    StepFn,
+    make_eval_step,
+    make_train_step,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GradTransform",
+    "Logs",
+    "LossFn",
+    "ModelLossFn",
+    "NonFiniteError",
+    "Step",
+    "StepFn",
+    "TrainState",
+    "evaluate",
+    "fit_loop",
+    "fold",
+    "make_eval_step",
+    "make_train_step",
+]

@@ -1,0 +1,204 @@
+"""Batches and losses: what a step reads from a batch and how it scores it.
+
+A batch follows the Keras convention: `x`, `(x,)`, `(x, y)` or
+`(x, y, sample_weight)`, where `x` may be a tensor, a tuple or a dict. A loss
+is one of
+
+  * a `keras.losses.Loss` (or a Keras loss name such as ``"mse"``);
+  * any callable ``(y_true, y_pred) -> loss``, wrapped exactly as
+    `model.compile` wraps it (`keras.losses.LossFunctionWrapper`: per-sample
+    values are averaged, sample weights applied);
+  * a full-control callable ``(model, batch, training) -> (loss, y_pred)``,
+    for anything that needs `x`, several model calls or several outputs.
+
+`as_model_loss` turns each into the third form. All checks here run while a
+step is traced, in Python, so bad input fails before the graph runs and
+before any variable changes.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import keras
+import tensorflow as tf
+
+# The wrapper `model.compile` puts around plain loss functions; Keras does not
+# export it, and tfpure must score exactly as `fit` does.
+from keras.src.losses import LossFunctionWrapper
+
+__all__ = ["LossFn", "ModelLossFn", "as_model_loss", "batch_size", "unpack"]
+
+Batch = Any
+
+
+class LossFn(Protocol):
+    """A loss of targets and predictions, like every `keras.losses.Loss`."""
+
+    def __call__(self, y_true: Any, y_pred: Any, /) -> tf.Tensor: ...
+
+
+class ModelLossFn(Protocol):
+    """A full-control loss: calls the model itself, returns loss and predictions.
+
+    Return `y_pred=None` when there are no metrics to update.
+    """
+
+    def __call__(
+        self, model: keras.Model, batch: Batch, training: bool, /
+    ) -> tuple[tf.Tensor, Any]: ...
+
+
+def unpack(batch: Batch) -> tuple[Any, Any, Any]:
+    """Splits a Keras-convention batch into `(x, y, sample_weight)`.
+
+    Raises:
+      ValueError: the batch is a tuple of more than three parts or holds no
+        tensors.
+
+    Example:
+      >>> import tensorflow as tf
+      >>> from tfpure.batch import unpack
+      >>> x, y, w = unpack((tf.ones((2, 3)), tf.zeros((2,))))
+      >>> x.shape, y.shape, w
+      (TensorShape([2, 3]), TensorShape([2]), None)
+    """
+    if isinstance(batch, list):
+        batch = tuple(batch)
+    if not isinstance(batch, tuple):
+        x, y, sample_weight = batch, None, None
+    elif len(batch) in (1, 2, 3):
+        x, y, sample_weight = (*batch, None, None)[:3]
+    else:
+        raise ValueError(
+            "A batch must be x, (x,), (x, y) or (x, y, sample_weight); got a "
+            f"tuple of {len(batch)} parts. Nest multi-input features: "
+            "((x1, x2), y) or ({'a': x1, 'b': x2}, y)."
+        )
+    if not tf.nest.flatten(x):
+        raise ValueError("The batch has no features `x` (found an empty structure).")
+    return x, y, sample_weight
+
+
+def batch_size(x: Any) -> tf.Tensor:
+    """The number of examples in features `x`: the first dimension of its first tensor.
+
+    Example:
+      >>> import tensorflow as tf
+      >>> from tfpure.batch import batch_size
+      >>> int(batch_size({"a": tf.ones((5, 2)), "b": tf.ones((5,))}))
+      5
+    """
+    return tf.shape(tf.nest.flatten(x)[0])[0]
+
+
+def _spec_shape(t: Any) -> tf.TensorShape:
+    return tf.TensorShape(getattr(t, "shape", None))
+
+
+def check_batch(model: keras.Model, x: Any, y: Any, sample_weight: Any) -> None:
+    """Checks features against the model's declared inputs, and batch sizes agree.
+
+    Models without declared inputs (subclassed models) are checked by their
+    own layers instead.
+    """
+    inputs = getattr(model, "_inputs_struct", None)
+    if inputs is None:
+        try:
+            inputs = model.inputs  # Sequential models declare a list.
+        except AttributeError:
+            inputs = None
+    flat_x = tf.nest.flatten(x)
+    if inputs is not None:
+        flat_in = tf.nest.flatten(inputs)
+        if len(flat_in) != len(flat_x):
+            raise ValueError(
+                f"Model {model.name!r} takes {len(flat_in)} input(s) "
+                f"{[tuple(i.shape) for i in flat_in]} but the batch's features "
+                f"hold {len(flat_x)} tensor(s) {[tuple(_spec_shape(t)) for t in flat_x]}."
+            )
+        for i, (spec, got) in enumerate(zip(flat_in, flat_x, strict=True)):
+            want, have = tf.TensorShape(spec.shape), _spec_shape(got)
+            if not want.is_compatible_with(have):
+                raise ValueError(
+                    f"Feature shape mismatch for model {model.name!r} input {i} "
+                    f"({getattr(spec, 'name', '?')}): expected {tuple(want)} "
+                    f"(None = any size), got {tuple(have)}."
+                )
+    sizes = {
+        part: _spec_shape(tf.nest.flatten(value)[0])[:1]
+        for part, value in (("x", x), ("y", y), ("sample_weight", sample_weight))
+        if value is not None and tf.nest.flatten(value)
+    }
+    known = {part: s[0] for part, s in sizes.items() if s.rank and s[0] is not None}
+    if len(set(known.values())) > 1:
+        raise ValueError(f"The batch's parts disagree on the number of examples: {known}.")
+
+
+def _required_positional(fn: Callable[..., Any]) -> int | None:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return sum(p.kind in kinds and p.default is inspect.Parameter.empty for p in params)
+
+
+def as_model_loss(loss: Any) -> tuple[ModelLossFn, bool]:
+    """Normalises a loss to the full-control form `(model, batch, training)`.
+
+    Returns:
+      The full-control function and whether it needs targets `y` in the batch.
+
+    Raises:
+      TypeError: `loss` is not callable or takes neither two nor three
+        positional arguments.
+
+    Example:
+      >>> import keras, tensorflow as tf
+      >>> from tfpure.batch import as_model_loss
+      >>> fn, needs_y = as_model_loss(keras.losses.MeanSquaredError())
+      >>> model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1, use_bias=False)])
+      >>> model.set_weights([tf.ones((1, 1))])
+      >>> loss, y_pred = fn(model, (tf.ones((2, 1)), tf.zeros((2, 1))), False)
+      >>> float(loss), needs_y
+      (1.0, True)
+    """
+    name = loss if isinstance(loss, str) else None
+    if isinstance(loss, str):
+        loss = keras.losses.get(loss)
+    if not callable(loss):
+        raise TypeError(
+            "`loss` must be a keras.losses.Loss, a callable (y_true, y_pred) -> "
+            "loss, or a callable (model, batch, training) -> (loss, y_pred); got "
+            f"{type(loss).__name__}: {loss!r}."
+        )
+    if isinstance(loss, keras.losses.Loss):
+        return _targets_loss(loss), True
+    arity = _required_positional(loss)
+    if arity == 3:
+        return loss, False
+    if arity == 2:
+        name = name or getattr(loss, "__name__", type(loss).__name__)
+        return _targets_loss(LossFunctionWrapper(loss, name=name)), True
+    raise TypeError(
+        f"`loss` {loss!r} takes {arity} required positional arguments; expected "
+        "2 (y_true, y_pred) or 3 (model, batch, training)."
+    )
+
+
+def _targets_loss(loss: keras.losses.Loss) -> ModelLossFn:
+    def model_loss(model: keras.Model, batch: Batch, training: bool) -> Any:
+        x, y, sample_weight = unpack(batch)
+        if y is None:
+            raise ValueError(
+                f"The loss {loss.name!r} compares predictions with targets, but "
+                "the batch has no targets: pass (x, y) or (x, y, sample_weight), "
+                "or a full-control loss (model, batch, training) -> (loss, y_pred)."
+            )
+        y_pred = model(x, training=training)
+        return loss(y, y_pred, sample_weight=sample_weight), y_pred
+
+    return model_loss

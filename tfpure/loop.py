@@ -1,0 +1,412 @@
+"""Loops: `fold` (one pass), `evaluate`, and `fit_loop` (epochs with callbacks).
+
+Synopsis::
+
+    state, logs = tp.fold(train_step, state, dataset)      # one pass, nothing else
+    logs = tp.evaluate(state, val_ds, eval_step)           # {"loss": 0.31, ...}
+    state, history = tp.fit_loop(state, train_ds, train_step, epochs=5,
+                                 eval_step=eval_step, val_data=val_ds,
+                                 callbacks=[keras.callbacks.EarlyStopping()])
+
+The loop is a fold of a step over batches, nested in a fold over epochs,
+exactly the tutorial's two `for` loops: reset the metrics, run the batches,
+validate with ``training=False``, report. `fit_loop` drives ordinary Keras
+callbacks through `keras.callbacks.CallbackList`, the object Keras' own `fit`
+uses, so progress bars, `History`, `EarlyStopping`, `CSVLogger` and
+`TensorBoard` behave as under `fit`.
+
+Data is a `tf.data.Dataset` (the fast path: batches are pulled inside the
+graph, `steps_per_call` at a time) or any iterable of batches (one Python call
+per batch).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+from tfpure.state import TrainState
+from tfpure.steps import Logs, Step, StepFn, make_eval_step
+
+__all__ = ["evaluate", "fit_loop", "fold"]
+
+BatchHook = Callable[[int], None]
+LogsHook = Callable[[int, Any], None]
+
+
+def _no_begin(index: int) -> None:
+    del index
+
+
+def _no_end(index: int, logs: Any) -> None:
+    del index, logs
+
+
+def _never() -> bool:
+    return False
+
+
+def _check_data(data: Any, argument: str) -> None:
+    if isinstance(data, tf.data.Dataset):
+        if int(data.cardinality()) == tf.data.INFINITE_CARDINALITY:
+            raise ValueError(
+                f"`{argument}` is an infinite dataset (it repeats forever); pass "
+                "`steps_per_epoch=` to fit_loop, or take a finite part with "
+                "dataset.take(n)."
+            )
+        return
+    if isinstance(data, tuple) or not isinstance(data, Iterable):
+        raise TypeError(
+            f"`{argument}` must be a tf.data.Dataset or an iterable of batches; got "
+            f"{type(data).__name__}. For arrays, use "
+            "tf.data.Dataset.from_tensor_slices((x, y)).batch(32)."
+        )
+
+
+def _num_batches(data: Any) -> int | None:
+    if isinstance(data, tf.data.Dataset):
+        n = int(data.cardinality())
+        return n if n >= 0 else None
+    try:
+        return len(data)
+    except TypeError:
+        return None
+
+
+def _pass(
+    step: StepFn,
+    state: Any,
+    data: Any,
+    *,
+    iterator: Any = None,
+    max_steps: int | None = None,
+    begin: BatchHook = _no_begin,
+    end: LogsHook = _no_end,
+    stop: Callable[[], bool] = _never,
+) -> tuple[Any, Logs | None, int]:
+    """Runs `step` over `data` (or `iterator`); returns state, last logs, steps run.
+
+    With a tfpure `Step` and a dataset, batches are pulled in-graph,
+    `steps_per_call` per call. The number of steps a call ran is read back
+    only when it is not known beforehand (unknown cardinality), so a
+    known-size epoch needs no per-call host read.
+    """
+    logs: Logs | None = None
+    done = 0
+    in_graph = iterator is not None or isinstance(data, tf.data.Dataset)
+    if isinstance(step, Step) and in_graph:
+        # Steps in the epoch, if known: then no call's step count is read back.
+        known = _num_batches(data) if iterator is None else None
+        limit = known if max_steps is None else max_steps
+        if iterator is None:
+            iterator = iter(data)
+        while limit is None or done < limit:
+            begin(done)
+            want = step.steps_per_call
+            if limit is not None:
+                want = min(want, limit - done)
+            state, out, ran = step.run_on_iterator(state, iterator, max_steps=want)
+            if known is None:
+                ran = int(ran)
+                if ran == 0:
+                    break
+            else:
+                ran = want
+            logs, done = out, done + ran
+            end(done - 1, logs)
+            if stop():
+                break
+        return state, logs, done
+    for batch in data if iterator is None else iterator:
+        begin(done)
+        state, logs = step(state, batch)
+        done += 1
+        end(done - 1, logs)
+        if stop() or (max_steps is not None and done >= max_steps):
+            break
+    return state, logs, done
+
+
+def fold(step: StepFn, state: Any, batches: Any) -> tuple[Any, Logs]:
+    """One pass of `step` over `batches`: ``for b in batches: state, logs = step(state, b)``.
+
+    No metric is reset and no callback runs: `fold` is the bare loop, for
+    research code that composes its own. `step` may be any `StepFn`,
+    including a plain Python function over several states.
+
+    Args:
+      step: a step, e.g. from `make_train_step`.
+      state: a `TrainState` (or, for a user-written step, whatever it threads).
+      batches: a `tf.data.Dataset` or an iterable of batches.
+
+    Returns:
+      ``(state, logs)``, the logs of the last step (running metric values).
+
+    Raises:
+      ValueError: `batches` held no batch.
+
+    Example:
+      >>> import keras, tensorflow as tf, tfpure as tp
+      >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+      >>> state = tp.TrainState.create(model=model, optimizer=keras.optimizers.SGD(0.01))
+      >>> data = tf.data.Dataset.from_tensor_slices((tf.ones((10, 3)), tf.ones((10, 1)))).batch(4)
+      >>> state, logs = tp.fold(tp.make_train_step("mse"), state, data)
+      >>> int(state.step), sorted(logs)
+      (3, ['loss'])
+    """
+    _check_data(batches, "batches")
+    state, logs, done = _pass(step, state, batches)
+    if not done or logs is None:
+        raise ValueError("`batches` held no batch: there was nothing to fold over.")
+    return state, logs
+
+
+def _floats(logs: Logs) -> dict[str, float]:
+    return {name: float(value) for name, value in logs.items()}
+
+
+def _callback_list(
+    callbacks: Sequence[keras.callbacks.Callback] | keras.callbacks.CallbackList,
+    model: keras.Model,
+    **params: Any,
+) -> keras.callbacks.CallbackList:
+    if isinstance(callbacks, keras.callbacks.CallbackList):
+        return callbacks
+    callbacks = list(callbacks or ())
+    for cb in callbacks:
+        if not isinstance(cb, keras.callbacks.Callback):
+            raise TypeError(
+                "`callbacks` must hold keras.callbacks.Callback instances; got "
+                f"{type(cb).__name__}."
+            )
+    return keras.callbacks.CallbackList(callbacks, model=model, **params)
+
+
+def _eval_step_for(eval_step: StepFn | None, train_step: StepFn) -> StepFn:
+    if eval_step is not None:
+        if isinstance(eval_step, Step) and eval_step.kind != "eval":
+            raise ValueError("`eval_step` is a training step; build it with make_eval_step(loss).")
+        return eval_step
+    if isinstance(train_step, Step):
+        return make_eval_step(
+            train_step.loss,
+            jit_compile=train_step.jit_compile,
+            steps_per_call=train_step.steps_per_call,
+        )
+    raise ValueError("`val_data` needs an `eval_step` when `train_step` is not a tfpure step.")
+
+
+def evaluate(
+    state: TrainState,
+    data: Any,
+    eval_step: StepFn,
+    *,
+    callbacks: Sequence[keras.callbacks.Callback] = (),
+    verbose: int = 0,
+) -> dict[str, float]:
+    """Scores `state` on `data`: resets `state.eval_metrics`, runs `eval_step`, reports.
+
+    The figures equal Keras' `model.evaluate` for the same model, loss and
+    data: the loss is a per-example mean including ``model.losses``.
+
+    Args:
+      state: the state to score; only its eval metrics change.
+      data: a `tf.data.Dataset` or an iterable of batches.
+      eval_step: a step from `make_eval_step` (or any `StepFn`).
+      callbacks: Keras callbacks; their ``on_test_*`` hooks run.
+      verbose: 1 shows Keras' progress bar.
+
+    Returns:
+      ``{"loss": ..., <metric>: ...}`` as Python floats.
+
+    Raises:
+      ValueError: `data` held no batch.
+
+    Example:
+      >>> import keras, numpy as np, tensorflow as tf, tfpure as tp
+      >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1, use_bias=False)])
+      >>> model.set_weights([np.ones((2, 1), "float32")])
+      >>> state = tp.TrainState.create(model=model, optimizer=keras.optimizers.SGD())
+      >>> data = tf.data.Dataset.from_tensor_slices((tf.ones((5, 2)), tf.zeros((5, 1)))).batch(2)
+      >>> tp.evaluate(state, data, tp.make_eval_step("mse"))
+      {'loss': 4.0}
+    """
+    _check_data(data, "data")
+    if isinstance(eval_step, Step) and eval_step.kind != "eval":
+        raise ValueError("`eval_step` is a training step; build it with make_eval_step.")
+    cbs = _callback_list(
+        callbacks,
+        state.model,
+        add_progbar=verbose != 0,
+        verbose=verbose,
+        epochs=1,
+        steps=_num_batches(data),
+    )
+    return _evaluate(state, data, eval_step, cbs)
+
+
+def _evaluate(
+    state: TrainState,
+    data: Any,
+    eval_step: StepFn,
+    cbs: keras.callbacks.CallbackList,
+) -> dict[str, float]:
+    state.reset_eval_metrics()
+    cbs.on_test_begin()
+    state, logs, done = _pass(
+        eval_step,
+        state,
+        data,
+        begin=cbs.on_test_batch_begin,
+        end=cbs.on_test_batch_end,
+    )
+    if not done or logs is None:
+        raise ValueError("The evaluation data held no batch.")
+    result = _floats(logs)
+    cbs.on_test_end(result)
+    return result
+
+
+def fit_loop(
+    state: TrainState,
+    data: Any,
+    train_step: StepFn,
+    *,
+    epochs: int = 1,
+    eval_step: StepFn | None = None,
+    val_data: Any = None,
+    callbacks: Sequence[keras.callbacks.Callback] = (),
+    verbose: int = 1,
+    steps_per_epoch: int | None = None,
+) -> tuple[TrainState, dict[str, list[float]]]:
+    """Trains for `epochs` epochs with validation and Keras callbacks; returns the history.
+
+    Each epoch resets `state.metrics`, runs `train_step` over `data` (a fold),
+    then, if `val_data` is given, runs `evaluate` and adds its figures with a
+    ``val_`` prefix. Callbacks run through `keras.callbacks.CallbackList` as
+    under Keras `fit`: a progress bar when ``verbose=1``, `History`, and any
+    callback you pass. A callback that sets ``model.stop_training = True``
+    (`EarlyStopping`) ends training after the current batch.
+
+    With ``steps_per_call=k`` a callback's batch hooks fire once per call of k
+    steps (as with Keras ``steps_per_execution``), with the index of the last
+    batch in the call.
+
+    If the model has no `optimizer` attribute (it was never compiled), it is
+    set to `state.optimizer` so callbacks that read it (`ReduceLROnPlateau`,
+    `LearningRateScheduler`) work.
+
+    Args:
+      state: the state to train.
+      data: a `tf.data.Dataset` or an iterable of batches. A new pass starts
+        each epoch (so a shuffled dataset reshuffles).
+      train_step: a step from `make_train_step` or any `StepFn`.
+      epochs: number of epochs, >= 1.
+      eval_step: the validation step; by default `make_eval_step` of the
+        training loss.
+      val_data: validation batches, run after each epoch.
+      callbacks: Keras callbacks.
+      verbose: 0 silent, 1 progress bar, 2 one line per epoch (as in Keras).
+      steps_per_epoch: if given, each epoch runs this many steps from one
+        iterator kept across epochs (needed for a repeating dataset).
+
+    Returns:
+      ``(state, history)`` where ``history`` maps Keras log names (`loss`,
+      `accuracy`, `val_loss`, ...) to one float per epoch.
+
+    Raises:
+      ValueError: `epochs` < 1, empty or infinite data, wrong kind of step.
+      TypeError: `data` is not a dataset or iterable of batches.
+
+    Example:
+      >>> import keras, numpy as np, tensorflow as tf, tfpure as tp
+      >>> keras.utils.set_random_seed(1)
+      >>> x = np.random.normal(size=(64, 2)).astype("float32"); y = (x[:, 0] > 0).astype("int32")
+      >>> data = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
+      >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(2)])
+      >>> state = tp.TrainState.create(
+      ...     model=model, optimizer=keras.optimizers.Adam(0.1),
+      ...     metrics={"accuracy": keras.metrics.SparseCategoricalAccuracy()})
+      >>> loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+      >>> state, history = tp.fit_loop(state, data, tp.make_train_step(loss), epochs=3,
+      ...                              val_data=data, verbose=0)
+      >>> sorted(history), len(history["loss"])
+      (['accuracy', 'loss', 'val_accuracy', 'val_loss'], 3)
+      >>> history["val_accuracy"][-1] > 0.9
+      True
+    """
+    if not isinstance(state, TrainState):
+        raise TypeError(
+            f"`state` must be a TrainState; got {type(state).__name__}. Use "
+            "tp.fold for steps that thread other values."
+        )
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"`epochs` must be an int >= 1; got {epochs!r}.")
+    if isinstance(train_step, Step) and train_step.kind != "train":
+        raise ValueError("`train_step` is an evaluation step; build it with make_train_step(loss).")
+    if not callable(train_step):
+        raise TypeError(f"`train_step` must be callable; got {train_step!r}.")
+    if steps_per_epoch is not None and (
+        isinstance(steps_per_epoch, bool)
+        or not isinstance(steps_per_epoch, int)
+        or steps_per_epoch < 1
+    ):
+        raise ValueError(f"`steps_per_epoch` must be None or an int >= 1; got {steps_per_epoch!r}.")
+    if steps_per_epoch is None:
+        _check_data(data, "data")
+    if val_data is not None:
+        _check_data(val_data, "val_data")
+        eval_step = _eval_step_for(eval_step, train_step)
+
+    model = state.model
+    cbs = _callback_list(
+        callbacks,
+        model,
+        add_history=True,
+        add_progbar=verbose != 0,
+        verbose=verbose,
+        epochs=epochs,
+        steps=steps_per_epoch or _num_batches(data),
+    )
+    if getattr(model, "optimizer", None) is None:
+        model.optimizer = state.optimizer
+    model.stop_training = False
+    # With steps_per_epoch, one iterator spans the run (a repeating dataset).
+    iterator = iter(data) if steps_per_epoch is not None else None
+    stop = lambda: bool(model.stop_training)  # noqa: E731
+
+    cbs.on_train_begin()
+    epoch_logs: dict[str, float] = {}
+    for epoch in range(epochs):
+        state.reset_metrics()
+        cbs.on_epoch_begin(epoch)
+        state, logs, done = _pass(
+            train_step,
+            state,
+            data,
+            iterator=iterator,
+            max_steps=steps_per_epoch,
+            begin=cbs.on_train_batch_begin,
+            end=cbs.on_train_batch_end,
+            stop=stop,
+        )
+        if not done or logs is None:
+            raise ValueError(
+                f"The training data held no batch in epoch {epoch}"
+                + (" (the iterator ran out)." if steps_per_epoch else ".")
+            )
+        epoch_logs = _floats(logs)
+        if val_data is not None:
+            val = _evaluate(state, val_data, eval_step, cbs)
+            epoch_logs.update({f"val_{name}": value for name, value in val.items()})
+        cbs.on_epoch_end(epoch, epoch_logs)
+        if model.stop_training:
+            break
+    # As Keras `fit` does: e.g. an optimizer with use_ema=True swaps in its averages.
+    state.optimizer.finalize_variable_values(model.trainable_variables)
+    cbs.on_train_end(epoch_logs)
+    history = next(cb for cb in cbs.callbacks if isinstance(cb, keras.callbacks.History))
+    return state, {name: list(values) for name, values in history.history.items()}

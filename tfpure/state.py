@@ -1,0 +1,312 @@
+"""`TrainState`: the handles a training loop threads through its steps.
+
+Synopsis::
+
+    state = tp.TrainState.create(model=model, optimizer=keras.optimizers.Adam(),
+                                 metrics={"accuracy": keras.metrics.SparseCategoricalAccuracy()})
+    state, logs = train_step(state, (x, y))      # variables move in place
+    state.step.numpy()                           # steps taken so far
+
+A `TrainState` is a frozen record of *handles*: the Keras model, the optimizer,
+the training and evaluation metrics, a step counter and a seed generator. The
+record itself never changes; the variables it points to do, in place, exactly
+as in the hand-written loop. Every step returns the state to use afterwards.
+
+Invariants that `create` establishes, so that steps never create variables
+while tracing:
+  * the optimizer is built on exactly the model's trainable variables;
+  * `metrics` and `eval_metrics` both hold a `"loss"` tracker and are
+    disjoint sets of objects, so evaluation never pollutes training figures.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import attrs
+import keras
+import tensorflow as tf
+
+__all__ = ["TrainState"]
+
+LOSS = "loss"
+
+
+def _metric_dict(metrics: Any, argument: str) -> dict[str, keras.metrics.Metric]:
+    """Normalises `None`, a sequence or a mapping of metrics to a dict by name."""
+    if metrics is None:
+        return {}
+    if isinstance(metrics, keras.metrics.Metric):
+        metrics = [metrics]
+    if isinstance(metrics, Mapping):
+        items = list(metrics.items())
+    elif isinstance(metrics, Sequence) and not isinstance(metrics, str):
+        items = [(getattr(m, "name", None), m) for m in metrics]
+    else:
+        raise TypeError(
+            f"`{argument}` must be a dict of name -> keras.metrics.Metric, a list "
+            f"of metrics, or None; got {type(metrics).__name__}."
+        )
+    out: dict[str, keras.metrics.Metric] = {}
+    for name, metric in items:
+        if not isinstance(metric, keras.metrics.Metric):
+            raise TypeError(
+                f"`{argument}[{name!r}]` must be a keras.metrics.Metric instance; "
+                f"got {type(metric).__name__}. Wrap a plain function with "
+                "keras.metrics.MeanMetricWrapper(fn)."
+            )
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"`{argument}` has a metric without a name: {metric!r}.")
+        if name == LOSS:
+            raise ValueError(
+                f"`{argument}` may not use the name 'loss': tfpure adds its own "
+                "loss tracker under that name. Rename the metric."
+            )
+        if name in out:
+            raise ValueError(f"`{argument}` names two metrics {name!r}.")
+        out[name] = metric
+    return out
+
+
+def _clone_metric(name: str, metric: keras.metrics.Metric) -> keras.metrics.Metric:
+    try:
+        return type(metric).from_config(metric.get_config())
+    except Exception as err:  # Keras raises many types from from_config.
+        raise ValueError(
+            f"Could not make an evaluation copy of metric {name!r} "
+            f"({type(metric).__name__}) from its config: {err}. Pass separate "
+            "instances with TrainState.create(..., eval_metrics={...})."
+        ) from err
+
+
+def _check_optimizer_matches(model: keras.Model, optimizer: keras.optimizers.Optimizer) -> None:
+    """Raises if `optimizer` was built for variables other than the model's."""
+    built_for = getattr(optimizer, "_trainable_variables", None)
+    if not built_for:
+        return
+    mine = {id(v) for v in model.trainable_variables}
+    theirs = {id(v) for v in built_for}
+    if mine != theirs:
+        missing = [v.path for v in model.trainable_variables if id(v) not in theirs]
+        raise ValueError(
+            f"The optimizer {optimizer.name!r} was built for other variables than "
+            f"this model's trainable variables ({len(theirs)} built, "
+            f"{len(mine)} in the model; first missing: {missing[:3]}). Use a fresh "
+            "optimizer for each model."
+        )
+
+
+def _derived_seed(seed: int, path: str) -> int:
+    digest = hashlib.sha256(f"{seed}/{path}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def _model_seed_generators(model: keras.Model) -> list[keras.random.SeedGenerator]:
+    generators = []
+    for layer in model._flatten_layers(include_self=True, recursive=True):
+        generators.extend(getattr(layer, "_seed_generators", ()))
+    return generators
+
+
+def _counter(name: str) -> tf.Variable:
+    return tf.Variable(
+        0,
+        dtype=tf.int64,
+        trainable=False,
+        name=name,
+        aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+    )
+
+
+@attrs.frozen(eq=False, repr=False)
+class TrainState:
+    """Frozen handles to everything a training step reads and updates.
+
+    Build one with `TrainState.create`; its fields are the Keras objects the
+    steps update in place (there is no copy). `eq` is identity: two states are
+    equal only if they are the same object.
+
+    Attributes:
+      model: the `keras.Model` being trained.
+      optimizer: a built `keras.optimizers.Optimizer` for `model`.
+      metrics: training metrics by name, always including the `"loss"` tracker.
+      eval_metrics: separate instances of the same metrics for evaluation.
+      step: int64 scalar `tf.Variable`, the number of training steps taken
+        (skipped ones included).
+      rng: a `keras.random.SeedGenerator` for randomness in user-written steps,
+        e.g. ``keras.random.normal(shape, seed=state.rng)``.
+      skipped: int64 scalar `tf.Variable`, the number of steps a
+        ``nonfinite="skip"`` train step skipped.
+
+    Example:
+      >>> import keras, tfpure as tp
+      >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+      >>> state = tp.TrainState.create(
+      ...     model=model,
+      ...     optimizer=keras.optimizers.SGD(0.1),
+      ...     metrics={"accuracy": keras.metrics.SparseCategoricalAccuracy()},
+      ... )
+      >>> sorted(state.metrics), sorted(state.eval_metrics)
+      (['accuracy', 'loss'], ['accuracy', 'loss'])
+      >>> state.metrics["accuracy"] is state.eval_metrics["accuracy"]
+      False
+      >>> int(state.step), state.optimizer.built
+      (0, True)
+    """
+
+    model: keras.Model
+    optimizer: keras.optimizers.Optimizer
+    metrics: Mapping[str, keras.metrics.Metric]
+    eval_metrics: Mapping[str, keras.metrics.Metric]
+    step: tf.Variable
+    rng: keras.random.SeedGenerator
+    skipped: tf.Variable
+
+    @classmethod
+    def create(
+        cls,
+        *,
+        model: keras.Model,
+        optimizer: keras.optimizers.Optimizer,
+        metrics: Mapping[str, keras.metrics.Metric] | Sequence[keras.metrics.Metric] | None = None,
+        eval_metrics: Mapping[str, keras.metrics.Metric]
+        | Sequence[keras.metrics.Metric]
+        | None = None,
+        seed: int | None = None,
+    ) -> TrainState:
+        """Checks the pieces, builds the optimizer and returns a new state.
+
+        Args:
+          model: a built Keras 3 model (it must own trainable variables).
+          optimizer: a Keras optimizer, unbuilt or built for exactly `model`'s
+            trainable variables. `create` builds it, so no step creates
+            variables while tracing.
+          metrics: training metrics, as a dict by name or a list (named by
+            `metric.name`). A `"loss"` tracker (`keras.metrics.Mean`) is added.
+          eval_metrics: evaluation metrics with the same names; by default,
+            fresh copies of `metrics` made from their configs.
+          seed: if given, reseeds every `SeedGenerator` in `model` (Dropout's
+            masks, for instance) and `rng` deterministically from it, so
+            two runs with the same seed draw the same randomness.
+
+        Returns:
+          A `TrainState` with `step == 0`.
+
+        Raises:
+          TypeError: `model`, `optimizer` or a metric has the wrong type.
+          ValueError: the model has no trainable variables, the optimizer was
+            built for another model, or metric names clash.
+
+        Example:
+          >>> import keras, tfpure as tp
+          >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+          >>> state = tp.TrainState.create(model=model, optimizer=keras.optimizers.Adam())
+          >>> len(state.optimizer.variables)  # iterations, learning rate, 2 x 2 slots
+          6
+        """
+        if not isinstance(model, keras.Model):
+            raise TypeError(f"`model` must be a keras.Model; got {type(model).__name__}.")
+        if not isinstance(optimizer, keras.optimizers.Optimizer):
+            raise TypeError(
+                "`optimizer` must be a keras.optimizers.Optimizer instance; got "
+                f"{type(optimizer).__name__}."
+            )
+        if not model.trainable_variables:
+            hint = (
+                "it is not built: give it a keras.Input or call model.build(shape)"
+                if not model.built
+                else "all its layers are frozen (trainable=False)"
+            )
+            raise ValueError(
+                f"`model` {model.name!r} has no trainable variables ({hint}). "
+                "A training step needs something to train."
+            )
+        train = _metric_dict(metrics, "metrics")
+        if eval_metrics is None:
+            evals = {name: _clone_metric(name, m) for name, m in train.items()}
+        else:
+            evals = _metric_dict(eval_metrics, "eval_metrics")
+            if set(evals) != set(train):
+                raise ValueError(
+                    "`eval_metrics` must have the same names as `metrics`; got "
+                    f"{sorted(evals)} and {sorted(train)}."
+                )
+        shared = {n for n in train if train[n] is evals[n]}
+        if shared:
+            raise ValueError(
+                f"`metrics` and `eval_metrics` share the instances {sorted(shared)}; "
+                "evaluation would overwrite training figures. Pass separate objects."
+            )
+        if optimizer.built:
+            _check_optimizer_matches(model, optimizer)
+        else:
+            optimizer.build(model.trainable_variables)
+
+        rng = keras.random.SeedGenerator(seed)
+        if seed is not None:
+            for i, generator in enumerate(_model_seed_generators(model)):
+                generator.state.assign(tf.constant([_derived_seed(seed, str(i)), 0], tf.int64))
+        return cls(
+            model=model,
+            optimizer=optimizer,
+            metrics={LOSS: keras.metrics.Mean(name=LOSS), **train},
+            eval_metrics={LOSS: keras.metrics.Mean(name=LOSS), **evals},
+            step=_counter("step"),
+            rng=rng,
+            skipped=_counter("skipped"),
+        )
+
+    def replace(self, **changes: Any) -> TrainState:
+        """Returns a copy with `changes` applied to the named fields.
+
+        The copy shares every handle it does not replace. Steps compile per
+        state, so the first step on the copy traces anew.
+
+        Example:
+          >>> import keras, tfpure as tp
+          >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+          >>> state = tp.TrainState.create(model=model, optimizer=keras.optimizers.SGD())
+          >>> other = state.replace(rng=keras.random.SeedGenerator(7))
+          >>> other.model is state.model, other.rng is state.rng
+          (True, False)
+        """
+        return attrs.evolve(self, **changes)
+
+    def reset_metrics(self) -> None:
+        """Resets the training metrics (the loss tracker included) to empty.
+
+        Example:
+          >>> import keras, tfpure as tp
+          >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+          >>> state = tp.TrainState.create(model=model, optimizer=keras.optimizers.SGD())
+          >>> state.metrics["loss"].update_state(3.0)
+          >>> state.reset_metrics()
+          >>> float(state.metrics["loss"].result())
+          0.0
+        """
+        for metric in self.metrics.values():
+            metric.reset_state()
+
+    def reset_eval_metrics(self) -> None:
+        """Resets the evaluation metrics (the loss tracker included) to empty.
+
+        Example:
+          >>> import keras, tfpure as tp
+          >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+          >>> state = tp.TrainState.create(model=model, optimizer=keras.optimizers.SGD())
+          >>> state.eval_metrics["loss"].update_state(3.0)
+          >>> state.reset_eval_metrics()
+          >>> float(state.eval_metrics["loss"].result())
+          0.0
+        """
+        for metric in self.eval_metrics.values():
+            metric.reset_state()
+
+    def __repr__(self) -> str:
+        return (
+            f"TrainState(model={self.model.name!r}, "
+            f"optimizer={type(self.optimizer).__name__}, "
+            f"metrics={sorted(self.metrics)}, step={int(self.step.numpy())})"
+        )

@@ -1,0 +1,548 @@
+"""Step factories: `make_train_step` and `make_eval_step`.
+
+Synopsis::
+
+    train_step = tp.make_train_step(keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    eval_step = tp.make_eval_step(keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    state, logs = train_step(state, (x, y))    # logs: {"loss": ..., "accuracy": ...}
+    state, logs = eval_step(state, (x, y))     # touches only state.eval_metrics
+
+A factory returns a `Step`: a callable ``state, logs = step(state, batch)``
+that compiles one `tf.function` per state it meets (graph built once per
+input signature) and runs the tutorial's loop body inside it:
+
+  * train: ``GradientTape``; ``model(x, training=True)``; loss plus
+    ``model.losses``; ``optimizer.scale_loss`` (mixed precision);
+    ``optimizer.apply_gradients``; metrics and the batch-size-weighted loss
+    tracker updated, as Keras `fit` does;
+  * eval: ``model(x, training=False)``; loss plus ``model.losses``; only
+    `state.eval_metrics` change.
+
+Invariant of every train step: when the loss or a gradient is not finite, or
+the graph fails at run time (a label out of range, say), no model, optimizer
+or metric variable changes. Non-trainable model variables (BatchNorm
+statistics, Dropout's seed) move during the forward pass, so the step saves
+them first and puts them back.
+"""
+
+from __future__ import annotations
+
+import re
+import weakref
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, Protocol
+
+import keras
+import tensorflow as tf
+
+from tfpure.batch import Batch, as_model_loss, batch_size, check_batch, unpack
+from tfpure.state import TrainState
+
+__all__ = [
+    "GradTransform",
+    "Logs",
+    "NonFiniteError",
+    "Step",
+    "StepFn",
+    "make_eval_step",
+    "make_train_step",
+]
+
+Logs = dict[str, tf.Tensor]
+Nonfinite = Literal["raise", "skip"]
+
+
+class StepFn(Protocol):
+    """Anything a loop can drive: ``state, logs = step(state, batch)``."""
+
+    def __call__(self, state: Any, batch: Batch, /) -> tuple[Any, Logs]: ...
+
+
+class GradTransform(Protocol):
+    """Maps gradients to new gradients: ``grads = fn(grads, variables)``."""
+
+    def __call__(
+        self, grads: list[tf.Tensor | None], variables: list[Any], /
+    ) -> list[tf.Tensor | None]: ...
+
+
+class NonFiniteError(FloatingPointError):
+    """A training step met a non-finite loss or gradient; no variable changed."""
+
+
+_MARK = re.compile(r"tfpure\.NonFinite: (.*?) ;;", re.S)
+
+
+def _metric_results(metrics: dict[str, keras.metrics.Metric]) -> Logs:
+    logs: Logs = {}
+    for name, metric in metrics.items():
+        result = metric.result()
+        if isinstance(result, dict):  # Keras flattens dict-valued metrics.
+            logs.update(result)
+        else:
+            logs[name] = result
+    return logs
+
+
+def _total_loss(model: keras.Model, loss: tf.Tensor) -> tf.Tensor:
+    # The tutorial's `loss += sum(model.losses)`; Keras `fit` sums the same terms.
+    extra = model.losses
+    return loss + sum(extra) if extra else loss
+
+
+class _Compiled:
+    """The graph functions of one step for one state.
+
+    Holds the state's fields, never the state itself, so that the step's
+    per-state cache (a `WeakKeyDictionary`) lets states die.
+    """
+
+    def __init__(self, step: Step, state: TrainState):
+        self.step_fn = step
+        self.model = state.model
+        self.optimizer = state.optimizer
+        self.counter = state.step
+        self.skipped = state.skipped
+        self.train = step.kind == "train"
+        self.metrics = dict(state.metrics if self.train else state.eval_metrics)
+        self.trainable = list(state.model.trainable_variables)
+        self.loss_scaled = isinstance(state.optimizer, keras.optimizers.LossScaleOptimizer)
+        if self.train:
+            # Saved at the start of every step, put back if the step fails.
+            self.frozen = list(state.model.non_trainable_variables)
+            self.shadows = [
+                tf.Variable(v.value, trainable=False, name="tfpure_shadow") for v in self.frozen
+            ]
+            self.armed = tf.Variable(False, trainable=False, name="tfpure_armed")
+        one = self._train_one if self.train else self._eval_one
+        if step.jit_compile:
+            one = tf.function(one, jit_compile=True, reduce_retracing=True)
+        self.one = one
+        self.on_batch = tf.function(self._on_batch, reduce_retracing=True, autograph=False)
+        self.on_iterator = tf.function(self._on_iterator, reduce_retracing=True, autograph=False)
+
+    # -- one step, possibly under XLA ---------------------------------------
+
+    def _train_one(self, batch: Batch) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        x, y, sample_weight = unpack(batch)
+        check_batch(self.model, x, y, sample_weight)
+        saves = [self.armed.assign(True)]
+        saves += [s.assign(v.value) for s, v in zip(self.shadows, self.frozen, strict=True)]
+        with tf.control_dependencies(saves), tf.GradientTape() as tape:
+            loss, y_pred = self.step_fn.model_loss(self.model, batch, True)
+            loss = _total_loss(self.model, loss)
+            scaled = self.optimizer.scale_loss(loss)
+        grads = tape.gradient(scaled, self.trainable)
+        if self.step_fn.grad_transform is not None:
+            grads = self._transform(grads)
+        if all(g is None for g in grads):
+            raise ValueError(
+                f"No gradient reaches any trainable variable of {self.model.name!r}: "
+                "the loss does not depend on the model's weights."
+            )
+        grads_ok = tf.stack(
+            [tf.constant(True) if g is None else tf.reduce_all(tf.math.is_finite(g)) for g in grads]
+        )
+        ok = tf.math.is_finite(loss)
+        if not self.loss_scaled:  # LossScaleOptimizer skips overflowing steps itself.
+            ok = tf.logical_and(ok, tf.reduce_all(grads_ok))
+        metrics = self.metrics
+        self._check_metrics(y_pred)
+
+        def commit() -> tf.Tensor:
+            self.optimizer.apply_gradients(zip(grads, self.trainable, strict=True))
+            metrics["loss"].update_state(loss, sample_weight=batch_size(x))
+            for name, metric in metrics.items():
+                if name != "loss":
+                    metric.update_state(y, y_pred, sample_weight=sample_weight)
+            self.counter.assign_add(1)
+            self.armed.assign(False)
+            return tf.constant(True)
+
+        def revert() -> tf.Tensor:
+            for s, v in zip(self.shadows, self.frozen, strict=True):
+                v.assign(s)
+            if self.step_fn.nonfinite == "skip":
+                self.counter.assign_add(1)
+                self.skipped.assign_add(1)
+            self.armed.assign(False)
+            return tf.constant(False)
+
+        done = tf.cond(ok, commit, revert)
+        return done, loss, grads_ok
+
+    def _transform(self, grads: list[Any]) -> list[Any]:
+        transform = self.step_fn.grad_transform
+        if not self.loss_scaled:
+            return list(transform(list(grads), self.trainable))
+        # The transform sees true gradients; LossScaleOptimizer unscales later.
+        scale = self.optimizer.dynamic_scale
+        unscaled = [None if g is None else g / scale for g in grads]
+        return [None if g is None else g * scale for g in transform(unscaled, self.trainable)]
+
+    def _eval_one(self, batch: Batch) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        x, y, sample_weight = unpack(batch)
+        check_batch(self.model, x, y, sample_weight)
+        loss, y_pred = self.step_fn.model_loss(self.model, batch, False)
+        loss = _total_loss(self.model, loss)
+        self._check_metrics(y_pred)
+        # Nothing is counted unless the whole batch was scored.
+        with tf.control_dependencies([loss]):
+            self.metrics["loss"].update_state(loss, sample_weight=batch_size(x))
+            for name, metric in self.metrics.items():
+                if name != "loss":
+                    metric.update_state(y, y_pred, sample_weight=sample_weight)
+        return tf.constant(True), loss, tf.ones([0], tf.bool)  # no gradients
+
+    def _check_metrics(self, y_pred: Any) -> None:
+        if y_pred is None and len(self.metrics) > 1:
+            raise ValueError(
+                "The loss function returned y_pred=None, but the metrics "
+                f"{sorted(set(self.metrics) - {'loss'})} need predictions: "
+                "return (loss, y_pred)."
+            )
+
+    # -- graph entry points ---------------------------------------------------
+
+    def _guard(self, ok: tf.Tensor, loss: tf.Tensor, grads_ok: tf.Tensor) -> list:
+        """In "raise" mode, fails the call with a message naming what was not finite."""
+        if not self.train or self.step_fn.nonfinite != "raise":
+            return []
+        names = tf.constant([v.path for v in self.trainable])
+        message = tf.strings.join(
+            [
+                "tfpure.NonFinite: at step ",
+                tf.strings.as_string(self.counter.value()),
+                " (0-based) the loss was ",
+                tf.strings.as_string(loss),
+                "; gradients with non-finite values: [",
+                tf.strings.reduce_join(
+                    tf.boolean_mask(names, tf.logical_not(grads_ok)), separator=", "
+                ),
+                "] ;;",
+            ]
+        )
+        return [tf.debugging.Assert(ok, [message])]
+
+    def _on_batch(self, batch: Batch) -> Logs:
+        self.step_fn._traces += 1
+        ok, loss, grads_ok = self.one(batch)
+        with tf.control_dependencies(self._guard(ok, loss, grads_ok)):
+            return self._logs()
+
+    def _on_iterator(self, iterator: Any, k: tf.Tensor) -> tuple[tf.Tensor, Logs]:
+        self.step_fn._traces += 1
+        stop_on_failure = self.train and self.step_fn.nonfinite == "raise"
+
+        def cond(i, ok, loss, grads_ok, more) -> tf.Tensor:
+            keep = tf.logical_and(i < k, more)
+            return tf.logical_and(keep, ok) if stop_on_failure else keep
+
+        def body(i, ok, loss, grads_ok, more) -> tuple:
+            optional = iterator.get_next_as_optional()
+
+            def run() -> tuple:
+                ok1, loss1, grads_ok1 = self.one(optional.get_value())
+                return i + 1, ok1, tf.cast(loss1, tf.float32), grads_ok1, True
+
+            def end() -> tuple:
+                return i, ok, loss, grads_ok, False
+
+            return tf.cond(optional.has_value(), run, end)
+
+        start = (
+            tf.constant(0),
+            tf.constant(True),
+            tf.constant(0.0),
+            tf.ones([len(self.trainable) if self.train else 0], tf.bool),
+            tf.constant(True),
+        )
+        i, ok, loss, grads_ok, _ = tf.while_loop(cond, body, start)
+        with tf.control_dependencies(self._guard(ok, loss, grads_ok)):
+            return tf.identity(i), self._logs()
+
+    def _logs(self) -> Logs:
+        logs = _metric_results(self.metrics)
+        if self.train and self.step_fn.nonfinite == "skip":
+            logs["skipped"] = tf.identity(self.skipped.value())
+        return logs
+
+    # -- recovery -------------------------------------------------------------
+
+    def recover(self) -> None:
+        """After a failed call: puts back what the failed step moved."""
+        if self.train and bool(self.armed.numpy()):
+            for s, v in zip(self.shadows, self.frozen, strict=True):
+                v.assign(s)
+            self.armed.assign(False)
+
+
+class Step:
+    """A compiled training or evaluation step: ``state, logs = step(state, batch)``.
+
+    Made by `make_train_step` and `make_eval_step`; not built directly. The
+    step compiles its graph functions the first time it meets a state and
+    keeps them while that state lives; each traces once per input signature
+    (a ragged last batch adds one relaxed-shape trace, then no more).
+
+    Attributes:
+      kind: ``"train"`` or ``"eval"``.
+      jit_compile, steps_per_call, nonfinite, grad_transform: the options the
+        factory was given.
+
+    Example:
+      >>> import keras, numpy as np, tfpure as tp
+      >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+      >>> state = tp.TrainState.create(model=model, optimizer=keras.optimizers.SGD(0.1))
+      >>> step = tp.make_train_step(keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+      >>> x, y = np.ones((8, 3), "float32"), np.zeros((8,), "int32")
+      >>> for _ in range(3):
+      ...     state, logs = step(state, (x, y))
+      >>> int(state.step), sorted(logs), step.experimental_get_tracing_count()
+      (3, ['loss'], 1)
+    """
+
+    def __init__(
+        self,
+        loss: Any,
+        *,
+        kind: Literal["train", "eval"],
+        jit_compile: bool,
+        steps_per_call: int,
+        nonfinite: Nonfinite,
+        grad_transform: GradTransform | Sequence[GradTransform] | None,
+    ):
+        self.loss = loss
+        self.model_loss, self.needs_targets = as_model_loss(loss)
+        self.kind = kind
+        self.jit_compile = _check_bool("jit_compile", jit_compile)
+        self.steps_per_call = _check_steps_per_call(steps_per_call)
+        if nonfinite not in ("raise", "skip"):
+            raise ValueError(f"`nonfinite` must be 'raise' or 'skip'; got {nonfinite!r}.")
+        self.nonfinite = nonfinite
+        self.grad_transform = _chain(grad_transform)
+        self._compiled: weakref.WeakKeyDictionary[TrainState, _Compiled] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._traces = 0
+        self._limits: dict[int, tf.Tensor] = {}
+
+    def _for(self, state: TrainState) -> _Compiled:
+        if not isinstance(state, TrainState):
+            raise TypeError(
+                f"A tfpure step takes a TrainState first; got {type(state).__name__}. "
+                "Build one with tp.TrainState.create(model=..., optimizer=...)."
+            )
+        compiled = self._compiled.get(state)
+        if compiled is None:
+            compiled = self._compiled[state] = _Compiled(self, state)
+        return compiled
+
+    def __call__(self, state: TrainState, batch: Batch) -> tuple[TrainState, Logs]:
+        """Runs one step on `batch`; returns the state to use next and the logs.
+
+        `logs` maps `"loss"` and each metric name to its running value since
+        the metrics were last reset (as Keras reports them).
+        """
+        compiled = self._for(state)
+        return state, _run(compiled, compiled.on_batch, batch)
+
+    def run_on_iterator(
+        self, state: TrainState, iterator: Any, *, max_steps: int | None = None
+    ) -> tuple[TrainState, Logs, tf.Tensor]:
+        """Runs up to `steps_per_call` steps on batches from a `tf.data` iterator.
+
+        `max_steps` lowers the bound for this call (to end an epoch of
+        `steps_per_epoch` steps exactly); it is fed as a tensor, so changing
+        it does not retrace.
+
+        All the steps run in one graph call (a `tf.while_loop` over
+        ``iterator.get_next_as_optional()``), so the end of the data needs no
+        special case: fewer steps run, and the count says how many.
+
+        Returns:
+          ``(state, logs, steps_run)``, with `steps_run` a scalar int32 tensor
+          (0 once the iterator is exhausted).
+
+        Example:
+          >>> import keras, tensorflow as tf, tfpure as tp
+          >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+          >>> state = tp.TrainState.create(model=model, optimizer=keras.optimizers.SGD())
+          >>> step = tp.make_train_step("mse", steps_per_call=4)
+          >>> data = tf.data.Dataset.from_tensors((tf.ones((2, 3)), tf.ones((2, 1)))).repeat(6)
+          >>> it = iter(data)
+          >>> [int(step.run_on_iterator(state, it)[2]) for _ in range(3)]
+          [4, 2, 0]
+        """
+        compiled = self._for(state)
+        k = self.steps_per_call if max_steps is None else max_steps
+        limit = self._limits.get(k)
+        if limit is None:
+            limit = self._limits[k] = tf.constant(k, tf.int32)
+        n, logs = _run(compiled, compiled.on_iterator, iterator, limit)
+        return state, logs, n
+
+    def experimental_get_tracing_count(self) -> int:
+        """How many times this step's graph functions were traced, over all states.
+
+        Example:
+          >>> import keras, tfpure as tp
+          >>> tp.make_eval_step("mse").experimental_get_tracing_count()
+          0
+        """
+        return self._traces
+
+    def __repr__(self) -> str:
+        return (
+            f"Step(kind={self.kind!r}, jit_compile={self.jit_compile}, "
+            f"steps_per_call={self.steps_per_call}, nonfinite={self.nonfinite!r})"
+        )
+
+
+def _run(compiled: _Compiled, fn: Callable[..., Any], *args: Any) -> Any:
+    try:
+        return fn(*args)
+    except tf.errors.OpError as err:
+        compiled.recover()
+        found = _MARK.search(err.message)
+        if found:
+            raise NonFiniteError(
+                f"{found.group(1)}. No variable changed. Pass nonfinite='skip' to "
+                "make_train_step to skip such batches instead."
+            ) from None
+        raise
+
+
+def _check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"`{name}` must be True or False; got {value!r}.")
+    return value
+
+
+def _check_steps_per_call(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(
+            f"`steps_per_call` must be an int >= 1 (steps fused in one graph call); got {value!r}."
+        )
+    return value
+
+
+def _chain(
+    transforms: GradTransform | Sequence[GradTransform] | None,
+) -> GradTransform | None:
+    if transforms is None:
+        return None
+    if callable(transforms):
+        return transforms
+    transforms = list(transforms)
+    for t in transforms:
+        if not callable(t):
+            raise TypeError(
+                "`grad_transform` must be a callable (grads, variables) -> grads "
+                f"or a list of them; got {t!r}."
+            )
+
+    def chained(grads: list[Any], variables: list[Any]) -> list[Any]:
+        for t in transforms:
+            grads = list(t(grads, variables))
+        return grads
+
+    return chained
+
+
+def make_train_step(
+    loss: Any,
+    *,
+    jit_compile: bool = False,
+    steps_per_call: int = 1,
+    nonfinite: Nonfinite = "raise",
+    grad_transform: GradTransform | Sequence[GradTransform] | None = None,
+) -> Step:
+    """Returns a compiled training step ``state, logs = step(state, batch)``.
+
+    The step is the tutorial's loop body, compiled: under a `GradientTape` it
+    calls ``model(x, training=True)``, adds ``model.losses`` to the loss,
+    scales the loss if the optimizer is a `LossScaleOptimizer`, applies the
+    gradients and updates `state.metrics` (the `"loss"` tracker weighted by
+    batch size, so an epoch's loss is a per-example mean, as in Keras `fit`).
+
+    Args:
+      loss: a `keras.losses.Loss` or Keras loss name, a callable
+        ``(y_true, y_pred) -> loss``, or a full-control callable
+        ``(model, batch, training) -> (loss, y_pred)``. In every case tfpure
+        adds ``model.losses`` (regularization) to the loss.
+      jit_compile: compile the step with XLA.
+      steps_per_call: steps fused into one graph call when the step is driven
+        from an iterator (by `fold`, `fit_loop`, `run_on_iterator`); a plain
+        ``step(state, batch)`` call always runs one step.
+      nonfinite: what a non-finite loss or gradient does. ``"raise"``:
+        `NonFiniteError` naming the step and the culprits; ``"skip"``: the
+        batch is skipped and counted in ``logs["skipped"]``. Either way no
+        model, optimizer or metric variable changes.
+      grad_transform: a callable ``(grads, variables) -> grads`` or a list of
+        them, applied in order between the gradient and the optimizer (with a
+        `LossScaleOptimizer` they see unscaled gradients).
+
+    Returns:
+      A `Step`.
+
+    Raises:
+      TypeError: `loss` is not a loss.
+      ValueError: an option has an invalid value.
+
+    Example:
+      >>> import keras, numpy as np, tfpure as tp
+      >>> keras.utils.set_random_seed(0)
+      >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+      >>> state = tp.TrainState.create(model=model, optimizer=keras.optimizers.SGD(0.02))
+      >>> step = tp.make_train_step(keras.losses.MeanSquaredError())
+      >>> x = np.array([[1.0, 2.0], [3.0, 4.0]], "float32"); y = x.sum(1, keepdims=True)
+      >>> losses = []
+      >>> for _ in range(20):
+      ...     state.reset_metrics()  # logs are running means; keep one step's loss
+      ...     state, logs = step(state, (x, y))
+      ...     losses.append(float(logs["loss"]))
+      >>> losses[-1] < losses[0] / 10
+      True
+    """
+    return Step(
+        loss,
+        kind="train",
+        jit_compile=jit_compile,
+        steps_per_call=steps_per_call,
+        nonfinite=nonfinite,
+        grad_transform=grad_transform,
+    )
+
+
+def make_eval_step(loss: Any, *, jit_compile: bool = False, steps_per_call: int = 1) -> Step:
+    """Returns a compiled evaluation step ``state, logs = step(state, batch)``.
+
+    It calls ``model(x, training=False)``, computes the loss plus
+    ``model.losses`` and updates only `state.eval_metrics`; no model or
+    optimizer variable changes.
+
+    Args:
+      loss: as for `make_train_step`.
+      jit_compile: compile the step with XLA.
+      steps_per_call: steps fused into one graph call when driven from an
+        iterator (by `evaluate` or `fit_loop`).
+
+    Example:
+      >>> import keras, numpy as np, tfpure as tp
+      >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1, use_bias=False)])
+      >>> model.set_weights([np.ones((2, 1), "float32")])
+      >>> state = tp.TrainState.create(model=model, optimizer=keras.optimizers.SGD())
+      >>> step = tp.make_eval_step("mse")
+      >>> state, logs = step(state, (np.ones((4, 2), "float32"), np.zeros((4, 1), "float32")))
+      >>> float(logs["loss"])  # (1 + 1)^2
+      4.0
+    """
+    return Step(
+        loss,
+        kind="eval",
+        jit_compile=jit_compile,
+        steps_per_call=steps_per_call,
+        nonfinite="raise",
+        grad_transform=None,
+    )
