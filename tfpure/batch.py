@@ -29,7 +29,15 @@ import tensorflow as tf
 # export it, and tfpure must score exactly as `fit` does.
 from keras.src.losses import LossFunctionWrapper
 
-__all__ = ["LossFn", "ModelLossFn", "as_model_loss", "batch_size", "unpack"]
+__all__ = [
+    "LossFn",
+    "ModelLossFn",
+    "as_model_loss",
+    "batch_size",
+    "check_batch",
+    "check_batch_sizes",
+    "unpack",
+]
 
 Batch = Any
 
@@ -121,18 +129,41 @@ def check_batch(model: keras.Model, x: Any, y: Any, sample_weight: Any) -> None:
             )
         for i, (spec, got) in enumerate(zip(flat_in, flat_x, strict=True)):
             want, have = tf.TensorShape(spec.shape), _spec_shape(got)
+            want_dtype = tf.as_dtype(spec.dtype)
+            have_dtype = tf.as_dtype(getattr(got, "dtype", want_dtype))
+            numeric = have_dtype.is_floating or have_dtype.is_integer or have_dtype.is_bool
+            if want_dtype.is_floating and not numeric:
+                raise ValueError(
+                    f"Feature dtype mismatch for model {model.name!r} input {i} "
+                    f"({getattr(spec, 'name', '?')}): expected numbers ({want_dtype.name}), "
+                    f"got {have_dtype.name}. Convert the features before training."
+                )
             if not want.is_compatible_with(have):
                 raise ValueError(
                     f"Feature shape mismatch for model {model.name!r} input {i} "
                     f"({getattr(spec, 'name', '?')}): expected {tuple(want)} "
                     f"(None = any size), got {tuple(have)}."
                 )
-    sizes = {
-        part: _spec_shape(tf.nest.flatten(value)[0])[:1]
-        for part, value in (("x", x), ("y", y), ("sample_weight", sample_weight))
-        if value is not None and tf.nest.flatten(value)
-    }
-    known = {part: s[0] for part, s in sizes.items() if s.rank and s[0] is not None}
+    check_batch_sizes(x, y, sample_weight)
+
+
+def check_batch_sizes(x: Any, y: Any, sample_weight: Any) -> None:
+    """Raises if `x`, `y` and `sample_weight` have different known batch sizes.
+
+    Example:
+      >>> import numpy as np
+      >>> from tfpure.batch import check_batch_sizes
+      >>> check_batch_sizes(np.ones((4, 2)), np.ones(3), None)
+      Traceback (most recent call last):
+      ...
+      ValueError: The batch's parts disagree on the number of examples: {'x': 4, 'y': 3}.
+    """
+    known = {}
+    for part, value in (("x", x), ("y", y), ("sample_weight", sample_weight)):
+        for leaf in tf.nest.flatten(value) if value is not None else ():
+            shape = getattr(leaf, "shape", None)
+            if shape is not None and len(shape) and shape[0] is not None:
+                known.setdefault(part, int(shape[0]))
     if len(set(known.values())) > 1:
         raise ValueError(f"The batch's parts disagree on the number of examples: {known}.")
 
@@ -146,8 +177,11 @@ def _required_positional(fn: Callable[..., Any]) -> int | None:
     return sum(p.kind in kinds and p.default is inspect.Parameter.empty for p in params)
 
 
-def as_model_loss(loss: Any) -> tuple[ModelLossFn, bool]:
+def as_model_loss(loss: Any, *, dtype: str | None = None) -> tuple[ModelLossFn, bool]:
     """Normalises a loss to the full-control form `(model, batch, training)`.
+
+    `dtype`, if given, is the dtype a Keras loss computes in (Keras losses
+    compute in float32 by default); a full-control loss is used as it is.
 
     Returns:
       The full-control function and whether it needs targets `y` in the batch.
@@ -176,13 +210,15 @@ def as_model_loss(loss: Any) -> tuple[ModelLossFn, bool]:
             f"{type(loss).__name__}: {loss!r}."
         )
     if isinstance(loss, keras.losses.Loss):
+        if dtype is not None:
+            loss = type(loss).from_config({**loss.get_config(), "dtype": dtype})
         return _targets_loss(loss), True
     arity = _required_positional(loss)
     if arity == 3:
         return loss, False
     if arity == 2:
         name = name or getattr(loss, "__name__", type(loss).__name__)
-        return _targets_loss(LossFunctionWrapper(loss, name=name)), True
+        return _targets_loss(LossFunctionWrapper(loss, name=name, dtype=dtype)), True
     raise TypeError(
         f"`loss` {loss!r} takes {arity} required positional arguments; expected "
         "2 (y_true, y_pred) or 3 (model, batch, training)."

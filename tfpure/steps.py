@@ -33,9 +33,17 @@ from collections.abc import Callable, Sequence
 from typing import Any, Literal, Protocol
 
 import keras
+import numpy as np
 import tensorflow as tf
 
-from tfpure.batch import Batch, as_model_loss, batch_size, check_batch, unpack
+from tfpure.batch import (
+    Batch,
+    as_model_loss,
+    batch_size,
+    check_batch,
+    check_batch_sizes,
+    unpack,
+)
 from tfpure.state import TrainState
 
 __all__ = [
@@ -118,7 +126,11 @@ class _Compiled:
         if step.jit_compile:
             one = tf.function(one, jit_compile=True, reduce_retracing=True)
         self.one = one
-        self.on_batch = tf.function(self._on_batch, reduce_retracing=True, autograph=False)
+        # Exact signatures: `Step.__call__` traces a batch-size-free signature
+        # first, which every later batch size dispatches to. (Relaxing shapes
+        # by reduce_retracing would also relax feature sizes past the checks.)
+        self.on_batch = tf.function(self._on_batch, autograph=False)
+        self.relaxed = False
         self.on_iterator = tf.function(self._on_iterator, reduce_retracing=True, autograph=False)
 
     # -- one step, possibly under XLA ---------------------------------------
@@ -282,8 +294,10 @@ class Step:
 
     Made by `make_train_step` and `make_eval_step`; not built directly. The
     step compiles its graph functions the first time it meets a state and
-    keeps them while that state lives; each traces once per input signature
-    (a ragged last batch adds one relaxed-shape trace, then no more).
+    keeps them while that state lives. The first call traces a signature with
+    the batch dimension left free, so every batch size (a ragged last batch
+    included) runs the same graph; only a new batch structure or feature
+    shape traces again.
 
     Attributes:
       kind: ``"train"`` or ``"eval"``.
@@ -345,7 +359,16 @@ class Step:
         the metrics were last reset (as Keras reports them).
         """
         compiled = self._for(state)
-        return state, _run(compiled, compiled.on_batch, batch)
+        # Batch sizes vary between calls, so the graph cannot see them statically.
+        check_batch_sizes(*unpack(batch))
+        if not compiled.relaxed:
+            compiled.on_batch.get_concrete_function(_relaxed_signature(batch))
+            compiled.relaxed = True
+        traces = self._traces
+        logs = _run(compiled, compiled.on_batch, batch)
+        if self._traces != traces:  # A new batch structure: one trace for all its sizes.
+            compiled.on_batch.get_concrete_function(_relaxed_signature(batch))
+        return state, logs
 
     def run_on_iterator(
         self, state: TrainState, iterator: Any, *, max_steps: int | None = None
@@ -397,6 +420,18 @@ class Step:
             f"Step(kind={self.kind!r}, jit_compile={self.jit_compile}, "
             f"steps_per_call={self.steps_per_call}, nonfinite={self.nonfinite!r})"
         )
+
+
+def _relaxed_signature(batch: Batch) -> Any:
+    """The batch's signature with the batch dimension left free."""
+
+    def relax(leaf: Any) -> Any:
+        if isinstance(leaf, tf.Tensor | np.ndarray):
+            shape = tuple(leaf.shape)
+            return tf.TensorSpec((None, *shape[1:]) if shape else (), tf.as_dtype(leaf.dtype))
+        return leaf
+
+    return tf.nest.map_structure(relax, batch)
 
 
 def _run(compiled: _Compiled, fn: Callable[..., Any], *args: Any) -> Any:

@@ -1,0 +1,26 @@
+"""Test configuration shared by the test suite and the doctests."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from hypothesis import HealthCheck, settings
+
+# Tracing a TensorFlow graph takes a second or so: no deadline, few examples,
+# and a fixed example order so a failure in CI replays as is on a laptop.
+settings.register_profile(
+    "ci",
+    deadline=None,
+    max_examples=8,
+    derandomize=True,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile(
+    "thorough",
+    deadline=None,
+    max_examples=100,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

@@ -1,0 +1,50 @@
+"""The tutorial's hand-written training loop: the independent reference.
+
+Kept as the tutorial writes it (GradientTape, `training=True`, loss plus
+`model.losses`, `apply_gradients`, metric `update_state`/`reset_state`), with
+no tfpure code, so that tests compare tfpure against it.
+"""
+
+import keras
+import tensorflow as tf
+
+
+def tutorial_train_step(model, optimizer, loss_fn, train_loss_metric, train_accuracy_metric):
+    @tf.function
+    def train_step(x_batch, y_batch):
+        with tf.GradientTape() as tape:
+            predictions = model(x_batch, training=True)
+            loss = loss_fn(y_batch, predictions)
+            # Add regularization losses, if any.
+            loss += sum(model.losses)
+        gradients = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(gradients, model.trainable_variables))
+        train_loss_metric.update_state(loss)
+        train_accuracy_metric.update_state(y_batch, predictions)
+
+    return train_step
+
+
+def tutorial_fit(model, optimizer, loss_fn, train_dataset, epochs):
+    """The tutorial's epoch loop; returns per-epoch (loss, accuracy)."""
+    train_loss_metric = keras.metrics.Mean(name="train_loss")
+    train_accuracy_metric = keras.metrics.SparseCategoricalAccuracy(name="train_accuracy")
+    train_step = tutorial_train_step(
+        model, optimizer, loss_fn, train_loss_metric, train_accuracy_metric
+    )
+    history = []
+    for _epoch in range(epochs):
+        train_loss_metric.reset_state()
+        train_accuracy_metric.reset_state()
+        for x_batch_train, y_batch_train in train_dataset:
+            train_step(x_batch_train, y_batch_train)
+        history.append((float(train_loss_metric.result()), float(train_accuracy_metric.result())))
+    return history
+
+
+def twin(model):
+    """An identically initialised copy: same weights, statistics and seeds."""
+    copy = keras.models.clone_model(model)
+    for source, target in zip(model.variables, copy.variables, strict=True):
+        target.assign(source)
+    return copy

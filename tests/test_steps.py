@@ -1,0 +1,362 @@
+"""make_train_step / make_eval_step against the tutorial loop and Keras' own steps."""
+
+import functools
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from hypothesis import given
+from hypothesis import strategies as st
+
+import tfpure as tp
+from tfpure import testing as tpt
+from tfpure.testing import strategies as tps
+from tfpure.testing.strategies import ModelSpec
+
+from reference import tutorial_train_step, twin
+
+SCCE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+SPEC = ModelSpec((5,), (("dense", 6), ("dropout", 50), ("batchnorm", 0)), num_classes=3, l2=0.01)
+
+
+def accuracy():
+    return {"accuracy": keras.metrics.SparseCategoricalAccuracy()}
+
+
+def make_state(model, optimizer=None, **kwargs):
+    return tp.TrainState.create(
+        model=model,
+        optimizer=optimizer or keras.optimizers.Adam(0.01),
+        metrics=accuracy(),
+        **kwargs,
+    )
+
+
+def assert_same_variables(a, b, rtol=0.0, atol=0.0):
+    for va, vb in zip(a, b, strict=True):
+        np.testing.assert_allclose(va.numpy(), vb.numpy(), rtol=rtol, atol=atol, err_msg=va.path)
+
+
+@given(
+    spec=tps.model_specs(),
+    sizes=st.lists(st.integers(1, 9), min_size=1, max_size=5),
+    seed=tps.seeds(),
+    adam=st.booleans(),
+)
+def test_train_step_equals_tutorial_loop(spec, sizes, seed, adam):
+    """Same variables (bit for bit) and accuracy as the tutorial's GradientTape loop."""
+    model = spec.build(seed)
+    reference = twin(model)
+    opt = (lambda: keras.optimizers.Adam(0.01)) if adam else (lambda: keras.optimizers.SGD(0.1))
+    state = make_state(model, opt())
+    ref_opt = opt()
+    ref_opt.build(reference.trainable_variables)
+    ref_loss, ref_acc = keras.metrics.Mean(), keras.metrics.SparseCategoricalAccuracy()
+    ref_step = tutorial_train_step(reference, ref_opt, SCCE, ref_loss, ref_acc)
+    step = tp.make_train_step(SCCE)
+    for i, size in enumerate(sizes):
+        x, y = spec.batch(size, seed + i)
+        state, logs = step(state, (x, y))
+        ref_step(x, y)
+    assert_same_variables(model.variables, reference.variables)
+    assert_same_variables(state.optimizer.variables, ref_opt.variables)
+    assert float(logs["accuracy"]) == float(ref_acc.result())
+    assert int(state.step) == len(sizes)
+    if len(set(sizes)) == 1:  # equal batches: batch-weighted mean == mean of batch losses
+        np.testing.assert_allclose(float(logs["loss"]), float(ref_loss.result()), rtol=1e-6)
+
+
+def keras_twin(model, optimizer, loss=SCCE, **compile_kwargs):
+    reference = twin(model)
+    reference.compile(optimizer=optimizer, loss=loss, **compile_kwargs)
+    return reference
+
+
+def test_loss_weighted_by_batch_size_like_keras_fit():
+    model = SPEC.build(0)
+    reference = keras_twin(model, keras.optimizers.Adam(0.01), metrics=["accuracy"])
+    state, step = make_state(model), tp.make_train_step(SCCE)
+    batches = [SPEC.batch(n, n) for n in (8, 8, 3)]
+    for x, y in batches:
+        state, logs = step(state, (x, y))
+    ds = tf.data.Dataset.from_tensor_slices(
+        tuple(map(np.concatenate, zip(*batches, strict=True)))
+    ).batch(8)
+    history = reference.fit(ds, epochs=1, verbose=0, shuffle=False).history
+    np.testing.assert_allclose(float(logs["loss"]), history["loss"][0], rtol=1e-6)
+    np.testing.assert_allclose(float(logs["accuracy"]), history["accuracy"][0], rtol=1e-6)
+    assert_same_variables(model.variables, reference.variables, atol=1e-7)
+
+
+def test_sample_weights_match_keras_train_on_batch():
+    model = SPEC.build(1)
+    reference = keras_twin(
+        model,
+        keras.optimizers.Adam(0.01),
+        weighted_metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+    )
+    state, step = make_state(model), tp.make_train_step(SCCE)
+    for i in range(3):
+        x, y = SPEC.batch(6, i)
+        w = np.random.default_rng(i).uniform(0, 2, size=6).astype("float32")
+        state.reset_metrics()  # train_on_batch reports one batch
+        state, logs = step(state, (x, y, w))
+        keras_logs = reference.train_on_batch(x, y, sample_weight=w, return_dict=True)
+    assert_same_variables(model.variables, reference.variables, atol=1e-7)
+    np.testing.assert_allclose(float(logs["accuracy"]), keras_logs["accuracy"], rtol=1e-6)
+
+
+def test_full_control_loss_equals_keras_loss():
+    def full_control(model, batch, training):
+        x, y = batch
+        y_pred = model(x, training=training)
+        return SCCE(y, y_pred), y_pred
+
+    model = SPEC.build(2)
+    other = twin(model)
+    a, b = make_state(model), make_state(other)
+    for i in range(3):
+        batch = SPEC.batch(5, i)
+        a, logs_a = tp.make_train_step(full_control)(a, batch)
+        b, logs_b = tp.make_train_step(SCCE)(b, batch)
+    assert_same_variables(model.variables, other.variables)
+    assert {k: float(v) for k, v in logs_a.items()} == {k: float(v) for k, v in logs_b.items()}
+
+
+def test_plain_function_and_name_losses_are_wrapped_like_compile():
+    per_sample = functools.partial(keras.losses.sparse_categorical_crossentropy, from_logits=True)
+    x, y = SPEC.batch(6, 0)
+    model = SPEC.build(3)
+    reference = keras_twin(model, keras.optimizers.SGD(0.1), loss=per_sample)
+    state = make_state(model, keras.optimizers.SGD(0.1))
+    state, logs = tp.make_train_step(per_sample)(state, (x, y))
+    keras_logs = reference.train_on_batch(x, y, return_dict=True)
+    np.testing.assert_allclose(float(logs["loss"]), keras_logs["loss"], rtol=1e-6)
+    assert_same_variables(model.variables, reference.variables, atol=1e-7)
+
+    mse_model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    mse_state = make_state(mse_model)
+    target = np.zeros((3, 1), "float32")
+    expected = float(np.mean(mse_model(np.ones((3, 2))).numpy() ** 2))
+    _, mse_logs = tp.make_eval_step("mse")(mse_state, (np.ones((3, 2), "float32"), target))
+    np.testing.assert_allclose(float(mse_logs["loss"]), expected, rtol=1e-6)
+
+
+def test_dict_inputs_match_keras():
+    a = keras.Input((2,), name="a")
+    b = keras.Input((3,), name="b")
+    out = keras.layers.Dense(2)(keras.layers.Concatenate()([a, b]))
+    keras.utils.set_random_seed(0)
+    model = keras.Model({"a": a, "b": b}, out)
+    reference = keras_twin(model, keras.optimizers.SGD(0.1))
+    state = make_state(model, keras.optimizers.SGD(0.1))
+    rng = np.random.default_rng(0)
+    x = {
+        "a": rng.normal(size=(4, 2)).astype("float32"),
+        "b": rng.normal(size=(4, 3)).astype("float32"),
+    }
+    y = np.array([0, 1, 1, 0], "int32")
+    state, logs = tp.make_train_step(SCCE)(state, (x, y))
+    keras_logs = reference.train_on_batch(x, y, return_dict=True)
+    np.testing.assert_allclose(float(logs["loss"]), keras_logs["loss"], rtol=1e-6)
+    assert_same_variables(model.variables, reference.variables, atol=1e-7)
+
+
+def test_loss_scale_optimizer_matches_keras():
+    model = SPEC.build(4)
+    reference = keras_twin(model, keras.optimizers.LossScaleOptimizer(keras.optimizers.Adam(0.01)))
+    state = make_state(model, keras.optimizers.LossScaleOptimizer(keras.optimizers.Adam(0.01)))
+    step = tp.make_train_step(SCCE)
+    for i in range(3):
+        x, y = SPEC.batch(5, i)
+        state, _ = step(state, (x, y))
+        reference.train_on_batch(x, y)
+    assert_same_variables(model.variables, reference.variables, rtol=1e-6, atol=1e-7)
+    assert float(state.optimizer.dynamic_scale) == float(reference.optimizer.dynamic_scale)
+
+
+def test_eval_step_matches_keras_test_on_batch_and_is_pure():
+    model = SPEC.build(5)
+    reference = keras_twin(model, keras.optimizers.Adam(), metrics=["accuracy"])
+    state = make_state(model)
+    x, y = SPEC.batch(7, 0)
+    tpt.assert_eval_step_pure(tp.make_eval_step(SCCE), state, (x, y))
+    state.reset_eval_metrics()
+    _, logs = tp.make_eval_step(SCCE)(state, (x, y))
+    keras_logs = reference.test_on_batch(x, y, return_dict=True)
+    assert float(logs["loss"]) == pytest.approx(keras_logs["loss"], rel=1e-6)
+    assert float(logs["accuracy"]) == pytest.approx(keras_logs["accuracy"], rel=1e-6)
+    assert float(state.metrics["loss"].count) == 0  # training figures untouched
+
+
+def test_jit_compile_matches_graph():
+    # Without Dropout: under XLA, TensorFlow's stateless RNG draws other masks.
+    model = ModelSpec((5,), (("dense", 6), ("batchnorm", 0)), num_classes=3, l2=0.01).build(6)
+    other = twin(model)
+    a, b = make_state(model), make_state(other)
+    graph, xla = tp.make_train_step(SCCE), tp.make_train_step(SCCE, jit_compile=True)
+    for i, n in enumerate((6, 6, 2)):
+        batch = SPEC.batch(n, i)
+        a, logs_a = graph(a, batch)
+        b, logs_b = xla(b, batch)
+    assert_same_variables(model.variables, other.variables, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(float(logs_a["loss"]), float(logs_b["loss"]), rtol=1e-5)
+    _, eval_a = tp.make_eval_step(SCCE)(a, batch)
+    _, eval_b = tp.make_eval_step(SCCE, jit_compile=True)(b, batch)
+    np.testing.assert_allclose(float(eval_a["loss"]), float(eval_b["loss"]), rtol=1e-5)
+
+
+def test_batch_sizes_share_one_trace():
+    state, step = make_state(SPEC.build(0)), tp.make_train_step(SCCE)
+    for n in (8, 8, 3, 5, 1, 8, 2):
+        state, _ = step(state, SPEC.batch(n, n))
+    assert step.experimental_get_tracing_count() == 1  # traced for (None, 5) only
+    x, y = SPEC.batch(4, 0)
+    state, _ = step(state, (x, y, np.ones(4, "float32")))  # a new structure: traced once more
+    state, _ = step(state, (x[:2], y[:2], np.ones(2, "float32")))
+    assert step.experimental_get_tracing_count() == 3  # exact, then size-free
+
+
+def test_replace_shares_handles_and_compiles_anew():
+    state = make_state(SPEC.build(0))
+    step = tp.make_train_step(SCCE)
+    state, _ = step(state, SPEC.batch(4, 0))
+    other = state.replace()
+    assert other is not state and other.model is state.model
+    other, _ = step(other, SPEC.batch(4, 1))
+    assert int(state.step) == 2 and step.experimental_get_tracing_count() == 2
+
+
+# -- non-finite guard ---------------------------------------------------------
+
+
+def all_variables(state):
+    return tpt.snapshot(
+        [*state.model.variables, *state.optimizer.variables, state.step, state.skipped]
+        + [v for m in state.metrics.values() for v in m.variables]
+    )
+
+
+def assert_unchanged(before, state):
+    after = all_variables(state)
+    for name, value in before.items():
+        np.testing.assert_array_equal(after[name], value, err_msg=name)
+
+
+def test_nonfinite_raise_names_step_and_changes_nothing():
+    state, step = make_state(SPEC.build(0)), tp.make_train_step(SCCE)
+    state, _ = step(state, SPEC.batch(4, 0))
+    x, y = SPEC.batch(4, 1)
+    x[2, 1] = np.nan
+    before = all_variables(state)
+    with pytest.raises(tp.NonFiniteError, match=r"at step 1 \(0-based\) the loss was nan"):
+        step(state, (x, y))
+    assert_unchanged(before, state)  # BatchNorm statistics and Dropout seed included
+
+
+def test_nonfinite_skip_counts_and_continues():
+    state, step = make_state(SPEC.build(0)), tp.make_train_step(SCCE, nonfinite="skip")
+    x, y = SPEC.batch(4, 1)
+    bad = x.copy()
+    bad[0, 0] = np.inf
+    before = all_variables(state)
+    state, logs = step(state, (bad, y))
+    assert int(logs["skipped"]) == 1 and int(state.step) == 1
+    before["step:0"] = np.array(1)
+    before["skipped:0"] = np.array(1)
+    assert_unchanged(before, state)
+    state, logs = step(state, (x, y))
+    assert int(logs["skipped"]) == 1 and int(state.step) == 2
+    assert float(state.metrics["loss"].count) == 4  # only the good batch counted
+
+
+# -- bad input: a clear error, no variable changed ------------------------------
+
+
+@pytest.mark.parametrize(
+    ("batch", "error", "match"),
+    [
+        pytest.param(
+            (np.ones((4, 5), "float32"),) * 4, ValueError, "tuple of 4 parts", id="four-parts"
+        ),
+        pytest.param(
+            (np.ones((4, 7), "float32"), np.zeros(4, "int32")),
+            ValueError,
+            r"expected \(None, 5\).*got \(4, 7\)",
+            id="feature-size",
+        ),
+        pytest.param(
+            (np.ones((4, 5, 1), "float32"), np.zeros(4, "int32")),
+            ValueError,
+            r"expected \(None, 5\).*got \(4, 5, 1\)",
+            id="feature-rank",
+        ),
+        pytest.param(np.ones((4, 5), "float32"), ValueError, "has no targets", id="no-targets"),
+        pytest.param(
+            (np.ones((4, 5), "float32"), np.zeros(3, "int32")),
+            ValueError,
+            "disagree on the number of examples",
+            id="batch-sizes",
+        ),
+        pytest.param(
+            ((np.ones((4, 5), "float32"), np.ones((4, 5), "float32")), np.zeros(4, "int32")),
+            ValueError,
+            "takes 1 input",
+            id="two-inputs",
+        ),
+        pytest.param(
+            (np.array([["a"] * 5] * 4), np.zeros(4, "int32")),
+            (TypeError, ValueError),
+            "string",
+            id="string-features",
+        ),
+        pytest.param(
+            (np.ones((4, 5), "float32"), np.array([0, 1, 7, 2], "int32")),
+            tf.errors.InvalidArgumentError,
+            "label value of 7",
+            id="label-out-of-range",
+        ),
+    ],
+)
+def test_bad_batches_raise_before_any_variable_changes(batch, error, match):
+    state, step = make_state(SPEC.build(0)), tp.make_train_step(SCCE)
+    state, _ = step(state, SPEC.batch(4, 0))
+    before = all_variables(state)
+    with pytest.raises(error, match=match):
+        step(state, batch)
+    assert_unchanged(before, state)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"loss": 3}, TypeError, "must be a keras.losses.Loss"),
+        ({"loss": lambda y: y}, TypeError, "takes 1 required positional"),
+        ({"loss": SCCE, "steps_per_call": 0}, ValueError, "steps_per_call"),
+        ({"loss": SCCE, "nonfinite": "ignore"}, ValueError, "nonfinite"),
+        ({"loss": SCCE, "jit_compile": "yes"}, TypeError, "jit_compile"),
+        ({"loss": SCCE, "grad_transform": [3]}, TypeError, "grad_transform"),
+    ],
+)
+def test_bad_factory_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        tp.make_train_step(**kwargs)
+
+
+def test_step_needs_a_train_state():
+    with pytest.raises(TypeError, match="takes a TrainState"):
+        tp.make_train_step(SCCE)(SPEC.build(0), SPEC.batch(2, 0))
+
+
+def test_full_control_loss_without_predictions_needs_no_metrics():
+    def no_predictions(model, batch, training):
+        x, y = batch
+        return SCCE(y, model(x, training=training)), None
+
+    state = make_state(SPEC.build(0))
+    with pytest.raises(ValueError, match="need predictions"):
+        tp.make_train_step(no_predictions)(state, SPEC.batch(3, 0))
+    bare = tp.TrainState.create(model=SPEC.build(0), optimizer=keras.optimizers.SGD())
+    bare, logs = tp.make_train_step(no_predictions)(bare, SPEC.batch(3, 0))
+    assert sorted(logs) == ["loss"]

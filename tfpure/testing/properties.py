@@ -1,0 +1,423 @@
+"""Property assertions for training code: call them on your own models and steps.
+
+Synopsis::
+
+    from tfpure import testing as tpt
+    tpt.assert_gradients_match_numeric(model, loss, (x, y))
+    tpt.assert_training_flag_respected(model, (x, y))
+    tpt.assert_eval_step_pure(eval_step, state, (x, y))
+    tpt.assert_graph_matches_eager(make_state, train_step, batches)
+    tpt.assert_no_retrace(train_step, state, batches, max_traces=2)
+
+Each assertion raises `AssertionError` saying what differed and where (which
+variable, which output, by how much), and leaves the objects it was given as
+it found them unless the check itself is about changing them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tfpure.batch import as_model_loss, unpack
+from tfpure.state import TrainState
+
+__all__ = [
+    "assert_eval_step_pure",
+    "assert_gradients_match_numeric",
+    "assert_graph_matches_eager",
+    "assert_no_retrace",
+    "assert_training_flag_respected",
+    "snapshot",
+]
+
+_DROPOUT_LIKE = (
+    keras.layers.Dropout,
+    keras.layers.SpatialDropout1D,
+    keras.layers.SpatialDropout2D,
+    keras.layers.SpatialDropout3D,
+    keras.layers.GaussianDropout,
+    keras.layers.GaussianNoise,
+    keras.layers.AlphaDropout,
+)
+
+
+def snapshot(variables: Iterable[Any]) -> dict[str, np.ndarray]:
+    """Copies variables to NumPy, keyed by path (or name), for later comparison.
+
+    Example:
+      >>> import keras
+      >>> from tfpure.testing import snapshot
+      >>> layer = keras.layers.Dense(2, name="head"); layer.build((None, 3))
+      >>> {name: value.shape for name, value in snapshot(layer.variables).items()}
+      {'head/kernel': (3, 2), 'head/bias': (2,)}
+    """
+    out: dict[str, np.ndarray] = {}
+    for i, v in enumerate(variables):
+        name = getattr(v, "path", None) or getattr(v, "name", None) or f"variable_{i}"
+        if name in out:
+            name = f"{name}#{i}"
+        out[name] = np.array(v.numpy(), copy=True)
+    return out
+
+
+def _state_variables(state: TrainState) -> dict[str, list[Any]]:
+    return {
+        "model": list(state.model.variables),
+        "optimizer": list(state.optimizer.variables),
+        "metrics": [v for m in state.metrics.values() for v in m.variables],
+        "counters": [state.step, state.skipped],
+    }
+
+
+def _diff(before: dict[str, np.ndarray], after: dict[str, np.ndarray]) -> list[str]:
+    changed = []
+    for name, old in before.items():
+        new = after[name]
+        if old.shape != new.shape or not np.array_equal(old, new, equal_nan=old.dtype.kind == "f"):
+            delta = (
+                float(np.max(np.abs(new.astype("float64") - old.astype("float64"))))
+                if old.shape == new.shape
+                else float("nan")
+            )
+            changed.append(f"{name} (max |change| {delta:.3g})")
+    return changed
+
+
+def _restore(variables: Sequence[Any], values: dict[str, np.ndarray]) -> None:
+    for v, value in zip(variables, values.values(), strict=True):
+        v.assign(value)
+
+
+def assert_eval_step_pure(eval_step: Callable[..., Any], state: TrainState, batch: Any) -> None:
+    """Asserts that `eval_step` changes no model, optimizer or training-metric variable.
+
+    Only `state.eval_metrics` may change (they are the step's output).
+
+    Raises:
+      AssertionError: naming each variable that changed and by how much.
+
+    Example:
+      >>> import keras, numpy as np, tfpure as tp
+      >>> from tfpure import testing as tpt
+      >>> model = keras.Sequential([keras.Input((3,)), keras.layers.BatchNormalization()])
+      >>> state = tp.TrainState.create(model=model, optimizer=keras.optimizers.SGD())
+      >>> batch = (np.ones((4, 3), "float32"), np.zeros((4, 3), "float32"))
+      >>> tpt.assert_eval_step_pure(tp.make_eval_step("mse"), state, batch)
+    """
+    groups = _state_variables(state)
+    before = {g: snapshot(vs) for g, vs in groups.items()}
+    eval_step(state, batch)
+    changed = [
+        f"{group}: {item}"
+        for group, vs in groups.items()
+        for item in _diff(before[group], snapshot(vs))
+    ]
+    if changed:
+        raise AssertionError(
+            "The eval step changed variables it must not touch (only "
+            "state.eval_metrics may change):\n  " + "\n  ".join(changed)
+        )
+
+
+def _layers(model: keras.Model) -> list[keras.layers.Layer]:
+    return list(model._flatten_layers(include_self=False, recursive=True))
+
+
+def assert_training_flag_respected(model: keras.Model, batch: Any) -> None:
+    """Asserts that the model honours ``training=``.
+
+    * ``training=False`` gives identical outputs on two calls and changes no
+      variable (no BatchNorm statistic, no Dropout seed);
+    * ``training=True`` draws new masks where the model has Dropout-like
+      layers (two calls differ) and moves BatchNorm moving statistics where
+      it has BatchNormalization layers.
+
+    The model's variables are restored afterwards.
+
+    Raises:
+      AssertionError: saying which promise broke.
+
+    Example:
+      >>> import keras, numpy as np
+      >>> from tfpure import testing as tpt
+      >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8),
+      ...                           keras.layers.Dropout(0.5), keras.layers.BatchNormalization()])
+      >>> tpt.assert_training_flag_respected(model, np.ones((16, 4), "float32"))
+    """
+    x, _, _ = unpack(batch)
+    variables = list(model.variables)
+    original = snapshot(variables)
+    try:
+        first = keras.ops.convert_to_numpy(model(x, training=False))
+        second = keras.ops.convert_to_numpy(model(x, training=False))
+        if not np.array_equal(first, second, equal_nan=True):
+            raise AssertionError(
+                "training=False is not deterministic: two calls on the same batch "
+                f"differ by up to {np.nanmax(np.abs(first - second)):.3g}. A layer "
+                "draws randomness (or keeps state) outside training."
+            )
+        changed = _diff(original, snapshot(variables))
+        if changed:
+            raise AssertionError("training=False changed variables:\n  " + "\n  ".join(changed))
+        layers = _layers(model)
+        if any(
+            isinstance(layer, _DROPOUT_LIKE) and getattr(layer, "rate", 1) > 0 for layer in layers
+        ):
+            a = keras.ops.convert_to_numpy(model(x, training=True))
+            b = keras.ops.convert_to_numpy(model(x, training=True))
+            if np.array_equal(a, b):
+                raise AssertionError(
+                    "training=True gave identical outputs on two calls although the "
+                    "model has Dropout-like layers: masks are not drawn anew (a "
+                    "layer ignores training=True, or its seed does not advance)."
+                )
+        norms = [layer for layer in layers if isinstance(layer, keras.layers.BatchNormalization)]
+        if norms:
+            stats = [v for n in norms for v in (n.moving_mean, n.moving_variance)]
+            before = snapshot(stats)
+            model(x, training=True)
+            if not _diff(before, snapshot(stats)):
+                raise AssertionError(
+                    "training=True left every BatchNormalization moving statistic "
+                    f"unchanged ({[n.name for n in norms]}): the layer is not in "
+                    "training mode."
+                )
+    finally:
+        _restore(variables, original)
+
+
+def _float64_copy(model: keras.Model) -> keras.Model:
+    def clone_layer(layer: keras.layers.Layer) -> keras.layers.Layer:
+        config = layer.get_config()
+        config["dtype"] = "float64"
+        return layer.__class__.from_config(config)
+
+    try:
+        copy = keras.models.clone_model(model, clone_function=clone_layer)
+    except Exception as err:
+        raise TypeError(
+            "assert_gradients_match_numeric needs a model keras.models.clone_model "
+            f"can rebuild in float64 (Sequential, functional, or with get_config): {err}"
+        ) from err
+    for src, dst in zip(model.variables, copy.variables, strict=True):
+        dst.assign(tf.cast(src.value, dst.dtype))
+    return copy
+
+
+def assert_gradients_match_numeric(
+    model: keras.Model,
+    loss: Any,
+    batch: Any,
+    *,
+    rtol: float = 1e-4,
+    atol: float = 1e-6,
+    eps: float = 1e-6,
+    max_entries: int = 12,
+    seed: int = 0,
+) -> None:
+    """Asserts that tape gradients equal central finite differences, in float64.
+
+    The loss is ``loss(y, model(x, training=False))`` plus ``model.losses``, as
+    in a training step (``training=False`` makes it deterministic). The model is
+    copied to float64 (`keras.models.clone_model`), so `model` is not touched;
+    at most `max_entries` entries per variable, chosen by `seed`, are probed.
+
+    Args:
+      model: a Keras model `clone_model` can rebuild.
+      loss: a loss as `make_train_step` accepts it.
+      batch: ``(x, y)`` or ``(x, y, sample_weight)``.
+      rtol, atol: tolerance of ``|tape - numeric| <= atol + rtol * |numeric|``.
+      eps: the finite-difference step.
+
+    Raises:
+      AssertionError: naming the variable, the entry and both values.
+
+    Example:
+      >>> import keras, numpy as np
+      >>> from tfpure import testing as tpt
+      >>> keras.utils.set_random_seed(0)
+      >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4, "tanh"),
+      ...                           keras.layers.Dense(2)])
+      >>> x = np.random.default_rng(0).normal(size=(5, 3)).astype("float32")
+      >>> y = np.array([0, 1, 1, 0, 1], "int32")
+      >>> loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+      >>> tpt.assert_gradients_match_numeric(model, loss, (x, y))
+    """
+    copy = _float64_copy(model)
+    model_loss, _ = as_model_loss(loss, dtype="float64")
+    batch = tf.nest.map_structure(
+        lambda t: tf.cast(t, tf.float64) if tf.as_dtype(np.asarray(t).dtype).is_floating else t,
+        batch,
+    )
+
+    def total() -> tf.Tensor:
+        value, _ = model_loss(copy, batch, False)
+        extra = copy.losses
+        return tf.cast(value, tf.float64) + (tf.add_n(extra) if extra else 0.0)
+
+    with tf.GradientTape() as tape:
+        value = total()
+    grads = tape.gradient(value, copy.trainable_variables)
+    rng = np.random.default_rng(seed)
+    failures = []
+    for var, grad in zip(copy.trainable_variables, grads, strict=True):
+        tape_grad = np.zeros(var.shape) if grad is None else grad.numpy()
+        flat = var.numpy().reshape(-1)
+        picks = rng.choice(flat.size, size=min(max_entries, flat.size), replace=False)
+        for index in picks:
+            original = flat[index]
+            numeric = []
+            for sign in (1.0, -1.0):
+                probe = flat.copy()
+                probe[index] = original + sign * eps
+                var.assign(probe.reshape(var.shape))
+                numeric.append(float(total()))
+            var.assign(flat.reshape(var.shape))
+            fd = (numeric[0] - numeric[1]) / (2 * eps)
+            got = float(tape_grad.reshape(-1)[index])
+            if abs(got - fd) > atol + rtol * abs(fd):
+                position = np.unravel_index(index, var.shape)
+                failures.append(
+                    f"{var.path}{list(map(int, position))}: tape {got:.6g}, "
+                    f"finite differences {fd:.6g}"
+                )
+    if failures:
+        raise AssertionError(
+            f"Tape gradients differ from central finite differences (eps={eps}, "
+            f"rtol={rtol}, atol={atol}):\n  " + "\n  ".join(failures[:10])
+        )
+
+
+def _run(step: Callable[..., Any], state: Any, batches: Iterable[Any]) -> tuple[Any, list[Any]]:
+    logs = []
+    for batch in batches:
+        state, out = step(state, batch)
+        logs.append({k: np.asarray(v) for k, v in out.items()})
+    return state, logs
+
+
+@contextlib.contextmanager
+def _eagerly() -> Iterator[None]:
+    previous = tf.config.functions_run_eagerly()
+    tf.config.run_functions_eagerly(True)
+    try:
+        yield
+    finally:
+        tf.config.run_functions_eagerly(previous)
+
+
+def _compare(
+    what: str,
+    a: dict[str, np.ndarray],
+    b: dict[str, np.ndarray],
+    rtol: float,
+    atol: float,
+) -> list[str]:
+    out = []
+    if len(a) != len(b):
+        return [f"{what}: {len(a)} variables against {len(b)}"]
+    for (name, x), y in zip(a.items(), b.values(), strict=True):
+        if x.dtype.kind in "fc":
+            ok = np.allclose(x, y, rtol=rtol, atol=atol, equal_nan=True)
+        else:
+            ok = np.array_equal(x, y)
+        if not ok:
+            delta = np.max(np.abs(x.astype("float64") - y.astype("float64")))
+            out.append(f"{what} {name}: max |graph - eager| = {delta:.3g}")
+    return out
+
+
+def assert_graph_matches_eager(
+    make_state: Callable[[], TrainState],
+    step: Callable[..., Any],
+    batches: Sequence[Any],
+    *,
+    rtol: float = 1e-5,
+    atol: float = 1e-6,
+) -> None:
+    """Asserts that `step` gives the same variables and logs compiled and run eagerly.
+
+    `make_state()` is called twice and must return identically initialised
+    states (same weights, same seeds). One runs `step` over `batches` as
+    compiled; the other under ``tf.config.run_functions_eagerly(True)``. Python
+    state frozen into a graph at trace time (a counter, a list, a random draw
+    made in Python) shows up as a difference.
+
+    Raises:
+      AssertionError: naming each variable or log entry that differs.
+
+    Example:
+      >>> import keras, numpy as np, tfpure as tp
+      >>> from tfpure import testing as tpt
+      >>> def make_state():
+      ...     keras.utils.set_random_seed(0)
+      ...     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2),
+      ...                               keras.layers.Dropout(0.5)])
+      ...     return tp.TrainState.create(model=model, optimizer=keras.optimizers.Adam())
+      >>> batches = [(np.ones((4, 3), "float32"), np.zeros((4, 2), "float32"))] * 3
+      >>> tpt.assert_graph_matches_eager(make_state, tp.make_train_step("mse"), batches)
+    """
+    batches = list(batches)
+    graph_state, graph_logs = _run(step, make_state(), batches)
+    eager_state = make_state()
+    with _eagerly():
+        eager_state, eager_logs = _run(step, eager_state, batches)
+    problems = []
+    for group, graph_vars in _state_variables(graph_state).items():
+        eager_vars = _state_variables(eager_state)[group]
+        problems += _compare(group, snapshot(graph_vars), snapshot(eager_vars), rtol, atol)
+    for i, (g, e) in enumerate(zip(graph_logs, eager_logs, strict=True)):
+        if set(g) != set(e):
+            problems.append(f"logs of batch {i}: keys {sorted(g)} vs {sorted(e)}")
+        else:
+            problems += _compare(f"logs of batch {i}", g, e, rtol, atol)
+    if problems:
+        raise AssertionError(
+            "The compiled step and the same step run eagerly disagree:\n  "
+            + "\n  ".join(problems[:20])
+        )
+
+
+def assert_no_retrace(
+    step: Any, state: Any, batches: Iterable[Any], *, max_traces: int = 2
+) -> None:
+    """Asserts that running `step` over `batches` traces at most `max_traces` times.
+
+    `step` must report its traces through ``experimental_get_tracing_count()``,
+    as a `tf.function` and a tfpure `Step` do. Batches of varying size should
+    cost at most two traces (the first shape, then one relaxed shape).
+
+    Raises:
+      AssertionError: with the number of traces seen.
+
+    Example:
+      >>> import keras, numpy as np, tfpure as tp
+      >>> from tfpure import testing as tpt
+      >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+      >>> state = tp.TrainState.create(model=model, optimizer=keras.optimizers.SGD())
+      >>> batches = [(np.ones((n, 3), "float32"), np.ones((n, 1), "float32")) for n in (4, 3, 2, 1)]
+      >>> tpt.assert_no_retrace(tp.make_train_step("mse"), state, batches, max_traces=2)
+    """
+    count = getattr(step, "experimental_get_tracing_count", None)
+    if count is None:
+        raise TypeError(
+            f"{step!r} does not report traces: wrap it in tf.function or pass a tfpure Step."
+        )
+    before = count()
+    n = 0
+    for batch in batches:
+        state, _ = step(state, batch)
+        n += 1
+    traces = count() - before
+    if traces > max_traces:
+        raise AssertionError(
+            f"The step traced {traces} times over {n} batches (allowed {max_traces}): "
+            "a Python value or a changing shape enters the signature. Use tensors, "
+            "or let shapes relax (reduce_retracing=True)."
+        )
