@@ -166,11 +166,13 @@ def assert_training_flag_respected(model: keras.Model, batch: Any) -> None:
         if changed:
             raise AssertionError("training=False changed variables:\n  " + "\n  ".join(changed))
         layers = _layers(model)
+        # Enough examples that two independent Dropout masks cannot coincide.
+        wide = tf.nest.map_structure(lambda t: np.concatenate([np.asarray(t)] * 64), x)
         if any(
             isinstance(layer, _DROPOUT_LIKE) and getattr(layer, "rate", 1) > 0 for layer in layers
         ):
-            a = keras.ops.convert_to_numpy(model(x, training=True))
-            b = keras.ops.convert_to_numpy(model(x, training=True))
+            a = keras.ops.convert_to_numpy(model(wide, training=True))
+            b = keras.ops.convert_to_numpy(model(wide, training=True))
             if np.array_equal(a, b):
                 raise AssertionError(
                     "training=True gave identical outputs on two calls although the "

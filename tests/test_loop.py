@@ -1,0 +1,308 @@
+"""fold, evaluate and fit_loop against Keras fit/evaluate and the tutorial loop."""
+
+import csv
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tfpure as tp
+from tfpure import testing as tpt
+from tfpure.testing.strategies import ModelSpec
+
+from reference import tutorial_fit, twin
+
+SCCE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+SPEC = ModelSpec((6,), (("dense", 8), ("dropout", 50), ("batchnorm", 0)), num_classes=3, l2=0.01)
+
+
+def dataset(n=50, batch=16, seed=0):
+    x, y = SPEC.batch(n, seed)
+    return tf.data.Dataset.from_tensor_slices((x, y)).batch(batch)
+
+
+def make_state(model, lr=0.01):
+    return tp.TrainState.create(
+        model=model,
+        optimizer=keras.optimizers.Adam(lr),
+        metrics={"accuracy": keras.metrics.SparseCategoricalAccuracy()},
+    )
+
+
+def keras_twin(model, lr=0.01):
+    reference = twin(model)
+    reference.compile(
+        optimizer=keras.optimizers.Adam(lr),
+        loss=SCCE,
+        metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+    )
+    return reference
+
+
+def test_fit_loop_history_equals_keras_fit():
+    """Dropout, BatchNorm, L2 and a ragged last batch (50 = 3 x 16 + 2), with validation."""
+    model = SPEC.build(0)
+    reference = keras_twin(model)
+    train, val = dataset(), dataset(n=21, batch=8, seed=1)
+    expected = reference.fit(train, epochs=3, validation_data=val, verbose=0, shuffle=False).history
+    state, history = tp.fit_loop(
+        make_state(model), train, tp.make_train_step(SCCE), epochs=3, val_data=val, verbose=0
+    )
+    assert (
+        sorted(history)
+        == sorted(expected)
+        == [
+            "accuracy",
+            "loss",
+            "val_accuracy",
+            "val_loss",
+        ]
+    )
+    for name in expected:
+        np.testing.assert_allclose(history[name], expected[name], rtol=1e-6, err_msg=name)
+    for a, b in zip(model.variables, reference.variables, strict=True):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-7, err_msg=a.path)
+    assert int(state.step) == 3 * 4
+
+
+def test_evaluate_equals_keras_evaluate():
+    model = SPEC.build(1)
+    reference = keras_twin(model)
+    data = dataset(n=37, batch=10)
+    expected = reference.evaluate(data, verbose=0, return_dict=True)
+    got = tp.evaluate(make_state(model), data, tp.make_eval_step(SCCE))
+    assert sorted(got) == sorted(expected)
+    for name in expected:
+        assert got[name] == pytest.approx(expected[name], rel=1e-6), name
+
+
+def test_fit_loop_equals_tutorial_loop():
+    """Equal batches: the tutorial's mean of batch losses equals the per-example mean."""
+    model = SPEC.build(2)
+    reference = twin(model)
+    data = dataset(n=48, batch=16)
+    optimizer = keras.optimizers.Adam(0.01)
+    optimizer.build(reference.trainable_variables)
+    expected = tutorial_fit(reference, optimizer, SCCE, data, epochs=2)
+    _, history = tp.fit_loop(make_state(model), data, tp.make_train_step(SCCE), epochs=2, verbose=0)
+    np.testing.assert_allclose(history["loss"], [e[0] for e in expected], rtol=1e-6)
+    assert history["accuracy"] == pytest.approx([e[1] for e in expected], rel=1e-7)
+    for a, b in zip(model.variables, reference.variables, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
+
+
+def test_fold_equals_calling_the_step_batch_by_batch():
+    model = SPEC.build(3)
+    other = twin(model)
+    step = tp.make_train_step(SCCE)
+    state, logs = tp.fold(step, make_state(model), dataset())
+    by_hand = make_state(other)
+    for batch in dataset():
+        by_hand, hand_logs = step(by_hand, batch)
+    assert {k: float(v) for k, v in logs.items()} == {k: float(v) for k, v in hand_logs.items()}
+    for a, b in zip(model.variables, other.variables, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
+    # fold does not reset metrics: a second pass keeps counting.
+    state, _ = tp.fold(step, state, [SPEC.batch(4, 9)])
+    assert float(state.metrics["loss"].count) == 50 + 4
+
+
+def test_fit_loop_traces_each_step_once_over_epochs_with_ragged_last_batch():
+    train, val = dataset(n=50), dataset(n=21, batch=8)
+    train_step, eval_step = tp.make_train_step(SCCE), tp.make_eval_step(SCCE)
+    tp.fit_loop(
+        make_state(SPEC.build(0)),
+        train,
+        train_step,
+        epochs=5,
+        eval_step=eval_step,
+        val_data=val,
+        verbose=0,
+    )
+    assert train_step.experimental_get_tracing_count() == 1
+    assert eval_step.experimental_get_tracing_count() == 1
+
+
+class CountBatches(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.train, self.test, self.epochs = [], 0, 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.train.append((batch, sorted(logs)))
+
+    def on_test_batch_end(self, batch, logs=None):
+        self.test += 1
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.epochs += 1
+
+
+def test_callbacks_see_what_keras_fit_shows_them():
+    counter = CountBatches()
+    tp.fit_loop(
+        make_state(SPEC.build(0)),
+        dataset(n=50),
+        tp.make_train_step(SCCE),
+        epochs=2,
+        val_data=dataset(n=21, batch=8),
+        callbacks=[counter],
+        verbose=0,
+    )
+    assert [b for b, _ in counter.train] == [0, 1, 2, 3] * 2
+    assert counter.train[0][1] == ["accuracy", "loss"]
+    assert counter.test == 3 * 2 and counter.epochs == 2
+
+
+def test_early_stopping_stops_where_keras_fit_stops():
+    def early():
+        return keras.callbacks.EarlyStopping(monitor="val_loss", min_delta=10.0, patience=2)
+
+    model = SPEC.build(4)
+    reference = keras_twin(model)
+    train, val = dataset(), dataset(n=20, seed=3)
+    expected = reference.fit(
+        train, epochs=10, validation_data=val, callbacks=[early()], verbose=0, shuffle=False
+    )
+    _, history = tp.fit_loop(
+        make_state(model),
+        train,
+        tp.make_train_step(SCCE),
+        epochs=10,
+        val_data=val,
+        callbacks=[early()],
+        verbose=0,
+    )
+    assert len(history["loss"]) == len(expected.history["loss"]) == 3
+
+
+def test_csv_logger_and_tensorboard_write_the_history(tmp_path):
+    path = tmp_path / "log.csv"
+    _, history = tp.fit_loop(
+        make_state(SPEC.build(5)),
+        dataset(),
+        tp.make_train_step(SCCE),
+        epochs=2,
+        val_data=dataset(n=20, seed=3),
+        callbacks=[
+            keras.callbacks.CSVLogger(str(path)),
+            keras.callbacks.TensorBoard(str(tmp_path / "tb")),
+        ],
+        verbose=0,
+    )
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["epoch"]) for r in rows] == [0, 1]
+    for name, values in history.items():
+        np.testing.assert_allclose([float(r[name]) for r in rows], values, rtol=1e-6)
+    events = list((tmp_path / "tb").rglob("events.out.tfevents.*"))
+    assert {p.parent.name for p in events} == {"train", "validation"}
+
+
+def test_learning_rate_callbacks_reach_the_state_optimizer():
+    state = make_state(SPEC.build(6), lr=0.01)
+    schedule = keras.callbacks.LearningRateScheduler(lambda epoch, lr: 0.1 / (epoch + 1))
+    tp.fit_loop(
+        state, dataset(), tp.make_train_step(SCCE), epochs=3, callbacks=[schedule], verbose=0
+    )
+    assert float(state.optimizer.learning_rate) == pytest.approx(0.1 / 3)
+
+
+def test_progress_bar_prints_like_keras(capsys):
+    tp.fit_loop(
+        make_state(SPEC.build(0)),
+        dataset(),
+        tp.make_train_step(SCCE),
+        epochs=2,
+        val_data=dataset(n=20),
+        verbose=1,
+    )
+    out = capsys.readouterr().out
+    assert "Epoch 1/2" in out and "Epoch 2/2" in out
+    assert "4/4" in out and "val_accuracy" in out
+
+
+def test_fit_loop_drives_a_plain_python_step_over_a_list_of_batches():
+    train_step = tp.make_train_step(SCCE)
+    calls = []
+
+    def logged_step(state, batch):
+        calls.append(len(batch[0]))
+        return train_step(state, batch)
+
+    batches = [SPEC.batch(n, n) for n in (5, 5, 2)]
+    _, history = tp.fit_loop(
+        make_state(SPEC.build(0)),
+        batches,
+        logged_step,
+        epochs=2,
+        eval_step=tp.make_eval_step(SCCE),
+        val_data=batches,
+        verbose=0,
+    )
+    assert calls == [5, 5, 2] * 2 and len(history["val_loss"]) == 2
+
+
+def test_steps_per_epoch_runs_a_repeating_dataset():
+    state = make_state(SPEC.build(0))
+    data = dataset(n=32, batch=8).repeat()
+    _, history = tp.fit_loop(
+        state, data, tp.make_train_step(SCCE), epochs=3, steps_per_epoch=5, verbose=0
+    )
+    assert int(state.step) == 15 and len(history["loss"]) == 3
+
+
+# -- bad input ------------------------------------------------------------------
+
+
+def snapshot(state):
+    return tpt.snapshot([*state.model.variables, *state.optimizer.variables, state.step])
+
+
+@pytest.mark.parametrize(
+    ("data", "kwargs", "error", "match"),
+    [
+        (dataset(), {"epochs": 0}, ValueError, "epochs"),
+        (dataset(), {"epochs": 1.5}, ValueError, "epochs"),
+        (dataset().take(0), {}, ValueError, "held no batch"),
+        (dataset().repeat(), {}, ValueError, "infinite"),
+        (SPEC.batch(8, 0), {}, TypeError, "from_tensor_slices"),
+        (dataset(), {"callbacks": ["csv"]}, TypeError, "keras.callbacks.Callback"),
+        (dataset(), {"steps_per_epoch": 0}, ValueError, "steps_per_epoch"),
+        (dataset(), {"eval_step": tp.make_train_step(SCCE), "val_data": dataset()}, ValueError, ""),
+    ],
+    ids=[
+        "zero-epochs",
+        "float-epochs",
+        "empty",
+        "infinite",
+        "arrays",
+        "callback",
+        "steps-per-epoch",
+        "train-as-eval",
+    ],
+)
+def test_fit_loop_bad_arguments_change_nothing(data, kwargs, error, match):
+    state = make_state(SPEC.build(0))
+    before = snapshot(state)
+    with pytest.raises(error, match=match or "training step"):
+        tp.fit_loop(state, data, tp.make_train_step(SCCE), verbose=0, **kwargs)
+    after = snapshot(state)
+    for name, value in before.items():
+        np.testing.assert_array_equal(after[name], value, err_msg=name)
+
+
+def test_eval_step_passed_as_train_step_is_refused():
+    with pytest.raises(ValueError, match="evaluation step"):
+        tp.fit_loop(make_state(SPEC.build(0)), dataset(), tp.make_eval_step(SCCE), verbose=0)
+    with pytest.raises(ValueError, match="training step"):
+        tp.evaluate(make_state(SPEC.build(0)), dataset(), tp.make_train_step(SCCE))
+
+
+def test_fold_and_evaluate_refuse_empty_data():
+    state = make_state(SPEC.build(0))
+    with pytest.raises(ValueError, match="no batch"):
+        tp.fold(tp.make_train_step(SCCE), state, dataset().take(0))
+    with pytest.raises(ValueError, match="no batch"):
+        tp.evaluate(state, [], tp.make_eval_step(SCCE))

@@ -1,0 +1,142 @@
+"""TrainState.create, replace and the invariants create establishes."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tfpure as tp
+from tfpure.testing.strategies import ModelSpec
+
+SPEC = ModelSpec((4,), (("dense", 5), ("dropout", 50), ("batchnorm", 0)), num_classes=3)
+
+
+def test_create_builds_the_optimizer_on_exactly_the_trainable_variables():
+    model = SPEC.build(0)
+    optimizer = keras.optimizers.Adam()
+    state = tp.TrainState.create(model=model, optimizer=optimizer)
+    assert optimizer.built
+    assert [id(v) for v in optimizer._trainable_variables] == [
+        id(v) for v in model.trainable_variables
+    ]
+    # iterations + learning rate + two Adam slots per trainable variable
+    assert len(optimizer.variables) == 2 + 2 * len(model.trainable_variables)
+    assert state.step.dtype == tf.int64 and int(state.step) == 0 and state.step.shape == ()
+
+
+def test_create_adds_a_loss_tracker_and_separate_eval_metrics():
+    acc = keras.metrics.SparseCategoricalAccuracy()
+    state = tp.TrainState.create(
+        model=SPEC.build(0), optimizer=keras.optimizers.SGD(), metrics={"accuracy": acc}
+    )
+    assert list(state.metrics) == ["loss", "accuracy"] == list(state.eval_metrics)
+    assert state.metrics["accuracy"] is acc
+    for name in state.metrics:
+        assert state.metrics[name] is not state.eval_metrics[name]
+    assert isinstance(state.eval_metrics["accuracy"], keras.metrics.SparseCategoricalAccuracy)
+    state.eval_metrics["accuracy"].update_state([0], [[1.0, 0.0, 0.0]])
+    assert float(acc.count) == 0.0
+
+
+def test_metrics_given_as_a_list_are_named_by_metric_name():
+    state = tp.TrainState.create(
+        model=SPEC.build(0),
+        optimizer=keras.optimizers.SGD(),
+        metrics=[keras.metrics.SparseCategoricalAccuracy(name="acc"), keras.metrics.AUC()],
+    )
+    assert list(state.metrics) == ["loss", "acc", "auc"]
+
+
+def test_unclonable_metrics_need_explicit_eval_metrics():
+    def first(y_true, y_pred):
+        return y_pred[:, 0]
+
+    with pytest.raises(ValueError, match="eval_metrics="):
+        tp.TrainState.create(
+            model=SPEC.build(0),
+            optimizer=keras.optimizers.SGD(),
+            metrics={"first": keras.metrics.MeanMetricWrapper(lambda t, p: first(t, p))},
+        )
+    state = tp.TrainState.create(
+        model=SPEC.build(0),
+        optimizer=keras.optimizers.SGD(),
+        metrics={"first": keras.metrics.MeanMetricWrapper(first)},
+        eval_metrics={"first": keras.metrics.MeanMetricWrapper(first)},
+    )
+    assert list(state.eval_metrics) == ["loss", "first"]
+
+
+def test_seed_makes_dropout_masks_reproducible():
+    def masks(seed):
+        model = SPEC.build(0)
+        state = tp.TrainState.create(model=model, optimizer=keras.optimizers.SGD(), seed=seed)
+        x = np.ones((8, 4), "float32")
+        return model(x, training=True).numpy(), keras.random.uniform((3,), seed=state.rng).numpy()
+
+    same_a, same_b, other = masks(7), masks(7), masks(8)
+    np.testing.assert_array_equal(same_a[0], same_b[0])
+    np.testing.assert_array_equal(same_a[1], same_b[1])
+    assert not np.array_equal(same_a[0], other[0])
+
+
+def test_replace_returns_a_new_frozen_state():
+    state = tp.TrainState.create(model=SPEC.build(0), optimizer=keras.optimizers.SGD())
+    other = state.replace(metrics={"loss": keras.metrics.Mean(name="loss")})
+    assert other.model is state.model and other.metrics is not state.metrics
+    with pytest.raises(AttributeError):
+        state.step = None
+    assert "step=0" in repr(state)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"model": "model"}, TypeError, "must be a keras.Model"),
+        ({"optimizer": "adam"}, TypeError, "keras.optimizers.Optimizer"),
+        ({"metrics": "accuracy"}, TypeError, "dict of name"),
+        ({"metrics": {"acc": "accuracy"}}, TypeError, "keras.metrics.Metric instance"),
+        ({"metrics": {"loss": keras.metrics.Mean()}}, ValueError, "may not use the name 'loss'"),
+        (
+            {"metrics": [keras.metrics.Mean(name="m"), keras.metrics.Mean(name="m")]},
+            ValueError,
+            "names two metrics 'm'",
+        ),
+        (
+            {"metrics": {"a": keras.metrics.Mean()}, "eval_metrics": {"b": keras.metrics.Mean()}},
+            ValueError,
+            "same names",
+        ),
+    ],
+)
+def test_create_rejects_bad_arguments(kwargs, error, match):
+    arguments = {"model": SPEC.build(0), "optimizer": keras.optimizers.SGD(), **kwargs}
+    with pytest.raises(error, match=match):
+        tp.TrainState.create(**arguments)
+
+
+def test_shared_metric_instances_are_refused():
+    acc = keras.metrics.Mean()
+    with pytest.raises(ValueError, match="share the instances"):
+        tp.TrainState.create(
+            model=SPEC.build(0),
+            optimizer=keras.optimizers.SGD(),
+            metrics={"m": acc},
+            eval_metrics={"m": acc},
+        )
+
+
+def test_models_without_trainable_variables_are_refused():
+    unbuilt = keras.Sequential([keras.layers.Dense(2)])
+    with pytest.raises(ValueError, match="not built"):
+        tp.TrainState.create(model=unbuilt, optimizer=keras.optimizers.SGD())
+    frozen = SPEC.build(0)
+    frozen.trainable = False
+    with pytest.raises(ValueError, match="frozen"):
+        tp.TrainState.create(model=frozen, optimizer=keras.optimizers.SGD())
+
+
+def test_an_optimizer_built_for_another_model_is_refused():
+    optimizer = keras.optimizers.Adam()
+    tp.TrainState.create(model=SPEC.build(0), optimizer=optimizer)
+    with pytest.raises(ValueError, match="built for other variables"):
+        tp.TrainState.create(model=SPEC.build(1), optimizer=optimizer)
