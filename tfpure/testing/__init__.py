@@ -9,6 +9,7 @@ the ``test`` extra (``pip install "tfpure[test]"``) for Hypothesis.
 from tfpure.testing import strategies
 from tfpure.testing.properties import (
     assert_eval_step_pure,
+    assert_fused_matches_sequential,
     assert_gradients_match_numeric,
     assert_graph_matches_eager,
     assert_no_retrace,
@@ -18,6 +19,7 @@ from tfpure.testing.properties import (
 
 __all__ = [
     "assert_eval_step_pure",
+    "assert_fused_matches_sequential",
     "assert_gradients_match_numeric",
     "assert_graph_matches_eager",
     "assert_no_retrace",

@@ -29,6 +29,7 @@ from tfpure.state import TrainState
 
 __all__ = [
     "assert_eval_step_pure",
+    "assert_fused_matches_sequential",
     "assert_gradients_match_numeric",
     "assert_graph_matches_eager",
     "assert_no_retrace",
@@ -422,4 +423,63 @@ def assert_no_retrace(
             f"The step traced {traces} times over {n} batches (allowed {max_traces}): "
             "a Python value or a changing shape enters the signature. Use tensors, "
             "or let shapes relax (reduce_retracing=True)."
+        )
+
+
+def assert_fused_matches_sequential(
+    make_state: Callable[[], TrainState],
+    make_step: Callable[[int], Any],
+    data: tf.data.Dataset,
+    *,
+    steps_per_call: int,
+    epochs: int = 2,
+    rtol: float = 0.0,
+    atol: float = 0.0,
+) -> None:
+    """Asserts that fusing `steps_per_call` steps per graph call changes no result.
+
+    Trains two identically initialised states (`make_state()` twice) with
+    `fit_loop` for `epochs` epochs, validating on `data`: one with
+    ``make_step(1)``, one with ``make_step(steps_per_call)``. Variables and the
+    whole history must agree (bit for bit by default).
+
+    Raises:
+      AssertionError: naming what differs.
+
+    Example:
+      >>> import keras, tensorflow as tf, tfpure as tp
+      >>> from tfpure import testing as tpt
+      >>> def make_state():
+      ...     keras.utils.set_random_seed(0)
+      ...     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+      ...     return tp.TrainState.create(model=model, optimizer=keras.optimizers.Adam())
+      >>> data = tf.data.Dataset.from_tensor_slices((tf.ones((10, 3)), tf.ones((10, 1)))).batch(3)
+      >>> tpt.assert_fused_matches_sequential(
+      ...     make_state, lambda k: tp.make_train_step("mse", steps_per_call=k), data,
+      ...     steps_per_call=3)
+    """
+    from tfpure.loop import fit_loop
+
+    results = []
+    for k in (1, steps_per_call):
+        state = make_state()
+        state, history = fit_loop(
+            state, data, make_step(k), epochs=epochs, val_data=data, verbose=0
+        )
+        results.append((state, history))
+    (one, one_history), (fused, fused_history) = results
+    problems = []
+    for group, one_vars in _state_variables(one).items():
+        fused_vars = _state_variables(fused)[group]
+        problems += _compare(group, snapshot(one_vars), snapshot(fused_vars), rtol, atol)
+    if sorted(one_history) != sorted(fused_history):
+        problems.append(f"history keys {sorted(one_history)} vs {sorted(fused_history)}")
+    else:
+        for name, values in one_history.items():
+            if not np.allclose(values, fused_history[name], rtol=rtol, atol=atol):
+                problems.append(f"history {name}: {values} vs {fused_history[name]}")
+    if problems:
+        raise AssertionError(
+            f"steps_per_call={steps_per_call} differs from one step per call:\n  "
+            + "\n  ".join(problems[:20])
         )

@@ -1,0 +1,151 @@
+"""steps_per_call (several steps per graph call) and XLA: the same results, fewer calls."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from hypothesis import given
+from hypothesis import strategies as st
+
+import tfpure as tp
+from tfpure import testing as tpt
+from tfpure.testing import strategies as tps
+from tfpure.testing.strategies import ModelSpec
+
+from reference import twin
+
+SCCE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+SPEC = ModelSpec((5,), (("dense", 6), ("dropout", 50), ("batchnorm", 0)), num_classes=3, l2=0.01)
+
+
+def dataset(spec, n, batch, seed=0):
+    return tf.data.Dataset.from_tensor_slices(spec.batch(n, seed)).batch(batch)
+
+
+def state_maker(spec, seed):
+    def make():
+        return tp.TrainState.create(
+            model=spec.build(seed),
+            optimizer=keras.optimizers.Adam(0.01),
+            metrics={"accuracy": keras.metrics.SparseCategoricalAccuracy()},
+        )
+
+    return make
+
+
+@given(
+    spec=tps.model_specs(),
+    seed=tps.seeds(),
+    examples=st.integers(1, 40),
+    batch=st.integers(1, 8),
+    k=st.integers(2, 6),
+)
+def test_fused_steps_equal_single_steps_bit_for_bit(spec, seed, examples, batch, k):
+    """Any k, any dataset size (remainders, a ragged last batch): same variables, same history."""
+    tpt.assert_fused_matches_sequential(
+        state_maker(spec, seed),
+        lambda n: tp.make_train_step(SCCE, steps_per_call=n),
+        dataset(spec, examples, batch, seed),
+        steps_per_call=k,
+    )
+
+
+@pytest.mark.parametrize("k", [2, 3, 16])
+def test_fused_eval_equals_plain_eval(k):
+    state = state_maker(SPEC, 0)()
+    data = dataset(SPEC, 45, 8)
+    plain = tp.evaluate(state, data, tp.make_eval_step(SCCE))
+    fused_step = tp.make_eval_step(SCCE, steps_per_call=k)
+    assert tp.evaluate(state, data, fused_step) == plain
+    assert fused_step.experimental_get_tracing_count() == 1
+
+
+class BatchEnds(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.ends = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.ends.append(batch)
+
+
+def test_batch_hooks_fire_once_per_call_like_keras_steps_per_execution():
+    data = dataset(SPEC, 50, 8)  # 7 batches, the last one ragged
+    model = SPEC.build(0)
+    reference = twin(model)
+    reference.compile(optimizer=keras.optimizers.Adam(0.01), loss=SCCE, steps_per_execution=3)
+    keras_ends, ours = BatchEnds(), BatchEnds()
+    reference.fit(data, epochs=2, callbacks=[keras_ends], verbose=0, shuffle=False)
+    tp.fit_loop(
+        state_maker(SPEC, 0)(),
+        data,
+        tp.make_train_step(SCCE, steps_per_call=3),
+        epochs=2,
+        callbacks=[ours],
+        verbose=0,
+    )
+    assert ours.ends == [2, 5, 6] * 2
+    # Keras reports begin + 3 - 1 = 8 for its last, one-step call; tfpure the true index 6.
+    assert keras_ends.ends == [2, 5, 8] * 2
+
+
+def test_steps_per_epoch_is_exact_when_not_a_multiple_of_steps_per_call():
+    state = state_maker(SPEC, 0)()
+    counted = BatchEnds()
+    tp.fit_loop(
+        state,
+        dataset(SPEC, 64, 8).repeat(),
+        tp.make_train_step(SCCE, steps_per_call=3),
+        epochs=2,
+        steps_per_epoch=5,
+        callbacks=[counted],
+        verbose=0,
+    )
+    assert int(state.step) == 10 and counted.ends == [2, 4, 2, 4]
+
+
+def test_run_on_iterator_honours_max_steps():
+    state = state_maker(SPEC, 0)()
+    step = tp.make_train_step(SCCE, steps_per_call=4)
+    iterator = iter(dataset(SPEC, 80, 8))  # 10 batches
+    ran = [int(step.run_on_iterator(state, iterator, max_steps=m)[2]) for m in (3, 4, 4, 4)]
+    assert ran == [3, 4, 3, 0] and int(state.step) == 10
+    assert step.experimental_get_tracing_count() == 1
+
+
+def test_xla_with_fused_steps_matches_the_plain_graph():
+    spec = ModelSpec((5,), (("dense", 6), ("batchnorm", 0)), num_classes=3, l2=0.01)
+    data = dataset(spec, 45, 8)
+    plain, xla = state_maker(spec, 3)(), state_maker(spec, 3)()
+    _, h_plain = tp.fit_loop(
+        plain, data, tp.make_train_step(SCCE), epochs=2, val_data=data, verbose=0
+    )
+    _, h_xla = tp.fit_loop(
+        xla,
+        data,
+        tp.make_train_step(SCCE, jit_compile=True, steps_per_call=4),
+        epochs=2,
+        eval_step=tp.make_eval_step(SCCE, jit_compile=True, steps_per_call=4),
+        val_data=data,
+        verbose=0,
+    )
+    for name in h_plain:
+        np.testing.assert_allclose(h_xla[name], h_plain[name], rtol=1e-5, err_msg=name)
+    for a, b in zip(plain.model.variables, xla.model.variables, strict=True):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6, err_msg=a.path)
+
+
+def test_nonfinite_batch_inside_a_fused_call_stops_at_that_step():
+    x, y = SPEC.batch(40, 0)
+    x[21] = np.nan  # batch 2 (0-based) of 8-example batches
+    data = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
+    state = state_maker(SPEC, 0)()
+    with pytest.raises(tp.NonFiniteError, match=r"at step 2 \(0-based\)"):
+        tp.fold(tp.make_train_step(SCCE, steps_per_call=4), state, data)
+    assert int(state.step) == 2  # the two good steps stay; the bad one changed nothing
+
+    skipping = state_maker(SPEC, 0)()
+    skipping, logs = tp.fold(
+        tp.make_train_step(SCCE, steps_per_call=4, nonfinite="skip"), skipping, data
+    )
+    assert int(skipping.step) == 5 and int(logs["skipped"]) == 1
