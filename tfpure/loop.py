@@ -103,12 +103,13 @@ def _pass(
         limit = known if max_steps is None else max_steps
         if iterator is None:
             iterator = iter(data)
+        run = step._epoch(state, iterator)
         while limit is None or done < limit:
             begin(done)
             want = step.steps_per_call
             if limit is not None:
                 want = min(want, limit - done)
-            state, out, ran = step.run_on_iterator(state, iterator, max_steps=want)
+            out, ran = run(want)
             if known is None:
                 ran = int(ran)
                 if ran == 0:

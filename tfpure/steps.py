@@ -27,7 +27,6 @@ them first and puts them back.
 
 from __future__ import annotations
 
-import re
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, Protocol
@@ -57,7 +56,7 @@ __all__ = [
 ]
 
 Logs = dict[str, tf.Tensor]
-Nonfinite = Literal["raise", "skip"]
+Nonfinite = Literal["raise", "skip"] | None
 
 
 class StepFn(Protocol):
@@ -78,7 +77,7 @@ class NonFiniteError(FloatingPointError):
     """A training step met a non-finite loss or gradient; no variable changed."""
 
 
-_MARK = re.compile(r"tfpure\.NonFinite: (.*?) ;;", re.S)
+_MARK = "tfpure.NonFinite"
 
 
 def _metric_results(metrics: dict[str, keras.metrics.Metric]) -> Logs:
@@ -103,6 +102,12 @@ class _Compiled:
 
     Holds the state's fields, never the state itself, so that the step's
     per-state cache (a `WeakKeyDictionary`) lets states die.
+
+    The hot path of a guarded train step adds as few ops as it can: one
+    finiteness test of ``loss + sum(sum(g) for g in grads)`` (non-finite if
+    any element is, or if the sum overflows), one `tf.cond`, and the save of
+    the non-trainable variables. What went wrong is recorded only on the
+    failure branch and read back in Python to explain the failure.
     """
 
     def __init__(self, step: Step, state: TrainState):
@@ -112,16 +117,22 @@ class _Compiled:
         self.counter = state.step
         self.skipped = state.skipped
         self.train = step.kind == "train"
+        self.guarded = self.train and step.nonfinite is not None
         self.metrics = dict(state.metrics if self.train else state.eval_metrics)
         self.trainable = list(state.model.trainable_variables)
         self.loss_scaled = isinstance(state.optimizer, keras.optimizers.LossScaleOptimizer)
-        if self.train:
+        if self.guarded:
             # Saved at the start of every step, put back if the step fails.
             self.frozen = list(state.model.non_trainable_variables)
             self.shadows = [
                 tf.Variable(v.value, trainable=False, name="tfpure_shadow") for v in self.frozen
             ]
             self.armed = tf.Variable(False, trainable=False, name="tfpure_armed")
+            # What the last failed step saw; read only to explain the failure.
+            self.bad_loss = tf.Variable(0.0, trainable=False, name="tfpure_bad_loss")
+            self.bad_grads = tf.Variable(
+                tf.ones([len(self.trainable)], tf.bool), trainable=False, name="tfpure_bad_grads"
+            )
         one = self._train_one if self.train else self._eval_one
         if step.jit_compile:
             one = tf.function(one, jit_compile=True, reduce_retracing=True)
@@ -135,11 +146,14 @@ class _Compiled:
 
     # -- one step, possibly under XLA ---------------------------------------
 
-    def _train_one(self, batch: Batch) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    def _train_one(self, batch: Batch) -> tf.Tensor:
+        """One training step; returns whether it was applied."""
         x, y, sample_weight = unpack(batch)
         check_batch(self.model, x, y, sample_weight)
-        saves = [self.armed.assign(True)]
-        saves += [s.assign(v.value) for s, v in zip(self.shadows, self.frozen, strict=True)]
+        saves = []
+        if self.guarded:
+            saves = [self.armed.assign(True)]
+            saves += [s.assign(v.value) for s, v in zip(self.shadows, self.frozen, strict=True)]
         with tf.control_dependencies(saves), tf.GradientTape() as tape:
             loss, y_pred = self.step_fn.model_loss(self.model, batch, True)
             loss = _total_loss(self.model, loss)
@@ -147,41 +161,59 @@ class _Compiled:
         grads = tape.gradient(scaled, self.trainable)
         if self.step_fn.grad_transform is not None:
             grads = self._transform(grads)
-        if all(g is None for g in grads):
+        present = [g for g in grads if g is not None]
+        if not present:
             raise ValueError(
                 f"No gradient reaches any trainable variable of {self.model.name!r}: "
                 "the loss does not depend on the model's weights."
             )
-        grads_ok = tf.stack(
-            [tf.constant(True) if g is None else tf.reduce_all(tf.math.is_finite(g)) for g in grads]
-        )
-        ok = tf.math.is_finite(loss)
-        if not self.loss_scaled:  # LossScaleOptimizer skips overflowing steps itself.
-            ok = tf.logical_and(ok, tf.reduce_all(grads_ok))
-        metrics = self.metrics
         self._check_metrics(y_pred)
 
         def commit() -> tf.Tensor:
             self.optimizer.apply_gradients(zip(grads, self.trainable, strict=True))
-            metrics["loss"].update_state(loss, sample_weight=batch_size(x))
-            for name, metric in metrics.items():
-                if name != "loss":
-                    metric.update_state(y, y_pred, sample_weight=sample_weight)
+            self._update_metrics(loss, x, y, y_pred, sample_weight)
             self.counter.assign_add(1)
-            self.armed.assign(False)
             return tf.constant(True)
+
+        if not self.guarded:  # The hand-written loop: apply whatever came out.
+            return commit()
+
+        total = tf.cast(loss, tf.float32)
+        if not self.loss_scaled:  # LossScaleOptimizer skips overflowing steps itself.
+            total += tf.add_n([tf.cast(tf.reduce_sum(g), tf.float32) for g in present])
 
         def revert() -> tf.Tensor:
             for s, v in zip(self.shadows, self.frozen, strict=True):
                 v.assign(s)
+            self.bad_loss.assign(tf.cast(loss, tf.float32))
+            self.bad_grads.assign(
+                tf.stack(
+                    [
+                        tf.constant(True) if g is None else tf.reduce_all(tf.math.is_finite(g))
+                        for g in grads
+                    ]
+                )
+            )
             if self.step_fn.nonfinite == "skip":
                 self.counter.assign_add(1)
                 self.skipped.assign_add(1)
-            self.armed.assign(False)
             return tf.constant(False)
 
-        done = tf.cond(ok, commit, revert)
-        return done, loss, grads_ok
+        done = tf.cond(tf.math.is_finite(total), commit, revert)
+        with tf.control_dependencies([done]):
+            disarm = self.armed.assign(False)
+        with tf.control_dependencies([disarm]):
+            return tf.identity(done)
+
+    def _update_metrics(
+        self, loss: tf.Tensor, x: Any, y: Any, y_pred: Any, sample_weight: Any
+    ) -> None:
+        # As Keras `fit`: the loss tracker is weighted by batch size, so an
+        # epoch's loss is a per-example mean even with a ragged last batch.
+        self.metrics["loss"].update_state(loss, sample_weight=batch_size(x))
+        for name, metric in self.metrics.items():
+            if name != "loss":
+                metric.update_state(y, y_pred, sample_weight=sample_weight)
 
     def _transform(self, grads: list[Any]) -> list[Any]:
         transform = self.step_fn.grad_transform
@@ -192,7 +224,7 @@ class _Compiled:
         unscaled = [None if g is None else g / scale for g in grads]
         return [None if g is None else g * scale for g in transform(unscaled, self.trainable)]
 
-    def _eval_one(self, batch: Batch) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    def _eval_one(self, batch: Batch) -> tf.Tensor:
         x, y, sample_weight = unpack(batch)
         check_batch(self.model, x, y, sample_weight)
         loss, y_pred = self.step_fn.model_loss(self.model, batch, False)
@@ -200,11 +232,8 @@ class _Compiled:
         self._check_metrics(y_pred)
         # Nothing is counted unless the whole batch was scored.
         with tf.control_dependencies([loss]):
-            self.metrics["loss"].update_state(loss, sample_weight=batch_size(x))
-            for name, metric in self.metrics.items():
-                if name != "loss":
-                    metric.update_state(y, y_pred, sample_weight=sample_weight)
-        return tf.constant(True), loss, tf.ones([0], tf.bool)  # no gradients
+            self._update_metrics(loss, x, y, y_pred, sample_weight)
+        return tf.constant(True)
 
     def _check_metrics(self, y_pred: Any) -> None:
         if y_pred is None and len(self.metrics) > 1:
@@ -216,62 +245,61 @@ class _Compiled:
 
     # -- graph entry points ---------------------------------------------------
 
-    def _guard(self, ok: tf.Tensor, loss: tf.Tensor, grads_ok: tf.Tensor) -> list:
-        """In "raise" mode, fails the call with a message naming what was not finite."""
-        if not self.train or self.step_fn.nonfinite != "raise":
-            return []
-        names = tf.constant([v.path for v in self.trainable])
-        message = tf.strings.join(
-            [
-                "tfpure.NonFinite: at step ",
-                tf.strings.as_string(self.counter.value()),
-                " (0-based) the loss was ",
-                tf.strings.as_string(loss),
-                "; gradients with non-finite values: [",
-                tf.strings.reduce_join(
-                    tf.boolean_mask(names, tf.logical_not(grads_ok)), separator=", "
-                ),
-                "] ;;",
-            ]
-        )
-        return [tf.debugging.Assert(ok, [message])]
+    def _guard(self, ok: tf.Tensor) -> list:
+        """In "raise" mode, fails the call if a step was not applied."""
+        if self.train and self.step_fn.nonfinite == "raise":
+            return [tf.debugging.Assert(ok, [_MARK])]
+        return []
 
     def _on_batch(self, batch: Batch) -> Logs:
         self.step_fn._traces += 1
-        ok, loss, grads_ok = self.one(batch)
-        with tf.control_dependencies(self._guard(ok, loss, grads_ok)):
+        ok = self.one(batch)
+        with tf.control_dependencies(self._guard(ok)):
             return self._logs()
 
     def _on_iterator(self, iterator: Any, k: tf.Tensor) -> tuple[tf.Tensor, Logs]:
         self.step_fn._traces += 1
         stop_on_failure = self.train and self.step_fn.nonfinite == "raise"
 
-        def cond(i, ok, loss, grads_ok, more) -> tf.Tensor:
+        def cond(i: tf.Tensor, ok: tf.Tensor, more: tf.Tensor) -> tf.Tensor:
             keep = tf.logical_and(i < k, more)
             return tf.logical_and(keep, ok) if stop_on_failure else keep
 
-        def body(i, ok, loss, grads_ok, more) -> tuple:
+        def body(i: tf.Tensor, ok: tf.Tensor, more: tf.Tensor) -> tuple:
             optional = iterator.get_next_as_optional()
+            return tf.cond(
+                optional.has_value(),
+                lambda: (i + 1, self.one(optional.get_value()), tf.constant(True)),
+                lambda: (i, ok, tf.constant(False)),
+            )
 
-            def run() -> tuple:
-                ok1, loss1, grads_ok1 = self.one(optional.get_value())
-                return i + 1, ok1, tf.cast(loss1, tf.float32), grads_ok1, True
-
-            def end() -> tuple:
-                return i, ok, loss, grads_ok, False
-
-            return tf.cond(optional.has_value(), run, end)
-
-        start = (
-            tf.constant(0),
-            tf.constant(True),
-            tf.constant(0.0),
-            tf.ones([len(self.trainable) if self.train else 0], tf.bool),
-            tf.constant(True),
-        )
-        i, ok, loss, grads_ok, _ = tf.while_loop(cond, body, start)
-        with tf.control_dependencies(self._guard(ok, loss, grads_ok)):
+        start = (tf.constant(0), tf.constant(True), tf.constant(True))
+        if self.step_fn.steps_per_call == 1:  # Straight-line: no loop machinery.
+            i, ok, _ = body(*start)
+        else:
+            i, ok, _ = tf.while_loop(cond, body, start)
+        with tf.control_dependencies(self._guard(ok)):
             return tf.identity(i), self._logs()
+
+    def epoch_runner(self, iterator: Any) -> Callable[[tf.Tensor], tuple[tf.Tensor, Logs]]:
+        """A caller of the iterator function bound to one iterator (one epoch).
+
+        A `tf.function` call spends most of its time on dispatch when the
+        step is small: it hashes the iterator's type (its whole element
+        spec) on every call. The iterator and its signature are fixed for an
+        epoch, so the runner resolves the concrete function once and then
+        feeds it flat tensors. Under `run_functions_eagerly`, or inside
+        another graph, it falls back to the ordinary call.
+        """
+        if tf.config.functions_run_eagerly() or not tf.executing_eagerly():
+            return lambda limit: self.on_iterator(iterator, limit)
+        concrete = self.on_iterator.get_concrete_function(iterator, tf.TensorSpec([], tf.int32))
+        call_flat = getattr(concrete, "_call_flat", None)
+        if call_flat is None:  # Not this TensorFlow's internals: the public path.
+            return lambda limit: concrete(iterator, limit)
+        inputs = tf.nest.flatten(iterator, expand_composites=True)
+        captured = concrete.captured_inputs
+        return lambda limit: call_flat([*inputs, limit], captured)
 
     def _logs(self) -> Logs:
         logs = _metric_results(self.metrics)
@@ -283,10 +311,28 @@ class _Compiled:
 
     def recover(self) -> None:
         """After a failed call: puts back what the failed step moved."""
-        if self.train and bool(self.armed.numpy()):
+        if self.guarded and bool(self.armed.numpy()):
             for s, v in zip(self.shadows, self.frozen, strict=True):
                 v.assign(s)
             self.armed.assign(False)
+
+    def explain_failure(self) -> str:
+        """Says what the last non-finite step saw (read from the failure record)."""
+        flags = self.bad_grads.numpy()
+        bad = [v.path for v, ok in zip(self.trainable, flags, strict=True) if not ok]
+        grads = (
+            f"non-finite gradients of {bad}"
+            if bad
+            else "every gradient finite, but their sum overflowed"
+            if np.isfinite(self.bad_loss.numpy())
+            else "gradients not inspected past the loss"
+            if self.loss_scaled
+            else "every gradient finite"
+        )
+        return (
+            f"at step {int(self.counter.numpy())} (0-based) the loss was "
+            f"{float(self.bad_loss.numpy())}; {grads}"
+        )
 
 
 class Step:
@@ -331,8 +377,8 @@ class Step:
         self.kind = kind
         self.jit_compile = _check_bool("jit_compile", jit_compile)
         self.steps_per_call = _check_steps_per_call(steps_per_call)
-        if nonfinite not in ("raise", "skip"):
-            raise ValueError(f"`nonfinite` must be 'raise' or 'skip'; got {nonfinite!r}.")
+        if nonfinite not in ("raise", "skip", None):
+            raise ValueError(f"`nonfinite` must be 'raise', 'skip' or None; got {nonfinite!r}.")
         self.nonfinite = nonfinite
         self.grad_transform = _chain(grad_transform)
         self._compiled: weakref.WeakKeyDictionary[TrainState, _Compiled] = (
@@ -398,12 +444,28 @@ class Step:
           [4, 2, 0]
         """
         compiled = self._for(state)
+        n, logs = _run(compiled, compiled.on_iterator, iterator, self._limit(max_steps))
+        return state, logs, n
+
+    def _limit(self, max_steps: int | None) -> tf.Tensor:
         k = self.steps_per_call if max_steps is None else max_steps
         limit = self._limits.get(k)
         if limit is None:
             limit = self._limits[k] = tf.constant(k, tf.int32)
-        n, logs = _run(compiled, compiled.on_iterator, iterator, limit)
-        return state, logs, n
+        return limit
+
+    def _epoch(
+        self, state: TrainState, iterator: Any
+    ) -> Callable[[int | None], tuple[Logs, tf.Tensor]]:
+        """Like `run_on_iterator`, but bound to one iterator: `fold`'s fast path."""
+        compiled = self._for(state)
+        runner = _run(compiled, compiled.epoch_runner, iterator)
+
+        def run(max_steps: int | None) -> tuple[Logs, tf.Tensor]:
+            n, logs = _run(compiled, runner, self._limit(max_steps))
+            return logs, n
+
+        return run
 
     def experimental_get_tracing_count(self) -> int:
         """How many times this step's graph functions were traced, over all states.
@@ -439,11 +501,10 @@ def _run(compiled: _Compiled, fn: Callable[..., Any], *args: Any) -> Any:
         return fn(*args)
     except tf.errors.OpError as err:
         compiled.recover()
-        found = _MARK.search(err.message)
-        if found:
+        if _MARK in err.message:
             raise NonFiniteError(
-                f"{found.group(1)}. No variable changed. Pass nonfinite='skip' to "
-                "make_train_step to skip such batches instead."
+                f"{compiled.explain_failure()}. No variable changed. Pass "
+                "nonfinite='skip' to make_train_step to skip such batches instead."
             ) from None
         raise
 
@@ -513,7 +574,9 @@ def make_train_step(
       nonfinite: what a non-finite loss or gradient does. ``"raise"``:
         `NonFiniteError` naming the step and the culprits; ``"skip"``: the
         batch is skipped and counted in ``logs["skipped"]``. Either way no
-        model, optimizer or metric variable changes.
+        model, optimizer or metric variable changes. ``None``: no check, as in
+        the hand-written loop (whatever the step computes is applied; a
+        failing step may leave BatchNorm statistics moved).
       grad_transform: a callable ``(grads, variables) -> grads`` or a list of
         them, applied in order between the gradient and the optimizer (with a
         `LossScaleOptimizer` they see unscaled gradients).

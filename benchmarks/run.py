@@ -1,0 +1,417 @@
+"""tfpure benchmark: per-step time of training loops, measured side by side.
+
+Run ``python benchmarks/run.py`` (``--quick`` for a short smoke run). In one
+process, variants interleaved round by round (so a busy machine slows all of
+them alike), it measures the median per-step time of
+
+* the tutorial's hand-written loop, eagerly and as a ``tf.function``, and as
+  an in-graph ``tf.range`` loop of 16 steps per call (the overhead floor);
+* Keras ``fit`` with ``steps_per_execution`` 1 and 16;
+* tfpure ``fit_loop`` with 1 and 16 steps per call, with XLA, and without the
+  non-finite guard;
+
+for (a) the tutorial-sized MLP (64-128-10, batch 64, Dropout, L2), which is
+bound by per-step overhead, and (b) a compute-bound MLP (3 x 1024, batch 512),
+whose matmul GFLOP/s are compared with a bare ``tf.matmul`` loop on the same
+machine. It also counts traces over a multi-epoch run with a ragged last
+batch and the RSS growth over 20,000 steps. Results go to
+``benchmarks/results/`` as JSON, a Markdown table and a PNG chart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+import tfpure as tp
+
+HERE = Path(__file__).resolve().parent
+SCCE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+# -- workloads --------------------------------------------------------------------
+
+
+def tutorial_mlp(seed: int = 0) -> keras.Model:
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential(
+        [
+            keras.Input((64,)),
+            keras.layers.Dense(128, "relu", kernel_regularizer=keras.regularizers.L2(1e-4)),
+            keras.layers.Dropout(0.2),
+            keras.layers.Dense(10),
+        ]
+    )
+
+
+def compute_mlp(seed: int = 0) -> keras.Model:
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential(
+        [keras.Input((1024,))]
+        + [keras.layers.Dense(1024, "relu") for _ in range(3)]
+        + [keras.layers.Dense(10)]
+    )
+
+
+WORKLOADS = {
+    "tutorial_mlp": {"build": tutorial_mlp, "features": 64, "batch": 64, "steps": 320},
+    "compute_mlp": {"build": compute_mlp, "features": 1024, "batch": 512, "steps": 16},
+}
+
+
+def make_dataset(features: int, batch: int, steps: int, extra: int = 0) -> tf.data.Dataset:
+    rng = np.random.default_rng(0)
+    n = batch * steps + extra
+    x = rng.normal(size=(n, features)).astype("float32")
+    y = rng.integers(0, 10, size=n).astype("int32")
+    return tf.data.Dataset.from_tensor_slices((x, y)).batch(batch).prefetch(tf.data.AUTOTUNE)
+
+
+def matmul_flops_per_step(model: keras.Model, batch: int) -> float:
+    """Matmul FLOPs of one training step: forward, weight gradients, input gradients."""
+    dense = [layer for layer in model.layers if isinstance(layer, keras.layers.Dense)]
+    sizes = [layer.kernel.shape[0] * layer.kernel.shape[1] for layer in dense]
+    return 2.0 * batch * (2 * sum(sizes) + sum(sizes[1:]))
+
+
+def measured_matmul_gflops(rounds: int) -> float:
+    """GFLOP/s of a bare (512 x 1024) @ (1024 x 1024) matmul loop in one graph."""
+    a = tf.random.normal((512, 1024))
+    b = tf.Variable(tf.random.normal((1024, 1024)))
+    reps = 20
+
+    @tf.function
+    def loop() -> tf.Tensor:
+        acc = tf.zeros((512, 1024))
+        for _ in tf.range(reps):
+            acc += tf.matmul(a, b)
+        return acc
+
+    loop().numpy()
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        loop().numpy()
+        times.append(time.perf_counter() - start)
+    return 2.0 * 512 * 1024 * 1024 * reps / statistics.median(times) / 1e9
+
+
+# -- variants: each returns a function that runs one epoch and blocks -------------
+
+
+def tutorial_loop(model: keras.Model, data: tf.data.Dataset, compiled: bool) -> Callable:
+    """The tutorial's loop, as written there."""
+    optimizer = keras.optimizers.Adam(1e-3)
+    optimizer.build(model.trainable_variables)
+    train_loss = keras.metrics.Mean(name="train_loss")
+    train_acc = keras.metrics.SparseCategoricalAccuracy(name="train_accuracy")
+
+    def train_step(x_batch, y_batch):
+        with tf.GradientTape() as tape:
+            predictions = model(x_batch, training=True)
+            loss = SCCE(y_batch, predictions)
+            loss += sum(model.losses)
+        gradients = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(gradients, model.trainable_variables, strict=True))
+        train_loss.update_state(loss)
+        train_acc.update_state(y_batch, predictions)
+
+    if compiled:
+        train_step = tf.function(train_step)
+
+    def epoch() -> None:
+        train_loss.reset_state()
+        train_acc.reset_state()
+        for x_batch, y_batch in data:
+            train_step(x_batch, y_batch)
+        float(train_loss.result())
+
+    return epoch
+
+
+def tutorial_range_loop(model: keras.Model, data: tf.data.Dataset, k: int) -> Callable:
+    """The tutorial's step, k at a time in an in-graph tf.range loop: the overhead floor."""
+    optimizer = keras.optimizers.Adam(1e-3)
+    optimizer.build(model.trainable_variables)
+    train_loss = keras.metrics.Mean()
+    train_acc = keras.metrics.SparseCategoricalAccuracy()
+
+    @tf.function
+    def train_k(iterator):
+        for _ in tf.range(k):
+            x_batch, y_batch = next(iterator)
+            with tf.GradientTape() as tape:
+                predictions = model(x_batch, training=True)
+                loss = SCCE(y_batch, predictions) + sum(model.losses)
+            gradients = tape.gradient(loss, model.trainable_variables)
+            optimizer.apply_gradients(zip(gradients, model.trainable_variables, strict=True))
+            train_loss.update_state(loss)
+            train_acc.update_state(y_batch, predictions)
+
+    calls = int(data.cardinality()) // k
+
+    def epoch() -> None:
+        train_loss.reset_state()
+        train_acc.reset_state()
+        iterator = iter(data)
+        for _ in range(calls):
+            train_k(iterator)
+        float(train_loss.result())
+
+    return epoch
+
+
+def keras_fit(model: keras.Model, data: tf.data.Dataset, k: int, jit: bool = False) -> Callable:
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-3),
+        loss=SCCE,
+        metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+        steps_per_execution=k,
+        jit_compile=jit,
+    )
+
+    def epoch() -> None:
+        model.fit(data, epochs=1, verbose=0, shuffle=False)
+
+    return epoch
+
+
+def tfpure_fit(model: keras.Model, data: tf.data.Dataset, **options) -> Callable:
+    state = tp.TrainState.create(
+        model=model,
+        optimizer=keras.optimizers.Adam(1e-3),
+        metrics={"accuracy": keras.metrics.SparseCategoricalAccuracy()},
+    )
+    step = tp.make_train_step(SCCE, **options)
+
+    def epoch() -> None:
+        tp.fit_loop(state, data, step, epochs=1, verbose=0)
+
+    epoch.step = step  # type: ignore[attr-defined]
+    return epoch
+
+
+VARIANTS: dict[str, Callable[[keras.Model, tf.data.Dataset], Callable]] = {
+    "tutorial eager": lambda m, d: tutorial_loop(m, d, compiled=False),
+    "tutorial tf.function": lambda m, d: tutorial_loop(m, d, compiled=True),
+    "tutorial tf.range x16": lambda m, d: tutorial_range_loop(m, d, 16),
+    "keras fit spe=1": lambda m, d: keras_fit(m, d, 1),
+    "keras fit spe=16": lambda m, d: keras_fit(m, d, 16),
+    "tfpure k=1": lambda m, d: tfpure_fit(m, d),
+    "tfpure k=16": lambda m, d: tfpure_fit(m, d, steps_per_call=16),
+    "tfpure XLA k=1": lambda m, d: tfpure_fit(m, d, jit_compile=True),
+    "tfpure k=1 no guard": lambda m, d: tfpure_fit(m, d, nonfinite=None),
+}
+
+
+def measure(workload: str, rounds: int, skip: set[str]) -> dict[str, float]:
+    """Median seconds per step of every variant, interleaved round by round."""
+    spec = WORKLOADS[workload]
+    data = make_dataset(spec["features"], spec["batch"], spec["steps"])
+    epochs = {}
+    for name, make in VARIANTS.items():
+        if name in skip:
+            continue
+        epochs[name] = make(spec["build"](), data)
+        epochs[name]()  # warm up: trace, build, fill caches
+    times: dict[str, list[float]] = {name: [] for name in epochs}
+    for _ in range(rounds):
+        for name, epoch in epochs.items():
+            start = time.perf_counter()
+            epoch()
+            times[name].append((time.perf_counter() - start) / spec["steps"])
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+# -- traces and memory --------------------------------------------------------------
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        pages = int(f.read().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def traces_and_memory(total_steps: int) -> dict[str, float]:
+    data = make_dataset(64, 64, 100, extra=17)  # 101 batches, the last one of 17
+    val = make_dataset(64, 64, 10, extra=5)
+    state = tp.TrainState.create(
+        model=tutorial_mlp(),
+        optimizer=keras.optimizers.Adam(1e-3),
+        metrics={"accuracy": keras.metrics.SparseCategoricalAccuracy()},
+    )
+    train_step, eval_step = tp.make_train_step(SCCE), tp.make_eval_step(SCCE)
+    tp.fit_loop(state, data, train_step, epochs=5, eval_step=eval_step, val_data=val, verbose=0)
+    traces = {
+        "train_step_traces_5_epochs": train_step.experimental_get_tracing_count(),
+        "eval_step_traces_5_epochs": eval_step.experimental_get_tracing_count(),
+    }
+    epochs = max(1, total_steps // 101)
+    tp.fit_loop(state, data, train_step, epochs=20, verbose=0)  # warm-up: allocator, caches
+    before = rss_mb()
+    tp.fit_loop(state, data, train_step, epochs=epochs, verbose=0)
+    after = rss_mb()
+    return {
+        **traces,
+        "rss_steps": epochs * 101,
+        "rss_before_mb": before,
+        "rss_after_mb": after,
+        "rss_growth_mb": after - before,
+        "train_step_traces_total": train_step.experimental_get_tracing_count(),
+    }
+
+
+# -- report -----------------------------------------------------------------------------
+
+
+def machine() -> dict[str, str]:
+    cpu = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": str(os.cpu_count()),
+        "python": platform.python_version(),
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "platform": platform.platform(),
+    }
+
+
+def ratios(results: dict) -> dict[str, float]:
+    small, big = results["tutorial_mlp"], results["compute_mlp"]
+    out = {
+        "tfpure k=1 / keras fit spe=1": small["tfpure k=1"] / small["keras fit spe=1"],
+        "tfpure k=1 / tutorial tf.function": small["tfpure k=1"] / small["tutorial tf.function"],
+        "tfpure k=16 / keras fit spe=16": small["tfpure k=16"] / small["keras fit spe=16"],
+        "tfpure k=16 / tutorial tf.range x16": small["tfpure k=16"]
+        / small["tutorial tf.range x16"],
+        "tfpure guard cost (k=1 / k=1 no guard)": small["tfpure k=1"]
+        / small["tfpure k=1 no guard"],
+        "compute_mlp tfpure k=1 / tutorial tf.function": big["tfpure k=1"]
+        / big["tutorial tf.function"],
+    }
+    return {name: round(value, 3) for name, value in out.items()}
+
+
+GOALS = {
+    "tfpure k=1 / keras fit spe=1": "<= 0.8 (stretch 0.6)",
+    "tfpure k=1 / tutorial tf.function": "<= 1.10 (stretch 1.0)",
+    "tfpure k=16 / keras fit spe=16": "<= 0.95",
+    "tfpure k=16 / tutorial tf.range x16": "<= 1.05",
+    "tfpure guard cost (k=1 / k=1 no guard)": "<= 1.03",
+}
+
+
+def markdown(report: dict) -> str:
+    lines = ["| variant | tutorial MLP (ms/step) | compute MLP (ms/step) |", "|---|---:|---:|"]
+    small, big = (
+        report["per_step_seconds"]["tutorial_mlp"],
+        report["per_step_seconds"]["compute_mlp"],
+    )
+    for name in small:
+        b = f"{big[name] * 1e3:.2f}" if name in big else "—"
+        lines.append(f"| {name} | {small[name] * 1e3:.3f} | {b} |")
+    lines += ["", "| ratio (one run) | value | goal |", "|---|---:|---|"]
+    for name, value in report["ratios"].items():
+        lines.append(f"| {name} | {value:.3f} | {GOALS.get(name, '')} |")
+    g = report["gflops"]
+    lines += [
+        "",
+        f"Compute-bound MLP: tfpure k=1 reaches {g['tfpure_k1']:.1f} GFLOP/s of matmul work, "
+        f"{g['fraction_of_matmul']:.0%} of a bare tf.matmul loop ({g['matmul']:.1f} GFLOP/s); "
+        f"Keras fit spe=1: {g['keras_fit_spe1']:.1f} GFLOP/s.",
+        "",
+        "Traces and memory: " + ", ".join(f"{k} = {v:.4g}" for k, v in report["memory"].items()),
+        "",
+        "Machine: " + ", ".join(f"{k} {v}" for k, v in report["machine"].items()),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def chart(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, workload in zip(axes, ("tutorial_mlp", "compute_mlp"), strict=True):
+        values = report["per_step_seconds"][workload]
+        names = list(values)
+        ms = [values[n] * 1e3 for n in names]
+        colors = ["#d62728" if n.startswith("tfpure") else "#7f7f7f" for n in names]
+        ax.barh(names, ms, color=colors)
+        ax.invert_yaxis()
+        ax.set_xscale("log")
+        ax.set_xlabel("ms per step (log scale, lower is better)")
+        ax.set_title(workload.replace("_", " "))
+        for y, v in enumerate(ms):
+            ax.text(v, y, f" {v:.3g}", va="center", fontsize=8)
+    fig.suptitle(
+        f"tfpure benchmark — {report['machine']['cpu']}, {report['machine']['cores']} cores"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=9, help="interleaved rounds per workload")
+    parser.add_argument("--rss-steps", type=int, default=20_000)
+    parser.add_argument("--quick", action="store_true", help="3 rounds, 2,000 RSS steps")
+    parser.add_argument("--out", type=Path, default=HERE / "results")
+    args = parser.parse_args()
+    if args.quick:
+        args.rounds, args.rss_steps = 3, 2_000
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    results = {
+        "tutorial_mlp": measure("tutorial_mlp", args.rounds, skip=set()),
+        "compute_mlp": measure(
+            "compute_mlp", max(3, args.rounds // 3), skip={"tutorial eager", "tfpure k=1 no guard"}
+        ),
+    }
+    big = WORKLOADS["compute_mlp"]
+    flops = matmul_flops_per_step(compute_mlp(), big["batch"])
+    matmul = measured_matmul_gflops(max(3, args.rounds))
+    tfpure_gflops = flops / results["compute_mlp"]["tfpure k=1"] / 1e9
+    report = {
+        "machine": machine(),
+        "per_step_seconds": results,
+        "ratios": ratios(results),
+        "gflops": {
+            "matmul": matmul,
+            "tfpure_k1": tfpure_gflops,
+            "keras_fit_spe1": flops / results["compute_mlp"]["keras fit spe=1"] / 1e9,
+            "fraction_of_matmul": tfpure_gflops / matmul,
+        },
+        "memory": traces_and_memory(args.rss_steps),
+        "rounds": args.rounds,
+    }
+    (args.out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.out / "results.md").write_text(markdown(report))
+    chart(report, args.out / "chart.png")
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()
