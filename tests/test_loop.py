@@ -1,6 +1,7 @@
 """fold, evaluate and fit_loop against Keras fit/evaluate and the tutorial loop."""
 
 import csv
+from unittest import mock
 
 import keras
 import numpy as np
@@ -306,3 +307,40 @@ def test_fold_and_evaluate_refuse_empty_data():
         tp.fold(tp.make_train_step(SCCE), state, dataset().take(0))
     with pytest.raises(ValueError, match="no batch"):
         tp.evaluate(state, [], tp.make_eval_step(SCCE))
+
+
+def test_batch_hooks_are_skipped_when_no_callback_listens():
+    calls = []
+
+    class EpochsOnly(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            calls.append(epoch)
+
+    original = keras.callbacks.CallbackList.on_train_batch_end
+
+    def counting(self, batch, logs=None):
+        calls.append("batch")
+        return original(self, batch, logs)
+
+    args = (dataset(), tp.make_train_step(SCCE))
+    with mock.patch.object(keras.callbacks.CallbackList, "on_train_batch_end", counting):
+        tp.fit_loop(make_state(SPEC.build(0)), *args, epochs=2, callbacks=[EpochsOnly()], verbose=0)
+        assert calls == [0, 1]
+        tp.fit_loop(
+            make_state(SPEC.build(0)), *args, epochs=1, callbacks=[CountBatches()], verbose=0
+        )
+        assert calls.count("batch") == 4
+
+
+def test_fold_over_a_dataset_runs_eagerly_under_run_functions_eagerly():
+    model = SPEC.build(7)
+    other = twin(model)
+    step = tp.make_train_step(SCCE, steps_per_call=3)
+    tp.fold(step, make_state(model), dataset())
+    tf.config.run_functions_eagerly(True)
+    try:
+        tp.fold(step, make_state(other), dataset())
+    finally:
+        tf.config.run_functions_eagerly(False)
+    for a, b in zip(model.variables, other.variables, strict=True):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6, err_msg=a.path)

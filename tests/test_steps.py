@@ -360,3 +360,12 @@ def test_full_control_loss_without_predictions_needs_no_metrics():
     bare = tp.TrainState.create(model=SPEC.build(0), optimizer=keras.optimizers.SGD())
     bare, logs = tp.make_train_step(no_predictions)(bare, SPEC.batch(3, 0))
     assert sorted(logs) == ["loss"]
+
+
+def test_nonfinite_none_applies_whatever_comes_out_like_the_tutorial():
+    state, step = make_state(SPEC.build(0)), tp.make_train_step(SCCE, nonfinite=None)
+    x, y = SPEC.batch(4, 1)
+    x[0, 0] = np.nan
+    state, logs = step(state, (x, y))
+    assert np.isnan(float(logs["loss"])) and int(state.step) == 1
+    assert any(np.isnan(v.numpy()).any() for v in state.model.trainable_variables)

@@ -83,8 +83,7 @@ def _pass(
     *,
     iterator: Any = None,
     max_steps: int | None = None,
-    begin: BatchHook = _no_begin,
-    end: LogsHook = _no_end,
+    hooks: tuple[BatchHook, LogsHook] = (_no_begin, _no_end),
     stop: Callable[[], bool] = _never,
 ) -> tuple[Any, Logs | None, int]:
     """Runs `step` over `data` (or `iterator`); returns state, last logs, steps run.
@@ -94,6 +93,7 @@ def _pass(
     only when it is not known beforehand (unknown cardinality), so a
     known-size epoch needs no per-call host read.
     """
+    begin, end = hooks
     logs: Logs | None = None
     done = 0
     in_graph = iterator is not None or isinstance(data, tf.data.Dataset)
@@ -170,12 +170,10 @@ def _floats(logs: Logs) -> dict[str, float]:
 
 
 def _callback_list(
-    callbacks: Sequence[keras.callbacks.Callback] | keras.callbacks.CallbackList,
+    callbacks: Sequence[keras.callbacks.Callback],
     model: keras.Model,
     **params: Any,
 ) -> keras.callbacks.CallbackList:
-    if isinstance(callbacks, keras.callbacks.CallbackList):
-        return callbacks
     callbacks = list(callbacks or ())
     for cb in callbacks:
         if not isinstance(cb, keras.callbacks.Callback):
@@ -184,6 +182,36 @@ def _callback_list(
                 f"{type(cb).__name__}."
             )
     return keras.callbacks.CallbackList(callbacks, model=model, **params)
+
+
+# Which callback methods a batch hook reaches (Keras' train hooks fall back
+# to the legacy `on_batch_*` methods).
+_LISTENERS = {
+    "train": (("on_train_batch_begin", "on_batch_begin"), ("on_train_batch_end", "on_batch_end")),
+    "test": (("on_test_batch_begin",), ("on_test_batch_end",)),
+}
+
+
+def _hooks(cbs: keras.callbacks.CallbackList, mode: str) -> tuple[BatchHook, LogsHook]:
+    """The batch hooks to call for `mode`: none when no callback overrides them.
+
+    Calling `CallbackList` hooks costs a thread-pool dispatch and a NumPy
+    copy of the logs per call; with no callback listening (``verbose=0``,
+    epoch-level callbacks only) the loop skips them.
+    """
+
+    def listens(names: tuple[str, ...]) -> bool:
+        base = keras.callbacks.Callback
+        return any(
+            getattr(type(cb), name) is not getattr(base, name)
+            for cb in cbs.callbacks
+            for name in names
+        )
+
+    begin_names, end_names = _LISTENERS[mode]
+    begin = getattr(cbs, f"on_{mode}_batch_begin") if listens(begin_names) else _no_begin
+    end = getattr(cbs, f"on_{mode}_batch_end") if listens(end_names) else _no_end
+    return begin, end
 
 
 def _eval_step_for(eval_step: StepFn | None, train_step: StepFn) -> StepFn:
@@ -261,8 +289,7 @@ def _evaluate(
         eval_step,
         state,
         data,
-        begin=cbs.on_test_batch_begin,
-        end=cbs.on_test_batch_end,
+        hooks=_hooks(cbs, "test"),
     )
     if not done or logs is None:
         raise ValueError("The evaluation data held no batch.")
@@ -390,8 +417,7 @@ def fit_loop(
             data,
             iterator=iterator,
             max_steps=steps_per_epoch,
-            begin=cbs.on_train_batch_begin,
-            end=cbs.on_train_batch_end,
+            hooks=_hooks(cbs, "train"),
             stop=stop,
         )
         if not done or logs is None:
