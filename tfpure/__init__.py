@@ -11,6 +11,7 @@ The hand-written TensorFlow loop (GradientTape, ``apply_gradients``, metric
 """
 
 from tfpure.batch import LossFn, ModelLossFn
+from tfpure.checkpoint import Checkpointer, CheckpointError, Preempted
 from tfpure.loop import evaluate, fit_loop, fold
 from tfpure.state import TrainState
 from tfpure.steps import (
@@ -26,11 +27,14 @@ from tfpure.steps import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckpointError",
+    "Checkpointer",
     "GradTransform",
     "Logs",
     "LossFn",
     "ModelLossFn",
     "NonFiniteError",
+    "Preempted",
     "Step",
     "StepFn",
     "TrainState",

@@ -28,8 +28,9 @@ from typing import Any
 import keras
 import tensorflow as tf
 
+from tfpure.checkpoint import Checkpointer
 from tfpure.state import TrainState
-from tfpure.steps import Logs, Step, StepFn, make_eval_step
+from tfpure.steps import Logs, Step, StepFn, make_eval_step, metric_results
 
 __all__ = ["evaluate", "fit_loop", "fold"]
 
@@ -49,8 +50,13 @@ def _never() -> bool:
     return False
 
 
+_END = object()
+
+
 def _check_data(data: Any, argument: str) -> None:
     if isinstance(data, tf.data.Dataset):
+        if int(data.cardinality()) == 0:
+            raise ValueError(f"`{argument}` held no batch: the dataset is empty.")
         if int(data.cardinality()) == tf.data.INFINITE_CARDINALITY:
             raise ValueError(
                 f"`{argument}` is an infinite dataset (it repeats forever); pass "
@@ -82,20 +88,25 @@ def _pass(
     data: Any,
     *,
     iterator: Any = None,
+    start: int = 0,
     max_steps: int | None = None,
     hooks: tuple[BatchHook, LogsHook] = (_no_begin, _no_end),
     stop: Callable[[], bool] = _never,
+    cap: Callable[[int], int | None] | None = None,
+    endless: bool = False,
 ) -> tuple[Any, Logs | None, int]:
-    """Runs `step` over `data` (or `iterator`); returns state, last logs, steps run.
+    """Runs `step` over `data` (or `iterator`); returns state, last logs, steps done.
 
-    With a tfpure `Step` and a dataset, batches are pulled in-graph,
-    `steps_per_call` per call. The number of steps a call ran is read back
-    only when it is not known beforehand (unknown cardinality), so a
-    known-size epoch needs no per-call host read.
+    Steps are counted from `start` (a resumed epoch) up to `max_steps`. With a
+    tfpure `Step` and a dataset, batches are pulled in-graph,
+    `steps_per_call` per call, and ``cap(done)`` may cut a call short (to
+    land on a checkpoint). The number of steps a call ran is read back only
+    when it is not known beforehand (unknown cardinality, an iterator that
+    may run out), so a known-size epoch needs no per-call host read.
     """
     begin, end = hooks
     logs: Logs | None = None
-    done = 0
+    done = start
     in_graph = iterator is not None or isinstance(data, tf.data.Dataset)
     if isinstance(step, Step) and in_graph:
         # Steps in the epoch, if known: then no call's step count is read back.
@@ -109,8 +120,10 @@ def _pass(
             want = step.steps_per_call
             if limit is not None:
                 want = min(want, limit - done)
+            if cap is not None:
+                want = min(want, cap(done) or want)
             out, ran = run(want)
-            if known is None:
+            if known is None and not endless:
                 ran = int(ran)
                 if ran == 0:
                     break
@@ -121,12 +134,16 @@ def _pass(
             if stop():
                 break
         return state, logs, done
-    for batch in data if iterator is None else iterator:
+    batches = iter(data) if iterator is None else iterator
+    while max_steps is None or done < max_steps:
+        batch = next(batches, _END)
+        if batch is _END:
+            break
         begin(done)
         state, logs = step(state, batch)
         done += 1
         end(done - 1, logs)
-        if stop() or (max_steps is not None and done >= max_steps):
+        if stop():
             break
     return state, logs, done
 
@@ -214,6 +231,12 @@ def _hooks(cbs: keras.callbacks.CallbackList, mode: str) -> tuple[BatchHook, Log
     return begin, end
 
 
+def _prepare(step: StepFn, state: TrainState, data: Any) -> None:
+    """Runs a tfpure step's trace-time checks on `data`'s batches before anything changes."""
+    if isinstance(step, Step) and isinstance(data, tf.data.Dataset):
+        step._prepare(state, data.element_spec)
+
+
 def _eval_step_for(eval_step: StepFn | None, train_step: StepFn) -> StepFn:
     if eval_step is not None:
         if isinstance(eval_step, Step) and eval_step.kind != "eval":
@@ -266,6 +289,7 @@ def evaluate(
     _check_data(data, "data")
     if isinstance(eval_step, Step) and eval_step.kind != "eval":
         raise ValueError("`eval_step` is a training step; build it with make_eval_step.")
+    _prepare(eval_step, state, data)
     cbs = _callback_list(
         callbacks,
         state.model,
@@ -309,6 +333,7 @@ def fit_loop(
     callbacks: Sequence[keras.callbacks.Callback] = (),
     verbose: int = 1,
     steps_per_epoch: int | None = None,
+    checkpoint: Checkpointer | None = None,
 ) -> tuple[TrainState, dict[str, list[float]]]:
     """Trains for `epochs` epochs with validation and Keras callbacks; returns the history.
 
@@ -340,6 +365,12 @@ def fit_loop(
       verbose: 0 silent, 1 progress bar, 2 one line per epoch (as in Keras).
       steps_per_epoch: if given, each epoch runs this many steps from one
         iterator kept across epochs (needed for a repeating dataset).
+      checkpoint: a `Checkpointer`. `fit_loop` then restores the newest good
+        checkpoint and resumes at its exact step, saves as the checkpointer
+        says, and on SIGTERM finishes the current call, saves and raises
+        `Preempted`. `data` must be a `tf.data.Dataset` whose epoch length is
+        known (its cardinality, or `steps_per_epoch`); it is read through
+        one iterator over ``data.repeat()`` so its position is saved too.
 
     Returns:
       ``(state, history)`` where ``history`` maps Keras log names (`loss`,
@@ -389,7 +420,51 @@ def fit_loop(
         _check_data(val_data, "val_data")
         eval_step = _eval_step_for(eval_step, train_step)
 
+    if checkpoint is not None and not isinstance(checkpoint, Checkpointer):
+        raise TypeError(f"`checkpoint` must be a tp.Checkpointer; got {type(checkpoint).__name__}.")
+    _prepare(train_step, state, data)
+    if val_data is not None:
+        _prepare(eval_step, state, val_data)
+
+    run = checkpoint._begin(state, data, steps_per_epoch) if checkpoint is not None else None
+    try:
+        return _fit(
+            state,
+            data,
+            train_step,
+            epochs,
+            eval_step,
+            val_data,
+            callbacks,
+            verbose,
+            steps_per_epoch,
+            run,
+        )
+    finally:
+        if run is not None:
+            run.close()
+
+
+def _fit(
+    state: TrainState,
+    data: Any,
+    train_step: StepFn,
+    epochs: int,
+    eval_step: StepFn | None,
+    val_data: Any,
+    callbacks: Sequence[keras.callbacks.Callback],
+    verbose: int,
+    steps_per_epoch: int | None,
+    run: Any,
+) -> tuple[TrainState, dict[str, list[float]]]:
     model = state.model
+    if run is not None:
+        steps_per_epoch, first_epoch = run.steps_per_epoch, run.first_epoch
+    else:
+        # With steps_per_epoch, one iterator spans the run (a repeating dataset).
+        iterator = iter(data) if steps_per_epoch is not None else None
+        first_epoch = 0
+    prior = run.prior if run is not None else {}
     cbs = _callback_list(
         callbacks,
         model,
@@ -402,24 +477,42 @@ def fit_loop(
     if getattr(model, "optimizer", None) is None:
         model.optimizer = state.optimizer
     model.stop_training = False
-    # With steps_per_epoch, one iterator spans the run (a repeating dataset).
-    iterator = iter(data) if steps_per_epoch is not None else None
-    stop = lambda: bool(model.stop_training)  # noqa: E731
+    stop = lambda: bool(model.stop_training) or (run is not None and run.preempted)  # noqa: E731
+    history = next(cb for cb in cbs.callbacks if isinstance(cb, keras.callbacks.History))
+
+    def full_history() -> dict[str, list[float]]:
+        names = list(dict.fromkeys([*prior, *history.history]))
+        return {n: [*prior.get(n, []), *history.history.get(n, [])] for n in names}
 
     cbs.on_train_begin()
     epoch_logs: dict[str, float] = {}
-    for epoch in range(epochs):
-        state.reset_metrics()
+    for epoch in range(first_epoch, epochs):
+        start = run.start(epoch) if run is not None else 0
+        if start == 0:  # A resumed epoch keeps its restored running metrics.
+            state.reset_metrics()
         cbs.on_epoch_begin(epoch)
+        begin, end = _hooks(cbs, "train")
+        if run is not None:
+            iterator = run.iterator(epoch)
+
+            def end(index: int, logs: Any, end: LogsHook = end, epoch: int = epoch) -> None:
+                end(index, logs)
+                run.after_call(epoch, index + 1)
+
         state, logs, done = _pass(
             train_step,
             state,
             data,
             iterator=iterator,
+            start=start,
             max_steps=steps_per_epoch,
-            hooks=_hooks(cbs, "train"),
+            hooks=(begin, end),
             stop=stop,
+            cap=(lambda done, epoch=epoch: run.steps_to_save(epoch, done)) if run else None,
+            endless=run is not None,
         )
+        if logs is None and start:  # Resumed right at the end of the epoch's steps.
+            logs = metric_results(state.metrics)
         if not done or logs is None:
             raise ValueError(
                 f"The training data held no batch in epoch {epoch}"
@@ -430,10 +523,12 @@ def fit_loop(
             val = _evaluate(state, val_data, eval_step, cbs)
             epoch_logs.update({f"val_{name}": value for name, value in val.items()})
         cbs.on_epoch_end(epoch, epoch_logs)
+        last = epoch == epochs - 1 or bool(model.stop_training)
+        if run is not None:
+            run.end_epoch(epoch, full_history(), last)
         if model.stop_training:
             break
     # As Keras `fit` does: e.g. an optimizer with use_ema=True swaps in its averages.
     state.optimizer.finalize_variable_values(model.trainable_variables)
     cbs.on_train_end(epoch_logs)
-    history = next(cb for cb in cbs.callbacks if isinstance(cb, keras.callbacks.History))
-    return state, {name: list(values) for name, values in history.history.items()}
+    return state, full_history()

@@ -80,7 +80,8 @@ class NonFiniteError(FloatingPointError):
 _MARK = "tfpure.NonFinite"
 
 
-def _metric_results(metrics: dict[str, keras.metrics.Metric]) -> Logs:
+def metric_results(metrics: dict[str, keras.metrics.Metric]) -> Logs:
+    """The current value of each metric, dict-valued results flattened as Keras does."""
     logs: Logs = {}
     for name, metric in metrics.items():
         result = metric.result()
@@ -302,7 +303,7 @@ class _Compiled:
         return lambda limit: call_flat([*inputs, limit], captured)
 
     def _logs(self) -> Logs:
-        logs = _metric_results(self.metrics)
+        logs = metric_results(self.metrics)
         if self.train and self.step_fn.nonfinite == "skip":
             logs["skipped"] = tf.identity(self.skipped.value())
         return logs
@@ -446,6 +447,17 @@ class Step:
         compiled = self._for(state)
         n, logs = _run(compiled, compiled.on_iterator, iterator, self._limit(max_steps))
         return state, logs, n
+
+    def _prepare(self, state: TrainState, element_spec: Any) -> None:
+        """Traces the iterator function for batches of `element_spec`, once.
+
+        The structure, shape and dtype checks run while tracing, so data that
+        does not fit the model fails here, before a loop changes anything.
+        """
+        if not tf.config.functions_run_eagerly():
+            self._for(state).on_iterator.get_concrete_function(
+                tf.data.IteratorSpec(element_spec), tf.TensorSpec([], tf.int32)
+            )
 
     def _limit(self, max_steps: int | None) -> tf.Tensor:
         k = self.steps_per_call if max_steps is None else max_steps

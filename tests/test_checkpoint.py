@@ -1,0 +1,237 @@
+"""Checkpointer: exact resume after SIGKILL or SIGTERM, crash-safe restore, clear refusals."""
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tfpure as tp
+from tfpure import testing as tpt
+from tfpure.testing.strategies import ModelSpec
+
+WORKER = Path(__file__).with_name("resume_worker.py")
+SCCE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+SPEC = ModelSpec((5,), (("dense", 6), ("dropout", 50), ("batchnorm", 0)), num_classes=3, l2=0.01)
+
+
+def worker(directory, out, *args):
+    return subprocess.run(
+        [sys.executable, str(WORKER), str(directory), str(out), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def load(path):
+    with np.load(path) as f:
+        return {k: f[k] for k in f.files}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    base = tmp_path_factory.mktemp("reference")
+    done = worker(base / "ckpt", base / "out.npz")
+    assert done.returncode == 0, done.stderr[-2000:]
+    return load(base / "out.npz")
+
+
+@pytest.mark.parametrize(
+    ("kill", "options", "code"),
+    [
+        pytest.param("step:13", [], -signal.SIGKILL, id="mid-epoch"),
+        pytest.param("step:24", [], -signal.SIGKILL, id="before-the-ragged-last-batch-ends"),
+        pytest.param("epoch:2", [], -signal.SIGKILL, id="after-epoch-boundary"),
+        pytest.param("after_save:3", [], -signal.SIGKILL, id="right-after-a-save"),
+        pytest.param("during_save:3", [], -signal.SIGKILL, id="during-a-save"),
+        pytest.param("step:13", ["--steps-per-call", "3"], -signal.SIGKILL, id="fused-calls"),
+        pytest.param("sigterm:13", [], 143, id="sigterm-preemption"),
+    ],
+)
+def test_killed_and_restarted_run_equals_uninterrupted_run(
+    tmp_path, uninterrupted, kill, options, code
+):
+    """Bit-identical variables, optimizer slots, step count and history."""
+    first = worker(tmp_path / "ckpt", tmp_path / "out.npz", "--kill", kill, *options)
+    assert first.returncode == code, first.stderr[-2000:]
+    assert not (tmp_path / "out.npz").exists()
+    if kill.startswith("sigterm"):
+        assert "SIGTERM received; saved" in first.stderr
+        assert "Traceback" not in first.stderr
+    second = worker(tmp_path / "ckpt", tmp_path / "out.npz", *options)
+    assert second.returncode == 0, second.stderr[-2000:]
+    resumed = load(tmp_path / "out.npz")
+    assert int(resumed["step"]) == int(uninterrupted["step"]) == 4 * 8
+    for name, value in uninterrupted.items():
+        np.testing.assert_array_equal(resumed[name], value, err_msg=name)
+
+
+def test_a_finished_run_does_nothing_when_run_again(tmp_path, uninterrupted):
+    for _ in range(2):
+        done = worker(tmp_path / "ckpt", tmp_path / "out.npz")
+        assert done.returncode == 0, done.stderr[-2000:]
+        again = load(tmp_path / "out.npz")
+    for name, value in uninterrupted.items():
+        np.testing.assert_array_equal(again[name], value, err_msg=name)
+
+
+# -- in-process: restore picks complete, readable, matching checkpoints -------------
+
+
+def make_state(spec=SPEC, seed=0):
+    return tp.TrainState.create(
+        model=spec.build(seed),
+        optimizer=keras.optimizers.Adam(0.01),
+        metrics={"accuracy": keras.metrics.SparseCategoricalAccuracy()},
+    )
+
+
+def everything(state):
+    return tpt.snapshot(
+        [*state.model.variables, *state.optimizer.variables, state.step, state.rng.state]
+    )
+
+
+def train_some(state, n=3, seed=0):
+    step = tp.make_train_step(SCCE)
+    for i in range(n):
+        state, _ = step(state, SPEC.batch(4, seed + i))
+    return state
+
+
+def test_manual_save_and_restore_round_trip(tmp_path):
+    state = train_some(make_state())
+    ckpt = tp.Checkpointer(tmp_path)
+    path = ckpt.save(state)
+    saved = everything(state)
+    train_some(state, seed=10)
+    assert ckpt.restore(state) == path
+    for name, value in saved.items():
+        np.testing.assert_array_equal(everything(state)[name], value, err_msg=name)
+    assert ckpt.checkpoints() == [path]
+
+
+def test_truncated_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    state = train_some(make_state())
+    ckpt = tp.Checkpointer(tmp_path)
+    first = ckpt.save(state)
+    at_first = everything(state)
+    train_some(state, seed=10)
+    latest = ckpt.save(state)
+    data = Path(latest + ".data-00000-of-00001")
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    train_some(state, seed=20)
+    with pytest.warns(RuntimeWarning, match="does not read back"):
+        assert ckpt.restore(state) == first
+    for name, value in at_first.items():
+        np.testing.assert_array_equal(everything(state)[name], value, err_msg=name)
+
+
+def test_no_readable_checkpoint_is_a_clear_error_and_changes_nothing(tmp_path):
+    state = train_some(make_state())
+    ckpt = tp.Checkpointer(tmp_path)
+    path = ckpt.save(state)
+    Path(path + ".index").write_bytes(b"not a checkpoint")
+    train_some(state, seed=10)
+    before = everything(state)
+    with pytest.warns(RuntimeWarning), pytest.raises(tp.CheckpointError, match="can be restored"):
+        ckpt.restore(state)
+    for name, value in before.items():
+        np.testing.assert_array_equal(everything(state)[name], value, err_msg=name)
+
+
+def test_a_checkpoint_of_another_architecture_is_refused_by_name(tmp_path):
+    tp.Checkpointer(tmp_path).save(make_state())
+    wider = ModelSpec((5,), (("dense", 9), ("dropout", 50), ("batchnorm", 0)), num_classes=3)
+    other = make_state(wider)
+    before = everything(other)
+    with pytest.raises(tp.CheckpointError, match=r"model variable 0.*shape \(5, 6\).*\(5, 9\)"):
+        tp.Checkpointer(tmp_path).restore(other)
+    for name, value in before.items():
+        np.testing.assert_array_equal(everything(other)[name], value, err_msg=name)
+
+
+def pipelines():
+    x, y = SPEC.batch(16, 0)
+    base = tf.data.Dataset.from_tensor_slices((x, y))
+    yield (
+        "py_function",
+        base.map(
+            lambda a, b: (tf.ensure_shape(tf.py_function(lambda t: t, [a], tf.float32), [5]), b)
+        ).batch(4),
+        "outside TensorFlow",
+    )
+    yield (
+        "random-in-map",
+        base.map(lambda a, b: (a + tf.random.uniform([5]), b)).batch(4),
+        ("outside TensorFlow"),
+    )
+    yield "unseeded-shuffle", base.shuffle(16).batch(4), "without a seed"
+
+
+@pytest.mark.parametrize(
+    ("data", "match"), [p[1:] for p in pipelines()], ids=[p[0] for p in pipelines()]
+)
+def test_a_pipeline_that_cannot_be_replayed_is_refused_before_training(tmp_path, data, match):
+    state = make_state()
+    with pytest.raises(tp.CheckpointError, match=match):
+        tp.fit_loop(
+            state,
+            data,
+            tp.make_train_step(SCCE),
+            epochs=2,
+            checkpoint=tp.Checkpointer(tmp_path, save_every_steps=2),
+            verbose=0,
+        )
+    assert int(state.step) == 0
+    assert tp.Checkpointer(tmp_path).checkpoints() == []
+
+
+def test_checkpointed_fit_loop_equals_plain_fit_loop(tmp_path):
+    def data():  # a fresh dataset each: iterating one advances its reshuffle seed
+        x, y = SPEC.batch(30, 0)
+        return tf.data.Dataset.from_tensor_slices((x, y)).shuffle(30, seed=3).batch(8)
+
+    plain, saved = make_state(), make_state()
+    _, h_plain = tp.fit_loop(plain, data(), tp.make_train_step(SCCE), epochs=3, verbose=0)
+    _, h_saved = tp.fit_loop(
+        saved,
+        data(),
+        tp.make_train_step(SCCE),
+        epochs=3,
+        checkpoint=tp.Checkpointer(tmp_path, save_every_steps=3),
+        verbose=0,
+    )
+    assert h_plain == h_saved
+    for a, b in zip(plain.model.variables, saved.model.variables, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"max_to_keep": 0}, "max_to_keep"),
+        ({"save_every_steps": 0}, "save_every_steps"),
+        ({"save_every_epochs": 1.5}, "save_every_epochs"),
+    ],
+)
+def test_checkpointer_arguments_are_checked(tmp_path, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        tp.Checkpointer(tmp_path, **kwargs)
+
+
+def test_fit_loop_checkpointing_needs_a_dataset_of_known_length(tmp_path):
+    ckpt = tp.Checkpointer(tmp_path)
+    state, step = make_state(), tp.make_train_step(SCCE)
+    with pytest.raises(TypeError, match=r"tf\.data\.Dataset"):
+        tp.fit_loop(state, [SPEC.batch(4, 0)], step, checkpoint=ckpt, verbose=0)
+    unknown = tf.data.Dataset.from_tensor_slices(SPEC.batch(8, 0)).filter(lambda a, b: True)
+    with pytest.raises(ValueError, match="cardinality"):
+        tp.fit_loop(state, unknown.batch(4), step, checkpoint=ckpt, verbose=0)
+    with pytest.raises(TypeError, match="Checkpointer"):
+        tp.fit_loop(state, unknown.batch(4), step, checkpoint="dir", verbose=0)
