@@ -11,8 +11,9 @@ The hand-written TensorFlow loop (GradientTape, ``apply_gradients``, metric
 """
 
 from tfpure.batch import LossFn, ModelLossFn
-from tfpure.checkpoint import Checkpointer, CheckpointError, Preempted
+from tfpure.checkpoint import Checkpointer, CheckpointError
 from tfpure.loop import evaluate, fit_loop, fold
+from tfpure.resume import Preempted
 from tfpure.state import TrainState
 from tfpure.steps import (
     GradTransform,

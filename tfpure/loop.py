@@ -22,130 +22,27 @@ per batch).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import keras
-import tensorflow as tf
 
 from tfpure.checkpoint import Checkpointer
+from tfpure.graph import Logs, metric_results
+from tfpure.passes import (
+    LogsHook,
+    batch_hooks,
+    callback_list,
+    check_data,
+    num_batches,
+    prepare,
+    run_pass,
+)
+from tfpure.resume import Run
 from tfpure.state import TrainState
-from tfpure.steps import Logs, Step, StepFn, make_eval_step, metric_results
+from tfpure.steps import Step, StepFn, make_eval_step
 
 __all__ = ["evaluate", "fit_loop", "fold"]
-
-BatchHook = Callable[[int], None]
-LogsHook = Callable[[int, Any], None]
-
-
-def _no_begin(index: int) -> None:
-    del index
-
-
-def _no_end(index: int, logs: Any) -> None:
-    del index, logs
-
-
-def _never() -> bool:
-    return False
-
-
-_END = object()
-
-
-def _check_data(data: Any, argument: str) -> None:
-    if isinstance(data, tf.data.Dataset):
-        if int(data.cardinality()) == 0:
-            raise ValueError(f"`{argument}` held no batch: the dataset is empty.")
-        if int(data.cardinality()) == tf.data.INFINITE_CARDINALITY:
-            raise ValueError(
-                f"`{argument}` is an infinite dataset (it repeats forever); pass "
-                "`steps_per_epoch=` to fit_loop, or take a finite part with "
-                "dataset.take(n)."
-            )
-        return
-    if isinstance(data, tuple) or not isinstance(data, Iterable):
-        raise TypeError(
-            f"`{argument}` must be a tf.data.Dataset or an iterable of batches; got "
-            f"{type(data).__name__}. For arrays, use "
-            "tf.data.Dataset.from_tensor_slices((x, y)).batch(32)."
-        )
-
-
-def _num_batches(data: Any) -> int | None:
-    if isinstance(data, tf.data.Dataset):
-        n = int(data.cardinality())
-        return n if n >= 0 else None
-    try:
-        return len(data)
-    except TypeError:
-        return None
-
-
-def _pass(
-    step: StepFn,
-    state: Any,
-    data: Any,
-    *,
-    iterator: Any = None,
-    start: int = 0,
-    max_steps: int | None = None,
-    hooks: tuple[BatchHook, LogsHook] = (_no_begin, _no_end),
-    stop: Callable[[], bool] = _never,
-    cap: Callable[[int], int | None] | None = None,
-    endless: bool = False,
-) -> tuple[Any, Logs | None, int]:
-    """Runs `step` over `data` (or `iterator`); returns state, last logs, steps done.
-
-    Steps are counted from `start` (a resumed epoch) up to `max_steps`. With a
-    tfpure `Step` and a dataset, batches are pulled in-graph,
-    `steps_per_call` per call, and ``cap(done)`` may cut a call short (to
-    land on a checkpoint). The number of steps a call ran is read back only
-    when it is not known beforehand (unknown cardinality, an iterator that
-    may run out), so a known-size epoch needs no per-call host read.
-    """
-    begin, end = hooks
-    logs: Logs | None = None
-    done = start
-    in_graph = iterator is not None or isinstance(data, tf.data.Dataset)
-    if isinstance(step, Step) and in_graph:
-        # Steps in the epoch, if known: then no call's step count is read back.
-        known = _num_batches(data) if iterator is None else None
-        limit = known if max_steps is None else max_steps
-        if iterator is None:
-            iterator = iter(data)
-        run = step._epoch(state, iterator)
-        while limit is None or done < limit:
-            begin(done)
-            want = step.steps_per_call
-            if limit is not None:
-                want = min(want, limit - done)
-            if cap is not None:
-                want = min(want, cap(done) or want)
-            out, ran = run(want)
-            if known is None and not endless:
-                ran = int(ran)
-                if ran == 0:
-                    break
-            else:
-                ran = want
-            logs, done = out, done + ran
-            end(done - 1, logs)
-            if stop():
-                break
-        return state, logs, done
-    batches = iter(data) if iterator is None else iterator
-    while max_steps is None or done < max_steps:
-        batch = next(batches, _END)
-        if batch is _END:
-            break
-        begin(done)
-        state, logs = step(state, batch)
-        done += 1
-        end(done - 1, logs)
-        if stop():
-            break
-    return state, logs, done
 
 
 def fold(step: StepFn, state: Any, batches: Any) -> tuple[Any, Logs]:
@@ -175,66 +72,15 @@ def fold(step: StepFn, state: Any, batches: Any) -> tuple[Any, Logs]:
       >>> int(state.step), sorted(logs)
       (3, ['loss'])
     """
-    _check_data(batches, "batches")
-    state, logs, done = _pass(step, state, batches)
+    check_data(batches, "batches")
+    state, logs, done = run_pass(step, state, batches)
     if not done or logs is None:
         raise ValueError("`batches` held no batch: there was nothing to fold over.")
     return state, logs
 
 
-def _floats(logs: Logs) -> dict[str, float]:
+def floats(logs: Logs) -> dict[str, float]:
     return {name: float(value) for name, value in logs.items()}
-
-
-def _callback_list(
-    callbacks: Sequence[keras.callbacks.Callback],
-    model: keras.Model,
-    **params: Any,
-) -> keras.callbacks.CallbackList:
-    callbacks = list(callbacks or ())
-    for cb in callbacks:
-        if not isinstance(cb, keras.callbacks.Callback):
-            raise TypeError(
-                "`callbacks` must hold keras.callbacks.Callback instances; got "
-                f"{type(cb).__name__}."
-            )
-    return keras.callbacks.CallbackList(callbacks, model=model, **params)
-
-
-# Which callback methods a batch hook reaches (Keras' train hooks fall back
-# to the legacy `on_batch_*` methods).
-_LISTENERS = {
-    "train": (("on_train_batch_begin", "on_batch_begin"), ("on_train_batch_end", "on_batch_end")),
-    "test": (("on_test_batch_begin",), ("on_test_batch_end",)),
-}
-
-
-def _hooks(cbs: keras.callbacks.CallbackList, mode: str) -> tuple[BatchHook, LogsHook]:
-    """The batch hooks to call for `mode`: none when no callback overrides them.
-
-    Calling `CallbackList` hooks costs a thread-pool dispatch and a NumPy
-    copy of the logs per call; with no callback listening (``verbose=0``,
-    epoch-level callbacks only) the loop skips them.
-    """
-
-    def listens(names: tuple[str, ...]) -> bool:
-        base = keras.callbacks.Callback
-        return any(
-            getattr(type(cb), name) is not getattr(base, name)
-            for cb in cbs.callbacks
-            for name in names
-        )
-
-    begin_names, end_names = _LISTENERS[mode]
-    begin = getattr(cbs, f"on_{mode}_batch_begin") if listens(begin_names) else _no_begin
-    end = getattr(cbs, f"on_{mode}_batch_end") if listens(end_names) else _no_end
-    return begin, end
-
-
-def _prepare(step: StepFn, state: TrainState, data: Any) -> None:
-    """Runs a tfpure step's trace-time checks on `data`'s batches before anything changes."""
-    if isinstance(step, Step) and isinstance(data, tf.data.Dataset):
-        step._prepare(state, data.element_spec)
 
 
 def _eval_step_for(eval_step: StepFn | None, train_step: StepFn) -> StepFn:
@@ -286,17 +132,17 @@ def evaluate(
       >>> tp.evaluate(state, data, tp.make_eval_step("mse"))
       {'loss': 4.0}
     """
-    _check_data(data, "data")
+    check_data(data, "data")
     if isinstance(eval_step, Step) and eval_step.kind != "eval":
         raise ValueError("`eval_step` is a training step; build it with make_eval_step.")
-    _prepare(eval_step, state, data)
-    cbs = _callback_list(
+    prepare(eval_step, state, data)
+    cbs = callback_list(
         callbacks,
         state.model,
         add_progbar=verbose != 0,
         verbose=verbose,
         epochs=1,
-        steps=_num_batches(data),
+        steps=num_batches(data),
     )
     return _evaluate(state, data, eval_step, cbs)
 
@@ -309,15 +155,15 @@ def _evaluate(
 ) -> dict[str, float]:
     state.reset_eval_metrics()
     cbs.on_test_begin()
-    state, logs, done = _pass(
+    state, logs, done = run_pass(
         eval_step,
         state,
         data,
-        hooks=_hooks(cbs, "test"),
+        hooks=batch_hooks(cbs, "test"),
     )
     if not done or logs is None:
         raise ValueError("The evaluation data held no batch.")
-    result = _floats(logs)
+    result = floats(logs)
     cbs.on_test_end(result)
     return result
 
@@ -415,18 +261,18 @@ def fit_loop(
     ):
         raise ValueError(f"`steps_per_epoch` must be None or an int >= 1; got {steps_per_epoch!r}.")
     if steps_per_epoch is None:
-        _check_data(data, "data")
+        check_data(data, "data")
     if val_data is not None:
-        _check_data(val_data, "val_data")
+        check_data(val_data, "val_data")
         eval_step = _eval_step_for(eval_step, train_step)
 
     if checkpoint is not None and not isinstance(checkpoint, Checkpointer):
         raise TypeError(f"`checkpoint` must be a tp.Checkpointer; got {type(checkpoint).__name__}.")
-    _prepare(train_step, state, data)
+    prepare(train_step, state, data)
     if val_data is not None:
-        _prepare(eval_step, state, val_data)
+        prepare(eval_step, state, val_data)
 
-    run = checkpoint._begin(state, data, steps_per_epoch) if checkpoint is not None else None
+    run = Run(checkpoint, state, data, steps_per_epoch) if checkpoint is not None else None
     try:
         return _fit(
             state,
@@ -455,7 +301,7 @@ def _fit(
     callbacks: Sequence[keras.callbacks.Callback],
     verbose: int,
     steps_per_epoch: int | None,
-    run: Any,
+    run: Run | None,
 ) -> tuple[TrainState, dict[str, list[float]]]:
     model = state.model
     if run is not None:
@@ -465,14 +311,14 @@ def _fit(
         iterator = iter(data) if steps_per_epoch is not None else None
         first_epoch = 0
     prior = run.prior if run is not None else {}
-    cbs = _callback_list(
+    cbs = callback_list(
         callbacks,
         model,
         add_history=True,
         add_progbar=verbose != 0,
         verbose=verbose,
         epochs=epochs,
-        steps=steps_per_epoch or _num_batches(data),
+        steps=steps_per_epoch or num_batches(data),
     )
     if getattr(model, "optimizer", None) is None:
         model.optimizer = state.optimizer
@@ -491,7 +337,7 @@ def _fit(
         if start == 0:  # A resumed epoch keeps its restored running metrics.
             state.reset_metrics()
         cbs.on_epoch_begin(epoch)
-        begin, end = _hooks(cbs, "train")
+        begin, end = batch_hooks(cbs, "train")
         if run is not None:
             iterator = run.iterator(epoch)
 
@@ -499,7 +345,7 @@ def _fit(
                 end(index, logs)
                 run.after_call(epoch, index + 1)
 
-        state, logs, done = _pass(
+        state, logs, done = run_pass(
             train_step,
             state,
             data,
@@ -518,7 +364,7 @@ def _fit(
                 f"The training data held no batch in epoch {epoch}"
                 + (" (the iterator ran out)." if steps_per_epoch else ".")
             )
-        epoch_logs = _floats(logs)
+        epoch_logs = floats(logs)
         if val_data is not None:
             val = _evaluate(state, val_data, eval_step, cbs)
             epoch_logs.update({f"val_{name}": value for name, value in val.items()})

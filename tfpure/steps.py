@@ -18,11 +18,8 @@ input signature) and runs the tutorial's loop body inside it:
   * eval: ``model(x, training=False)``; loss plus ``model.losses``; only
     `state.eval_metrics` change.
 
-Invariant of every train step: when the loss or a gradient is not finite, or
-the graph fails at run time (a label out of range, say), no model, optimizer
-or metric variable changes. Non-trainable model variables (BatchNorm
-statistics, Dropout's seed) move during the forward pass, so the step saves
-them first and puts them back.
+The graph functions themselves live in `tfpure.graph`; this module holds
+the factories, the options and the Python side of a call.
 """
 
 from __future__ import annotations
@@ -31,18 +28,11 @@ import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, Protocol
 
-import keras
 import numpy as np
 import tensorflow as tf
 
-from tfpure.batch import (
-    Batch,
-    as_model_loss,
-    batch_size,
-    check_batch,
-    check_batch_sizes,
-    unpack,
-)
+from tfpure.batch import Batch, as_model_loss, check_batch_sizes, unpack
+from tfpure.graph import MARK, CompiledStep, Logs
 from tfpure.state import TrainState
 
 __all__ = [
@@ -55,7 +45,6 @@ __all__ = [
     "make_train_step",
 ]
 
-Logs = dict[str, tf.Tensor]
 Nonfinite = Literal["raise", "skip"] | None
 
 
@@ -75,265 +64,6 @@ class GradTransform(Protocol):
 
 class NonFiniteError(FloatingPointError):
     """A training step met a non-finite loss or gradient; no variable changed."""
-
-
-_MARK = "tfpure.NonFinite"
-
-
-def metric_results(metrics: dict[str, keras.metrics.Metric]) -> Logs:
-    """The current value of each metric, dict-valued results flattened as Keras does."""
-    logs: Logs = {}
-    for name, metric in metrics.items():
-        result = metric.result()
-        if isinstance(result, dict):  # Keras flattens dict-valued metrics.
-            logs.update(result)
-        else:
-            logs[name] = result
-    return logs
-
-
-def _total_loss(model: keras.Model, loss: tf.Tensor) -> tf.Tensor:
-    # The tutorial's `loss += sum(model.losses)`; Keras `fit` sums the same terms.
-    extra = model.losses
-    return loss + sum(extra) if extra else loss
-
-
-class _Compiled:
-    """The graph functions of one step for one state.
-
-    Holds the state's fields, never the state itself, so that the step's
-    per-state cache (a `WeakKeyDictionary`) lets states die.
-
-    The hot path of a guarded train step adds as few ops as it can: one
-    finiteness test of ``loss + sum(sum(g) for g in grads)`` (non-finite if
-    any element is, or if the sum overflows), one `tf.cond`, and the save of
-    the non-trainable variables. What went wrong is recorded only on the
-    failure branch and read back in Python to explain the failure.
-    """
-
-    def __init__(self, step: Step, state: TrainState):
-        self.step_fn = step
-        self.model = state.model
-        self.optimizer = state.optimizer
-        self.counter = state.step
-        self.skipped = state.skipped
-        self.train = step.kind == "train"
-        self.guarded = self.train and step.nonfinite is not None
-        self.metrics = dict(state.metrics if self.train else state.eval_metrics)
-        self.trainable = list(state.model.trainable_variables)
-        self.loss_scaled = isinstance(state.optimizer, keras.optimizers.LossScaleOptimizer)
-        if self.guarded:
-            # Saved at the start of every step, put back if the step fails.
-            self.frozen = list(state.model.non_trainable_variables)
-            self.shadows = [
-                tf.Variable(v.value, trainable=False, name="tfpure_shadow") for v in self.frozen
-            ]
-            self.armed = tf.Variable(False, trainable=False, name="tfpure_armed")
-            # What the last failed step saw; read only to explain the failure.
-            self.bad_loss = tf.Variable(0.0, trainable=False, name="tfpure_bad_loss")
-            self.bad_grads = tf.Variable(
-                tf.ones([len(self.trainable)], tf.bool), trainable=False, name="tfpure_bad_grads"
-            )
-        one = self._train_one if self.train else self._eval_one
-        if step.jit_compile:
-            one = tf.function(one, jit_compile=True, reduce_retracing=True)
-        self.one = one
-        # Exact signatures: `Step.__call__` traces a batch-size-free signature
-        # first, which every later batch size dispatches to. (Relaxing shapes
-        # by reduce_retracing would also relax feature sizes past the checks.)
-        self.on_batch = tf.function(self._on_batch, autograph=False)
-        self.relaxed = False
-        self.on_iterator = tf.function(self._on_iterator, reduce_retracing=True, autograph=False)
-
-    # -- one step, possibly under XLA ---------------------------------------
-
-    def _train_one(self, batch: Batch) -> tf.Tensor:
-        """One training step; returns whether it was applied."""
-        x, y, sample_weight = unpack(batch)
-        check_batch(self.model, x, y, sample_weight)
-        saves = []
-        if self.guarded:
-            saves = [self.armed.assign(True)]
-            saves += [s.assign(v.value) for s, v in zip(self.shadows, self.frozen, strict=True)]
-        with tf.control_dependencies(saves), tf.GradientTape() as tape:
-            loss, y_pred = self.step_fn.model_loss(self.model, batch, True)
-            loss = _total_loss(self.model, loss)
-            scaled = self.optimizer.scale_loss(loss)
-        grads = tape.gradient(scaled, self.trainable)
-        if self.step_fn.grad_transform is not None:
-            grads = self._transform(grads)
-        present = [g for g in grads if g is not None]
-        if not present:
-            raise ValueError(
-                f"No gradient reaches any trainable variable of {self.model.name!r}: "
-                "the loss does not depend on the model's weights."
-            )
-        self._check_metrics(y_pred)
-
-        def commit() -> tf.Tensor:
-            self.optimizer.apply_gradients(zip(grads, self.trainable, strict=True))
-            self._update_metrics(loss, x, y, y_pred, sample_weight)
-            self.counter.assign_add(1)
-            return tf.constant(True)
-
-        if not self.guarded:  # The hand-written loop: apply whatever came out.
-            return commit()
-
-        total = tf.cast(loss, tf.float32)
-        if not self.loss_scaled:  # LossScaleOptimizer skips overflowing steps itself.
-            total += tf.add_n([tf.cast(tf.reduce_sum(g), tf.float32) for g in present])
-
-        def revert() -> tf.Tensor:
-            for s, v in zip(self.shadows, self.frozen, strict=True):
-                v.assign(s)
-            self.bad_loss.assign(tf.cast(loss, tf.float32))
-            self.bad_grads.assign(
-                tf.stack(
-                    [
-                        tf.constant(True) if g is None else tf.reduce_all(tf.math.is_finite(g))
-                        for g in grads
-                    ]
-                )
-            )
-            if self.step_fn.nonfinite == "skip":
-                self.counter.assign_add(1)
-                self.skipped.assign_add(1)
-            return tf.constant(False)
-
-        done = tf.cond(tf.math.is_finite(total), commit, revert)
-        with tf.control_dependencies([done]):
-            disarm = self.armed.assign(False)
-        with tf.control_dependencies([disarm]):
-            return tf.identity(done)
-
-    def _update_metrics(
-        self, loss: tf.Tensor, x: Any, y: Any, y_pred: Any, sample_weight: Any
-    ) -> None:
-        # As Keras `fit`: the loss tracker is weighted by batch size, so an
-        # epoch's loss is a per-example mean even with a ragged last batch.
-        self.metrics["loss"].update_state(loss, sample_weight=batch_size(x))
-        for name, metric in self.metrics.items():
-            if name != "loss":
-                metric.update_state(y, y_pred, sample_weight=sample_weight)
-
-    def _transform(self, grads: list[Any]) -> list[Any]:
-        transform = self.step_fn.grad_transform
-        if not self.loss_scaled:
-            return list(transform(list(grads), self.trainable))
-        # The transform sees true gradients; LossScaleOptimizer unscales later.
-        scale = self.optimizer.dynamic_scale
-        unscaled = [None if g is None else g / scale for g in grads]
-        return [None if g is None else g * scale for g in transform(unscaled, self.trainable)]
-
-    def _eval_one(self, batch: Batch) -> tf.Tensor:
-        x, y, sample_weight = unpack(batch)
-        check_batch(self.model, x, y, sample_weight)
-        loss, y_pred = self.step_fn.model_loss(self.model, batch, False)
-        loss = _total_loss(self.model, loss)
-        self._check_metrics(y_pred)
-        # Nothing is counted unless the whole batch was scored.
-        with tf.control_dependencies([loss]):
-            self._update_metrics(loss, x, y, y_pred, sample_weight)
-        return tf.constant(True)
-
-    def _check_metrics(self, y_pred: Any) -> None:
-        if y_pred is None and len(self.metrics) > 1:
-            raise ValueError(
-                "The loss function returned y_pred=None, but the metrics "
-                f"{sorted(set(self.metrics) - {'loss'})} need predictions: "
-                "return (loss, y_pred)."
-            )
-
-    # -- graph entry points ---------------------------------------------------
-
-    def _guard(self, ok: tf.Tensor) -> list:
-        """In "raise" mode, fails the call if a step was not applied."""
-        if self.train and self.step_fn.nonfinite == "raise":
-            return [tf.debugging.Assert(ok, [_MARK])]
-        return []
-
-    def _on_batch(self, batch: Batch) -> Logs:
-        self.step_fn._traces += 1
-        ok = self.one(batch)
-        with tf.control_dependencies(self._guard(ok)):
-            return self._logs()
-
-    def _on_iterator(self, iterator: Any, k: tf.Tensor) -> tuple[tf.Tensor, Logs]:
-        self.step_fn._traces += 1
-        stop_on_failure = self.train and self.step_fn.nonfinite == "raise"
-
-        def cond(i: tf.Tensor, ok: tf.Tensor, more: tf.Tensor) -> tf.Tensor:
-            keep = tf.logical_and(i < k, more)
-            return tf.logical_and(keep, ok) if stop_on_failure else keep
-
-        def body(i: tf.Tensor, ok: tf.Tensor, more: tf.Tensor) -> tuple:
-            optional = iterator.get_next_as_optional()
-            return tf.cond(
-                optional.has_value(),
-                lambda: (i + 1, self.one(optional.get_value()), tf.constant(True)),
-                lambda: (i, ok, tf.constant(False)),
-            )
-
-        start = (tf.constant(0), tf.constant(True), tf.constant(True))
-        if self.step_fn.steps_per_call == 1:  # Straight-line: no loop machinery.
-            i, ok, _ = body(*start)
-        else:
-            i, ok, _ = tf.while_loop(cond, body, start)
-        with tf.control_dependencies(self._guard(ok)):
-            return tf.identity(i), self._logs()
-
-    def epoch_runner(self, iterator: Any) -> Callable[[tf.Tensor], tuple[tf.Tensor, Logs]]:
-        """A caller of the iterator function bound to one iterator (one epoch).
-
-        A `tf.function` call spends most of its time on dispatch when the
-        step is small: it hashes the iterator's type (its whole element
-        spec) on every call. The iterator and its signature are fixed for an
-        epoch, so the runner resolves the concrete function once and then
-        feeds it flat tensors. Under `run_functions_eagerly`, or inside
-        another graph, it falls back to the ordinary call.
-        """
-        if tf.config.functions_run_eagerly() or not tf.executing_eagerly():
-            return lambda limit: self.on_iterator(iterator, limit)
-        concrete = self.on_iterator.get_concrete_function(iterator, tf.TensorSpec([], tf.int32))
-        call_flat = getattr(concrete, "_call_flat", None)
-        if call_flat is None:  # Not this TensorFlow's internals: the public path.
-            return lambda limit: concrete(iterator, limit)
-        inputs = tf.nest.flatten(iterator, expand_composites=True)
-        captured = concrete.captured_inputs
-        return lambda limit: call_flat([*inputs, limit], captured)
-
-    def _logs(self) -> Logs:
-        logs = metric_results(self.metrics)
-        if self.train and self.step_fn.nonfinite == "skip":
-            logs["skipped"] = tf.identity(self.skipped.value())
-        return logs
-
-    # -- recovery -------------------------------------------------------------
-
-    def recover(self) -> None:
-        """After a failed call: puts back what the failed step moved."""
-        if self.guarded and bool(self.armed.numpy()):
-            for s, v in zip(self.shadows, self.frozen, strict=True):
-                v.assign(s)
-            self.armed.assign(False)
-
-    def explain_failure(self) -> str:
-        """Says what the last non-finite step saw (read from the failure record)."""
-        flags = self.bad_grads.numpy()
-        bad = [v.path for v, ok in zip(self.trainable, flags, strict=True) if not ok]
-        grads = (
-            f"non-finite gradients of {bad}"
-            if bad
-            else "every gradient finite, but their sum overflowed"
-            if np.isfinite(self.bad_loss.numpy())
-            else "gradients not inspected past the loss"
-            if self.loss_scaled
-            else "every gradient finite"
-        )
-        return (
-            f"at step {int(self.counter.numpy())} (0-based) the loss was "
-            f"{float(self.bad_loss.numpy())}; {grads}"
-        )
 
 
 class Step:
@@ -382,13 +112,13 @@ class Step:
             raise ValueError(f"`nonfinite` must be 'raise', 'skip' or None; got {nonfinite!r}.")
         self.nonfinite = nonfinite
         self.grad_transform = _chain(grad_transform)
-        self._compiled: weakref.WeakKeyDictionary[TrainState, _Compiled] = (
+        self._compiled: weakref.WeakKeyDictionary[TrainState, CompiledStep] = (
             weakref.WeakKeyDictionary()
         )
         self._traces = 0
         self._limits: dict[int, tf.Tensor] = {}
 
-    def _for(self, state: TrainState) -> _Compiled:
+    def _for(self, state: TrainState) -> CompiledStep:
         if not isinstance(state, TrainState):
             raise TypeError(
                 f"A tfpure step takes a TrainState first; got {type(state).__name__}. "
@@ -396,7 +126,7 @@ class Step:
             )
         compiled = self._compiled.get(state)
         if compiled is None:
-            compiled = self._compiled[state] = _Compiled(self, state)
+            compiled = self._compiled[state] = CompiledStep(self, state)
         return compiled
 
     def __call__(self, state: TrainState, batch: Batch) -> tuple[TrainState, Logs]:
@@ -508,12 +238,12 @@ def _relaxed_signature(batch: Batch) -> Any:
     return tf.nest.map_structure(relax, batch)
 
 
-def _run(compiled: _Compiled, fn: Callable[..., Any], *args: Any) -> Any:
+def _run(compiled: CompiledStep, fn: Callable[..., Any], *args: Any) -> Any:
     try:
         return fn(*args)
     except tf.errors.OpError as err:
         compiled.recover()
-        if _MARK in err.message:
+        if MARK in err.message:
             raise NonFiniteError(
                 f"{compiled.explain_failure()}. No variable changed. Pass "
                 "nonfinite='skip' to make_train_step to skip such batches instead."

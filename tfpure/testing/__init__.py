@@ -1,21 +1,28 @@
 """tfpure.testing: property tests for your own training code.
 
-Assertions (`properties`) take your model, loss, steps and batches and raise
-`AssertionError` with what differed and where; Hypothesis strategies
-(`strategies`) draw small models and ragged batches to feed them. Requires
-the ``test`` extra (``pip install "tfpure[test]"``) for Hypothesis.
+Assertions take your model, loss, steps and batches and raise
+`AssertionError` with what differed and where:
+
+  * `properties`: one model or step (gradients vs finite differences, the
+    training flag, a pure eval step);
+  * `equivalence`: the same training run two ways (graph vs eager, fused vs
+    one step per call);
+  * `tracing`: how often a step compiles.
+
+Hypothesis strategies (`strategies`) draw small models and ragged batches to
+feed them. Requires the ``test`` extra (``pip install "tfpure[test]"``).
 """
 
 from tfpure.testing import strategies
+from tfpure.testing.equivalence import assert_fused_matches_sequential, assert_graph_matches_eager
 from tfpure.testing.properties import (
     assert_eval_step_pure,
-    assert_fused_matches_sequential,
     assert_gradients_match_numeric,
-    assert_graph_matches_eager,
-    assert_no_retrace,
     assert_training_flag_respected,
     snapshot,
+    state_variables,
 )
+from tfpure.testing.tracing import assert_no_retrace, count_traces
 
 __all__ = [
     "assert_eval_step_pure",
@@ -24,6 +31,8 @@ __all__ = [
     "assert_graph_matches_eager",
     "assert_no_retrace",
     "assert_training_flag_respected",
+    "count_traces",
     "snapshot",
+    "state_variables",
     "strategies",
 ]

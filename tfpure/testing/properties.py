@@ -1,4 +1,4 @@
-"""Property assertions for training code: call them on your own models and steps.
+"""Property assertions about one model or one step: call them on your own code.
 
 Synopsis::
 
@@ -6,8 +6,6 @@ Synopsis::
     tpt.assert_gradients_match_numeric(model, loss, (x, y))
     tpt.assert_training_flag_respected(model, (x, y))
     tpt.assert_eval_step_pure(eval_step, state, (x, y))
-    tpt.assert_graph_matches_eager(make_state, train_step, batches)
-    tpt.assert_no_retrace(train_step, state, batches, max_traces=2)
 
 Each assertion raises `AssertionError` saying what differed and where (which
 variable, which output, by how much), and leaves the objects it was given as
@@ -16,8 +14,7 @@ it found them unless the check itself is about changing them.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import keras
@@ -29,12 +26,10 @@ from tfpure.state import TrainState
 
 __all__ = [
     "assert_eval_step_pure",
-    "assert_fused_matches_sequential",
     "assert_gradients_match_numeric",
-    "assert_graph_matches_eager",
-    "assert_no_retrace",
     "assert_training_flag_respected",
     "snapshot",
+    "state_variables",
 ]
 
 _DROPOUT_LIKE = (
@@ -67,7 +62,8 @@ def snapshot(variables: Iterable[Any]) -> dict[str, np.ndarray]:
     return out
 
 
-def _state_variables(state: TrainState) -> dict[str, list[Any]]:
+def state_variables(state: TrainState) -> dict[str, list[Any]]:
+    """A state's variables by group: model, optimizer, training metrics, counters."""
     return {
         "model": list(state.model.variables),
         "optimizer": list(state.optimizer.variables),
@@ -111,7 +107,7 @@ def assert_eval_step_pure(eval_step: Callable[..., Any], state: TrainState, batc
       >>> batch = (np.ones((4, 3), "float32"), np.zeros((4, 3), "float32"))
       >>> tpt.assert_eval_step_pure(tp.make_eval_step("mse"), state, batch)
     """
-    groups = _state_variables(state)
+    groups = state_variables(state)
     before = {g: snapshot(vs) for g, vs in groups.items()}
     eval_step(state, batch)
     changed = [
@@ -294,192 +290,4 @@ def assert_gradients_match_numeric(
         raise AssertionError(
             f"Tape gradients differ from central finite differences (eps={eps}, "
             f"rtol={rtol}, atol={atol}):\n  " + "\n  ".join(failures[:10])
-        )
-
-
-def _run(step: Callable[..., Any], state: Any, batches: Iterable[Any]) -> tuple[Any, list[Any]]:
-    logs = []
-    for batch in batches:
-        state, out = step(state, batch)
-        logs.append({k: np.asarray(v) for k, v in out.items()})
-    return state, logs
-
-
-@contextlib.contextmanager
-def _eagerly() -> Iterator[None]:
-    previous = tf.config.functions_run_eagerly()
-    tf.config.run_functions_eagerly(True)
-    try:
-        yield
-    finally:
-        tf.config.run_functions_eagerly(previous)
-
-
-def _compare(
-    what: str,
-    a: dict[str, np.ndarray],
-    b: dict[str, np.ndarray],
-    rtol: float,
-    atol: float,
-) -> list[str]:
-    out = []
-    if len(a) != len(b):
-        return [f"{what}: {len(a)} variables against {len(b)}"]
-    for (name, x), y in zip(a.items(), b.values(), strict=True):
-        if x.dtype.kind in "fc":
-            ok = np.allclose(x, y, rtol=rtol, atol=atol, equal_nan=True)
-        else:
-            ok = np.array_equal(x, y)
-        if not ok:
-            delta = np.max(np.abs(x.astype("float64") - y.astype("float64")))
-            out.append(f"{what} {name}: max |graph - eager| = {delta:.3g}")
-    return out
-
-
-def assert_graph_matches_eager(
-    make_state: Callable[[], TrainState],
-    step: Callable[..., Any],
-    batches: Sequence[Any],
-    *,
-    rtol: float = 1e-5,
-    atol: float = 1e-6,
-) -> None:
-    """Asserts that `step` gives the same variables and logs compiled and run eagerly.
-
-    `make_state()` is called twice and must return identically initialised
-    states (same weights, same seeds). One runs `step` over `batches` as
-    compiled; the other under ``tf.config.run_functions_eagerly(True)``. Python
-    state frozen into a graph at trace time (a counter, a list, a random draw
-    made in Python) shows up as a difference.
-
-    Raises:
-      AssertionError: naming each variable or log entry that differs.
-
-    Example:
-      >>> import keras, numpy as np, tfpure as tp
-      >>> from tfpure import testing as tpt
-      >>> def make_state():
-      ...     keras.utils.set_random_seed(0)
-      ...     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2),
-      ...                               keras.layers.Dropout(0.5)])
-      ...     return tp.TrainState.create(model=model, optimizer=keras.optimizers.Adam())
-      >>> batches = [(np.ones((4, 3), "float32"), np.zeros((4, 2), "float32"))] * 3
-      >>> tpt.assert_graph_matches_eager(make_state, tp.make_train_step("mse"), batches)
-    """
-    batches = list(batches)
-    graph_state, graph_logs = _run(step, make_state(), batches)
-    eager_state = make_state()
-    with _eagerly():
-        eager_state, eager_logs = _run(step, eager_state, batches)
-    problems = []
-    for group, graph_vars in _state_variables(graph_state).items():
-        eager_vars = _state_variables(eager_state)[group]
-        problems += _compare(group, snapshot(graph_vars), snapshot(eager_vars), rtol, atol)
-    for i, (g, e) in enumerate(zip(graph_logs, eager_logs, strict=True)):
-        if set(g) != set(e):
-            problems.append(f"logs of batch {i}: keys {sorted(g)} vs {sorted(e)}")
-        else:
-            problems += _compare(f"logs of batch {i}", g, e, rtol, atol)
-    if problems:
-        raise AssertionError(
-            "The compiled step and the same step run eagerly disagree:\n  "
-            + "\n  ".join(problems[:20])
-        )
-
-
-def assert_no_retrace(
-    step: Any, state: Any, batches: Iterable[Any], *, max_traces: int = 2
-) -> None:
-    """Asserts that running `step` over `batches` traces at most `max_traces` times.
-
-    `step` must report its traces through ``experimental_get_tracing_count()``,
-    as a `tf.function` and a tfpure `Step` do. Batches of varying size should
-    cost at most two traces (the first shape, then one relaxed shape).
-
-    Raises:
-      AssertionError: with the number of traces seen.
-
-    Example:
-      >>> import keras, numpy as np, tfpure as tp
-      >>> from tfpure import testing as tpt
-      >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
-      >>> state = tp.TrainState.create(model=model, optimizer=keras.optimizers.SGD())
-      >>> batches = [(np.ones((n, 3), "float32"), np.ones((n, 1), "float32")) for n in (4, 3, 2, 1)]
-      >>> tpt.assert_no_retrace(tp.make_train_step("mse"), state, batches, max_traces=2)
-    """
-    count = getattr(step, "experimental_get_tracing_count", None)
-    if count is None:
-        raise TypeError(
-            f"{step!r} does not report traces: wrap it in tf.function or pass a tfpure Step."
-        )
-    before = count()
-    n = 0
-    for batch in batches:
-        state, _ = step(state, batch)
-        n += 1
-    traces = count() - before
-    if traces > max_traces:
-        raise AssertionError(
-            f"The step traced {traces} times over {n} batches (allowed {max_traces}): "
-            "a Python value or a changing shape enters the signature. Use tensors, "
-            "or let shapes relax (reduce_retracing=True)."
-        )
-
-
-def assert_fused_matches_sequential(
-    make_state: Callable[[], TrainState],
-    make_step: Callable[[int], Any],
-    data: tf.data.Dataset,
-    *,
-    steps_per_call: int,
-    epochs: int = 2,
-    rtol: float = 0.0,
-    atol: float = 0.0,
-) -> None:
-    """Asserts that fusing `steps_per_call` steps per graph call changes no result.
-
-    Trains two identically initialised states (`make_state()` twice) with
-    `fit_loop` for `epochs` epochs, validating on `data`: one with
-    ``make_step(1)``, one with ``make_step(steps_per_call)``. Variables and the
-    whole history must agree (bit for bit by default).
-
-    Raises:
-      AssertionError: naming what differs.
-
-    Example:
-      >>> import keras, tensorflow as tf, tfpure as tp
-      >>> from tfpure import testing as tpt
-      >>> def make_state():
-      ...     keras.utils.set_random_seed(0)
-      ...     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
-      ...     return tp.TrainState.create(model=model, optimizer=keras.optimizers.Adam())
-      >>> data = tf.data.Dataset.from_tensor_slices((tf.ones((10, 3)), tf.ones((10, 1)))).batch(3)
-      >>> tpt.assert_fused_matches_sequential(
-      ...     make_state, lambda k: tp.make_train_step("mse", steps_per_call=k), data,
-      ...     steps_per_call=3)
-    """
-    from tfpure.loop import fit_loop
-
-    results = []
-    for k in (1, steps_per_call):
-        state = make_state()
-        state, history = fit_loop(
-            state, data, make_step(k), epochs=epochs, val_data=data, verbose=0
-        )
-        results.append((state, history))
-    (one, one_history), (fused, fused_history) = results
-    problems = []
-    for group, one_vars in _state_variables(one).items():
-        fused_vars = _state_variables(fused)[group]
-        problems += _compare(group, snapshot(one_vars), snapshot(fused_vars), rtol, atol)
-    if sorted(one_history) != sorted(fused_history):
-        problems.append(f"history keys {sorted(one_history)} vs {sorted(fused_history)}")
-    else:
-        for name, values in one_history.items():
-            if not np.allclose(values, fused_history[name], rtol=rtol, atol=atol):
-                problems.append(f"history {name}: {values} vs {fused_history[name]}")
-    if problems:
-        raise AssertionError(
-            f"steps_per_call={steps_per_call} differs from one step per call:\n  "
-            + "\n  ".join(problems[:20])
         )

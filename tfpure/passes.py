@@ -1,0 +1,183 @@
+"""One pass of a step over data: the engine under `fold`, `evaluate` and `fit_loop`.
+
+`run_pass` pulls batches from a `tf.data` dataset inside the graph,
+`steps_per_call` at a time, when the step is a tfpure `Step`, and calls any
+other step once per batch in Python. Around each call it fires the batch
+hooks of Keras callbacks, but only the hooks some callback listens to.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+from tfpure.graph import Logs
+from tfpure.state import TrainState
+from tfpure.steps import Step, StepFn
+
+BatchHook = Callable[[int], None]
+LogsHook = Callable[[int, Any], None]
+
+
+def no_begin(index: int) -> None:
+    del index
+
+
+def no_end(index: int, logs: Any) -> None:
+    del index, logs
+
+
+def never() -> bool:
+    return False
+
+
+_END = object()
+
+
+def check_data(data: Any, argument: str) -> None:
+    if isinstance(data, tf.data.Dataset):
+        if int(data.cardinality()) == 0:
+            raise ValueError(f"`{argument}` held no batch: the dataset is empty.")
+        if int(data.cardinality()) == tf.data.INFINITE_CARDINALITY:
+            raise ValueError(
+                f"`{argument}` is an infinite dataset (it repeats forever); pass "
+                "`steps_per_epoch=` to fit_loop, or take a finite part with "
+                "dataset.take(n)."
+            )
+        return
+    if isinstance(data, tuple) or not isinstance(data, Iterable):
+        raise TypeError(
+            f"`{argument}` must be a tf.data.Dataset or an iterable of batches; got "
+            f"{type(data).__name__}. For arrays, use "
+            "tf.data.Dataset.from_tensor_slices((x, y)).batch(32)."
+        )
+
+
+def num_batches(data: Any) -> int | None:
+    if isinstance(data, tf.data.Dataset):
+        n = int(data.cardinality())
+        return n if n >= 0 else None
+    try:
+        return len(data)
+    except TypeError:
+        return None
+
+
+def run_pass(
+    step: StepFn,
+    state: Any,
+    data: Any,
+    *,
+    iterator: Any = None,
+    start: int = 0,
+    max_steps: int | None = None,
+    hooks: tuple[BatchHook, LogsHook] = (no_begin, no_end),
+    stop: Callable[[], bool] = never,
+    cap: Callable[[int], int | None] | None = None,
+    endless: bool = False,
+) -> tuple[Any, Logs | None, int]:
+    """Runs `step` over `data` (or `iterator`); returns state, last logs, steps done.
+
+    Steps are counted from `start` (a resumed epoch) up to `max_steps`. With a
+    tfpure `Step` and a dataset, batches are pulled in-graph,
+    `steps_per_call` per call, and ``cap(done)`` may cut a call short (to
+    land on a checkpoint). The number of steps a call ran is read back only
+    when it is not known beforehand (unknown cardinality, an iterator that
+    may run out), so a known-size epoch needs no per-call host read.
+    """
+    begin, end = hooks
+    logs: Logs | None = None
+    done = start
+    in_graph = iterator is not None or isinstance(data, tf.data.Dataset)
+    if isinstance(step, Step) and in_graph:
+        # Steps in the epoch, if known: then no call's step count is read back.
+        known = num_batches(data) if iterator is None else None
+        limit = known if max_steps is None else max_steps
+        if iterator is None:
+            iterator = iter(data)
+        run = step._epoch(state, iterator)
+        while limit is None or done < limit:
+            begin(done)
+            want = step.steps_per_call
+            if limit is not None:
+                want = min(want, limit - done)
+            if cap is not None:
+                want = min(want, cap(done) or want)
+            out, ran = run(want)
+            if known is None and not endless:
+                ran = int(ran)
+                if ran == 0:
+                    break
+            else:
+                ran = want
+            logs, done = out, done + ran
+            end(done - 1, logs)
+            if stop():
+                break
+        return state, logs, done
+    batches = iter(data) if iterator is None else iterator
+    while max_steps is None or done < max_steps:
+        batch = next(batches, _END)
+        if batch is _END:
+            break
+        begin(done)
+        state, logs = step(state, batch)
+        done += 1
+        end(done - 1, logs)
+        if stop():
+            break
+    return state, logs, done
+
+
+def callback_list(
+    callbacks: Sequence[keras.callbacks.Callback],
+    model: keras.Model,
+    **params: Any,
+) -> keras.callbacks.CallbackList:
+    callbacks = list(callbacks or ())
+    for cb in callbacks:
+        if not isinstance(cb, keras.callbacks.Callback):
+            raise TypeError(
+                "`callbacks` must hold keras.callbacks.Callback instances; got "
+                f"{type(cb).__name__}."
+            )
+    return keras.callbacks.CallbackList(callbacks, model=model, **params)
+
+
+# Which callback methods a batch hook reaches (Keras' train hooks fall back
+# to the legacy `on_batch_*` methods).
+_LISTENERS = {
+    "train": (("on_train_batch_begin", "on_batch_begin"), ("on_train_batch_end", "on_batch_end")),
+    "test": (("on_test_batch_begin",), ("on_test_batch_end",)),
+}
+
+
+def batch_hooks(cbs: keras.callbacks.CallbackList, mode: str) -> tuple[BatchHook, LogsHook]:
+    """The batch hooks to call for `mode`: none when no callback overrides them.
+
+    Calling `CallbackList` hooks costs a thread-pool dispatch and a NumPy
+    copy of the logs per call; with no callback listening (``verbose=0``,
+    epoch-level callbacks only) the loop skips them.
+    """
+
+    def listens(names: tuple[str, ...]) -> bool:
+        base = keras.callbacks.Callback
+        return any(
+            getattr(type(cb), name) is not getattr(base, name)
+            for cb in cbs.callbacks
+            for name in names
+        )
+
+    begin_names, end_names = _LISTENERS[mode]
+    begin = getattr(cbs, f"on_{mode}_batch_begin") if listens(begin_names) else no_begin
+    end = getattr(cbs, f"on_{mode}_batch_end") if listens(end_names) else no_end
+    return begin, end
+
+
+def prepare(step: StepFn, state: TrainState, data: Any) -> None:
+    """Runs a tfpure step's trace-time checks on `data`'s batches before anything changes."""
+    if isinstance(step, Step) and isinstance(data, tf.data.Dataset):
+        step._prepare(state, data.element_spec)

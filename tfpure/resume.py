@@ -1,0 +1,212 @@
+"""Resuming a checkpointed `fit_loop` run exactly: position, replay, save points, SIGTERM.
+
+`fit_loop(..., checkpoint=ckpt)` drives its epochs through a `Run`: it
+restores the newest good checkpoint, rebuilds the data iterator at the saved
+position by replay, tells the loop when to save, and turns SIGTERM into a
+save followed by `Preempted`.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from typing import Any
+
+import tensorflow as tf
+
+from tfpure.checkpoint import Checkpointer, CheckpointError
+from tfpure.state import TrainState
+
+__all__ = ["Preempted", "Run"]
+
+
+class Preempted(SystemExit):
+    """`fit_loop` received SIGTERM, finished its step and saved; the process should end.
+
+    A `SystemExit` with code 143 (128 + SIGTERM): left uncaught, the process
+    exits quietly with that code; run the same command again to resume.
+    """
+
+    def __init__(self, path: str):
+        super().__init__(143)
+        self.path = path
+
+
+def _unreplayable(data: tf.data.Dataset) -> str | None:
+    """Why `data` might not yield the same batches when rebuilt, or None.
+
+    A resumed run replays the data to its position, so the pipeline must be
+    a pure function of its seeds: no state outside TensorFlow (py_function,
+    from_generator, stateful random ops in `map`) and no unseeded shuffle.
+    """
+    serialize = getattr(data, "_as_serialized_graph", None)
+    if serialize is None:  # Not this TensorFlow's internals: no check.
+        return None
+    try:
+        graph = serialize(external_state_policy=tf.data.experimental.ExternalStatePolicy.FAIL)
+    except tf.errors.OpError:
+        return (
+            "it holds state outside TensorFlow (tf.py_function, Dataset.from_generator, "
+            "or stateful random ops such as tf.random.uniform inside map)"
+        )
+    graph_def = tf.compat.v1.GraphDef()
+    graph_def.ParseFromString(graph.numpy())
+    nodes = {node.name: node for node in graph_def.node}
+
+    def const(name: str) -> int | None:
+        node = nodes.get(name.split(":")[0].lstrip("^"))
+        if node is None or node.op != "Const":
+            return None
+        return int(tf.make_ndarray(node.attr["value"].tensor))
+
+    for node in graph_def.node:
+        if (
+            node.op.startswith("ShuffleDataset")
+            and const(node.input[2]) == const(node.input[3]) == 0
+        ):
+            return "it shuffles without a seed (pass shuffle(..., seed=...))"
+    return None
+
+
+@tf.function(autograph=False)
+def _skip(iterator: Any, n: tf.Tensor) -> tf.Tensor:
+    """Pulls `n` batches from `iterator` in one graph call; returns how many there were."""
+
+    def body(i: tf.Tensor) -> tuple[tf.Tensor]:
+        return (i + tf.cast(iterator.get_next_as_optional().has_value(), tf.int32),)
+
+    return tf.while_loop(lambda i: i < n, body, (tf.constant(0),))[0]
+
+
+class Run:
+    """`fit_loop`'s view of a checkpointed run: where to start, when to save.
+
+    The data iterator is not saved: TensorFlow's iterator checkpoints do not
+    restore reshuffle seeds exactly near the end of an epoch. The run saves
+    its position (epoch, step in the epoch) and rebuilds the iterator by
+    replay: it creates the past epochs' iterators (which draws their
+    reshuffle seeds, as the interrupted run did) without reading them, then
+    pulls the current epoch's finished batches in-graph without training on
+    them. With ``steps_per_epoch`` (one iterator over the repeated data) the
+    replay pulls every batch of the run so far. This needs a pipeline that is
+    a pure function of its seeds, which `_unreplayable` checks up front.
+    """
+
+    def __init__(
+        self,
+        ckpt: Checkpointer,
+        state: TrainState,
+        data: tf.data.Dataset,
+        steps_per_epoch: int | None,
+    ):
+        if not isinstance(data, tf.data.Dataset):
+            raise TypeError(
+                "Checkpointed training needs `data` as a tf.data.Dataset: a resumed run "
+                f"replays it to the saved position. Got {type(data).__name__}."
+            )
+        cardinality = int(data.cardinality())
+        if steps_per_epoch is None and cardinality < 1:
+            raise ValueError(
+                "Checkpointed training needs the epoch length: the dataset's cardinality "
+                "is unknown or infinite. Pass steps_per_epoch=, or declare it with "
+                "dataset.apply(tf.data.experimental.assert_cardinality(n))."
+            )
+        reason = _unreplayable(data)
+        if reason:
+            raise CheckpointError(
+                "The training data cannot be checkpointed: a resumed run replays it to the "
+                f"saved position, but {reason}, so the replay could differ from the run "
+                "it resumes. Build it from seeded TensorFlow ops, or train without a "
+                "Checkpointer."
+            )
+        self.ckpt, self.state, self.data = ckpt, state, data
+        self.stream = steps_per_epoch is not None
+        self.steps_per_epoch = steps_per_epoch or cardinality
+        self.path = ckpt.restore(state)
+        if self.path is None:
+            ckpt.epoch.assign(0)
+            ckpt.epoch_step.assign(0)
+            ckpt.record({})
+        self.first_epoch = int(ckpt.epoch.numpy())
+        self.first_step = int(ckpt.epoch_step.numpy())
+        self.prior = ckpt.recorded_history()
+        self._stream: Any = None
+        self.preempted = False
+        self._previous_handler: Any = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        del signum, frame
+        self.preempted = True
+
+    def start(self, epoch: int) -> int:
+        """Steps already done in `epoch` (non-zero only for a resumed epoch)."""
+        return self.first_step if epoch == self.first_epoch else 0
+
+    def iterator(self, epoch: int) -> Any:
+        """The data iterator for `epoch`, positioned where the run resumes."""
+        if self.stream:
+            if self._stream is None:
+                source = self.data
+                if int(source.cardinality()) != tf.data.INFINITE_CARDINALITY:
+                    source = source.repeat()
+                self._stream = iter(source)
+                done = self.first_epoch * self.steps_per_epoch + self.first_step
+                self._replay(self._stream, done)
+            return self._stream
+        if epoch == self.first_epoch:
+            for _ in range(epoch):
+                iter(self.data)  # draws that epoch's reshuffle seeds
+        iterator = iter(self.data)
+        self._replay(iterator, self.start(epoch))
+        return iterator
+
+    @staticmethod
+    def _replay(iterator: Any, n: int) -> None:
+        if n and int(_skip(iterator, tf.constant(n, tf.int32))) != n:
+            raise CheckpointError(
+                f"The training data ran out while replaying {n} batches to the saved "
+                "position: it is not the data the checkpointed run was trained on."
+            )
+
+    def steps_to_save(self, epoch: int, done: int) -> int | None:
+        """Steps from here to the next step-based save, to cut fused calls short."""
+        every = self.ckpt.save_every_steps
+        if every is None:
+            return None
+        position = epoch * self.steps_per_epoch + done
+        return every - position % every
+
+    def after_call(self, epoch: int, done: int) -> None:
+        """Saves on a step-based boundary; on SIGTERM, saves and raises `Preempted`."""
+        every = self.ckpt.save_every_steps
+        position = epoch * self.steps_per_epoch + done
+        if self.preempted or (every is not None and position % every == 0):
+            self.ckpt.epoch_step.assign(done)
+            self._save(f"after step {done} of epoch {epoch}")
+
+    def end_epoch(self, epoch: int, history: dict[str, list[float]], last: bool) -> None:
+        """Records the finished epoch and saves if it is a save point."""
+        self.ckpt.epoch.assign(epoch + 1)
+        self.ckpt.epoch_step.assign(0)
+        self.ckpt.record(history)
+        every = self.ckpt.save_every_epochs
+        if last or self.preempted or (every is not None and (epoch + 1) % every == 0):
+            self._save(f"at the end of epoch {epoch}")
+
+    def _save(self, where: str) -> None:
+        path = self.ckpt.save(self.state)
+        if self.preempted:
+            print(
+                f"tfpure: SIGTERM received; saved {path} {where}. Run the same command "
+                "again to resume.",
+                file=sys.stderr,
+            )
+            raise Preempted(path)
+
+    def close(self) -> None:
+        if self._previous_handler is not None:
+            signal.signal(signal.SIGTERM, self._previous_handler)
+            self._previous_handler = None
