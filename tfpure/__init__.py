@@ -10,6 +10,7 @@ The hand-written TensorFlow loop (GradientTape, ``apply_gradients``, metric
     state, history = tp.fit_loop(state, train_ds, train_step, epochs=5, val_data=val_ds)
 """
 
+from tfpure import transforms
 from tfpure.batch import LossFn, ModelLossFn
 from tfpure.checkpoint import Checkpointer, CheckpointError
 from tfpure.loop import evaluate, fit_loop, fold
@@ -44,4 +45,5 @@ __all__ = [
     "fold",
     "make_eval_step",
     "make_train_step",
+    "transforms",
 ]

@@ -8,6 +8,7 @@ Synopsis::
     @given(spec=tps.model_specs(), data=tps.batch_lists(tps.model_specs()))
     ...
 
+Batches are drawn for a `ModelSpec` or for any ``dataset.element_spec``.
 Models are drawn as `ModelSpec` values (small, printable, shrinkable
 descriptions) and built on demand with `ModelSpec.build(seed)`, because a Keras
 model is a mutable object Hypothesis cannot show or shrink. Arrays are
@@ -22,6 +23,7 @@ from typing import Any
 import attrs
 import keras
 import numpy as np
+import tensorflow as tf
 from hypothesis import strategies as st
 
 __all__ = ["Batch", "ModelSpec", "batch_lists", "batches", "model_specs", "seeds"]
@@ -146,23 +148,74 @@ def model_specs(
     )
 
 
+def _from_element_spec(element_spec: Any, size: int, seed: int, int_high: int) -> Any:
+    rng = np.random.default_rng(seed)
+
+    def draw_leaf(spec: tf.TensorSpec) -> np.ndarray:
+        dims = list(spec.shape)
+        shape = [
+            size if i == 0 and d is None else (3 if d is None else d) for i, d in enumerate(dims)
+        ]
+        dtype = tf.as_dtype(spec.dtype)
+        if dtype.is_floating:
+            return rng.normal(size=shape).astype(dtype.as_numpy_dtype)
+        if dtype.is_integer:
+            return rng.integers(0, int_high, size=shape).astype(dtype.as_numpy_dtype)
+        if dtype.is_bool:
+            return rng.random(size=shape) < 0.5
+        raise TypeError(f"batches() cannot draw values of dtype {dtype.name} ({spec}).")
+
+    return tf.nest.map_structure(draw_leaf, element_spec)
+
+
 @st.composite
-def batches(draw: Any, spec: ModelSpec, *, sizes: st.SearchStrategy[int] | None = None) -> Batch:
-    """One ``(x, y)`` batch for `spec`, of a drawn size (1 to 8 by default)."""
+def batches(
+    draw: Any,
+    spec: Any,
+    *,
+    sizes: st.SearchStrategy[int] | None = None,
+    int_high: int = 2,
+) -> Any:
+    """One batch of a drawn size (1 to 8 by default).
+
+    Args:
+      spec: a `ModelSpec` (its ``(x, y)`` batches), or a structure of
+        `tf.TensorSpec`, such as ``dataset.element_spec``: a leading ``None``
+        dimension takes the drawn size, other ``None`` dimensions 3. Floats
+        are N(0, 1); integers uniform in ``[0, int_high)``; bools fair coins.
+      sizes: a strategy for the number of examples.
+      int_high: exclusive upper bound of integer values (e.g. the class count).
+
+    Example:
+      >>> import tensorflow as tf
+      >>> from hypothesis import given
+      >>> from tfpure.testing import strategies as tps
+      >>> spec = ({"image": tf.TensorSpec([None, 4, 4, 1]), "n": tf.TensorSpec([None], tf.int32)},
+      ...         tf.TensorSpec([None], tf.int64))
+      >>> @given(tps.batches(spec, int_high=10))
+      ... def test(batch):
+      ...     (x, y), size = batch, batch[1].shape[0]
+      ...     assert x["image"].shape == (size, 4, 4, 1) and y.max() < 10
+      >>> test()
+    """
     size = draw(sizes if sizes is not None else st.integers(1, 8))
-    return spec.batch(size, draw(seeds()))
+    seed = draw(seeds())
+    if isinstance(spec, ModelSpec):
+        return spec.batch(size, seed)
+    return _from_element_spec(spec, size, seed, int_high)
 
 
 @st.composite
 def batch_lists(
     draw: Any,
-    spec: ModelSpec,
+    spec: Any,
     *,
     min_batches: int = 1,
     max_batches: int = 4,
     sizes: st.SearchStrategy[int] | None = None,
-) -> list[Batch]:
-    """A list of ``(x, y)`` batches of varying (ragged) sizes for `spec`.
+    int_high: int = 2,
+) -> list[Any]:
+    """A list of batches of varying (ragged) sizes, each as `batches` draws it.
 
     Example:
       >>> from hypothesis import given
@@ -174,4 +227,4 @@ def batch_lists(
       >>> test()
     """
     n = draw(st.integers(min_batches, max_batches))
-    return [draw(batches(spec, sizes=sizes)) for _ in range(n)]
+    return [draw(batches(spec, sizes=sizes, int_high=int_high)) for _ in range(n)]

@@ -1,0 +1,106 @@
+"""Research composition: gradient accumulation, mixed precision, two states in one fold."""
+
+import importlib.util
+from pathlib import Path
+
+import keras
+import numpy as np
+from hypothesis import given
+from hypothesis import strategies as st
+
+import tfpure as tp
+from tfpure.testing import strategies as tps
+
+from reference import twin
+
+SCCE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+@given(
+    spec=tps.model_specs(dropout=False, batchnorm=False),
+    k=st.integers(2, 4),
+    size=st.integers(1, 5),
+    seed=tps.seeds(),
+    adam=st.booleans(),
+)
+def test_gradient_accumulation_equals_one_batch_k_times_larger(spec, k, size, seed, adam):
+    """Keras' gradient_accumulation_steps=k over k batches == one step on their union."""
+
+    def optimizer(**kwargs):
+        return (
+            keras.optimizers.Adam(0.01, **kwargs) if adam else keras.optimizers.SGD(0.1, **kwargs)
+        )
+
+    model = spec.build(seed)
+    other = twin(model)
+    batches = [spec.batch(size, seed + i) for i in range(k)]
+    union = tuple(np.concatenate(part) for part in zip(*batches, strict=True))
+    big = tp.TrainState.create(model=model, optimizer=optimizer())
+    big, _ = tp.make_train_step(SCCE)(big, union)
+    small = tp.TrainState.create(model=other, optimizer=optimizer(gradient_accumulation_steps=k))
+    step = tp.make_train_step(SCCE)
+    for i, batch in enumerate(batches):
+        if i < k - 1:  # nothing moves until the k-th batch
+            before = [v.numpy() for v in other.trainable_variables]
+        small, _ = step(small, batch)
+        if i < k - 1:
+            assert all(
+                np.array_equal(v.numpy(), b)
+                for v, b in zip(other.trainable_variables, before, strict=True)
+            )
+    for a, b in zip(model.trainable_variables, other.trainable_variables, strict=True):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6, err_msg=a.path)
+
+
+def test_mixed_precision_trains_and_skips_overflowing_steps():
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        spec = tps.ModelSpec((6,), (("dense", 16), ("dense", 16)), num_classes=3)
+        model = spec.build(0)
+        assert model.layers[0].compute_dtype == "float16"
+        # A scale so large that the float16 backward pass overflows at first.
+        optimizer = keras.optimizers.LossScaleOptimizer(
+            keras.optimizers.Adam(0.01), initial_scale=2.0**40
+        )
+        state = tp.TrainState.create(model=model, optimizer=optimizer)
+        step = tp.make_train_step(SCCE)
+        x, y = spec.batch(32, 0)
+        before = [v.numpy() for v in model.trainable_variables]
+        state, first = step(state, (x, y))
+        assert float(optimizer.dynamic_scale) == 2.0**39  # halved
+        assert all(
+            np.array_equal(v.numpy(), b)
+            for v, b in zip(model.trainable_variables, before, strict=True)
+        )  # the overflowing step was skipped
+        assert int(optimizer.iterations) == 0
+        for _ in range(200):
+            state.reset_metrics()
+            state, logs = step(state, (x, y))
+        assert float(optimizer.dynamic_scale) < 2.0**20  # found a workable scale
+        assert int(optimizer.iterations) > 100  # and applied most steps since
+        assert float(logs["loss"]) < 0.7 * float(first["loss"])
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+
+
+def load_example(name):
+    path = Path(__file__).parents[1] / "examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"example_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gan_example_composes_two_states_and_two_steps_with_fold():
+    gan = load_example("gan")
+    result = gan.main(epochs=40)
+    assert abs(result["mean_before"]) < 1.0
+    assert abs(result["mean"] - gan.TARGET_MEAN) < 0.5  # the generator moved to the data
+    (g, d), gan_step = gan.make_gan(seed=3)
+    (g, d), logs = gan_step((g, d), next(iter(gan.real_data())))
+    assert sorted(logs) == ["d_loss", "g_loss"] and int(g.step) == int(d.step) == 1
+    # Each step's optimizer was built on its own network only.
+    assert {id(v) for v in g.optimizer._trainable_variables} == {
+        id(v) for v in g.model.trainable_variables
+    }

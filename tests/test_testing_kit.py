@@ -1,0 +1,213 @@
+"""tfpure.testing catches real bugs: each assertion against a bug planted for it.
+
+A check that cannot fail is worthless, so each assertion is shown failing on
+a step or model with a specific defect, and passing on the same code without
+it.
+"""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from hypothesis import given
+
+import tfpure as tp
+from tfpure import testing as tpt
+from tfpure.testing import strategies as tps
+from tfpure.testing.strategies import ModelSpec
+
+SCCE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+SPEC = ModelSpec((4,), (("dense", 8),), num_classes=3)
+
+
+def with_layer(layer, spec=SPEC, seed=0):
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential(
+        [keras.Input(spec.input_shape), keras.layers.Dense(8), layer, keras.layers.Dense(3)]
+    )
+
+
+# -- a layer that ignores the training flag ----------------------------------------------
+
+
+class DropsAtInference(keras.layers.Layer):
+    """Bug: draws a dropout mask whatever `training` says."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.seed_generator = keras.random.SeedGenerator(1)
+
+    def call(self, x, training=None):
+        return keras.random.dropout(x, 0.5, seed=self.seed_generator)
+
+
+class NeverDrops(keras.layers.Dropout):
+    """Bug: a Dropout that ignores training=True."""
+
+    def call(self, inputs, training=False):
+        return inputs
+
+
+def test_training_flag_catches_randomness_at_inference():
+    with pytest.raises(AssertionError, match="training=False is not deterministic"):
+        tpt.assert_training_flag_respected(with_layer(DropsAtInference()), SPEC.batch(8, 0))
+
+
+def test_training_flag_catches_a_dropout_that_never_drops():
+    with pytest.raises(AssertionError, match="identical outputs on two calls"):
+        tpt.assert_training_flag_respected(with_layer(NeverDrops(0.5)), SPEC.batch(8, 0))
+    tpt.assert_training_flag_respected(with_layer(keras.layers.Dropout(0.5)), SPEC.batch(8, 0))
+
+
+class FrozenNorm(keras.layers.BatchNormalization):
+    """Bug: BatchNorm that always runs in inference mode."""
+
+    def call(self, inputs, training=None, mask=None):
+        return super().call(inputs, training=False, mask=mask)
+
+
+def test_training_flag_catches_a_batchnorm_stuck_in_inference():
+    with pytest.raises(AssertionError, match="moving statistic unchanged"):
+        tpt.assert_training_flag_respected(with_layer(FrozenNorm()), SPEC.batch(8, 0))
+
+
+# -- a custom gradient that is wrong ---------------------------------------------------
+
+
+@tf.custom_gradient
+def wrong_square(x):
+    def grad(dy):
+        return dy * 3.0 * x  # bug: d(x^2)/dx is 2x
+
+    return x * x, grad
+
+
+@tf.custom_gradient
+def right_square(x):
+    def grad(dy):
+        return dy * 2.0 * x
+
+    return x * x, grad
+
+
+class Square(keras.layers.Layer):
+    def __init__(self, wrong=False, **kwargs):
+        super().__init__(**kwargs)
+        self.wrong = wrong
+
+    def call(self, x):
+        return wrong_square(x) if self.wrong else right_square(x)
+
+    def get_config(self):
+        return {**super().get_config(), "wrong": self.wrong}
+
+
+def test_gradients_catch_a_wrong_custom_gradient():
+    batch = SPEC.batch(6, 0)
+    with pytest.raises(AssertionError, match="differ from central finite differences"):
+        tpt.assert_gradients_match_numeric(with_layer(Square(wrong=True)), SCCE, batch)
+    tpt.assert_gradients_match_numeric(with_layer(Square(wrong=False)), SCCE, batch)
+
+
+# -- Python-side state frozen into the graph -------------------------------------------
+
+
+class WarmupStep:
+    """Bug: a learning-rate warm-up counted in Python, which the graph freezes at 1."""
+
+    def __init__(self):
+        self.calls = 0
+        self.step = tp.make_train_step(SCCE, grad_transform=self.warm_up)
+
+    def warm_up(self, grads, variables):
+        self.calls += 1  # runs once per trace in graph mode, once per step eagerly
+        return [g * min(self.calls, 4) for g in grads]
+
+    def __call__(self, state, batch):
+        return self.step(state, batch)
+
+
+def make_state():
+    return tp.TrainState.create(model=SPEC.build(0), optimizer=keras.optimizers.SGD(0.1))
+
+
+def test_graph_matches_eager_catches_python_state_frozen_at_trace_time():
+    batches = [SPEC.batch(6, i) for i in range(4)]
+    with pytest.raises(AssertionError, match="compiled step and the same step run eagerly"):
+        tpt.assert_graph_matches_eager(make_state, WarmupStep(), batches)
+    tpt.assert_graph_matches_eager(make_state, tp.make_train_step(SCCE), batches)
+
+
+# -- an eval step that moves BatchNorm statistics --------------------------------------
+
+
+def test_eval_step_pure_catches_an_eval_that_trains_batchnorm():
+    def leaky_eval(model, batch, training):
+        x, y = batch
+        y_pred = model(x, training=True)  # bug: should be `training`
+        return SCCE(y, y_pred), y_pred
+
+    spec = ModelSpec((4,), (("dense", 8), ("batchnorm", 0)), num_classes=3)
+    state = tp.TrainState.create(model=spec.build(0), optimizer=keras.optimizers.SGD())
+    with pytest.raises(AssertionError, match="moving_mean"):
+        tpt.assert_eval_step_pure(tp.make_eval_step(leaky_eval), state, spec.batch(8, 0))
+    tpt.assert_eval_step_pure(tp.make_eval_step(SCCE), state, spec.batch(8, 0))
+
+
+# -- a step that retraces on every batch size ------------------------------------------
+
+
+def hand_written_step(relax):
+    model = SPEC.build(0)
+    optimizer = keras.optimizers.SGD(0.1)
+    optimizer.build(model.trainable_variables)
+
+    @tf.function(reduce_retracing=relax)
+    def train(x, y):
+        with tf.GradientTape() as tape:
+            loss = SCCE(y, model(x, training=True))
+        grads = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables, strict=True))
+        return loss
+
+    def step(state, batch):
+        return state, {"loss": train(*batch)}
+
+    return step
+
+
+def test_no_retrace_catches_a_step_that_traces_every_batch_size():
+    batches = [SPEC.batch(n, n) for n in (8, 7, 6, 5, 4)]
+    with pytest.raises(AssertionError, match="traced 5 times over 5 batches"):
+        tpt.assert_no_retrace(hand_written_step(relax=False), None, batches, max_traces=2)
+    tpt.assert_no_retrace(hand_written_step(relax=True), None, batches, max_traces=2)
+
+
+def test_count_traces_finds_functions_behind_closures_methods_and_globals():
+    with tpt.count_traces(WarmupStep()) as traces:
+        step = WarmupStep()
+    assert traces() == 0
+    state = make_state()
+    with tpt.count_traces(step) as traces:
+        for n in (3, 4, 5):
+            state, _ = step(state, SPEC.batch(n, n))
+    assert traces() == 1  # reached through the object's attribute: a tfpure Step
+    with pytest.raises(TypeError, match=r"reaches no tf\.function"):
+        tpt.assert_no_retrace(lambda state, batch: (state, {}), None, [1, 2])
+
+
+# -- strategies ----------------------------------------------------------------------
+
+
+@given(
+    data=tps.batch_lists(
+        {"x": tf.TensorSpec([None, 3], tf.float32), "n": tf.TensorSpec([None], tf.int64)},
+        min_batches=2,
+        int_high=5,
+    )
+)
+def test_batches_follow_an_element_spec_with_ragged_sizes(data):
+    for batch in data:
+        size = batch["x"].shape[0]
+        assert batch["x"].shape == (size, 3) and batch["x"].dtype == np.float32
+        assert batch["n"].shape == (size,) and batch["n"].min() >= 0 and batch["n"].max() < 5
