@@ -225,6 +225,10 @@ def as_model_loss(loss: Any, *, dtype: str | None = None) -> tuple[ModelLossFn, 
     )
 
 
+# Reductions after which Keras divides a loss by the number of replicas in sync.
+MEAN_REDUCTIONS = ("sum_over_batch_size", "mean", "mean_with_sample_weight")
+
+
 def _targets_loss(loss: keras.losses.Loss) -> ModelLossFn:
     def model_loss(model: keras.Model, batch: Batch, training: bool) -> Any:
         x, y, sample_weight = unpack(batch)
@@ -237,4 +241,9 @@ def _targets_loss(loss: keras.losses.Loss) -> ModelLossFn:
         y_pred = model(x, training=training)
         return loss(y, y_pred, sample_weight=sample_weight), y_pred
 
+    # Under a strategy, Keras divides mean-like losses by the replica count;
+    # for a per-example mean the step instead weighs each replica's share by
+    # its number of examples, exact for a ragged last batch too.
+    model_loss.replica_scaled = loss.reduction in MEAN_REDUCTIONS  # type: ignore[attr-defined]
+    model_loss.per_example_mean = loss.reduction in ("sum_over_batch_size", "mean")  # type: ignore[attr-defined]
     return model_loss

@@ -34,10 +34,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import warnings
 from collections.abc import Sequence
 from typing import Any
 
+import attrs
 import numpy as np
 import tensorflow as tf
 
@@ -48,6 +50,37 @@ __all__ = ["CheckpointError", "Checkpointer"]
 
 class CheckpointError(RuntimeError):
     """No usable checkpoint, or one that does not fit the state."""
+
+
+@attrs.frozen
+class Task:
+    """This process's place in a multi-worker cluster."""
+
+    task_type: str
+    task_id: int
+    chief: bool
+
+    @property
+    def name(self) -> str:
+        return f"{self.task_type}-{self.task_id}"
+
+
+def cluster_task(strategy: tf.distribute.Strategy | None) -> Task | None:
+    """This process's task if `strategy` spans several processes, else None.
+
+    The chief is the task of type ``chief``, or worker 0 when there is none
+    (TensorFlow's convention).
+    """
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type:
+        return None
+    cluster = resolver.cluster_spec().as_dict()
+    if sum(len(tasks) for tasks in cluster.values()) <= 1:
+        return None
+    chief = resolver.task_type == "chief" or (
+        resolver.task_type == "worker" and resolver.task_id == 0 and "chief" not in cluster
+    )
+    return Task(resolver.task_type, int(resolver.task_id), chief)
 
 
 def _groups(state: TrainState) -> dict[str, list[Any]]:
@@ -164,8 +197,14 @@ class Checkpointer:
                 loop=[self.epoch, self.epoch_step, self.history],
                 layout=self._layout,
             )
+            task = cluster_task(state.strategy)
+            directory, keep = self.directory, self.max_to_keep
+            if task is not None and not task.chief:
+                # Every worker must take part in a save (reading its metrics is
+                # a collective op), but only the chief's files are kept.
+                directory, keep = os.path.join(self.directory, f".{task.name}"), 1
             manager = tf.train.CheckpointManager(
-                checkpoint, self.directory, max_to_keep=self.max_to_keep, checkpoint_name="ckpt"
+                checkpoint, directory, max_to_keep=keep, checkpoint_name="ckpt"
             )
             self._managed = (state, manager)
         return self._managed[1]
@@ -199,7 +238,12 @@ class Checkpointer:
           'ckpt-0'
         """
         self._layout.assign(json.dumps(_layout(_groups(state))))
-        return self._manager(state).save(checkpoint_number=int(state.step.numpy()))
+        manager = self._manager(state)
+        path = manager.save(checkpoint_number=int(state.step.numpy()))
+        if manager.directory != self.directory:  # a worker's throwaway copy
+            shutil.rmtree(manager.directory, ignore_errors=True)
+            return os.path.join(self.directory, os.path.basename(path))
+        return path
 
     # -- restore ------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ step saves them first and puts them back.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -53,10 +54,14 @@ def metric_results(metrics: dict[str, keras.metrics.Metric]) -> Logs:
     return logs
 
 
-def _total_loss(model: keras.Model, loss: tf.Tensor) -> tf.Tensor:
-    # The tutorial's `loss += sum(model.losses)`; Keras `fit` sums the same terms.
-    extra = model.losses
-    return loss + sum(extra) if extra else loss
+def _variable(initial: Any, name: str) -> tf.Variable:
+    # ONLY_FIRST_REPLICA: replicas hold the same value, and may write it.
+    return tf.Variable(
+        initial,
+        trainable=False,
+        name=name,
+        aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+    )
 
 
 class CompiledStep:
@@ -83,17 +88,26 @@ class CompiledStep:
         self.metrics = dict(state.metrics if self.train else state.eval_metrics)
         self.trainable = list(state.model.trainable_variables)
         self.loss_scaled = isinstance(state.optimizer, keras.optimizers.LossScaleOptimizer)
-        if self.guarded:
-            # Saved at the start of every step, put back if the step fails.
-            self.frozen = list(state.model.non_trainable_variables)
-            self.shadows = [
-                tf.Variable(v.value, trainable=False, name="tfpure_shadow") for v in self.frozen
-            ]
-            self.armed = tf.Variable(False, trainable=False, name="tfpure_armed")
-            # What the last failed step saw; read only to explain the failure.
-            self.bad_loss = tf.Variable(0.0, trainable=False, name="tfpure_bad_loss")
-            self.bad_grads = tf.Variable(
-                tf.ones([len(self.trainable)], tf.bool), trainable=False, name="tfpure_bad_grads"
+        self.strategy = state.strategy
+        scope = self.strategy.scope() if self.strategy else contextlib.nullcontext()
+        with scope:
+            # Under MirroredStrategy the optimizer's gradient all-reduce goes
+            # through merge_call, which cannot sit inside a replica's tf.cond.
+            self.merge_free = tf.__internal__.distribute.strategy_supports_no_merge_call()
+            if self.guarded:
+                # Saved at the start of every step, put back if the step fails.
+                self.frozen = list(state.model.non_trainable_variables)
+                self.shadows = [_variable(v.value, "tfpure_shadow") for v in self.frozen]
+                self.armed = _variable(False, "tfpure_armed")
+                # What the last failed step saw; read only to explain the failure.
+                self.bad_loss = _variable(0.0, "tfpure_bad_loss")
+                self.bad_grads = _variable(
+                    tf.ones([len(self.trainable)], tf.bool), "tfpure_bad_grads"
+                )
+        if step.jit_compile and self.strategy is not None and not self.merge_free:
+            raise ValueError(
+                f"jit_compile=True is not supported under {type(self.strategy).__name__}: its "
+                "gradient all-reduce cannot run inside XLA. Use jit_compile=False there."
             )
         one = self._train_one if self.train else self._eval_one
         if step.jit_compile:
@@ -108,8 +122,36 @@ class CompiledStep:
 
     # -- one step, possibly under XLA ---------------------------------------
 
+    def _losses(self, loss: tf.Tensor, x: Any) -> tuple[tf.Tensor, tf.Tensor]:
+        """The loss to differentiate, and the loss to report, from the model loss.
+
+        On one device both are ``loss + sum(model.losses)``, as in the
+        tutorial and Keras `fit`. On R replicas each replica differentiates its
+        share so that the summed gradients equal the single-device gradient:
+        Keras losses arrive divided by R; a per-example mean is instead
+        weighted by the replica's share of the examples (exact when the last
+        batch splits unevenly), and regularization is divided by R (counted
+        once). The reported loss is the replica's own mean plus the
+        regularization, which the batch-size-weighted tracker averages.
+        """
+        extra = self.model.losses
+        context = tf.distribute.get_replica_context()
+        replicas = context.num_replicas_in_sync if self.strategy is not None else 1
+        if replicas == 1:
+            total = loss + sum(extra) if extra else loss
+            return total, total
+        model_loss = self.step_fn.model_loss
+        regularization = sum(extra) if extra else tf.zeros_like(loss)
+        mean = loss * replicas if getattr(model_loss, "replica_scaled", True) else loss
+        if getattr(model_loss, "per_example_mean", False):
+            n = tf.cast(batch_size(x), loss.dtype)
+            objective = mean * n / context.all_reduce("sum", n)
+        else:
+            objective = loss
+        return objective + regularization / replicas, mean + regularization
+
     def _train_one(self, batch: Batch) -> tf.Tensor:
-        """One training step; returns whether it was applied."""
+        """One training step (on one replica); returns whether it was applied."""
         x, y, sample_weight = unpack(batch)
         check_batch(self.model, x, y, sample_weight)
         saves = []
@@ -118,8 +160,8 @@ class CompiledStep:
             saves += [s.assign(v.value) for s, v in zip(self.shadows, self.frozen, strict=True)]
         with tf.control_dependencies(saves), tf.GradientTape() as tape:
             loss, y_pred = self.step_fn.model_loss(self.model, batch, True)
-            loss = _total_loss(self.model, loss)
-            scaled = self.optimizer.scale_loss(loss)
+            objective, reported = self._losses(loss, x)
+            scaled = self.optimizer.scale_loss(objective)
         grads = tape.gradient(scaled, self.trainable)
         if self.step_fn.grad_transform is not None:
             grads = self._transform(grads)
@@ -130,42 +172,64 @@ class CompiledStep:
                 "the loss does not depend on the model's weights."
             )
         self._check_metrics(y_pred)
-
-        def commit() -> tf.Tensor:
-            self.optimizer.apply_gradients(zip(grads, self.trainable, strict=True))
-            self._update_metrics(loss, x, y, y_pred, sample_weight)
-            self.counter.assign_add(1)
-            return tf.constant(True)
-
+        applied = (grads, reported, x, y, y_pred, sample_weight)
         if not self.guarded:  # The hand-written loop: apply whatever came out.
-            return commit()
+            return self._commit(*applied)
 
-        total = tf.cast(loss, tf.float32)
+        total = tf.cast(reported, tf.float32)
         if not self.loss_scaled:  # LossScaleOptimizer skips overflowing steps itself.
             total += tf.add_n([tf.cast(tf.reduce_sum(g), tf.float32) for g in present])
-
-        def revert() -> tf.Tensor:
-            for s, v in zip(self.shadows, self.frozen, strict=True):
-                v.assign(s)
-            self.bad_loss.assign(tf.cast(loss, tf.float32))
-            self.bad_grads.assign(
-                tf.stack(
-                    [
-                        tf.constant(True) if g is None else tf.reduce_all(tf.math.is_finite(g))
-                        for g in grads
-                    ]
-                )
+        ok = tf.math.is_finite(total)
+        if self.strategy is not None:  # every replica must take the same branch
+            context = tf.distribute.get_replica_context()
+            ok = tf.equal(context.all_reduce("sum", 1.0 - tf.cast(ok, tf.float32)), 0.0)
+        if self.strategy is None or self.merge_free:
+            done = tf.cond(
+                ok, lambda: self._commit(*applied), lambda: self._revert(reported, grads)
             )
-            if self.step_fn.nonfinite == "skip":
-                self.counter.assign_add(1)
-                self.skipped.assign_add(1)
-            return tf.constant(False)
-
-        done = tf.cond(tf.math.is_finite(total), commit, revert)
+        else:
+            done = tf.distribute.get_replica_context().merge_call(
+                self._cross_replica_cond, args=(ok, *applied)
+            )
         with tf.control_dependencies([done]):
             disarm = self.armed.assign(False)
         with tf.control_dependencies([disarm]):
             return tf.identity(done)
+
+    def _commit(self, grads, reported, x, y, y_pred, sample_weight) -> tf.Tensor:
+        self.optimizer.apply_gradients(zip(grads, self.trainable, strict=True))
+        self._update_metrics(reported, x, y, y_pred, sample_weight)
+        self.counter.assign_add(1)
+        return tf.constant(True)
+
+    def _revert(self, loss: tf.Tensor, grads: list[Any]) -> tf.Tensor:
+        for s, v in zip(self.shadows, self.frozen, strict=True):
+            v.assign(s)
+        self.bad_loss.assign(tf.cast(loss, tf.float32))
+        flags = [
+            tf.constant(True) if g is None else tf.reduce_all(tf.math.is_finite(g)) for g in grads
+        ]
+        self.bad_grads.assign(tf.stack(flags))
+        if self.step_fn.nonfinite == "skip":
+            self.counter.assign_add(1)
+            self.skipped.assign_add(1)
+        return tf.constant(False)
+
+    def _cross_replica_cond(
+        self, strategy: Any, ok: Any, grads: Any, reported: Any, *rest: Any
+    ) -> tf.Tensor:
+        """The guard's branch, taken in cross-replica context (as LossScaleOptimizer does)."""
+        first = strategy.experimental_local_results
+
+        def commit() -> tf.Tensor:
+            strategy.extended.call_for_each_replica(self._commit, args=(grads, reported, *rest))
+            return tf.constant(True)
+
+        def revert() -> tf.Tensor:
+            local = [None if g is None else first(g)[0] for g in grads]
+            return self._revert(first(reported)[0], local)
+
+        return tf.cond(first(ok)[0], commit, revert)
 
     def _update_metrics(
         self, loss: tf.Tensor, x: Any, y: Any, y_pred: Any, sample_weight: Any
@@ -190,7 +254,7 @@ class CompiledStep:
         x, y, sample_weight = unpack(batch)
         check_batch(self.model, x, y, sample_weight)
         loss, y_pred = self.step_fn.model_loss(self.model, batch, False)
-        loss = _total_loss(self.model, loss)
+        _, loss = self._losses(loss, x)
         self._check_metrics(y_pred)
         # Nothing is counted unless the whole batch was scored.
         with tf.control_dependencies([loss]):
@@ -231,7 +295,7 @@ class CompiledStep:
             optional = iterator.get_next_as_optional()
             return tf.cond(
                 optional.has_value(),
-                lambda: (i + 1, self.one(optional.get_value()), tf.constant(True)),
+                lambda: (i + 1, self._run_one(optional.get_value()), tf.constant(True)),
                 lambda: (i, ok, tf.constant(False)),
             )
 
@@ -242,6 +306,13 @@ class CompiledStep:
             i, ok, _ = tf.while_loop(cond, body, start)
         with tf.control_dependencies(self._guard(ok)):
             return tf.identity(i), self._logs()
+
+    def _run_one(self, batch: Any) -> tf.Tensor:
+        """One step on every replica (a distributed batch), or on the one device."""
+        if self.strategy is None:
+            return self.one(batch)
+        ok = self.strategy.run(self.one, args=(batch,))
+        return self.strategy.experimental_local_results(ok)[0]  # the same on every replica
 
     def epoch_runner(self, iterator: Any) -> Callable[[tf.Tensor], tuple[tf.Tensor, Logs]]:
         """A caller of the iterator function bound to one iterator (one epoch).

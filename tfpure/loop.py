@@ -34,6 +34,7 @@ from tfpure.passes import (
     batch_hooks,
     callback_list,
     check_data,
+    data_iterator,
     num_batches,
     prepare,
     run_pass,
@@ -272,7 +273,11 @@ def fit_loop(
     if val_data is not None:
         prepare(eval_step, state, val_data)
 
-    run = Run(checkpoint, state, data, steps_per_epoch) if checkpoint is not None else None
+    run = None
+    if checkpoint is not None:
+        run = Run(
+            checkpoint, state, data, steps_per_epoch, lambda d: data_iterator(train_step, state, d)
+        )
     try:
         return _fit(
             state,
@@ -308,7 +313,7 @@ def _fit(
         steps_per_epoch, first_epoch = run.steps_per_epoch, run.first_epoch
     else:
         # With steps_per_epoch, one iterator spans the run (a repeating dataset).
-        iterator = iter(data) if steps_per_epoch is not None else None
+        iterator = data_iterator(train_step, state, data) if steps_per_epoch is not None else None
         first_epoch = 0
     prior = run.prior if run is not None else {}
     cbs = callback_list(

@@ -97,7 +97,7 @@ def run_pass(
         known = num_batches(data) if iterator is None else None
         limit = known if max_steps is None else max_steps
         if iterator is None:
-            iterator = iter(data)
+            iterator = data_iterator(step, state, data)
         run = step._epoch(state, iterator)
         while limit is None or done < limit:
             begin(done)
@@ -178,6 +178,23 @@ def batch_hooks(cbs: keras.callbacks.CallbackList, mode: str) -> tuple[BatchHook
 
 
 def prepare(step: StepFn, state: TrainState, data: Any) -> None:
-    """Runs a tfpure step's trace-time checks on `data`'s batches before anything changes."""
-    if isinstance(step, Step) and isinstance(data, tf.data.Dataset):
+    """Runs a tfpure step's trace-time checks on `data`'s batches before anything changes.
+
+    (Under a strategy the checks run at the first step instead.)
+    """
+    if isinstance(step, Step) and isinstance(data, tf.data.Dataset) and state.strategy is None:
         step._prepare(state, data.element_spec)
+
+
+def data_iterator(step: StepFn, state: Any, data: tf.data.Dataset) -> Any:
+    """An iterator over `data` for `step`: split across replicas if the state is distributed.
+
+    Under a strategy each global batch is split across the replicas by
+    `strategy.experimental_distribute_dataset` (a ragged last batch too, some
+    replicas possibly getting no example); tfpure steps run it through
+    `strategy.run`. Other steps get the global batches.
+    """
+    strategy = getattr(state, "strategy", None)
+    if strategy is not None and isinstance(step, Step):
+        return iter(strategy.experimental_distribute_dataset(data))
+    return iter(data)

@@ -11,11 +11,12 @@ from __future__ import annotations
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import tensorflow as tf
 
-from tfpure.checkpoint import Checkpointer, CheckpointError
+from tfpure.checkpoint import Checkpointer, CheckpointError, cluster_task
 from tfpure.state import TrainState
 
 __all__ = ["Preempted", "Run"]
@@ -99,6 +100,7 @@ class Run:
         state: TrainState,
         data: tf.data.Dataset,
         steps_per_epoch: int | None,
+        iterate: Callable[[tf.data.Dataset], Any] = iter,
     ):
         if not isinstance(data, tf.data.Dataset):
             raise TypeError(
@@ -120,7 +122,7 @@ class Run:
                 "it resumes. Build it from seeded TensorFlow ops, or train without a "
                 "Checkpointer."
             )
-        self.ckpt, self.state, self.data = ckpt, state, data
+        self.ckpt, self.state, self.data, self.iterate = ckpt, state, data, iterate
         self.stream = steps_per_epoch is not None
         self.steps_per_epoch = steps_per_epoch or cardinality
         self.path = ckpt.restore(state)
@@ -134,7 +136,11 @@ class Run:
         self._stream: Any = None
         self.preempted = False
         self._previous_handler: Any = None
-        if threading.current_thread() is threading.main_thread():
+        # Across several processes a save is a collective: one worker saving on
+        # its own SIGTERM would wait forever for the others. Multi-worker runs
+        # keep SIGTERM's default and rely on periodic saves.
+        single_process = cluster_task(state.strategy) is None
+        if single_process and threading.current_thread() is threading.main_thread():
             self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
@@ -152,14 +158,14 @@ class Run:
                 source = self.data
                 if int(source.cardinality()) != tf.data.INFINITE_CARDINALITY:
                     source = source.repeat()
-                self._stream = iter(source)
+                self._stream = self.iterate(source)
                 done = self.first_epoch * self.steps_per_epoch + self.first_step
                 self._replay(self._stream, done)
             return self._stream
         if epoch == self.first_epoch:
             for _ in range(epoch):
-                iter(self.data)  # draws that epoch's reshuffle seeds
-        iterator = iter(self.data)
+                self.iterate(self.data)  # draws that epoch's reshuffle seeds
+        iterator = self.iterate(self.data)
         self._replay(iterator, self.start(epoch))
         return iterator
 

@@ -120,6 +120,33 @@ def _counter(name: str) -> tf.Variable:
     )
 
 
+def _strategy_of(
+    model: keras.Model, optimizer: keras.optimizers.Optimizer
+) -> tf.distribute.Strategy | None:
+    """The strategy whose scope we are in, checked against where the model lives."""
+    first = model.variables[0].value
+    if not tf.distribute.has_strategy():
+        if isinstance(first, tf.distribute.DistributedValues):
+            raise ValueError(
+                f"The variables of model {model.name!r} were created under a "
+                "tf.distribute strategy: call TrainState.create inside the same "
+                "`with strategy.scope():` block."
+            )
+        return None
+    strategy = tf.distribute.get_strategy()
+    outside = [
+        v.path for v in model.variables if not strategy.extended.variable_created_in_scope(v.value)
+    ]
+    if outside:
+        raise ValueError(
+            f"TrainState.create runs under {type(strategy).__name__}, but model "
+            f"{model.name!r} or its optimizer was built outside its scope (e.g. "
+            f"{outside[:2]}). Create the model, the optimizer and the state inside "
+            "`with strategy.scope():`."
+        )
+    return strategy
+
+
 @attrs.frozen(eq=False, repr=False)
 class TrainState:
     """Frozen handles to everything a training step reads and updates.
@@ -139,6 +166,8 @@ class TrainState:
         e.g. ``keras.random.normal(shape, seed=state.rng)``.
       skipped: int64 scalar `tf.Variable`, the number of steps a
         ``nonfinite="skip"`` train step skipped.
+      strategy: the `tf.distribute.Strategy` whose scope `create` ran in, or
+        None. Steps and loops then split each batch across its replicas.
 
     Example:
       >>> import keras, tfpure as tp
@@ -163,6 +192,7 @@ class TrainState:
     step: tf.Variable
     rng: keras.random.SeedGenerator
     skipped: tf.Variable
+    strategy: tf.distribute.Strategy | None = None
 
     @classmethod
     def create(
@@ -239,6 +269,7 @@ class TrainState:
                 f"`metrics` and `eval_metrics` share the instances {sorted(shared)}; "
                 "evaluation would overwrite training figures. Pass separate objects."
             )
+        strategy = _strategy_of(model, optimizer)
         if optimizer.built:
             _check_optimizer_matches(model, optimizer)
         else:
@@ -256,6 +287,7 @@ class TrainState:
             step=_counter("step"),
             rng=rng,
             skipped=_counter("skipped"),
+            strategy=strategy,
         )
 
     def replace(self, **changes: Any) -> TrainState:

@@ -1,0 +1,111 @@
+"""One training run under a tf.distribute strategy, or on one device, as a process.
+
+    python tests/distributed_worker.py MODE OUT [--epochs E] [--steps-per-call K]
+                                               [--checkpoint DIR] [--nan-batch I]
+
+MODE is ``single`` (one device), ``mirrored`` (MirroredStrategy over two
+logical CPU devices) or ``multiworker`` (MultiWorkerMirroredStrategy; the
+cluster comes from TF_CONFIG). Writes the final variables and history to OUT
+(.npz) — in ``multiworker`` mode, only the chief (worker 0) writes.
+
+The model has no Dropout (each replica would draw its own masks) and a
+synchronized BatchNorm (statistics over the global batch), so every mode
+computes the same function of the same global batches.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+import tfpure as tp
+
+SCCE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def data(nan_batch=None):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(74, 6)).astype("float32")
+    y = rng.integers(0, 3, size=74).astype("int32")
+    if nan_batch is not None:
+        x[nan_batch * 8] = np.nan
+    # 61 examples in batches of 8: the last of 5 splits 3/2 over two replicas.
+    train = tf.data.Dataset.from_tensor_slices((x[:61], y[:61])).shuffle(61, seed=3).batch(8)
+    val = tf.data.Dataset.from_tensor_slices((x[61:], y[61:])).batch(8)
+    return train, val
+
+
+def build():
+    keras.utils.set_random_seed(0)
+    return keras.Sequential(
+        [
+            keras.Input((6,)),
+            keras.layers.Dense(16, "relu", kernel_regularizer=keras.regularizers.L2(1e-3)),
+            keras.layers.BatchNormalization(synchronized=True),
+            keras.layers.Dense(3),
+        ]
+    )
+
+
+def strategy_for(mode):
+    if mode == "single":
+        return tf.distribute.get_strategy()
+    if mode == "mirrored":
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration()] * 2
+        )
+        return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    return tf.distribute.MultiWorkerMirroredStrategy()
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("mode", choices=["single", "mirrored", "multiworker"])
+    parser.add_argument("out")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--steps-per-call", type=int, default=1)
+    parser.add_argument("--checkpoint")
+    parser.add_argument("--nan-batch", type=int)
+    args = parser.parse_args()
+    tf.config.experimental.enable_op_determinism()
+    strategy = strategy_for(args.mode)
+    with strategy.scope():
+        state = tp.TrainState.create(
+            model=build(),
+            optimizer=keras.optimizers.Adam(0.01),
+            metrics={"accuracy": keras.metrics.SparseCategoricalAccuracy()},
+        )
+    train, val = data(args.nan_batch)
+    nonfinite = "skip" if args.nan_batch is not None else "raise"
+    state, history = tp.fit_loop(
+        state,
+        train,
+        tp.make_train_step(SCCE, steps_per_call=args.steps_per_call, nonfinite=nonfinite),
+        epochs=args.epochs,
+        val_data=val,
+        checkpoint=tp.Checkpointer(args.checkpoint) if args.checkpoint else None,
+        verbose=0,
+    )
+    replicas = strategy.num_replicas_in_sync
+    chief = json.loads(os.environ.get("TF_CONFIG", "{}")).get("task", {}).get("index", 0) == 0
+    if chief:
+        np.savez(
+            args.out,
+            replicas=replicas,
+            step=int(state.step.numpy()),
+            skipped=int(state.skipped.numpy()),
+            history=np.array([history[k] for k in sorted(history)]),
+            **{f"v{i}": v.numpy() for i, v in enumerate(state.model.variables)},
+        )
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

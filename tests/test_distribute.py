@@ -1,0 +1,181 @@
+"""The same loop on tf.distribute: Mirrored and MultiWorkerMirrored strategies equal one device."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tfpure as tp
+from tfpure.testing.strategies import ModelSpec
+
+from reference import twin
+
+WORKER = Path(__file__).with_name("distributed_worker.py")
+SCCE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+TOLERANCE = {"rtol": 1e-5, "atol": 1e-5}
+
+
+def run(mode, out, *args, env=None):
+    done = subprocess.run(
+        [sys.executable, str(WORKER), mode, str(out), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_two_workers(out_dir, *args):
+    """Two MultiWorkerMirroredStrategy workers on 127.0.0.1, one process each."""
+    workers = [f"127.0.0.1:{free_port()}" for _ in range(2)]
+    processes = []
+    for index in range(2):
+        config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
+        processes.append(
+            subprocess.Popen(
+                [sys.executable, str(WORKER), "multiworker", str(out_dir / f"w{index}.npz"), *args],
+                env={**os.environ, "TF_CONFIG": json.dumps(config)},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    for process in processes:
+        _, err = process.communicate(timeout=300)
+        assert process.returncode == 0, err[-3000:]
+
+
+def load(path):
+    with np.load(path) as f:
+        return {k: f[k] for k in f.files}
+
+
+def assert_same_run(got, expected, replicas):
+    assert int(got["replicas"]) == replicas and int(expected["replicas"]) == 1
+    assert int(got["step"]) == int(expected["step"])
+    assert int(got["skipped"]) == int(expected["skipped"])
+    for name in expected:
+        if name != "replicas":
+            np.testing.assert_allclose(got[name], expected[name], **TOLERANCE, err_msg=name)
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    out = tmp_path_factory.mktemp("single") / "out.npz"
+    run("single", out)
+    return load(out)
+
+
+def test_mirrored_equals_one_device_with_fused_calls_and_a_skipped_batch(tmp_path):
+    """Two replicas, a 3/2 split of the ragged last batch, validation, steps_per_call=3,
+    and a non-finite batch skipped on both sides."""
+    run("single", tmp_path / "single.npz", "--nan-batch", "2")
+    run("mirrored", tmp_path / "mirrored.npz", "--nan-batch", "2", "--steps-per-call", "3")
+    expected = load(tmp_path / "single.npz")
+    assert int(expected["skipped"]) == 3  # one per epoch
+    assert_same_run(load(tmp_path / "mirrored.npz"), expected, replicas=2)
+
+
+def test_mirrored_checkpoint_resume_equals_one_device(tmp_path, single):
+    ckpt = str(tmp_path / "ckpt")
+    run("mirrored", tmp_path / "first.npz", "--epochs", "2", "--checkpoint", ckpt)
+    run("mirrored", tmp_path / "resumed.npz", "--epochs", "3", "--checkpoint", ckpt)
+    assert_same_run(load(tmp_path / "resumed.npz"), single, replicas=2)
+
+
+def test_multiworker_with_checkpoint_resume_equals_one_device(tmp_path, single):
+    """The chief writes the checkpoints, both workers restore from them."""
+    ckpt = str(tmp_path / "ckpt")
+    run_two_workers(tmp_path, "--epochs", "2", "--checkpoint", ckpt)
+    assert sorted(os.listdir(ckpt)) == [
+        "checkpoint",
+        *sorted(
+            f"ckpt-{n}.{suffix}" for n in (8, 16) for suffix in ("data-00000-of-00001", "index")
+        ),
+    ]  # the chief's files only: the other worker's copies are gone
+    run_two_workers(tmp_path, "--epochs", "3", "--checkpoint", ckpt)
+    assert_same_run(load(tmp_path / "w0.npz"), single, replicas=2)
+
+
+# -- in-process: one-replica strategies and refusals ------------------------------------
+
+SPEC = ModelSpec((5,), (("dense", 6), ("batchnorm", 0)), num_classes=3, l2=0.01)
+
+
+def dataset():
+    return tf.data.Dataset.from_tensor_slices(SPEC.batch(21, 0)).batch(8)
+
+
+@pytest.mark.parametrize(
+    "strategy",
+    [
+        pytest.param(lambda: tf.distribute.OneDeviceStrategy("/cpu:0"), id="one-device"),
+        pytest.param(lambda: tf.distribute.MirroredStrategy(["/cpu:0"]), id="mirrored-1"),
+    ],
+)
+def test_one_replica_strategies_equal_the_plain_path(strategy):
+    model = SPEC.build(0)
+    plain = tp.TrainState.create(model=model, optimizer=keras.optimizers.Adam(0.01))
+    strategy = strategy()
+    with strategy.scope():
+        copy = keras.models.clone_model(model)
+        distributed = tp.TrainState.create(model=copy, optimizer=keras.optimizers.Adam(0.01))
+    for a, b in zip(model.variables, copy.variables, strict=True):
+        b.assign(a.value)
+    assert distributed.strategy is strategy
+    _, h_plain = tp.fit_loop(plain, dataset(), tp.make_train_step(SCCE), epochs=2, verbose=0)
+    _, h_dist = tp.fit_loop(distributed, dataset(), tp.make_train_step(SCCE), epochs=2, verbose=0)
+    np.testing.assert_allclose(h_dist["loss"], h_plain["loss"], rtol=1e-6)
+    _, logs = tp.make_train_step(SCCE)(distributed, SPEC.batch(5, 1))  # a single batch
+    _, plain_logs = tp.make_train_step(SCCE)(plain, SPEC.batch(5, 1))
+    assert float(logs["loss"]) == pytest.approx(float(plain_logs["loss"]), rel=1e-6)
+    for a, b in zip(model.variables, copy.variables, strict=True):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-6, atol=1e-7, err_msg=a.path)
+
+
+def test_nonfinite_raise_under_a_strategy_changes_nothing():
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
+    with strategy.scope():
+        state = tp.TrainState.create(model=SPEC.build(0), optimizer=keras.optimizers.Adam())
+    x, y = SPEC.batch(6, 0)
+    x[1] = np.nan
+    before = [v.numpy() for v in state.model.variables]
+    with pytest.raises(tp.NonFiniteError, match="at step 0"):
+        tp.make_train_step(SCCE)(state, (x, y))
+    for v, b in zip(state.model.variables, before, strict=True):
+        np.testing.assert_array_equal(v.numpy(), b, err_msg=v.path)
+
+
+def test_a_model_built_outside_the_scope_is_refused():
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
+    outside = SPEC.build(0)
+    with strategy.scope(), pytest.raises(ValueError, match="outside its scope"):
+        tp.TrainState.create(model=outside, optimizer=keras.optimizers.SGD())
+    with strategy.scope():
+        inside = twin(outside)
+    with pytest.raises(ValueError, match=r"inside the same `with strategy\.scope"):
+        tp.TrainState.create(model=inside, optimizer=keras.optimizers.SGD())
+
+
+def test_xla_under_mirrored_strategy_is_refused_clearly():
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
+    with strategy.scope():
+        state = tp.TrainState.create(model=SPEC.build(0), optimizer=keras.optimizers.SGD())
+    with pytest.raises(
+        ValueError, match="jit_compile=True is not supported under MirroredStrategy"
+    ):
+        tp.make_train_step(SCCE, jit_compile=True)(state, SPEC.batch(4, 0))
