@@ -28,6 +28,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfpure.batch import Batch, batch_size, check_batch, unpack
+from tfpure.checkpoint import cluster_task
 from tfpure.state import TrainState
 
 if TYPE_CHECKING:
@@ -89,6 +90,8 @@ class CompiledStep:
         self.trainable = list(state.model.trainable_variables)
         self.loss_scaled = isinstance(state.optimizer, keras.optimizers.LossScaleOptimizer)
         self.strategy = state.strategy
+        # Several processes: the loops hand over per-replica batches (see _run_one).
+        self.sharded = cluster_task(self.strategy) is not None
         scope = self.strategy.scope() if self.strategy else contextlib.nullcontext()
         with scope:
             # Under MirroredStrategy the optimizer's gradient all-reduce goes
@@ -279,7 +282,7 @@ class CompiledStep:
 
     def _on_batch(self, batch: Batch) -> Logs:
         self.step_fn._traces += 1
-        ok = self.one(batch)
+        ok = self._run_one(batch)
         with tf.control_dependencies(self._guard(ok)):
             return self._logs()
 
@@ -308,11 +311,32 @@ class CompiledStep:
             return tf.identity(i), self._logs()
 
     def _run_one(self, batch: Any) -> tf.Tensor:
-        """One step on every replica (a distributed batch), or on the one device."""
+        """One step: on the one device, or on every replica of the strategy.
+
+        A multi-worker strategy feeds per-replica batches (its iterators are
+        distributed, to shard the data between workers). In one process the
+        global batch is split inside the graph instead, each replica taking
+        an even share (the first ones one example more when it does not
+        divide): the data then flows through an ordinary iterator, which
+        costs less per epoch than a distributed one.
+        """
         if self.strategy is None:
             return self.one(batch)
-        ok = self.strategy.run(self.one, args=(batch,))
+        fn = self.one if self.sharded else self._one_share
+        ok = self.strategy.run(fn, args=(batch,))
         return self.strategy.experimental_local_results(ok)[0]  # the same on every replica
+
+    def _one_share(self, batch: Any) -> tf.Tensor:
+        context = tf.distribute.get_replica_context()
+        replica, replicas = context.replica_id_in_sync_group, context.num_replicas_in_sync
+        if replicas == 1:
+            return self.one(batch)
+        n = batch_size(unpack(batch)[0])
+        base, extra = n // replicas, n % replicas
+        start = replica * base + tf.minimum(replica, extra)
+        size = base + tf.cast(replica < extra, n.dtype)
+        share = tf.nest.map_structure(lambda t: t[start : start + size], batch)
+        return self.one(share)
 
     def epoch_runner(self, iterator: Any) -> Callable[[tf.Tensor], tuple[tf.Tensor, Logs]]:
         """A caller of the iterator function bound to one iterator (one epoch).

@@ -14,6 +14,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
+from tfpure.checkpoint import cluster_task
 from tfpure.graph import Logs
 from tfpure.state import TrainState
 from tfpure.steps import Step, StepFn
@@ -180,21 +181,22 @@ def batch_hooks(cbs: keras.callbacks.CallbackList, mode: str) -> tuple[BatchHook
 def prepare(step: StepFn, state: TrainState, data: Any) -> None:
     """Runs a tfpure step's trace-time checks on `data`'s batches before anything changes.
 
-    (Under a strategy the checks run at the first step instead.)
+    (Under a multi-worker strategy the checks run at the first step instead.)
     """
-    if isinstance(step, Step) and isinstance(data, tf.data.Dataset) and state.strategy is None:
+    if isinstance(step, Step) and isinstance(data, tf.data.Dataset):
         step._prepare(state, data.element_spec)
 
 
 def data_iterator(step: StepFn, state: Any, data: tf.data.Dataset) -> Any:
-    """An iterator over `data` for `step`: split across replicas if the state is distributed.
+    """An iterator over `data` for `step`, distributed if the state spans several workers.
 
-    Under a strategy each global batch is split across the replicas by
-    `strategy.experimental_distribute_dataset` (a ragged last batch too, some
-    replicas possibly getting no example); tfpure steps run it through
-    `strategy.run`. Other steps get the global batches.
+    With a multi-worker strategy, `strategy.experimental_distribute_dataset`
+    shards the data between workers and splits each global batch across the
+    replicas (a ragged last batch too, some replicas possibly getting no
+    example). In one process tfpure steps split the global batch in-graph
+    (see `tfpure.graph`), so the iterator is an ordinary one.
     """
     strategy = getattr(state, "strategy", None)
-    if strategy is not None and isinstance(step, Step):
+    if isinstance(step, Step) and cluster_task(strategy) is not None:
         return iter(strategy.experimental_distribute_dataset(data))
     return iter(data)

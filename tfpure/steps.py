@@ -32,6 +32,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfpure.batch import Batch, as_model_loss, check_batch_sizes, unpack
+from tfpure.checkpoint import cluster_task
 from tfpure.graph import MARK, CompiledStep, Logs
 from tfpure.state import TrainState
 
@@ -138,12 +139,6 @@ class Step:
         compiled = self._for(state)
         # Batch sizes vary between calls, so the graph cannot see them statically.
         check_batch_sizes(*unpack(batch))
-        if state.strategy is not None:  # split the batch across the replicas, as loops do
-            size = len(tf.nest.flatten(batch)[0])
-            data = tf.data.Dataset.from_tensor_slices(batch).batch(max(size, 1))
-            iterator = iter(state.strategy.experimental_distribute_dataset(data))
-            _, logs = _run(compiled, compiled.on_iterator, iterator, self._limit(1))
-            return state, logs
         if not compiled.relaxed:
             compiled.on_batch.get_concrete_function(_relaxed_signature(batch))
             compiled.relaxed = True
@@ -190,7 +185,7 @@ class Step:
         The structure, shape and dtype checks run while tracing, so data that
         does not fit the model fails here, before a loop changes anything.
         """
-        if not tf.config.functions_run_eagerly() and state.strategy is None:
+        if not tf.config.functions_run_eagerly() and cluster_task(state.strategy) is None:
             self._for(state).on_iterator.get_concrete_function(
                 tf.data.IteratorSpec(element_spec), tf.TensorSpec([], tf.int32)
             )
