@@ -344,3 +344,60 @@ def test_fold_over_a_dataset_runs_eagerly_under_run_functions_eagerly():
         tf.config.run_functions_eagerly(False)
     for a, b in zip(model.variables, other.variables, strict=True):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6, err_msg=a.path)
+
+
+def iterators_deleted_by_thread(monkeypatch):
+    """Records, for every iterator the loops retire, the thread that deletes it."""
+    import threading
+    import weakref
+
+    from tfpure import loop, passes
+
+    deleted_by: list[str] = []
+    retire = passes.retire
+
+    def recording(refs):
+        for ref in refs:
+            if isinstance(ref, tf.data.Iterator):
+                weakref.finalize(ref, lambda: deleted_by.append(threading.current_thread().name))
+        retire(refs)
+
+    monkeypatch.setattr(passes, "retire", recording)
+    monkeypatch.setattr(loop, "retire", recording)
+    return deleted_by
+
+
+@pytest.mark.parametrize("checkpoint", [False, True], ids=["plain", "checkpointed"])
+def test_finished_epoch_iterators_are_deleted_off_the_training_thread(
+    monkeypatch, tmp_path, checkpoint
+):
+    """Deleting an autotuned iterator waits for the autotuner: the loop must not."""
+    from tfpure import passes
+
+    deleted_by = iterators_deleted_by_thread(monkeypatch)
+    train = dataset().prefetch(tf.data.AUTOTUNE)
+    val = dataset(n=21, batch=8, seed=1).prefetch(tf.data.AUTOTUNE)
+    tp.fit_loop(
+        make_state(SPEC.build(0)),
+        train,
+        tp.make_train_step(SCCE),
+        epochs=3,
+        val_data=val,
+        verbose=0,
+        checkpoint=tp.Checkpointer(tmp_path / "ckpt") if checkpoint else None,
+    )
+    tp.fold(tp.make_train_step(SCCE), make_state(SPEC.build(1)), train)
+    assert passes.drain_retired(timeout=60)
+    # Three training and three validation epochs, then the fold's pass.
+    assert deleted_by == ["tfpure-iterator-reaper"] * 7
+
+
+def test_a_python_step_over_a_dataset_retires_its_iterator_too(monkeypatch):
+    from tfpure import passes
+
+    deleted_by = iterators_deleted_by_thread(monkeypatch)
+    step = tp.make_train_step(SCCE)
+    _, logs = tp.fold(lambda s, b: step(s, b), make_state(SPEC.build(0)), dataset())
+    assert passes.drain_retired(timeout=60)
+    assert deleted_by == ["tfpure-iterator-reaper"]
+    assert logs is not None

@@ -37,6 +37,7 @@ from tfpure.passes import (
     data_iterator,
     num_batches,
     prepare,
+    retire,
     run_pass,
 )
 from tfpure.resume import Run
@@ -377,6 +378,9 @@ def _fit(
         last = epoch == epochs - 1 or bool(model.stop_training)
         if run is not None:
             run.end_epoch(epoch, full_history(), last)
+            if not run.stream:  # One iterator per epoch: this one is finished.
+                refs, iterator = [iterator], None
+                retire(refs)
         if model.stop_training:
             break
     # As Keras `fit` does: e.g. an optimizer with use_ema=True swaps in its averages.

@@ -8,6 +8,8 @@ hooks of Keras callbacks, but only the hooks some callback listens to.
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -36,6 +38,51 @@ def never() -> bool:
 
 
 _END = object()
+
+_retired: queue.SimpleQueue = queue.SimpleQueue()
+_reaper_lock = threading.Lock()
+_reaper: threading.Thread | None = None
+
+
+def _reap() -> None:
+    while True:
+        objects, done = _retired.get()
+        objects.clear()  # The last references: a finished iterator is deleted here.
+        del objects
+        if done is not None:
+            done.set()
+
+
+def retire(refs: list[Any]) -> None:
+    """Lets a finished epoch's data iterator be deleted off the training thread.
+
+    Deleting a `tf.data` iterator whose pipeline autotunes (``AUTOTUNE``
+    anywhere in it) blocks until the autotuner's next wake-up, and its
+    period doubles from 10 ms over the iterator's life: measured on
+    TensorFlow 2.21, an epoch of ~1.8 s ends at 2.55 s. Keras `fit` and the
+    hand-written loop pay that at every epoch's end; tfpure's loops hand the
+    iterator to one daemon thread that drops it while training goes on.
+
+    `refs` is emptied: its items move to that thread, which must hold the
+    last references (delete other names for them first).
+    """
+    global _reaper
+    with _reaper_lock:
+        if _reaper is None or not _reaper.is_alive():
+            _reaper = threading.Thread(target=_reap, name="tfpure-iterator-reaper", daemon=True)
+            _reaper.start()
+    objects = list(refs)
+    refs.clear()
+    _retired.put((objects, None))
+
+
+def drain_retired(timeout: float | None = None) -> bool:
+    """Waits until everything retired so far is deleted; False on timeout."""
+    if _reaper is None:
+        return True
+    done = threading.Event()
+    _retired.put(([], done))
+    return done.wait(timeout)
 
 
 def check_data(data: Any, argument: str) -> None:
@@ -93,6 +140,7 @@ def run_pass(
     logs: Logs | None = None
     done = start
     in_graph = iterator is not None or isinstance(data, tf.data.Dataset)
+    owned = iterator is None  # An iterator made here is retired here.
     if isinstance(step, Step) and in_graph:
         # Steps in the epoch, if known: then no call's step count is read back.
         known = num_batches(data) if iterator is None else None
@@ -118,6 +166,10 @@ def run_pass(
             end(done - 1, logs)
             if stop():
                 break
+        if owned:
+            refs = [iterator, run]
+            del iterator, run
+            retire(refs)
         return state, logs, done
     batches = iter(data) if iterator is None else iterator
     while max_steps is None or done < max_steps:
@@ -130,6 +182,10 @@ def run_pass(
         end(done - 1, logs)
         if stop():
             break
+    if owned and isinstance(batches, tf.data.Iterator):
+        refs = [batches]
+        del batches
+        retire(refs)
     return state, logs, done
 
 
