@@ -453,8 +453,11 @@ def chart(report: dict, path: Path) -> None:
         colors = ["#d62728" if n.startswith("tfpure") else "#7f7f7f" for n in names]
         ax.barh(names, ms, color=colors)
         ax.invert_yaxis()
-        ax.set_xscale("log")
-        ax.set_xlabel("median ms per step (log scale, lower is better)")
+        if workload == "tutorial_mlp":  # From 50 ms eagerly to under 1 ms fused.
+            ax.set_xscale("log")
+            ax.set_xlabel("median ms per step (log scale, lower is better)")
+        else:
+            ax.set_xlabel("median ms per step (lower is better)")
         ax.set_title(workload.replace("_", " "))
         for y, v in enumerate(ms):
             ax.text(v, y, f" {v:.3g}", va="center", fontsize=8)
