@@ -401,3 +401,31 @@ def test_a_python_step_over_a_dataset_retires_its_iterator_too(monkeypatch):
     assert passes.drain_retired(timeout=60)
     assert deleted_by == ["tfpure-iterator-reaper"]
     assert logs is not None
+
+
+def test_the_process_waits_at_exit_for_iterators_being_deleted(tmp_path):
+    """Python must not finalize while the reaper thread is still deleting an iterator."""
+    import subprocess
+    import sys
+    import textwrap
+
+    done = tmp_path / "deleted"
+    script = textwrap.dedent(
+        f"""
+        import time
+        import tensorflow as tf
+        from tfpure import passes
+
+        class SlowToDelete:
+            def __del__(self):
+                time.sleep(2)
+                open({str(done)!r}, "w").close()
+
+        passes.retire([iter(tf.data.Dataset.range(3)), SlowToDelete()])
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert done.exists()

@@ -8,6 +8,7 @@ hooks of Keras callbacks, but only the hooks some callback listens to.
 
 from __future__ import annotations
 
+import atexit
 import queue
 import threading
 from collections.abc import Callable, Iterable, Sequence
@@ -61,19 +62,30 @@ def retire(refs: list[Any]) -> None:
     period doubles from 10 ms over the iterator's life: measured on
     TensorFlow 2.21, an epoch of ~1.8 s ends at 2.55 s. Keras `fit` and the
     hand-written loop pay that at every epoch's end; tfpure's loops hand the
-    iterator to one daemon thread that drops it while training goes on.
+    iterator to one daemon thread that drops it while training goes on, and
+    wait for that thread at interpreter exit (a daemon thread inside
+    TensorFlow while Python finalizes can abort the process).
 
     `refs` is emptied: its items move to that thread, which must hold the
-    last references (delete other names for them first).
+    last references (delete other names for them first). Only plain
+    `tf.data.Iterator`s move; anything else (a multi-worker distributed
+    iterator) is left to the caller's references and deleted as usual.
     """
     global _reaper
+    if not any(isinstance(ref, tf.data.Iterator) for ref in refs):
+        return
     with _reaper_lock:
         if _reaper is None or not _reaper.is_alive():
             _reaper = threading.Thread(target=_reap, name="tfpure-iterator-reaper", daemon=True)
             _reaper.start()
+            atexit.register(drain_retired, timeout=_EXIT_WAIT_SECONDS)
     objects = list(refs)
     refs.clear()
     _retired.put((objects, None))
+
+
+# The autotuner's period grows to at most a minute: a deletion waits no longer.
+_EXIT_WAIT_SECONDS = 90.0
 
 
 def drain_retired(timeout: float | None = None) -> bool:
