@@ -13,8 +13,8 @@ them alike), it measures the median per-step time of
 for (a) the tutorial-sized MLP (64-128-10, batch 64, Dropout, L2), which is
 bound by per-step overhead, and (b) a compute-bound MLP (3 x 1024, batch 512),
 whose GFLOP/s are compared with those of a bare ``tf.matmul`` loop measured
-in the same rounds. It also counts traces over a multi-epoch run with a ragged last
-batch and the RSS growth over 20,000 steps. Results go to
+in the same rounds. It also counts traces over a multi-epoch run with a
+ragged last batch and the RSS growth over 20,000 steps. Results go to
 ``benchmarks/results/`` as JSON, a Markdown table and a PNG chart.
 """
 
@@ -308,6 +308,30 @@ def traces_and_memory(total_steps: int) -> dict[str, float]:
     }
 
 
+def gflops(variants: dict[str, dict], matmul: dict) -> dict:
+    """The compute MLP's GFLOP/s, beside the bare matmul's measured in the same rounds.
+
+    From median and from minimum step times, and ``paired_fraction``: the
+    median over rounds of a variant's GFLOP/s over the matmul's in that round.
+    """
+    flops = matmul_flops_per_step(compute_mlp(), WORKLOADS["compute_mlp"]["batch"])
+    out: dict = {
+        stat: {
+            "matmul": MATMUL_FLOPS / matmul[stat] / 1e9,
+            "variants": {name: flops / t[stat] / 1e9 for name, t in variants.items()},
+        }
+        for stat in ("median", "min")
+    }
+    out["paired_fraction"] = {
+        name: statistics.median(
+            flops * m / (MATMUL_FLOPS * v)
+            for m, v in zip(matmul["rounds"], t["rounds"], strict=True)
+        )
+        for name, t in variants.items()
+    }
+    return out
+
+
 # -- report -----------------------------------------------------------------------------
 
 
@@ -496,30 +520,11 @@ def main() -> None:
         ),
     }
     matmul = results["compute_mlp"].pop(MATMUL)
-    flops = matmul_flops_per_step(compute_mlp(), WORKLOADS["compute_mlp"]["batch"])
     report = {
         "machine": machine(),
         "per_step_seconds": results,
         "ratios": ratios(results),
-        "gflops": {
-            stat: {
-                "matmul": MATMUL_FLOPS / matmul[stat] / 1e9,
-                "variants": {
-                    name: flops / t[stat] / 1e9 for name, t in results["compute_mlp"].items()
-                },
-            }
-            for stat in ("median", "min")
-        }
-        | {
-            # Median over rounds of the variant's GFLOP/s over the matmul's in the same round.
-            "paired_fraction": {
-                name: statistics.median(
-                    flops * m / (MATMUL_FLOPS * v)
-                    for m, v in zip(matmul["rounds"], t["rounds"], strict=True)
-                )
-                for name, t in results["compute_mlp"].items()
-            }
-        },
+        "gflops": gflops(results["compute_mlp"], matmul),
         "memory": traces_and_memory(args.rss_steps),
         "rounds": {"tutorial_mlp": 2 * args.rounds, "compute_mlp": args.rounds},
     }

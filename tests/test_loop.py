@@ -1,6 +1,11 @@
 """fold, evaluate and fit_loop against Keras fit/evaluate and the tutorial loop."""
 
 import csv
+import subprocess
+import sys
+import textwrap
+import threading
+import weakref
 from unittest import mock
 
 import keras
@@ -9,6 +14,7 @@ import pytest
 import tensorflow as tf
 
 import tfpure as tp
+from tfpure import loop, passes
 from tfpure import testing as tpt
 from tfpure.testing.strategies import ModelSpec
 
@@ -348,10 +354,6 @@ def test_fold_over_a_dataset_runs_eagerly_under_run_functions_eagerly():
 
 def iterators_deleted_by_thread(monkeypatch):
     """Records, for every iterator the loops retire, the thread that deletes it."""
-    import threading
-    import weakref
-
-    from tfpure import loop, passes
 
     deleted_by: list[str] = []
     retire = passes.retire
@@ -372,8 +374,6 @@ def test_finished_epoch_iterators_are_deleted_off_the_training_thread(
     monkeypatch, tmp_path, checkpoint
 ):
     """Deleting an autotuned iterator waits for the autotuner: the loop must not."""
-    from tfpure import passes
-
     deleted_by = iterators_deleted_by_thread(monkeypatch)
     train = dataset().prefetch(tf.data.AUTOTUNE)
     val = dataset(n=21, batch=8, seed=1).prefetch(tf.data.AUTOTUNE)
@@ -393,8 +393,6 @@ def test_finished_epoch_iterators_are_deleted_off_the_training_thread(
 
 
 def test_a_python_step_over_a_dataset_retires_its_iterator_too(monkeypatch):
-    from tfpure import passes
-
     deleted_by = iterators_deleted_by_thread(monkeypatch)
     step = tp.make_train_step(SCCE)
     _, logs = tp.fold(lambda s, b: step(s, b), make_state(SPEC.build(0)), dataset())
@@ -405,10 +403,6 @@ def test_a_python_step_over_a_dataset_retires_its_iterator_too(monkeypatch):
 
 def test_the_process_waits_at_exit_for_iterators_being_deleted(tmp_path):
     """Python must not finalize while the reaper thread is still deleting an iterator."""
-    import subprocess
-    import sys
-    import textwrap
-
     done = tmp_path / "deleted"
     script = textwrap.dedent(
         f"""

@@ -44,6 +44,9 @@ _retired: queue.SimpleQueue = queue.SimpleQueue()
 _reaper_lock = threading.Lock()
 _reaper: threading.Thread | None = None
 
+# The autotuner's period grows to at most a minute: a deletion waits no longer.
+_EXIT_WAIT_SECONDS = 90.0
+
 
 def _reap() -> None:
     while True:
@@ -82,10 +85,6 @@ def retire(refs: list[Any]) -> None:
     objects = list(refs)
     refs.clear()
     _retired.put((objects, None))
-
-
-# The autotuner's period grows to at most a minute: a deletion waits no longer.
-_EXIT_WAIT_SECONDS = 90.0
 
 
 def drain_retired(timeout: float | None = None) -> bool:
