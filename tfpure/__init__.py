@@ -10,7 +10,8 @@ The hand-written TensorFlow loop (GradientTape, ``apply_gradients``, metric
     state, history = tp.fit_loop(state, train_ds, train_step, epochs=5, val_data=val_ds)
 """
 
-from tfpure import transforms
+from tfpure import distribute, transforms
+from tfpure._version import __version__ as __version__
 from tfpure.batch import LossFn, ModelLossFn
 from tfpure.checkpoint import Checkpointer, CheckpointError
 from tfpure.loop import evaluate, fit_loop, fold
@@ -22,11 +23,11 @@ from tfpure.steps import (
     NonFiniteError,
     Step,
     StepFn,
+    StepSpec,
     make_eval_step,
+    make_step,
     make_train_step,
 )
-
-__version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError",
@@ -39,11 +40,14 @@ __all__ = [
     "Preempted",
     "Step",
     "StepFn",
+    "StepSpec",
     "TrainState",
     "evaluate",
     "fit_loop",
     "fold",
     "make_eval_step",
+    "make_step",
     "make_train_step",
+    "distribute",
     "transforms",
 ]

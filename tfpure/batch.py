@@ -27,7 +27,7 @@ import tensorflow as tf
 
 # The wrapper `model.compile` puts around plain loss functions; Keras does not
 # export it, and tfpure must score exactly as `fit` does.
-from keras.src.losses import LossFunctionWrapper
+from tfpure.compat import LossFunctionWrapper, model_input_structure
 
 __all__ = [
     "LossFn",
@@ -112,12 +112,7 @@ def check_batch(model: keras.Model, x: Any, y: Any, sample_weight: Any) -> None:
     Models without declared inputs (subclassed models) are checked by their
     own layers instead.
     """
-    inputs = getattr(model, "_inputs_struct", None)
-    if inputs is None:
-        try:
-            inputs = model.inputs  # Sequential models declare a list.
-        except AttributeError:
-            inputs = None
+    inputs = model_input_structure(model)
     flat_x = tf.nest.flatten(x)
     if inputs is not None:
         flat_in = tf.nest.flatten(inputs)

@@ -39,59 +39,67 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
-import attrs
 import numpy as np
 import tensorflow as tf
 
-from tfpure.state import TrainState
+from tfpure.distribute import cluster_task, strategy_of
+from tfpure.state import TrainState, leaves, variable_groups
 
 __all__ = ["CheckpointError", "Checkpointer"]
 
 
 class CheckpointError(RuntimeError):
-    """No usable checkpoint, or one that does not fit the state."""
+    """No usable checkpoint, or one that does not fit the state.
 
+    Raised by `Checkpointer.restore` (and so by a checkpointed `fit_loop`)
+    before any variable changes, and by `fit_loop` when the data cannot be
+    replayed to a saved position.
 
-@attrs.frozen
-class Task:
-    """This process's place in a multi-worker cluster."""
-
-    task_type: str
-    task_id: int
-    chief: bool
-
-    @property
-    def name(self) -> str:
-        return f"{self.task_type}-{self.task_id}"
-
-
-def cluster_task(strategy: tf.distribute.Strategy | None) -> Task | None:
-    """This process's task if `strategy` spans several processes, else None.
-
-    The chief is the task of type ``chief``, or worker 0 when there is none
-    (TensorFlow's convention).
+    Example:
+      >>> import keras, tempfile, tfpure as tp
+      >>> small = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+      >>> wide = keras.Sequential([keras.Input((2,)), keras.layers.Dense(3)])
+      >>> directory = tempfile.mkdtemp()
+      >>> _ = tp.Checkpointer(directory).save(
+      ...     tp.TrainState.create(model=small, optimizer=keras.optimizers.SGD()))
+      >>> try:
+      ...     tp.Checkpointer(directory).restore(
+      ...         tp.TrainState.create(model=wide, optimizer=keras.optimizers.SGD()))
+      ... except tp.CheckpointError as err:
+      ...     print("refused:", "does not fit this state" in str(err))
+      refused: True
     """
-    resolver = getattr(strategy, "cluster_resolver", None)
-    if resolver is None or not resolver.task_type:
-        return None
-    cluster = resolver.cluster_spec().as_dict()
-    if sum(len(tasks) for tasks in cluster.values()) <= 1:
-        return None
-    chief = resolver.task_type == "chief" or (
-        resolver.task_type == "worker" and resolver.task_id == 0 and "chief" not in cluster
-    )
-    return Task(resolver.task_type, int(resolver.task_id), chief)
 
 
-def _groups(state: TrainState) -> dict[str, list[Any]]:
-    """The state's variables, grouped and ordered as they are saved."""
-    return {
-        "model": list(state.model.variables),
-        "optimizer": list(state.optimizer.variables),
-        "metrics": [v for m in state.metrics.values() for v in m.variables],
-        "eval_metrics": [v for m in state.eval_metrics.values() for v in m.variables],
-        "counters": [state.step, state.skipped, state.rng.state],
-    }
+def _paths(states: Any) -> list[str]:
+    """A name for each state of a structure: '' for one state, else its key path."""
+    if isinstance(states, TrainState):
+        return [""]
+    out: list[str] = []
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for key in sorted(node):  # tf.nest's order
+                walk(node[key], f"{prefix}{key}/")
+        elif isinstance(node, list | tuple):
+            for i, item in enumerate(node):
+                walk(item, f"{prefix}{i}/")
+        else:
+            out.append(prefix)
+
+    walk(states, "")
+    return out
+
+
+def _groups(states: Any, extra: Sequence[Any] = ()) -> dict[str, list[Any]]:
+    """The variables of every state (and the loop's `extra`), grouped and ordered as saved."""
+    groups: dict[str, list[Any]] = {}
+    for path, state in zip(_paths(states), leaves(states), strict=True):
+        for group, variables in variable_groups(state).items():
+            groups[f"{path}{group}"] = variables
+    if extra:
+        groups["loop_logs"] = list(extra)
+    return groups
 
 
 def _name(variable: Any) -> str:
@@ -107,8 +115,10 @@ def _layout(groups: dict[str, list[Any]]) -> dict[str, list[list[Any]]]:
 
 def _mismatch(saved: dict[str, list[list[Any]]], mine: dict[str, list[list[Any]]]) -> str | None:
     """Names the first difference between two layouts (shapes and dtypes by position)."""
-    for group in ("model", "optimizer", "metrics", "eval_metrics", "counters"):
-        a, b = saved.get(group, []), mine[group]
+    if list(saved) != list(mine):
+        return f"the checkpoint holds the groups {list(saved)}, the state {list(mine)}"
+    for group in mine:
+        a, b = saved[group], mine[group]
         if len(a) != len(b):
             return (
                 f"the checkpoint holds {len(a)} {group} variables, the state {len(b)} "
@@ -116,7 +126,7 @@ def _mismatch(saved: dict[str, list[list[Any]]], mine: dict[str, list[list[Any]]
                 f"{[x[0] for x in b[:3]]})"
             )
         for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            if x[1:] != y[1:]:
+            if x[1:] != y[1:] and not (group == "loop_logs" and x[2] == y[2]):
                 return (
                     f"{group} variable {i}: the checkpoint's {x[0]} has shape {tuple(x[1])} "
                     f"and dtype {x[2]}, the state's {y[0]} has shape {tuple(y[1])} and dtype {y[2]}"
@@ -186,18 +196,20 @@ class Checkpointer:
         self.epoch_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch_step")
         self.history = tf.Variable("{}", trainable=False, name="history")
         self._layout = tf.Variable("", trainable=False, name="layout")
-        self._managed: tuple[TrainState, tf.train.CheckpointManager] | None = None
+        self._managed: tuple[tuple[int, ...], tf.train.CheckpointManager] | None = None
 
     # -- the checkpoint object ----------------------------------------------------
 
-    def _manager(self, state: TrainState) -> tf.train.CheckpointManager:
-        if self._managed is None or self._managed[0] is not state:
+    def _manager(self, state: Any, extra: Sequence[Any]) -> tf.train.CheckpointManager:
+        key = tuple(id(v) for v in [*leaves(state), *extra])
+        if self._managed is None or self._managed[0] != key:
+            groups = _groups(state, extra)
             checkpoint = tf.train.Checkpoint(
-                **_groups(state),
+                **{name.replace("/", "__"): variables for name, variables in groups.items()},
                 loop=[self.epoch, self.epoch_step, self.history],
                 layout=self._layout,
             )
-            task = cluster_task(state.strategy)
+            task = cluster_task(strategy_of(leaves(state)))
             directory, keep = self.directory, self.max_to_keep
             if task is not None and not task.chief:
                 # Every worker must take part in a save (reading its metrics is
@@ -206,7 +218,7 @@ class Checkpointer:
             manager = tf.train.CheckpointManager(
                 checkpoint, directory, max_to_keep=keep, checkpoint_name="ckpt"
             )
-            self._managed = (state, manager)
+            self._managed = (key, manager)
         return self._managed[1]
 
     def checkpoints(self) -> list[str]:
@@ -226,8 +238,13 @@ class Checkpointer:
 
     # -- save ---------------------------------------------------------------------
 
-    def save(self, state: TrainState) -> str:
+    def save(self, state: Any, *, extra: Sequence[Any] = ()) -> str:
         """Writes a checkpoint of `state` (and the loop's position); returns its path.
+
+        `state` is a `TrainState` or a dict / tuple / list of them; `extra`
+        holds further variables saved with it (`fit_loop` passes a
+        `make_step` body's running log means). The checkpoint is numbered by
+        `state.step` (for several states, the largest).
 
         Example:
           >>> import keras, tempfile, tfpure as tp
@@ -237,9 +254,10 @@ class Checkpointer:
           >>> os.path.basename(ckpt.save(state))
           'ckpt-0'
         """
-        self._layout.assign(json.dumps(_layout(_groups(state))))
-        manager = self._manager(state)
-        path = manager.save(checkpoint_number=int(state.step.numpy()))
+        self._layout.assign(json.dumps(_layout(_groups(state, extra))))
+        manager = self._manager(state, extra)
+        number = max(int(s.step.numpy()) for s in leaves(state))
+        path = manager.save(checkpoint_number=number)
         if manager.directory != self.directory:  # a worker's throwaway copy
             shutil.rmtree(manager.directory, ignore_errors=True)
             return os.path.join(self.directory, os.path.basename(path))
@@ -247,22 +265,24 @@ class Checkpointer:
 
     # -- restore ------------------------------------------------------------------
 
-    def _check(self, path: str, state: TrainState) -> None:
+    def _check(self, path: str, state: Any, extra: Sequence[Any]) -> None:
         """Raises `tf.errors.OpError` if the files do not read back, `CheckpointError`
         if they hold another architecture."""
         reader = tf.train.load_checkpoint(path)
         for key in reader.get_variable_to_dtype_map():
             reader.get_tensor(key)
         saved = reader.get_tensor("layout/.ATTRIBUTES/VARIABLE_VALUE")
-        problem = _mismatch(json.loads(saved), _layout(_groups(state)))
+        problem = _mismatch(json.loads(saved), _layout(_groups(state, extra)))
         if problem:
             raise CheckpointError(
                 f"Checkpoint {path} does not fit this state: {problem}. It was written "
                 "for another model, optimizer or set of metrics."
             )
 
-    def restore(self, state: TrainState) -> str | None:
+    def restore(self, state: Any, *, extra: Sequence[Any] = ()) -> str | None:
         """Restores the newest good checkpoint into `state` (and the loop's position).
+
+        `state` and `extra` as for `save`.
 
         Returns:
           The path restored, or None if `directory` holds no checkpoint.
@@ -281,12 +301,12 @@ class Checkpointer:
         paths = self.checkpoints()
         if not paths:
             return None
-        variables = [v for vs in _groups(state).values() for v in vs]
+        variables = [v for vs in _groups(state, extra).values() for v in vs]
         variables += [self.epoch, self.epoch_step, self.history]
         failures = []
         for path in paths:
             try:
-                self._check(path, state)
+                self._check(path, state, extra)
             except CheckpointError:
                 raise
             except Exception as err:  # the reader raises OpError, IndexError, ...
@@ -300,7 +320,9 @@ class Checkpointer:
                 continue
             backup = [np.array(v.numpy(), copy=True) for v in variables]
             try:
-                self._manager(state).checkpoint.restore(path).assert_existing_objects_matched()
+                self._manager(state, extra).checkpoint.restore(
+                    path
+                ).assert_existing_objects_matched()
             except (tf.errors.OpError, AssertionError, ValueError) as err:
                 for v, value in zip(variables, backup, strict=True):
                     v.assign(value)
@@ -321,10 +343,25 @@ class Checkpointer:
     # -- the loop's record ----------------------------------------------------------
 
     def recorded_history(self) -> dict[str, list[float]]:
-        """The history of the epochs completed so far in this run (as restored)."""
+        """The history of the epochs completed so far in this run (as restored).
+
+        Example:
+          >>> import tempfile, tfpure as tp
+          >>> tp.Checkpointer(tempfile.mkdtemp()).recorded_history()
+          {}
+        """
         return json.loads(self.history.numpy().decode())
 
     def record(self, history: dict[str, Sequence[float]]) -> None:
+        """Sets the history the next save records (`fit_loop` calls it after each epoch).
+
+        Example:
+          >>> import tempfile, tfpure as tp
+          >>> ckpt = tp.Checkpointer(tempfile.mkdtemp())
+          >>> ckpt.record({"loss": [0.5, 0.25]})
+          >>> ckpt.recorded_history()
+          {'loss': [0.5, 0.25]}
+        """
         self.history.assign(json.dumps({k: [float(x) for x in v] for k, v in history.items()}))
 
     def __repr__(self) -> str:

@@ -27,8 +27,8 @@ from typing import Any
 
 import keras
 
+from tfpure.builtin import Logs, metric_results
 from tfpure.checkpoint import Checkpointer
-from tfpure.graph import Logs, metric_results
 from tfpure.passes import (
     LogsHook,
     batch_hooks,
@@ -41,7 +41,7 @@ from tfpure.passes import (
     run_pass,
 )
 from tfpure.resume import Run
-from tfpure.state import TrainState
+from tfpure.state import leaves
 from tfpure.steps import Step, StepFn, make_eval_step
 
 __all__ = ["evaluate", "fit_loop", "fold"]
@@ -85,22 +85,40 @@ def floats(logs: Logs) -> dict[str, float]:
     return {name: float(value) for name, value in logs.items()}
 
 
+def current_logs(step: StepFn, state: Any) -> Logs:
+    """The running figures a step would report now, without running it."""
+    if isinstance(step, Step):
+        return step.results(state)
+    return metric_results(leaves(state)[0].metrics)
+
+
+def reset(step: StepFn, state: Any, *, train: bool) -> None:
+    """Starts an epoch's (or an evaluation's) running figures afresh, for every state."""
+    for s in leaves(state):
+        s.reset_metrics() if train else s.reset_eval_metrics()
+    if isinstance(step, Step):
+        step.reset_logs(state)
+
+
 def _eval_step_for(eval_step: StepFn | None, train_step: StepFn) -> StepFn:
     if eval_step is not None:
         if isinstance(eval_step, Step) and eval_step.kind != "eval":
             raise ValueError("`eval_step` is a training step; build it with make_eval_step(loss).")
         return eval_step
-    if isinstance(train_step, Step):
+    if isinstance(train_step, Step) and train_step.kind == "train":
         return make_eval_step(
             train_step.loss,
             jit_compile=train_step.jit_compile,
             steps_per_call=train_step.steps_per_call,
         )
-    raise ValueError("`val_data` needs an `eval_step` when `train_step` is not a tfpure step.")
+    raise ValueError(
+        "`val_data` needs an `eval_step` when `train_step` is not built by make_train_step "
+        "(a make_step body, or a plain function): pass eval_step=."
+    )
 
 
 def evaluate(
-    state: TrainState,
+    state: Any,
     data: Any,
     eval_step: StepFn,
     *,
@@ -108,6 +126,9 @@ def evaluate(
     verbose: int = 0,
 ) -> dict[str, float]:
     """Scores `state` on `data`: resets `state.eval_metrics`, runs `eval_step`, reports.
+
+    `state` may be a structure of states when `eval_step` is a `make_step`
+    body; its report is then each log's mean over `data`, weighted by batch size.
 
     The figures equal Keras' `model.evaluate` for the same model, loss and
     data: the loss is a per-example mean including ``model.losses``.
@@ -140,7 +161,7 @@ def evaluate(
     prepare(eval_step, state, data)
     cbs = callback_list(
         callbacks,
-        state.model,
+        leaves(state)[0].model,
         add_progbar=verbose != 0,
         verbose=verbose,
         epochs=1,
@@ -150,12 +171,12 @@ def evaluate(
 
 
 def _evaluate(
-    state: TrainState,
+    state: Any,
     data: Any,
     eval_step: StepFn,
     cbs: keras.callbacks.CallbackList,
 ) -> dict[str, float]:
-    state.reset_eval_metrics()
+    reset(eval_step, state, train=False)
     cbs.on_test_begin()
     state, logs, done = run_pass(
         eval_step,
@@ -171,7 +192,7 @@ def _evaluate(
 
 
 def fit_loop(
-    state: TrainState,
+    state: Any,
     data: Any,
     train_step: StepFn,
     *,
@@ -182,7 +203,7 @@ def fit_loop(
     verbose: int = 1,
     steps_per_epoch: int | None = None,
     checkpoint: Checkpointer | None = None,
-) -> tuple[TrainState, dict[str, list[float]]]:
+) -> tuple[Any, dict[str, list[float]]]:
     """Trains for `epochs` epochs with validation and Keras callbacks; returns the history.
 
     Each epoch resets `state.metrics`, runs `train_step` over `data` (a fold),
@@ -245,11 +266,7 @@ def fit_loop(
       >>> history["val_accuracy"][-1] > 0.9
       True
     """
-    if not isinstance(state, TrainState):
-        raise TypeError(
-            f"`state` must be a TrainState; got {type(state).__name__}. Use "
-            "tp.fold for steps that thread other values."
-        )
+    leaves(state)  # a TrainState or a structure of them, or a TypeError
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"`epochs` must be an int >= 1; got {epochs!r}.")
     if isinstance(train_step, Step) and train_step.kind != "train":
@@ -277,7 +294,12 @@ def fit_loop(
     run = None
     if checkpoint is not None:
         run = Run(
-            checkpoint, state, data, steps_per_epoch, lambda d: data_iterator(train_step, state, d)
+            checkpoint,
+            state,
+            data,
+            steps_per_epoch,
+            lambda d: data_iterator(train_step, state, d),
+            extra=train_step.log_variables(state) if isinstance(train_step, Step) else [],
         )
     try:
         return _fit(
@@ -298,7 +320,7 @@ def fit_loop(
 
 
 def _fit(
-    state: TrainState,
+    state: Any,
     data: Any,
     train_step: StepFn,
     epochs: int,
@@ -308,8 +330,9 @@ def _fit(
     verbose: int,
     steps_per_epoch: int | None,
     run: Run | None,
-) -> tuple[TrainState, dict[str, list[float]]]:
-    model = state.model
+) -> tuple[Any, dict[str, list[float]]]:
+    states = leaves(state)
+    model = states[0].model  # the model Keras callbacks see
     if run is not None:
         steps_per_epoch, first_epoch = run.steps_per_epoch, run.first_epoch
     else:
@@ -327,7 +350,7 @@ def _fit(
         steps=steps_per_epoch or num_batches(data),
     )
     if getattr(model, "optimizer", None) is None:
-        model.optimizer = state.optimizer
+        model.optimizer = states[0].optimizer
     model.stop_training = False
     stop = lambda: bool(model.stop_training) or (run is not None and run.preempted)  # noqa: E731
     history = next(cb for cb in cbs.callbacks if isinstance(cb, keras.callbacks.History))
@@ -341,7 +364,7 @@ def _fit(
     for epoch in range(first_epoch, epochs):
         start = run.start(epoch) if run is not None else 0
         if start == 0:  # A resumed epoch keeps its restored running metrics.
-            state.reset_metrics()
+            reset(train_step, state, train=True)
         cbs.on_epoch_begin(epoch)
         begin, end = batch_hooks(cbs, "train")
         if run is not None:
@@ -364,7 +387,7 @@ def _fit(
             endless=run is not None,
         )
         if logs is None and start:  # Resumed right at the end of the epoch's steps.
-            logs = metric_results(state.metrics)
+            logs = current_logs(train_step, state)
         if not done or logs is None:
             raise ValueError(
                 f"The training data held no batch in epoch {epoch}"
@@ -384,6 +407,7 @@ def _fit(
         if model.stop_training:
             break
     # As Keras `fit` does: e.g. an optimizer with use_ema=True swaps in its averages.
-    state.optimizer.finalize_variable_values(model.trainable_variables)
+    for s in states:
+        s.optimizer.finalize_variable_values(s.model.trainable_variables)
     cbs.on_train_end(epoch_logs)
     return state, full_history()

@@ -17,9 +17,9 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from tfpure.checkpoint import cluster_task
-from tfpure.graph import Logs
-from tfpure.state import TrainState
+from tfpure.builtin import Logs
+from tfpure.distribute import cluster_task, strategy_of
+from tfpure.state import leaves
 from tfpure.steps import Step, StepFn
 
 BatchHook = Callable[[int], None]
@@ -245,7 +245,7 @@ def batch_hooks(cbs: keras.callbacks.CallbackList, mode: str) -> tuple[BatchHook
     return begin, end
 
 
-def prepare(step: StepFn, state: TrainState, data: Any) -> None:
+def prepare(step: StepFn, state: Any, data: Any) -> None:
     """Runs a tfpure step's trace-time checks on `data`'s batches before anything changes.
 
     (Under a multi-worker strategy the checks run at the first step instead.)
@@ -263,7 +263,8 @@ def data_iterator(step: StepFn, state: Any, data: tf.data.Dataset) -> Any:
     example). In one process tfpure steps split the global batch in-graph
     (see `tfpure.graph`), so the iterator is an ordinary one.
     """
-    strategy = getattr(state, "strategy", None)
-    if isinstance(step, Step) and cluster_task(strategy) is not None:
-        return iter(strategy.experimental_distribute_dataset(data))
+    if isinstance(step, Step):
+        strategy = strategy_of(leaves(state))
+        if cluster_task(strategy) is not None:
+            return iter(strategy.experimental_distribute_dataset(data))
     return iter(data)

@@ -11,13 +11,15 @@ from __future__ import annotations
 import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import tensorflow as tf
 
-from tfpure.checkpoint import Checkpointer, CheckpointError, cluster_task
-from tfpure.state import TrainState
+from tfpure.checkpoint import Checkpointer, CheckpointError
+from tfpure.compat import serialized_dataset_graph
+from tfpure.distribute import cluster_task, strategy_of
+from tfpure.state import leaves
 
 __all__ = ["Preempted", "Run"]
 
@@ -41,11 +43,8 @@ def _unreplayable(data: tf.data.Dataset) -> str | None:
     a pure function of its seeds: no state outside TensorFlow (py_function,
     from_generator, stateful random ops in `map`) and no unseeded shuffle.
     """
-    serialize = getattr(data, "_as_serialized_graph", None)
-    if serialize is None:  # Not this TensorFlow's internals: no check.
-        return None
     try:
-        graph = serialize(external_state_policy=tf.data.experimental.ExternalStatePolicy.FAIL)
+        graph = serialized_dataset_graph(data)
     except tf.errors.OpError:
         return (
             "it holds state outside TensorFlow (tf.py_function, Dataset.from_generator, "
@@ -97,10 +96,11 @@ class Run:
     def __init__(
         self,
         ckpt: Checkpointer,
-        state: TrainState,
+        state: Any,
         data: tf.data.Dataset,
         steps_per_epoch: int | None,
         iterate: Callable[[tf.data.Dataset], Any] = iter,
+        extra: Sequence[Any] = (),
     ):
         if not isinstance(data, tf.data.Dataset):
             raise TypeError(
@@ -123,9 +123,10 @@ class Run:
                 "Checkpointer."
             )
         self.ckpt, self.state, self.data, self.iterate = ckpt, state, data, iterate
+        self.extra = list(extra)
         self.stream = steps_per_epoch is not None
         self.steps_per_epoch = steps_per_epoch or cardinality
-        self.path = ckpt.restore(state)
+        self.path = ckpt.restore(state, extra=self.extra)
         if self.path is None:
             ckpt.epoch.assign(0)
             ckpt.epoch_step.assign(0)
@@ -139,7 +140,7 @@ class Run:
         # Across several processes a save is a collective: one worker saving on
         # its own SIGTERM would wait forever for the others. Multi-worker runs
         # keep SIGTERM's default and rely on periodic saves.
-        single_process = cluster_task(state.strategy) is None
+        single_process = cluster_task(strategy_of(leaves(state))) is None
         if single_process and threading.current_thread() is threading.main_thread():
             self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
 
@@ -203,7 +204,7 @@ class Run:
             self._save(f"at the end of epoch {epoch}")
 
     def _save(self, where: str) -> None:
-        path = self.ckpt.save(self.state)
+        path = self.ckpt.save(self.state, extra=self.extra)
         if self.preempted:
             print(
                 f"tfpure: SIGTERM received; saved {path} {where}. Run the same command "

@@ -29,7 +29,10 @@ import attrs
 import keras
 import tensorflow as tf
 
-__all__ = ["TrainState"]
+from tfpure.compat import optimizer_built_for, seed_generators
+from tfpure.guard import record_gradients
+
+__all__ = ["TrainState", "leaves", "state_variables", "variable_groups"]
 
 LOSS = "loss"
 
@@ -83,7 +86,7 @@ def _clone_metric(name: str, metric: keras.metrics.Metric) -> keras.metrics.Metr
 
 def _check_optimizer_matches(model: keras.Model, optimizer: keras.optimizers.Optimizer) -> None:
     """Raises if `optimizer` was built for variables other than the model's."""
-    built_for = getattr(optimizer, "_trainable_variables", None)
+    built_for = optimizer_built_for(optimizer)
     if not built_for:
         return
     mine = {id(v) for v in model.trainable_variables}
@@ -103,13 +106,6 @@ def _derived_seed(seed: int, path: str) -> int:
     return int.from_bytes(digest[:4], "little")
 
 
-def _model_seed_generators(model: keras.Model) -> list[keras.random.SeedGenerator]:
-    generators = []
-    for layer in model._flatten_layers(include_self=True, recursive=True):
-        generators.extend(getattr(layer, "_seed_generators", ()))
-    return generators
-
-
 def _counter(name: str) -> tf.Variable:
     return tf.Variable(
         0,
@@ -120,9 +116,7 @@ def _counter(name: str) -> tf.Variable:
     )
 
 
-def _strategy_of(
-    model: keras.Model, optimizer: keras.optimizers.Optimizer
-) -> tf.distribute.Strategy | None:
+def _strategy_of(model: keras.Model) -> tf.distribute.Strategy | None:
     """The strategy whose scope we are in, checked against where the model lives."""
     first = model.variables[0].value
     if not tf.distribute.has_strategy():
@@ -269,7 +263,7 @@ class TrainState:
                 f"`metrics` and `eval_metrics` share the instances {sorted(shared)}; "
                 "evaluation would overwrite training figures. Pass separate objects."
             )
-        strategy = _strategy_of(model, optimizer)
+        strategy = _strategy_of(model)
         if optimizer.built:
             _check_optimizer_matches(model, optimizer)
         else:
@@ -277,7 +271,7 @@ class TrainState:
 
         rng = keras.random.SeedGenerator(seed)
         if seed is not None:
-            for i, generator in enumerate(_model_seed_generators(model)):
+            for i, generator in enumerate(seed_generators(model)):
                 generator.state.assign(tf.constant([_derived_seed(seed, str(i)), 0], tf.int64))
         return cls(
             model=model,
@@ -289,6 +283,56 @@ class TrainState:
             skipped=_counter("skipped"),
             strategy=strategy,
         )
+
+    def apply_gradients(self, grads: Sequence[Any]) -> TrainState:
+        """One optimizer update of `model.trainable_variables`; returns the state.
+
+        `grads` holds one gradient per trainable variable, in
+        `model.trainable_variables` order (None for a variable the loss does
+        not reach). Counts `state.step`. Use it inside a step body compiled by
+        `tp.make_step`, where the non-finite guard checks these gradients;
+        it also works eagerly. With a `LossScaleOptimizer`, differentiate
+        ``state.optimizer.scale_loss(loss)``: the optimizer unscales the
+        gradients and skips overflowing steps itself, as in `make_train_step`
+        (for other optimizers `scale_loss` returns the loss unchanged).
+
+        Raises:
+          ValueError: `grads` has another length than the trainable
+            variables, or holds only None.
+
+        Example:
+          >>> import keras, numpy as np, tensorflow as tf, tfpure as tp
+          >>> model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1, use_bias=False)])
+          >>> model.set_weights([np.ones((1, 1), "float32")])
+          >>> state = tp.TrainState.create(model=model, optimizer=keras.optimizers.SGD(0.5))
+          >>> with tf.GradientTape() as tape:
+          ...     loss = tf.reduce_sum(model(tf.ones((1, 1))) ** 2)  # d/dw w^2 = 2 at w = 1
+          >>> state = state.apply_gradients(tape.gradient(loss, model.trainable_variables))
+          >>> float(model.weights[0][0, 0]), int(state.step)
+          (0.0, 1)
+        """
+        variables = self.model.trainable_variables
+        grads = list(grads)
+        if len(grads) != len(variables):
+            raise ValueError(
+                f"apply_gradients got {len(grads)} gradients for the {len(variables)} "
+                f"trainable variables of model {self.model.name!r}: pass one per variable, "
+                "in model.trainable_variables order (None where there is none)."
+            )
+        pairs = [(g, v) for g, v in zip(grads, variables, strict=True) if g is not None]
+        if not pairs:
+            raise ValueError(
+                f"apply_gradients got no gradient for model {self.model.name!r} (all None): "
+                "the loss does not depend on its weights."
+            )
+        record_gradients(
+            self.model.name,
+            grads,
+            loss_scaled=isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer),
+        )
+        self.optimizer.apply_gradients(pairs)
+        self.step.assign_add(1)
+        return self
 
     def replace(self, **changes: Any) -> TrainState:
         """Returns a copy with `changes` applied to the named fields.
@@ -342,3 +386,101 @@ class TrainState:
             f"optimizer={type(self.optimizer).__name__}, "
             f"metrics={sorted(self.metrics)}, step={int(self.step.numpy())})"
         )
+
+
+def _flatten(node: Any) -> list[Any]:
+    # tf.nest would open a TrainState (an attrs class): walk dicts, lists and tuples only.
+    if isinstance(node, dict):
+        return [leaf for key in sorted(node) for leaf in _flatten(node[key])]
+    if isinstance(node, list | tuple):
+        return [leaf for item in node for leaf in _flatten(item)]
+    return [node]
+
+
+def rebuild(template: Any, states: list[Any]) -> Any:
+    """A structure like `template` (dicts, lists, tuples) with `states` as its leaves, in
+    `leaves` order.
+
+    Example:
+      >>> from tfpure.state import rebuild
+      >>> rebuild({"b": 0, "a": (0, 0)}, ["x", "y", "z"])
+      {'b': 'z', 'a': ('x', 'y')}
+    """
+    it = iter(states)
+
+    def build(node: Any) -> Any:
+        if isinstance(node, dict):
+            built = {key: build(node[key]) for key in sorted(node)}
+            return {key: built[key] for key in node}
+        if isinstance(node, list | tuple):
+            items = [build(item) for item in node]
+            return type(node)(*items) if hasattr(node, "_fields") else type(node)(items)
+        return next(it)
+
+    return build(template)
+
+
+def same_structure(a: Any, b: Any) -> bool:
+    """Whether two state structures have the same dicts (keys), lists and tuples."""
+    if isinstance(a, dict):
+        return (
+            isinstance(b, dict) and set(a) == set(b) and all(same_structure(a[k], b[k]) for k in a)
+        )
+    if isinstance(a, list | tuple):
+        return (
+            isinstance(b, list | tuple)
+            and len(a) == len(b)
+            and all(same_structure(x, y) for x, y in zip(a, b, strict=True))
+        )
+    return not isinstance(b, dict | list | tuple)
+
+
+def leaves(states: Any) -> list[TrainState]:
+    """The `TrainState`s of a state structure (a state, or a dict / tuple / list of them).
+
+    Raises:
+      TypeError: a leaf is not a `TrainState`, or there is none.
+
+    Example:
+      >>> import keras, tfpure as tp
+      >>> from tfpure.state import leaves
+      >>> make = lambda: tp.TrainState.create(
+      ...     model=keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)]),
+      ...     optimizer=keras.optimizers.SGD())
+      >>> len(leaves({"g": make(), "d": make()}))
+      2
+    """
+    found = _flatten(states)
+    bad = [type(leaf).__name__ for leaf in found if not isinstance(leaf, TrainState)]
+    if bad or not found:
+        raise TypeError(
+            "Expected a TrainState or a dict / tuple / list of TrainStates; got "
+            f"{type(states).__name__}{f' holding {bad}' if bad else ''}. Build states with "
+            "tp.TrainState.create(model=..., optimizer=...)."
+        )
+    return found
+
+
+def variable_groups(state: TrainState) -> dict[str, list[Any]]:
+    """Every variable a state owns, by group, in a fixed order.
+
+    Example:
+      >>> import keras, tfpure as tp
+      >>> from tfpure.state import variable_groups
+      >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+      >>> state = tp.TrainState.create(model=model, optimizer=keras.optimizers.SGD())
+      >>> {group: len(vs) for group, vs in variable_groups(state).items()}
+      {'model': 2, 'optimizer': 2, 'metrics': 2, 'eval_metrics': 2, 'counters': 3}
+    """
+    return {
+        "model": list(state.model.variables),
+        "optimizer": list(state.optimizer.variables),
+        "metrics": [v for m in state.metrics.values() for v in m.variables],
+        "eval_metrics": [v for m in state.eval_metrics.values() for v in m.variables],
+        "counters": [state.step, state.skipped, state.rng.state],
+    }
+
+
+def state_variables(state: TrainState) -> list[Any]:
+    """Every variable a state owns, in `variable_groups` order."""
+    return [v for vs in variable_groups(state).values() for v in vs]

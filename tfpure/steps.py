@@ -1,40 +1,41 @@
-"""Step factories: `make_train_step` and `make_eval_step`.
+"""Steps: `make_step` for user-written bodies, `make_train_step` / `make_eval_step` built in.
 
 Synopsis::
 
     train_step = tp.make_train_step(keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    eval_step = tp.make_eval_step(keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     state, logs = train_step(state, (x, y))    # logs: {"loss": ..., "accuracy": ...}
-    state, logs = eval_step(state, (x, y))     # touches only state.eval_metrics
+
+    def gan_step(states, batch):               # any body over one or several states
+        ...
+        return {"g": g, "d": d}, {"d_loss": d_loss, "g_loss": g_loss}
+    step = tp.make_step(gan_step, steps_per_call=16)
+    states, logs = step({"g": g_state, "d": d_state}, batch)
 
 A factory returns a `Step`: a callable ``state, logs = step(state, batch)``
-that compiles one `tf.function` per state it meets (graph built once per
-input signature) and runs the tutorial's loop body inside it:
-
-  * train: ``GradientTape``; ``model(x, training=True)``; loss plus
-    ``model.losses``; ``optimizer.scale_loss`` (mixed precision);
-    ``optimizer.apply_gradients``; metrics and the batch-size-weighted loss
-    tracker updated, as Keras `fit` does;
-  * eval: ``model(x, training=False)``; loss plus ``model.losses``; only
-    `state.eval_metrics` change.
-
-The graph functions themselves live in `tfpure.graph`; this module holds
-the factories, the options and the Python side of a call.
+that compiles one engine (`tfpure.graph`) per state structure it meets and
+runs its body inside it. The options every step shares are a frozen
+`StepSpec`; the bodies are in `tfpure.builtin` (the tutorial's loop body)
+and `tfpure.custom` (yours).
 """
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, Protocol
 
+import attrs
 import numpy as np
 import tensorflow as tf
 
 from tfpure.batch import Batch, as_model_loss, check_batch_sizes, unpack
-from tfpure.checkpoint import cluster_task
-from tfpure.graph import MARK, CompiledStep, Logs
-from tfpure.state import TrainState
+from tfpure.builtin import EvalBody, Logs, TrainBody
+from tfpure.custom import UserBody
+from tfpure.distribute import cluster_task, strategy_of
+from tfpure.graph import Engine
+from tfpure.guard import MARK, NonFiniteError
+from tfpure.state import leaves
 
 __all__ = [
     "GradTransform",
@@ -42,7 +43,9 @@ __all__ = [
     "NonFiniteError",
     "Step",
     "StepFn",
+    "StepSpec",
     "make_eval_step",
+    "make_step",
     "make_train_step",
 ]
 
@@ -50,206 +53,37 @@ Nonfinite = Literal["raise", "skip"] | None
 
 
 class StepFn(Protocol):
-    """Anything a loop can drive: ``state, logs = step(state, batch)``."""
+    """Anything a loop can drive: ``state, logs = step(state, batch)``.
+
+    A tfpure `Step` is one; so is any plain Python function of that shape.
+
+    Example:
+      >>> import keras, tensorflow as tf, tfpure as tp
+      >>> def count_examples(state, batch):  # a StepFn that trains nothing
+      ...     return state, {"n": tf.shape(batch)[0]}
+      >>> state, logs = tp.fold(count_examples, None, [tf.ones((3, 2)), tf.ones((5, 2))])
+      >>> int(logs["n"])
+      5
+    """
 
     def __call__(self, state: Any, batch: Batch, /) -> tuple[Any, Logs]: ...
 
 
 class GradTransform(Protocol):
-    """Maps gradients to new gradients: ``grads = fn(grads, variables)``."""
+    """Maps gradients to new gradients: ``grads = fn(grads, variables)``.
+
+    Example:
+      >>> import keras, numpy as np, tfpure as tp
+      >>> def halve(grads, variables):
+      ...     return [None if g is None else g / 2 for g in grads]
+      >>> step = tp.make_train_step("mse", grad_transform=halve)
+      >>> step.spec.grad_transform is not None
+      True
+    """
 
     def __call__(
         self, grads: list[tf.Tensor | None], variables: list[Any], /
     ) -> list[tf.Tensor | None]: ...
-
-
-class NonFiniteError(FloatingPointError):
-    """A training step met a non-finite loss or gradient; no variable changed."""
-
-
-class Step:
-    """A compiled training or evaluation step: ``state, logs = step(state, batch)``.
-
-    Made by `make_train_step` and `make_eval_step`; not built directly. The
-    step compiles its graph functions the first time it meets a state and
-    keeps them while that state lives. The first call traces a signature with
-    the batch dimension left free, so every batch size (a ragged last batch
-    included) runs the same graph; only a new batch structure or feature
-    shape traces again.
-
-    Attributes:
-      kind: ``"train"`` or ``"eval"``.
-      jit_compile, steps_per_call, nonfinite, grad_transform: the options the
-        factory was given.
-
-    Example:
-      >>> import keras, numpy as np, tfpure as tp
-      >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
-      >>> state = tp.TrainState.create(model=model, optimizer=keras.optimizers.SGD(0.1))
-      >>> step = tp.make_train_step(keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-      >>> x, y = np.ones((8, 3), "float32"), np.zeros((8,), "int32")
-      >>> for _ in range(3):
-      ...     state, logs = step(state, (x, y))
-      >>> int(state.step), sorted(logs), step.experimental_get_tracing_count()
-      (3, ['loss'], 1)
-    """
-
-    def __init__(
-        self,
-        loss: Any,
-        *,
-        kind: Literal["train", "eval"],
-        jit_compile: bool,
-        steps_per_call: int,
-        nonfinite: Nonfinite,
-        grad_transform: GradTransform | Sequence[GradTransform] | None,
-    ):
-        self.loss = loss
-        self.model_loss, self.needs_targets = as_model_loss(loss)
-        self.kind = kind
-        self.jit_compile = _check_bool("jit_compile", jit_compile)
-        self.steps_per_call = _check_steps_per_call(steps_per_call)
-        if nonfinite not in ("raise", "skip", None):
-            raise ValueError(f"`nonfinite` must be 'raise', 'skip' or None; got {nonfinite!r}.")
-        self.nonfinite = nonfinite
-        self.grad_transform = _chain(grad_transform)
-        self._compiled: weakref.WeakKeyDictionary[TrainState, CompiledStep] = (
-            weakref.WeakKeyDictionary()
-        )
-        self._traces = 0
-        self._limits: dict[int, tf.Tensor] = {}
-
-    def _for(self, state: TrainState) -> CompiledStep:
-        if not isinstance(state, TrainState):
-            raise TypeError(
-                f"A tfpure step takes a TrainState first; got {type(state).__name__}. "
-                "Build one with tp.TrainState.create(model=..., optimizer=...)."
-            )
-        compiled = self._compiled.get(state)
-        if compiled is None:
-            compiled = self._compiled[state] = CompiledStep(self, state)
-        return compiled
-
-    def __call__(self, state: TrainState, batch: Batch) -> tuple[TrainState, Logs]:
-        """Runs one step on `batch`; returns the state to use next and the logs.
-
-        `logs` maps `"loss"` and each metric name to its running value since
-        the metrics were last reset (as Keras reports them).
-        """
-        compiled = self._for(state)
-        # Batch sizes vary between calls, so the graph cannot see them statically.
-        check_batch_sizes(*unpack(batch))
-        if not compiled.relaxed:
-            compiled.on_batch.get_concrete_function(_relaxed_signature(batch))
-            compiled.relaxed = True
-        traces = self._traces
-        logs = _run(compiled, compiled.on_batch, batch)
-        if self._traces != traces:  # A new batch structure: one trace for all its sizes.
-            compiled.on_batch.get_concrete_function(_relaxed_signature(batch))
-        return state, logs
-
-    def run_on_iterator(
-        self, state: TrainState, iterator: Any, *, max_steps: int | None = None
-    ) -> tuple[TrainState, Logs, tf.Tensor]:
-        """Runs up to `steps_per_call` steps on batches from a `tf.data` iterator.
-
-        `max_steps` lowers the bound for this call (to end an epoch of
-        `steps_per_epoch` steps exactly); it is fed as a tensor, so changing
-        it does not retrace.
-
-        All the steps run in one graph call (a `tf.while_loop` over
-        ``iterator.get_next_as_optional()``), so the end of the data needs no
-        special case: fewer steps run, and the count says how many.
-
-        Returns:
-          ``(state, logs, steps_run)``, with `steps_run` a scalar int32 tensor
-          (0 once the iterator is exhausted).
-
-        Example:
-          >>> import keras, tensorflow as tf, tfpure as tp
-          >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
-          >>> state = tp.TrainState.create(model=model, optimizer=keras.optimizers.SGD())
-          >>> step = tp.make_train_step("mse", steps_per_call=4)
-          >>> data = tf.data.Dataset.from_tensors((tf.ones((2, 3)), tf.ones((2, 1)))).repeat(6)
-          >>> it = iter(data)
-          >>> [int(step.run_on_iterator(state, it)[2]) for _ in range(3)]
-          [4, 2, 0]
-        """
-        compiled = self._for(state)
-        n, logs = _run(compiled, compiled.on_iterator, iterator, self._limit(max_steps))
-        return state, logs, n
-
-    def _prepare(self, state: TrainState, element_spec: Any) -> None:
-        """Traces the iterator function for batches of `element_spec`, once.
-
-        The structure, shape and dtype checks run while tracing, so data that
-        does not fit the model fails here, before a loop changes anything.
-        """
-        if not tf.config.functions_run_eagerly() and cluster_task(state.strategy) is None:
-            self._for(state).on_iterator.get_concrete_function(
-                tf.data.IteratorSpec(element_spec), tf.TensorSpec([], tf.int32)
-            )
-
-    def _limit(self, max_steps: int | None) -> tf.Tensor:
-        k = self.steps_per_call if max_steps is None else max_steps
-        limit = self._limits.get(k)
-        if limit is None:
-            limit = self._limits[k] = tf.constant(k, tf.int32)
-        return limit
-
-    def _epoch(
-        self, state: TrainState, iterator: Any
-    ) -> Callable[[int | None], tuple[Logs, tf.Tensor]]:
-        """Like `run_on_iterator`, but bound to one iterator: `fold`'s fast path."""
-        compiled = self._for(state)
-        runner = _run(compiled, compiled.epoch_runner, iterator)
-
-        def run(max_steps: int | None) -> tuple[Logs, tf.Tensor]:
-            n, logs = _run(compiled, runner, self._limit(max_steps))
-            return logs, n
-
-        return run
-
-    def experimental_get_tracing_count(self) -> int:
-        """How many times this step's graph functions were traced, over all states.
-
-        Example:
-          >>> import keras, tfpure as tp
-          >>> tp.make_eval_step("mse").experimental_get_tracing_count()
-          0
-        """
-        return self._traces
-
-    def __repr__(self) -> str:
-        return (
-            f"Step(kind={self.kind!r}, jit_compile={self.jit_compile}, "
-            f"steps_per_call={self.steps_per_call}, nonfinite={self.nonfinite!r})"
-        )
-
-
-def _relaxed_signature(batch: Batch) -> Any:
-    """The batch's signature with the batch dimension left free."""
-
-    def relax(leaf: Any) -> Any:
-        if isinstance(leaf, tf.Tensor | np.ndarray):
-            shape = tuple(leaf.shape)
-            return tf.TensorSpec((None, *shape[1:]) if shape else (), tf.as_dtype(leaf.dtype))
-        return leaf
-
-    return tf.nest.map_structure(relax, batch)
-
-
-def _run(compiled: CompiledStep, fn: Callable[..., Any], *args: Any) -> Any:
-    try:
-        return fn(*args)
-    except tf.errors.OpError as err:
-        compiled.recover()
-        if MARK in err.message:
-            raise NonFiniteError(
-                f"{compiled.explain_failure()}. No variable changed. Pass "
-                "nonfinite='skip' to make_train_step to skip such batches instead."
-            ) from None
-        raise
 
 
 def _check_bool(name: str, value: Any) -> bool:
@@ -258,11 +92,21 @@ def _check_bool(name: str, value: Any) -> bool:
     return value
 
 
+def _check_jit_compile(value: Any) -> bool:
+    return _check_bool("jit_compile", value)
+
+
 def _check_steps_per_call(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(
             f"`steps_per_call` must be an int >= 1 (steps fused in one graph call); got {value!r}."
         )
+    return value
+
+
+def _check_nonfinite(value: Any) -> Nonfinite:
+    if value not in ("raise", "skip", None):
+        raise ValueError(f"`nonfinite` must be 'raise', 'skip' or None; got {value!r}.")
     return value
 
 
@@ -287,6 +131,342 @@ def _chain(
         return grads
 
     return chained
+
+
+@attrs.frozen
+class StepSpec:
+    """The options of a step, checked once; every engine of the step reads them.
+
+    Attributes:
+      kind: ``"train"``, ``"eval"`` (built-in bodies) or ``"custom"`` (`make_step`).
+      jit_compile: the body runs under XLA.
+      steps_per_call: steps fused into one graph call when driven from an iterator.
+      nonfinite: ``"raise"``, ``"skip"`` or None (no guard).
+      grad_transform: built-in train steps: ``(grads, variables) -> grads``.
+      loss: built-in steps: the loss as given; `model_loss` its full-control form.
+      fn: custom steps: the body ``fn(states, batch) -> (states, logs)``.
+
+    Example:
+      >>> import tfpure as tp
+      >>> tp.make_train_step("mse", steps_per_call=4).spec.steps_per_call
+      4
+    """
+
+    kind: Literal["train", "eval", "custom"]
+    jit_compile: bool = attrs.field(default=False, converter=_check_jit_compile)
+    steps_per_call: int = attrs.field(default=1, converter=_check_steps_per_call)
+    nonfinite: Nonfinite = attrs.field(default="raise", converter=_check_nonfinite)
+    grad_transform: GradTransform | None = attrs.field(default=None, converter=_chain)
+    loss: Any = None
+    model_loss: Any = None
+    fn: Callable[..., Any] | None = None
+
+
+class Step:
+    """A compiled step: ``state, logs = step(state, batch)``.
+
+    Made by `make_step`, `make_train_step` and `make_eval_step`; not built
+    directly. The step compiles its graph functions the first time it meets a
+    state (or a structure of states) and keeps them while those states live.
+    The first call traces a signature with the batch dimension left free, so
+    every batch size (a ragged last batch included) runs the same graph; only
+    a new batch structure or feature shape traces again.
+
+    Attributes:
+      spec: the `StepSpec` (options) of the step.
+      kind, loss, jit_compile, steps_per_call, nonfinite: shortcuts to `spec`.
+
+    Example:
+      >>> import keras, numpy as np, tfpure as tp
+      >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+      >>> state = tp.TrainState.create(model=model, optimizer=keras.optimizers.SGD(0.1))
+      >>> step = tp.make_train_step(keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+      >>> x, y = np.ones((8, 3), "float32"), np.zeros((8,), "int32")
+      >>> for _ in range(3):
+      ...     state, logs = step(state, (x, y))
+      >>> int(state.step), sorted(logs), step.experimental_get_tracing_count()
+      (3, ['loss'], 1)
+    """
+
+    def __init__(self, spec: StepSpec):
+        self.spec = spec
+        # Engines by the ids of the structure's states; an entry dies with any of them.
+        self._engines: dict[tuple[int, ...], tuple[list[weakref.ref], Engine]] = {}
+        self._traces = 0
+        self._limits: dict[int, tf.Tensor] = {}
+
+    kind = property(lambda self: self.spec.kind)
+    loss = property(lambda self: self.spec.loss)
+    jit_compile = property(lambda self: self.spec.jit_compile)
+    steps_per_call = property(lambda self: self.spec.steps_per_call)
+    nonfinite = property(lambda self: self.spec.nonfinite)
+
+    def _count_trace(self) -> None:
+        self._traces += 1
+
+    def engine(self, state: Any) -> Engine:
+        """The engine of `state` (a state or structure of states), built on first use."""
+        try:
+            found = leaves(state)
+        except TypeError as err:
+            raise TypeError(f"A tfpure step takes a TrainState first. {err}") from None
+        if self.spec.kind != "custom" and (len(found) != 1 or found[0] is not state):
+            raise TypeError(
+                f"A {self.spec.kind} step built by make_{self.spec.kind}_step takes one "
+                f"TrainState; got {type(state).__name__}. Steps over several states are "
+                "written with tp.make_step(fn)."
+            )
+        key = tuple(id(s) for s in found)
+        entry = self._engines.get(key)
+        if entry is not None and all(ref() is s for ref, s in zip(entry[0], found, strict=True)):
+            return entry[1]
+        strategy = strategy_of(found)
+        with strategy.scope() if strategy else contextlib.nullcontext():
+            if self.spec.kind == "custom":
+                body: Any = UserBody(self.spec, self.spec.fn, state)
+            elif self.spec.kind == "train":
+                body = TrainBody(self.spec, state)
+            else:
+                body = EvalBody(self.spec, state)
+            engine = Engine(self.spec, body, self._count_trace)
+        refs = [weakref.ref(s, lambda _, key=key: self._engines.pop(key, None)) for s in found]
+        self._engines[key] = (refs, engine)
+        return engine
+
+    def __call__(self, state: Any, batch: Batch) -> tuple[Any, Logs]:
+        """Runs one step on `batch`; returns the state to use next and the logs.
+
+        For built-in steps `logs` maps `"loss"` and each metric name to its
+        running value since the metrics were last reset (as Keras reports
+        them); for `make_step` bodies, each log's running mean weighted by
+        batch size since `reset_logs`.
+        """
+        engine = self.engine(state)
+        if self.spec.kind != "custom":
+            # Batch sizes vary between calls, so the graph cannot see them statically.
+            check_batch_sizes(*unpack(batch))
+        if not engine.relaxed:
+            engine.on_batch.get_concrete_function(_relaxed_signature(batch))
+            engine.relaxed = True
+        traces = self._traces
+        logs = self._run(engine, engine.on_batch, batch)
+        if self._traces != traces:  # A new batch structure: one trace for all its sizes.
+            engine.on_batch.get_concrete_function(_relaxed_signature(batch))
+        return state, logs
+
+    def run_on_iterator(
+        self, state: Any, iterator: Any, *, max_steps: int | None = None
+    ) -> tuple[Any, Logs, tf.Tensor]:
+        """Runs up to `steps_per_call` steps on batches from a `tf.data` iterator.
+
+        `max_steps` lowers the bound for this call (to end an epoch of
+        `steps_per_epoch` steps exactly); it is fed as a tensor, so changing
+        it does not retrace.
+
+        All the steps run in one graph call (a `tf.while_loop` over
+        ``iterator.get_next_as_optional()``), so the end of the data needs no
+        special case: fewer steps run, and the count says how many.
+
+        Returns:
+          ``(state, logs, steps_run)``, with `steps_run` a scalar int32 tensor
+          (0 once the iterator is exhausted).
+
+        Example:
+          >>> import keras, tensorflow as tf, tfpure as tp
+          >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+          >>> state = tp.TrainState.create(model=model, optimizer=keras.optimizers.SGD())
+          >>> step = tp.make_train_step("mse", steps_per_call=4)
+          >>> data = tf.data.Dataset.from_tensors((tf.ones((2, 3)), tf.ones((2, 1)))).repeat(6)
+          >>> it = iter(data)
+          >>> [int(step.run_on_iterator(state, it)[2]) for _ in range(3)]
+          [4, 2, 0]
+        """
+        engine = self.engine(state)
+        n, logs = self._run(engine, engine.on_iterator, iterator, self._limit(max_steps))
+        return state, logs, n
+
+    def reset_logs(self, state: Any) -> None:
+        """Starts the running means of a `make_step` body's logs afresh (the loops do this
+        each epoch, with the states' metrics). A no-op for built-in steps, whose logs are
+        their states' metrics.
+
+        Example:
+          >>> import tensorflow as tf, tfpure as tp
+          >>> tp.make_eval_step("mse").reset_logs(None)
+        """
+        if self.spec.kind == "custom":
+            self.engine(state).body.means.reset()
+
+    def results(self, state: Any) -> Logs:
+        """The logs the step would report for `state` now (running figures), without a step.
+
+        Example:
+          >>> import keras, tfpure as tp
+          >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+          >>> state = tp.TrainState.create(model=model, optimizer=keras.optimizers.SGD())
+          >>> {k: float(v) for k, v in tp.make_train_step("mse").results(state).items()}
+          {'loss': 0.0}
+        """
+        return self.engine(state).body.logs()
+
+    def log_variables(self, state: Any) -> list[tf.Variable]:
+        """The variables holding a `make_step` body's running log means (empty for built-in
+        steps); a checkpoint saves them with the run.
+
+        Example:
+          >>> import tfpure as tp
+          >>> tp.make_eval_step("mse").log_variables(None)
+          []
+        """
+        if self.spec.kind != "custom":
+            return []
+        return self.engine(state).body.means.variables
+
+    def _prepare(self, state: Any, element_spec: Any) -> None:
+        """Traces the iterator function for batches of `element_spec`, once.
+
+        The structure, shape and dtype checks run while tracing, so data that
+        does not fit the model fails here, before a loop changes anything.
+        """
+        strategy = strategy_of(leaves(state))
+        if not tf.config.functions_run_eagerly() and cluster_task(strategy) is None:
+            self.engine(state).on_iterator.get_concrete_function(
+                tf.data.IteratorSpec(element_spec), tf.TensorSpec([], tf.int32)
+            )
+
+    def _limit(self, max_steps: int | None) -> tf.Tensor:
+        k = self.spec.steps_per_call if max_steps is None else max_steps
+        limit = self._limits.get(k)
+        if limit is None:
+            limit = self._limits[k] = tf.constant(k, tf.int32)
+        return limit
+
+    def _epoch(self, state: Any, iterator: Any) -> Callable[[int | None], tuple[Logs, tf.Tensor]]:
+        """Like `run_on_iterator`, but bound to one iterator: `fold`'s fast path."""
+        engine = self.engine(state)
+        runner = self._run(engine, engine.epoch_runner, iterator)
+
+        def run(max_steps: int | None) -> tuple[Logs, tf.Tensor]:
+            n, logs = self._run(engine, runner, self._limit(max_steps))
+            return logs, n
+
+        return run
+
+    def _run(self, engine: Engine, fn: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return fn(*args)
+        except tf.errors.OpError as err:
+            engine.recover()
+            if MARK in err.message:
+                maker = "make_step" if self.spec.kind == "custom" else "make_train_step"
+                raise NonFiniteError(
+                    f"{engine.explain_failure()}. No variable changed. Pass "
+                    f"nonfinite='skip' to {maker} to skip such batches instead."
+                ) from None
+            raise
+
+    def experimental_get_tracing_count(self) -> int:
+        """How many times this step's graph functions were traced, over all states.
+
+        Example:
+          >>> import keras, tfpure as tp
+          >>> tp.make_eval_step("mse").experimental_get_tracing_count()
+          0
+        """
+        return self._traces
+
+    def __repr__(self) -> str:
+        s = self.spec
+        return (
+            f"Step(kind={s.kind!r}, jit_compile={s.jit_compile}, "
+            f"steps_per_call={s.steps_per_call}, nonfinite={s.nonfinite!r})"
+        )
+
+
+def _relaxed_signature(batch: Batch) -> Any:
+    """The batch's signature with the batch dimension left free."""
+
+    def relax(leaf: Any) -> Any:
+        if isinstance(leaf, tf.Tensor | np.ndarray):
+            shape = tuple(leaf.shape)
+            return tf.TensorSpec((None, *shape[1:]) if shape else (), tf.as_dtype(leaf.dtype))
+        return leaf
+
+    return tf.nest.map_structure(relax, batch)
+
+
+def make_step(
+    fn: Callable[[Any, Batch], tuple[Any, dict[str, Any]]],
+    *,
+    steps_per_call: int = 1,
+    jit_compile: bool = False,
+    nonfinite: Nonfinite = "raise",
+) -> Step:
+    """Compiles a user-written step body ``fn(states, batch) -> (states, logs)``.
+
+    `states` is a `TrainState` or a dict / tuple / list of them (a GAN's
+    generator and discriminator, a student and its EMA teacher); `logs` maps
+    names to scalar tensors for this batch. Inside `fn`, update a state with
+    ``state = state.apply_gradients(grads)`` (or assign its variables
+    directly, as an EMA update does) and return the states. The batch is
+    whatever the data yields: it is not checked against any model's inputs.
+
+    The body gets what built-in steps get: one trace per batch structure
+    (the batch dimension free), in-graph iteration from `tf.data`,
+    `steps_per_call` fusion, XLA, distribution (under a strategy the body
+    runs once per replica on its share of the batch; logs and losses are
+    contributions that are summed, as Keras losses compute them — see
+    `tfpure.distribute.replica_mean` for hand-written means), and the
+    non-finite guard: if any log or any gradient given to `apply_gradients`
+    is not finite, *no variable of any state changes*, even when an earlier
+    update in the same step was finite.
+
+    The loops (`fold`, `evaluate`, `fit_loop`) report each log as its running
+    mean over the epoch, weighted by batch size; a `Checkpointer` saves those
+    means with the run.
+
+    Args:
+      fn: the body.
+      steps_per_call: steps fused into one graph call when driven from an
+        iterator (by `fold`, `fit_loop`, `run_on_iterator`).
+      jit_compile: compile the body with XLA.
+      nonfinite: ``"raise"``: `NonFiniteError` naming the failed checks;
+        ``"skip"``: the batch is undone and counted in every state's
+        `skipped` (and ``logs["skipped"]``); None: no check.
+
+    Returns:
+      A `Step`.
+
+    Example:
+      >>> import keras, numpy as np, tensorflow as tf, tfpure as tp
+      >>> keras.utils.set_random_seed(0)
+      >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+      >>> state = tp.TrainState.create(model=model, optimizer=keras.optimizers.SGD(0.1))
+      >>> def body(state, batch):
+      ...     x, y = batch
+      ...     with tf.GradientTape() as tape:
+      ...         loss = tf.reduce_mean((state.model(x, training=True) - y) ** 2)
+      ...     state = state.apply_gradients(tape.gradient(loss, state.model.trainable_variables))
+      ...     return state, {"mse": loss}
+      >>> step = tp.make_step(body)
+      >>> x = np.ones((4, 2), "float32"); y = np.zeros((4, 1), "float32")
+      >>> for _ in range(30):
+      ...     step.reset_logs(state)
+      ...     state, logs = step(state, (x, y))
+      >>> float(logs["mse"]) < 1e-3, int(state.step)
+      (True, 30)
+    """
+    if not callable(fn):
+        raise TypeError(f"`fn` must be a callable (states, batch) -> (states, logs); got {fn!r}.")
+    return Step(
+        StepSpec(
+            "custom",
+            jit_compile=jit_compile,
+            steps_per_call=steps_per_call,
+            nonfinite=nonfinite,
+            fn=fn,
+        )
+    )
 
 
 def make_train_step(
@@ -346,13 +526,17 @@ def make_train_step(
       >>> losses[-1] < losses[0] / 10
       True
     """
+    model_loss, _ = as_model_loss(loss)
     return Step(
-        loss,
-        kind="train",
-        jit_compile=jit_compile,
-        steps_per_call=steps_per_call,
-        nonfinite=nonfinite,
-        grad_transform=grad_transform,
+        StepSpec(
+            "train",
+            jit_compile=jit_compile,
+            steps_per_call=steps_per_call,
+            nonfinite=nonfinite,
+            grad_transform=grad_transform,
+            loss=loss,
+            model_loss=model_loss,
+        )
     )
 
 
@@ -379,11 +563,14 @@ def make_eval_step(loss: Any, *, jit_compile: bool = False, steps_per_call: int 
       >>> float(logs["loss"])  # (1 + 1)^2
       4.0
     """
+    model_loss, _ = as_model_loss(loss)
     return Step(
-        loss,
-        kind="eval",
-        jit_compile=jit_compile,
-        steps_per_call=steps_per_call,
-        nonfinite="raise",
-        grad_transform=None,
+        StepSpec(
+            "eval",
+            jit_compile=jit_compile,
+            steps_per_call=steps_per_call,
+            nonfinite=None,
+            loss=loss,
+            model_loss=model_loss,
+        )
     )

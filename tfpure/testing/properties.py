@@ -22,6 +22,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfpure.batch import as_model_loss, unpack
+from tfpure.compat import flatten_layers
 from tfpure.state import TrainState
 
 __all__ = [
@@ -123,7 +124,7 @@ def assert_eval_step_pure(eval_step: Callable[..., Any], state: TrainState, batc
 
 
 def _layers(model: keras.Model) -> list[keras.layers.Layer]:
-    return list(model._flatten_layers(include_self=False, recursive=True))
+    return flatten_layers(model, include_self=False)
 
 
 def assert_training_flag_respected(model: keras.Model, batch: Any) -> None:

@@ -1,0 +1,212 @@
+"""User-written step bodies: ``fn(states, batch) -> (states, logs)`` on the step engine.
+
+`tp.make_step(fn)` compiles `fn` over a `TrainState` or a dict / tuple / list
+of them. `UserBody` adapts `fn` to the engine (`tfpure.graph`):
+
+  * it calls `fn` on one replica's share of the batch and checks what comes
+    back: the same states (variables are updated in place; the returned
+    structure must hold the states it was given) and logs that are scalars;
+  * with a guard, every log and every gradient passed to
+    `TrainState.apply_gradients` becomes a finiteness check; its rollback
+    covers every variable of every state (model, optimizer, metrics,
+    counters, seed generator), because a body may update one state and then
+    fail on the next;
+  * the loops report each log as its running mean over the epoch, weighted
+    by batch size (what Keras' `Mean` does): `LogMeans` keeps the sums in
+    variables, which a `Checkpointer` saves with the run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import tensorflow as tf
+
+from tfpure.batch import Batch, batch_size
+from tfpure.compat import supports_no_merge_call
+from tfpure.distribute import strategy_of
+from tfpure.guard import Checks, collecting, variable
+from tfpure.state import TrainState, leaves, rebuild, same_structure, state_variables
+
+if TYPE_CHECKING:
+    from tfpure.steps import StepSpec
+
+__all__ = ["LogMeans", "UserBody"]
+
+Logs = dict[str, tf.Tensor]
+
+
+class LogMeans:
+    """Running, batch-size-weighted means of a user-written step's logs.
+
+    The names are learnt when the body is first traced (sorted); `totals`
+    has a free length until then. Both variables are plain state a
+    checkpoint saves, so a resumed run reports the same epoch means.
+    """
+
+    def __init__(self) -> None:
+        self.names: list[str] | None = None
+        self.totals = variable(tf.zeros([0], tf.float64), "tfpure_log_totals", shape=[None])
+        self.count = variable(tf.constant(0.0, tf.float64), "tfpure_log_count")
+
+    @property
+    def variables(self) -> list[tf.Variable]:
+        return [self.totals, self.count]
+
+    def learn(self, names: list[str]) -> None:
+        if self.names is None:
+            self.names = names
+        elif self.names != names:
+            raise ValueError(
+                f"The step body returned the logs {names} on this trace but {self.names} "
+                "before: a body must return the same log names for every batch."
+            )
+
+    def update(self, logs: Logs, n: tf.Tensor) -> list[Any]:
+        values = tf.stack([tf.cast(logs[name], tf.float64) for name in self.names or []])
+        n = tf.cast(n, tf.float64)
+        # After a reset (or at the start) the totals may be shorter: start from zeros.
+        size = len(self.names or [])
+        current = self.totals.value()
+        current = tf.cond(
+            tf.equal(tf.size(current), size), lambda: current, lambda: tf.zeros([size], tf.float64)
+        )
+        return [self.totals.assign(current + values * n), self.count.assign_add(n)]
+
+    def results(self) -> Logs:
+        size = len(self.names or [])
+        totals = self.totals.value()
+        totals = tf.cond(
+            tf.equal(tf.size(totals), size), lambda: totals, lambda: tf.zeros([size], tf.float64)
+        )
+        means = totals / tf.maximum(self.count.value(), 1.0)
+        return {name: tf.cast(means[i], tf.float32) for i, name in enumerate(self.names or [])}
+
+    def reset(self) -> None:
+        self.totals.assign(tf.zeros([len(self.names or [])], tf.float64))
+        self.count.assign(0.0)
+
+
+def _check_returned(states: Any, given: list[TrainState], returned: Any) -> None:
+    if not same_structure(states, returned):
+        raise TypeError(
+            "A step body must return (states, logs) with `states` of the structure it "
+            f"was given ({type(states).__name__}); got {type(returned).__name__}."
+        )
+    for a, b in zip(given, leaves(returned), strict=True):
+        same = isinstance(b, TrainState) and b.model is a.model and b.optimizer is a.optimizer
+        if not same:
+            raise TypeError(
+                "A step body must return the states it was given (variables change in "
+                "place; `state.apply_gradients(grads)` returns the state to return); got "
+                f"{type(b).__name__} in place of the state of model {a.model.name!r}."
+            )
+
+
+def _check_logs(logs: Any) -> Logs:
+    if not isinstance(logs, dict) or not all(isinstance(k, str) for k in logs):
+        raise TypeError(
+            "A step body must return (states, logs) with logs a dict of name -> scalar "
+            f"tensor; got logs of type {type(logs).__name__}."
+        )
+    out = {}
+    for name, value in logs.items():
+        value = tf.convert_to_tensor(value)
+        if value.shape.rank != 0:
+            raise ValueError(
+                f"Log {name!r} of the step body has shape {value.shape}; logs must be "
+                "scalars (reduce them, e.g. tf.reduce_mean)."
+            )
+        if not (value.dtype.is_floating or value.dtype.is_integer):
+            raise TypeError(f"Log {name!r} of the step body is {value.dtype.name}, not a number.")
+        out[name] = value
+    return out
+
+
+class UserBody:
+    """A user-written ``fn(states, batch) -> (states, logs)`` as an engine body.
+
+    Holds the structure and each state's fields, not the states themselves:
+    a step's per-state cache must not keep them alive. The states `fn` sees
+    are rebuilt from those fields (the same handles).
+    """
+
+    train = True
+
+    def __init__(self, spec: StepSpec, fn: Callable[[Any, Batch], Any], states: Any):
+        self.spec, self.fn = spec, fn
+        given = leaves(states)
+        self._template = rebuild(states, [None] * len(given))
+        self._fields = [attrs.asdict(s, recurse=False) for s in given]
+        self.strategy = strategy_of(given)
+        self.merge_free = supports_no_merge_call()
+        self.checks = Checks()
+        self.means = LogMeans()
+        self.rollback_variables = [v for s in given for v in state_variables(s)]
+        self.rollback_variables += self.means.variables
+
+    def _states(self) -> tuple[Any, list[TrainState]]:
+        rebuilt = [TrainState(**fields) for fields in self._fields]
+        return rebuild(self._template, rebuilt), rebuilt
+
+    def one(self, batch: Batch) -> tuple[tf.Tensor, Logs, tf.Tensor]:
+        """Runs the body on one replica; returns (flags, logs, examples)."""
+        states, given = self._states()
+        with collecting() as collected:
+            returned, logs = _unpack_result(self.fn(states, batch))
+        _check_returned(states, given, returned)
+        logs = _check_logs(logs)
+        self.means.learn(sorted(logs))
+        for name in sorted(logs):
+            if logs[name].dtype.is_floating:
+                collected.add(f"log {name!r}", tf.math.is_finite(logs[name]))
+        return self.checks.settle(collected), logs, batch_size(batch)
+
+    def merge(self, out: Any) -> tf.Tensor:
+        """Sums the replicas' logs and examples; updates the means if every check passed."""
+        flags, logs, n = out
+        if self.strategy is not None:
+            s, total = self.strategy, tf.distribute.ReduceOp.SUM
+            failed = s.reduce(total, tf.cast(tf.logical_not(flags), tf.int32), axis=None)
+            flags = tf.equal(failed, 0)
+            logs = {k: s.reduce(total, v, axis=None) for k, v in logs.items()}
+            n = s.reduce(total, n, axis=None)
+        ok = tf.reduce_all(flags)
+
+        def commit() -> tf.Tensor:
+            with tf.control_dependencies(self.means.update(logs, n)):
+                return tf.constant(True)
+
+        def record() -> tf.Tensor:
+            with tf.control_dependencies([self.checks.record.assign(flags)]):
+                return tf.constant(False)
+
+        if self.spec.nonfinite is None:
+            return commit()
+        return tf.cond(ok, commit, record)
+
+    def on_skip(self) -> list[Any]:
+        return [fields["skipped"].assign_add(1) for fields in self._fields]
+
+    def logs(self) -> Logs:
+        logs = self.means.results()
+        if self.spec.nonfinite == "skip":
+            logs["skipped"] = tf.identity(self._fields[0]["skipped"].value())
+        return logs
+
+    def explain_failure(self) -> str:
+        where = ", ".join(
+            f"{f['model'].name!r} at step {int(f['step'].numpy())}" for f in self._fields
+        )
+        return f"the step body ({where}) met non-finite values: {self.checks.failed()}"
+
+
+def _unpack_result(result: Any) -> tuple[Any, Any]:
+    if not isinstance(result, tuple) or len(result) != 2:
+        size = f" of {len(result)}" if isinstance(result, tuple) else ""
+        raise TypeError(
+            f"A step body must return a pair (states, logs); got {type(result).__name__}{size}."
+        )
+    return result
