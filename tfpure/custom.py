@@ -41,14 +41,17 @@ Logs = dict[str, tf.Tensor]
 class LogMeans:
     """Running, batch-size-weighted means of a user-written step's logs.
 
-    The names are learnt when the body is first traced (sorted); `totals`
-    has a free length until then. Both variables are plain state a
-    checkpoint saves, so a resumed run reports the same epoch means.
+    The names are learnt when the body is first traced (sorted, so that the
+    same body gives the same layout in every process); the sums sit in one
+    vector of `CAPACITY` slots, which a checkpoint saves with the run, so a
+    resumed run reports the same epoch means.
     """
+
+    CAPACITY = 64
 
     def __init__(self) -> None:
         self.names: list[str] | None = None
-        self.totals = variable(tf.zeros([0], tf.float64), "tfpure_log_totals", shape=[None])
+        self.totals = variable(tf.zeros([self.CAPACITY], tf.float64), "tfpure_log_totals")
         self.count = variable(tf.constant(0.0, tf.float64), "tfpure_log_count")
 
     @property
@@ -56,6 +59,11 @@ class LogMeans:
         return [self.totals, self.count]
 
     def learn(self, names: list[str]) -> None:
+        if len(names) > self.CAPACITY:
+            raise ValueError(
+                f"The step body returned {len(names)} logs; at most {self.CAPACITY} are "
+                "averaged. Return fewer (stack related values and log their mean)."
+            )
         if self.names is None:
             self.names = names
         elif self.names != names:
@@ -65,27 +73,18 @@ class LogMeans:
             )
 
     def update(self, logs: Logs, n: tf.Tensor) -> list[Any]:
-        values = tf.stack([tf.cast(logs[name], tf.float64) for name in self.names or []])
+        names = self.names or []
+        values = tf.stack([tf.cast(logs[name], tf.float64) for name in names] or [0.0])
+        values = tf.pad(values[: len(names)], [[0, self.CAPACITY - len(names)]])
         n = tf.cast(n, tf.float64)
-        # After a reset (or at the start) the totals may be shorter: start from zeros.
-        size = len(self.names or [])
-        current = self.totals.value()
-        current = tf.cond(
-            tf.equal(tf.size(current), size), lambda: current, lambda: tf.zeros([size], tf.float64)
-        )
-        return [self.totals.assign(current + values * n), self.count.assign_add(n)]
+        return [self.totals.assign_add(values * n), self.count.assign_add(n)]
 
     def results(self) -> Logs:
-        size = len(self.names or [])
-        totals = self.totals.value()
-        totals = tf.cond(
-            tf.equal(tf.size(totals), size), lambda: totals, lambda: tf.zeros([size], tf.float64)
-        )
-        means = totals / tf.maximum(self.count.value(), 1.0)
+        means = self.totals.value() / tf.maximum(self.count.value(), 1.0)
         return {name: tf.cast(means[i], tf.float32) for i, name in enumerate(self.names or [])}
 
     def reset(self) -> None:
-        self.totals.assign(tf.zeros([len(self.names or [])], tf.float64))
+        self.totals.assign(tf.zeros([self.CAPACITY], tf.float64))
         self.count.assign(0.0)
 
 

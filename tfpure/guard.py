@@ -96,10 +96,7 @@ class Rollback:
 
     def __init__(self, variables: Sequence[Any]):
         self.variables = list(variables)
-        self.shadows = [
-            variable(_read(v), "tfpure_shadow", shape=tf.TensorShape(v.shape))
-            for v in self.variables
-        ]
+        self.shadows = [variable(_read(v), "tfpure_shadow") for v in self.variables]
         self.armed = variable(False, "tfpure_armed")
 
     def save(self) -> list[Any]:
@@ -154,16 +151,18 @@ class Checks:
     """The finiteness checks of a user-written body, and the record of which failed.
 
     Every trace of the body must make the same checks; their names are kept
-    in Python, and the flags of the last failed step in `record` (a variable
-    of free length), to explain the failure.
+    in Python, and the flags of the last failed step in `record`, to explain
+    the failure.
     """
 
     def __init__(self) -> None:
         self.names: list[str] | None = None
-        self.record = variable(tf.ones([0], tf.bool), "tfpure_checks", shape=tf.TensorShape([None]))
+        self.record = variable(tf.ones([self.CAPACITY], tf.bool), "tfpure_checks")
+
+    CAPACITY = 256  # checks recorded to explain a failure; more are checked, not named
 
     def settle(self, collected: Collected) -> tf.Tensor:
-        """Ends a trace of the body; returns its flags as a bool vector."""
+        """Ends a trace of the body; returns its flags, padded to `CAPACITY`, as a bool vector."""
         if self.names is None:
             self.names = list(collected.names)
         elif self.names != collected.names:
@@ -172,7 +171,10 @@ class Checks:
                 f"({collected.names} vs {self.names}): its logs and apply_gradients calls "
                 "must not depend on the batch's structure."
             )
-        return tf.stack(collected.flags) if collected.flags else tf.ones([0], tf.bool)
+        flags = tf.stack([*collected.flags, tf.constant(True)])
+        if len(collected.flags) >= self.CAPACITY:
+            return tf.concat([flags[: self.CAPACITY - 1], tf.reduce_all(flags)[None]], 0)
+        return tf.pad(flags, [[0, self.CAPACITY - len(collected.flags) - 1]], constant_values=True)
 
     def failed(self) -> list[str]:
         """The names of the checks the last failed step did not pass."""

@@ -102,7 +102,7 @@ def reset(step: StepFn, state: Any, *, train: bool) -> None:
 
 def _eval_step_for(eval_step: StepFn | None, train_step: StepFn) -> StepFn:
     if eval_step is not None:
-        if isinstance(eval_step, Step) and eval_step.kind != "eval":
+        if isinstance(eval_step, Step) and eval_step.kind == "train":
             raise ValueError("`eval_step` is a training step; build it with make_eval_step(loss).")
         return eval_step
     if isinstance(train_step, Step) and train_step.kind == "train":
@@ -156,7 +156,7 @@ def evaluate(
       {'loss': 4.0}
     """
     check_data(data, "data")
-    if isinstance(eval_step, Step) and eval_step.kind != "eval":
+    if isinstance(eval_step, Step) and eval_step.kind == "train":
         raise ValueError("`eval_step` is a training step; build it with make_eval_step.")
     prepare(eval_step, state, data)
     cbs = callback_list(
@@ -269,7 +269,7 @@ def fit_loop(
     leaves(state)  # a TrainState or a structure of them, or a TypeError
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"`epochs` must be an int >= 1; got {epochs!r}.")
-    if isinstance(train_step, Step) and train_step.kind != "train":
+    if isinstance(train_step, Step) and train_step.kind == "eval":
         raise ValueError("`train_step` is an evaluation step; build it with make_train_step(loss).")
     if not callable(train_step):
         raise TypeError(f"`train_step` must be callable; got {train_step!r}.")
