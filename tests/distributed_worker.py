@@ -1,12 +1,14 @@
 """One training run under a tf.distribute strategy, or on one device, as a process.
 
     python tests/distributed_worker.py MODE OUT [--epochs E] [--steps-per-call K]
-                                               [--checkpoint DIR] [--nan-batch I]
+                                               [--checkpoint DIR] [--nan-batch I] [--gan]
 
 MODE is ``single`` (one device), ``mirrored`` (MirroredStrategy over two
 logical CPU devices) or ``multiworker`` (MultiWorkerMirroredStrategy; the
 cluster comes from TF_CONFIG). Writes the final variables and history to OUT
 (.npz) — in ``multiworker`` mode, only the chief (worker 0) writes.
+
+``--gan`` trains a two-state GAN written with `tp.make_step` instead.
 
 The model has no Dropout (each replica would draw its own masks) and a
 synchronized BatchNorm (statistics over the global batch), so every mode
@@ -53,6 +55,66 @@ def build():
     )
 
 
+BCE = keras.losses.BinaryCrossentropy(from_logits=True, reduction=None)
+TRACED_REPLICAS = []  # the replica count each trace of the GAN body saw
+
+
+def gan_states():
+    keras.utils.set_random_seed(0)
+    g = keras.Sequential([keras.Input((3,)), keras.layers.Dense(8, "tanh"), keras.layers.Dense(6)])
+    d = keras.Sequential([keras.Input((6,)), keras.layers.Dense(8, "relu"), keras.layers.Dense(1)])
+    return {
+        "g": tp.TrainState.create(model=g, optimizer=keras.optimizers.Adam(0.01)),
+        "d": tp.TrainState.create(model=d, optimizer=keras.optimizers.Adam(0.01)),
+    }
+
+
+def gan_step(states, batch):
+    """Noise comes with the batch, so every replica count sees the same numbers; the
+    per-example losses are averaged over the global batch with replica_mean."""
+    TRACED_REPLICAS.append(tf.distribute.get_replica_context().num_replicas_in_sync)
+    g, d = states["g"], states["d"]
+    real, z = batch
+    with tf.GradientTape() as tape:
+        real_logits = d.model(real, training=True)
+        fake_logits = d.model(g.model(z, training=True), training=True)
+        d_loss = tp.distribute.replica_mean(
+            BCE(tf.ones_like(real_logits), real_logits)
+        ) + tp.distribute.replica_mean(BCE(tf.zeros_like(fake_logits), fake_logits))
+    d = d.apply_gradients(tape.gradient(d_loss, d.model.trainable_variables))
+    with tf.GradientTape() as tape:
+        logits = d.model(g.model(z, training=True), training=True)
+        g_loss = tp.distribute.replica_mean(BCE(tf.ones_like(logits), logits))
+    g = g.apply_gradients(tape.gradient(g_loss, g.model.trainable_variables))
+    return {"g": g, "d": d}, {"d_loss": d_loss, "g_loss": g_loss}
+
+
+def gan_data():
+    rng = np.random.default_rng(1)
+    real = rng.normal(1.0, 0.5, size=(61, 6)).astype("float32")
+    z = rng.normal(size=(61, 3)).astype("float32")
+    return tf.data.Dataset.from_tensor_slices((real, z)).shuffle(61, seed=3).batch(8)
+
+
+def run_gan(args, strategy):
+    with strategy.scope():
+        states = gan_states()
+    step = tp.make_step(gan_step, steps_per_call=args.steps_per_call)
+    states, history = tp.fit_loop(states, gan_data(), step, epochs=args.epochs, verbose=0)
+    np.savez(
+        args.out,
+        replicas=strategy.num_replicas_in_sync,
+        traced=np.array(TRACED_REPLICAS),
+        history=np.array([history[k] for k in sorted(history)]),
+        **{f"{name}step": int(s.step.numpy()) for name, s in states.items()},
+        **{
+            f"{name}{i}": v.numpy()
+            for name, s in states.items()
+            for i, v in enumerate([*s.model.variables, *s.optimizer.variables])
+        },
+    )
+
+
 def strategy_for(mode):
     if mode == "single":
         return tf.distribute.get_strategy()
@@ -73,9 +135,13 @@ def main():
     parser.add_argument("--steps-per-call", type=int, default=1)
     parser.add_argument("--checkpoint")
     parser.add_argument("--nan-batch", type=int)
+    parser.add_argument("--gan", action="store_true")
     args = parser.parse_args()
     tf.config.experimental.enable_op_determinism()
     strategy = strategy_for(args.mode)
+    if args.gan:
+        run_gan(args, strategy)
+        sys.exit(0)
     with strategy.scope():
         state = tp.TrainState.create(
             model=build(),

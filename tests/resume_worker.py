@@ -1,20 +1,30 @@
-"""A checkpointed training run that tests kill and restart, as a separate process.
+"""Checkpointed training runs that tests kill and restart, as separate processes.
 
-    python tests/resume_worker.py DIR OUT [--kill KIND:N] [--epochs E] [--every S]
+    python tests/resume_worker.py DIR OUT [--kill KIND:N] [--steps-per-call K] [--gan]
+    python tests/resume_worker.py --jobs JOBS.json
 
-trains a Dropout + BatchNorm model on a reshuffled dataset with a ragged last
-batch, checkpointing to DIR, and writes its final variables and step count to
-OUT (.npz). ``--kill`` makes the process SIGKILL itself:
+trains a Dropout + BatchNorm model (or, with ``--gan``, a two-state GAN written
+with `tp.make_step`, whose discriminator has Dropout and whose noise comes
+from the generator state's seed generator) on a reshuffled dataset with a
+ragged last batch, checkpointing to DIR, and writes its final variables,
+step count and history to OUT (.npz). ``--kill`` makes the process kill
+itself:
 
-  step:N         after the N-th training step (N = global steps, counted in-process)
-  epoch:E        as epoch E begins, right after the previous epoch's end and save
-  after_save:K   right after the K-th save of this process returns
-  during_save:K  in the K-th save, after the files are written and before the
+  step:N         SIGKILL after the N-th training step (global steps, counted in-process)
+  epoch:E        SIGKILL as epoch E begins, right after the previous epoch's end and save
+  after_save:K   SIGKILL right after the K-th save of this process returns
+  during_save:K  SIGKILL in the K-th save, after the files are written and before the
                  checkpoint index names them
   sigterm:N      send itself SIGTERM after the N-th step (a preemption)
+
+``--jobs`` runs several uninterrupted runs one after the other in this one
+process (a JSON list of ``[DIR, OUT, [options...]]``): the tests resume many
+killed runs with one interpreter start. Every run rebuilds its models from
+fixed seeds, so a run in a shared process computes what it would alone.
 """
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -28,6 +38,7 @@ import tensorflow as tf
 import tfpure as tp
 
 SCCE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+BCE = keras.losses.BinaryCrossentropy(from_logits=True)
 
 
 def build(seed: int = 0) -> keras.Model:
@@ -57,13 +68,46 @@ def data() -> tuple[tf.data.Dataset, tf.data.Dataset]:
     return train, val
 
 
+def gan_states() -> dict[str, tp.TrainState]:
+    keras.utils.set_random_seed(0)
+    g = keras.Sequential([keras.Input((3,)), keras.layers.Dense(8, "tanh"), keras.layers.Dense(6)])
+    d = keras.Sequential(
+        [keras.Input((6,)), keras.layers.Dense(8, "relu"), keras.layers.Dropout(0.3),
+         keras.layers.Dense(1)]
+    )  # fmt: skip
+    return {
+        "g": tp.TrainState.create(model=g, optimizer=keras.optimizers.Adam(0.01), seed=0),
+        "d": tp.TrainState.create(model=d, optimizer=keras.optimizers.Adam(0.01), seed=1),
+    }
+
+
+def gan_step(states, batch):
+    g, d = states["g"], states["d"]
+    real, _ = batch
+    n = tf.shape(real)[0]
+    with tf.GradientTape() as tape:
+        real_logits = d.model(real, training=True)
+        fake = g.model(keras.random.normal((n, 3), seed=g.rng), training=True)
+        fake_logits = d.model(fake, training=True)
+        d_loss = BCE(tf.ones_like(real_logits), real_logits) + BCE(
+            tf.zeros_like(fake_logits), fake_logits
+        )
+    d = d.apply_gradients(tape.gradient(d_loss, d.model.trainable_variables))
+    with tf.GradientTape() as tape:
+        fake = g.model(keras.random.normal((n, 3), seed=g.rng), training=True)
+        logits = d.model(fake, training=True)
+        g_loss = BCE(tf.ones_like(logits), logits)
+    g = g.apply_gradients(tape.gradient(g_loss, g.model.trainable_variables))
+    return {"g": g, "d": d}, {"d_loss": d_loss, "g_loss": g_loss}
+
+
 class Kill(keras.callbacks.Callback):
-    def __init__(self, state: tp.TrainState, kind: str, n: int):
+    def __init__(self, counter: tf.Variable, kind: str, n: int):
         super().__init__()
-        self.state, self.kind, self.n = state, kind, n
+        self.counter, self.kind, self.n = counter, kind, n
 
     def on_train_batch_end(self, batch, logs=None):
-        if self.kind in ("step", "sigterm") and int(self.state.step) == self.n:
+        if self.kind in ("step", "sigterm") and int(self.counter) == self.n:
             os.kill(os.getpid(), signal.SIGKILL if self.kind == "step" else signal.SIGTERM)
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -95,49 +139,74 @@ def patch_saves(kind: str, n: int) -> None:
     checkpoint_management.update_checkpoint_state_internal = dying_record
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("directory")
-    parser.add_argument("out")
-    parser.add_argument("--kill", default="")
-    parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--every", type=int, default=5)
-    parser.add_argument("--steps-per-call", type=int, default=1)
-    args = parser.parse_args()
-    tf.config.experimental.enable_op_determinism()
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser()
+    p.add_argument("directory")
+    p.add_argument("out")
+    p.add_argument("--kill", default="")
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--every", type=int, default=5)
+    p.add_argument("--steps-per-call", type=int, default=1)
+    p.add_argument("--gan", action="store_true")
+    return p
 
+
+def run(args: argparse.Namespace) -> None:
+    # The shuffle's seed derives from the global seed: fix it before building the data,
+    # so that a run in a shared process (--jobs) draws what a run alone draws.
+    keras.utils.set_random_seed(0)
     train, val = data()
-    state = tp.TrainState.create(
-        model=build(),
-        optimizer=keras.optimizers.Adam(0.01),
-        metrics={"accuracy": keras.metrics.SparseCategoricalAccuracy()},
-        seed=0,
-    )
+    if args.gan:
+        state = gan_states()
+        counter = state["g"].step
+        step = tp.make_step(gan_step, steps_per_call=args.steps_per_call)
+        val = None
+    else:
+        state = tp.TrainState.create(
+            model=build(),
+            optimizer=keras.optimizers.Adam(0.01),
+            metrics={"accuracy": keras.metrics.SparseCategoricalAccuracy()},
+            seed=0,
+        )
+        counter = state.step
+        step = tp.make_train_step(SCCE, steps_per_call=args.steps_per_call)
     callbacks = []
     if args.kill:
         kind, n = args.kill.split(":")
         if kind in ("after_save", "during_save"):
             patch_saves(kind, int(n))
         else:
-            callbacks.append(Kill(state, kind, int(n)))
+            callbacks.append(Kill(counter, kind, int(n)))
     ckpt = tp.Checkpointer(args.directory, save_every_steps=args.every, max_to_keep=3)
     state, history = tp.fit_loop(
         state,
         train,
-        tp.make_train_step(SCCE, steps_per_call=args.steps_per_call),
+        step,
         epochs=args.epochs,
         val_data=val,
         callbacks=callbacks,
         checkpoint=ckpt,
         verbose=0,
     )
-    np.savez(
-        args.out,
-        step=int(state.step),
-        history=np.array([history[k] for k in sorted(history)]),
-        **{f"v{i}": v.numpy() for i, v in enumerate(state.model.variables)},
-        **{f"o{i}": v.numpy() for i, v in enumerate(state.optimizer.variables)},
-    )
+    states = state if args.gan else {"": state}
+    arrays = {}
+    for name, s in states.items():
+        arrays[f"{name}step"] = int(s.step)
+        arrays.update({f"{name}v{i}": v.numpy() for i, v in enumerate(s.model.variables)})
+        arrays.update({f"{name}o{i}": v.numpy() for i, v in enumerate(s.optimizer.variables)})
+        arrays[f"{name}rng"] = s.rng.state.numpy()
+    np.savez(args.out, history=np.array([history[k] for k in sorted(history)]), **arrays)
+
+
+def main() -> None:
+    tf.config.experimental.enable_op_determinism()
+    if sys.argv[1:2] == ["--jobs"]:
+        with open(sys.argv[2]) as f:
+            jobs = json.load(f)
+        for directory, out, options in jobs:
+            run(parser().parse_args([directory, out, *options]))
+    else:
+        run(parser().parse_args())
     sys.exit(0)
 
 

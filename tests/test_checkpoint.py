@@ -1,5 +1,6 @@
 """Checkpointer: exact resume after SIGKILL or SIGTERM, crash-safe restore, clear refusals."""
 
+import json
 import signal
 import subprocess
 import sys
@@ -19,12 +20,28 @@ SCCE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 SPEC = ModelSpec((5,), (("dense", 6), ("dropout", 50), ("batchnorm", 0)), num_classes=3, l2=0.01)
 
 
-def worker(directory, out, *args):
-    return subprocess.run(
-        [sys.executable, str(WORKER), str(directory), str(out), *args],
-        capture_output=True,
+# Each case: (kill point, options). Every kill point runs in a process of its own;
+# one more process then resumes them all, and runs the uninterrupted references.
+KILLS = {
+    "mid-epoch": ("step:13", []),
+    "before-the-ragged-last-batch-ends": ("step:24", []),
+    "after-epoch-boundary": ("epoch:2", []),
+    "right-after-a-save": ("after_save:3", []),
+    "during-a-save": ("during_save:3", []),
+    "fused-calls": ("step:13", ["--steps-per-call", "3"]),
+    "sigterm-preemption": ("sigterm:13", []),
+    "two-states-mid-epoch": ("step:13", ["--gan"]),
+    "two-states-after-epoch-boundary": ("epoch:2", ["--gan"]),
+    "two-states-fused-calls": ("step:14", ["--gan", "--steps-per-call", "4"]),
+}
+
+
+def launch(*args):
+    return subprocess.Popen(
+        [sys.executable, str(WORKER), *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=300,
     )
 
 
@@ -33,51 +50,68 @@ def load(path):
         return {k: f[k] for k in f.files}
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    base = tmp_path_factory.mktemp("reference")
-    done = worker(base / "ckpt", base / "out.npz")
-    assert done.returncode == 0, done.stderr[-2000:]
-    return load(base / "out.npz")
+@pytest.fixture(scope="session")  # session: never torn down between a worker's modules
+def runs(tmp_path_factory):
+    """Kills every case, then resumes them all (and runs the references) in one process."""
+    base = tmp_path_factory.mktemp("kills")
+    killed, pending = {}, list(KILLS.items())
+    running = []
+    while pending or running:
+        while pending and len(running) < 3:
+            name, (kill, options) = pending.pop(0)
+            running.append((name, launch(base / name, base / f"{name}.first.npz", "--kill", kill,
+                                         *options)))  # fmt: skip
+        name, process = running.pop(0)
+        _, err = process.communicate(timeout=300)
+        killed[name] = (process.returncode, err)
+    jobs = [[str(base / name), str(base / f"{name}.npz"), options]
+            for name, (_, options) in KILLS.items()]  # fmt: skip
+    for ref, options in (("reference", []), ("reference-gan", ["--gan"])):
+        for again in ("", ".again", ".third"):  # a finished run, run again, does nothing
+            jobs.append([str(base / ref), str(base / f"{ref}{again}.npz"), options])
+    (base / "jobs.json").write_text(json.dumps(jobs))
+    done = launch("--jobs", base / "jobs.json")
+    _, err = done.communicate(timeout=600)
+    assert done.returncode == 0, err[-3000:]
+    return base, killed
 
 
-@pytest.mark.parametrize(
-    ("kill", "options", "code"),
-    [
-        pytest.param("step:13", [], -signal.SIGKILL, id="mid-epoch"),
-        pytest.param("step:24", [], -signal.SIGKILL, id="before-the-ragged-last-batch-ends"),
-        pytest.param("epoch:2", [], -signal.SIGKILL, id="after-epoch-boundary"),
-        pytest.param("after_save:3", [], -signal.SIGKILL, id="right-after-a-save"),
-        pytest.param("during_save:3", [], -signal.SIGKILL, id="during-a-save"),
-        pytest.param("step:13", ["--steps-per-call", "3"], -signal.SIGKILL, id="fused-calls"),
-        pytest.param("sigterm:13", [], 143, id="sigterm-preemption"),
-    ],
-)
-def test_killed_and_restarted_run_equals_uninterrupted_run(
-    tmp_path, uninterrupted, kill, options, code
-):
-    """Bit-identical variables, optimizer slots, step count and history."""
-    first = worker(tmp_path / "ckpt", tmp_path / "out.npz", "--kill", kill, *options)
-    assert first.returncode == code, first.stderr[-2000:]
-    assert not (tmp_path / "out.npz").exists()
+# One worker runs every test that shares the `runs` fixture (pytest -n ... --dist loadgroup).
+resume_group = pytest.mark.xdist_group("resume")
+
+
+@resume_group
+@pytest.mark.parametrize("name", list(KILLS))
+def test_killed_and_restarted_run_equals_uninterrupted_run(runs, name):
+    """Bit-identical variables, optimizer slots, seeds, step counts and history."""
+    base, killed = runs
+    code, err = killed[name]
+    kill, options = KILLS[name]
     if kill.startswith("sigterm"):
-        assert "SIGTERM received; saved" in first.stderr
-        assert "Traceback" not in first.stderr
-    second = worker(tmp_path / "ckpt", tmp_path / "out.npz", *options)
-    assert second.returncode == 0, second.stderr[-2000:]
-    resumed = load(tmp_path / "out.npz")
-    assert int(resumed["step"]) == int(uninterrupted["step"]) == 4 * 8
-    for name, value in uninterrupted.items():
-        np.testing.assert_array_equal(resumed[name], value, err_msg=name)
+        assert code == 143, err[-2000:]
+        assert "SIGTERM received; saved" in err
+        assert "Traceback" not in err
+    else:
+        assert code == -signal.SIGKILL, err[-2000:]
+    assert not (base / f"{name}.first.npz").exists()
+    resumed = load(base / f"{name}.npz")
+    uninterrupted = load(base / ("reference-gan.npz" if "--gan" in options else "reference.npz"))
+    steps = [k for k in uninterrupted if k.endswith("step")]
+    assert steps and all(int(uninterrupted[k]) == 4 * 8 for k in steps)
+    assert sorted(resumed) == sorted(uninterrupted)
+    for key, value in uninterrupted.items():
+        np.testing.assert_array_equal(resumed[key], value, err_msg=key)
 
 
-def test_a_finished_run_does_nothing_when_run_again(tmp_path, uninterrupted):
-    for _ in range(2):
-        done = worker(tmp_path / "ckpt", tmp_path / "out.npz")
-        assert done.returncode == 0, done.stderr[-2000:]
-        again = load(tmp_path / "out.npz")
-    for name, value in uninterrupted.items():
-        np.testing.assert_array_equal(again[name], value, err_msg=name)
+@resume_group
+@pytest.mark.parametrize("ref", ["reference", "reference-gan"])
+def test_a_finished_run_does_nothing_when_run_again(runs, ref):
+    base, _ = runs
+    first = load(base / f"{ref}.npz")
+    for again in (".again", ".third"):
+        later = load(base / f"{ref}{again}.npz")
+        for key, value in first.items():
+            np.testing.assert_array_equal(later[key], value, err_msg=key)
 
 
 # -- in-process: restore picks complete, readable, matching checkpoints -------------

@@ -90,6 +90,19 @@ def test_mirrored_equals_one_device_with_fused_calls_and_a_skipped_batch(tmp_pat
     assert_same_run(load(tmp_path / "mirrored.npz"), expected, replicas=2)
 
 
+def test_a_two_state_make_step_body_on_two_replicas_equals_one_device(tmp_path):
+    """A GAN body (replica_mean losses), a 3/2 split of the ragged last batch, fused calls."""
+    run("single", tmp_path / "single.npz", "--gan")
+    run("mirrored", tmp_path / "mirrored.npz", "--gan", "--steps-per-call", "3")
+    expected, got = load(tmp_path / "single.npz"), load(tmp_path / "mirrored.npz")
+    assert set(got["traced"]) == {2} and set(expected["traced"]) == {1}
+    assert int(got["replicas"]) == 2
+    assert int(got["gstep"]) == int(expected["gstep"]) == 3 * 8
+    for name in expected:
+        if name not in ("replicas", "traced"):
+            np.testing.assert_allclose(got[name], expected[name], **TOLERANCE, err_msg=name)
+
+
 def test_mirrored_checkpoint_resume_equals_one_device(tmp_path, single):
     ckpt = str(tmp_path / "ckpt")
     run("mirrored", tmp_path / "first.npz", "--epochs", "2", "--checkpoint", ckpt)

@@ -85,10 +85,10 @@ def optimizer_built_for(optimizer: keras.optimizers.Optimizer) -> list[Any]:
     Example:
       >>> import keras
       >>> from tfpure.compat import optimizer_built_for
-      >>> layer = keras.layers.Dense(1); layer.build((None, 2))
+      >>> layer = keras.layers.Dense(1, name="head"); layer.build((None, 2))
       >>> opt = keras.optimizers.SGD(); opt.build(layer.trainable_variables)
       >>> [v.path for v in optimizer_built_for(opt)]
-      ['dense/kernel', 'dense/bias']
+      ['head/kernel', 'head/bias']
     """
     if not optimizer.built:
         return []

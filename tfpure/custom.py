@@ -151,7 +151,7 @@ class UserBody:
         return rebuild(self._template, rebuilt), rebuilt
 
     def one(self, batch: Batch) -> tuple[tf.Tensor, Logs, tf.Tensor]:
-        """Runs the body on one replica; returns (flags, logs, examples)."""
+        """Runs the body on one replica; returns (failed checks as 0/1, logs, examples)."""
         states, given = self._states()
         with collecting() as collected:
             returned, logs = _unpack_result(self.fn(states, batch))
@@ -161,17 +161,18 @@ class UserBody:
         for name in sorted(logs):
             if logs[name].dtype.is_floating:
                 collected.add(f"log {name!r}", tf.math.is_finite(logs[name]))
-        return self.checks.settle(collected), logs, batch_size(batch)
+        failed = tf.cast(tf.logical_not(self.checks.settle(collected)), tf.int32)
+        return failed, logs, batch_size(batch)
 
     def merge(self, out: Any) -> tf.Tensor:
         """Sums the replicas' logs and examples; updates the means if every check passed."""
-        flags, logs, n = out
+        failed, logs, n = out
         if self.strategy is not None:
             s, total = self.strategy, tf.distribute.ReduceOp.SUM
-            failed = s.reduce(total, tf.cast(tf.logical_not(flags), tf.int32), axis=None)
-            flags = tf.equal(failed, 0)
+            failed = s.reduce(total, failed, axis=None)
             logs = {k: s.reduce(total, v, axis=None) for k, v in logs.items()}
             n = s.reduce(total, n, axis=None)
+        flags = tf.equal(failed, 0)
         ok = tf.reduce_all(flags)
 
         def commit() -> tf.Tensor:
