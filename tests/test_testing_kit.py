@@ -183,15 +183,38 @@ def test_no_retrace_catches_a_step_that_traces_every_batch_size():
     tpt.assert_no_retrace(hand_written_step(relax=True), None, batches, max_traces=2)
 
 
+@tf.function
+def _module_level_double(x):  # reached from a step only through a global name
+    return x * 2
+
+
+def _global_step(state, batch):
+    return state, {"loss": tf.reduce_sum(_module_level_double(batch[0]))}
+
+
 def test_count_traces_finds_functions_behind_closures_methods_and_globals():
-    with tpt.count_traces(WarmupStep()) as traces:
-        step = WarmupStep()
-    assert traces() == 0
-    state = make_state()
+    sizes = [SPEC.batch(n, n) for n in (3, 4, 5)]
+    # Behind an object's attribute: a tfpure Step, traced once for every batch size.
+    step, state = WarmupStep(), make_state()
     with tpt.count_traces(step) as traces:
-        for n in (3, 4, 5):
-            state, _ = step(state, SPEC.batch(n, n))
-    assert traces() == 1  # reached through the object's attribute: a tfpure Step
+        assert traces() == 0
+        for batch in sizes:
+            state, _ = step(state, batch)
+    assert traces() == 1
+    # Behind a closure: a tf.function without relaxed shapes traces once per size.
+    closed = hand_written_step(relax=False)
+    with tpt.count_traces(closed) as traces:
+        for batch in sizes:
+            closed(None, batch)
+    assert traces() == 3
+    # Behind a global name of the step's module.
+    with tpt.count_traces(_global_step) as traces:
+        for batch in sizes:
+            _global_step(None, batch)
+    assert traces() == 3  # 3 shapes, exact signatures
+    with tpt.count_traces(_global_step) as traces:  # counts only what happens inside
+        _global_step(None, sizes[0])
+    assert traces() == 0
     with pytest.raises(TypeError, match=r"reaches no tf\.function"):
         tpt.assert_no_retrace(lambda state, batch: (state, {}), None, [1, 2])
 

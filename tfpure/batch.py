@@ -43,7 +43,14 @@ Batch = Any
 
 
 class LossFn(Protocol):
-    """A loss of targets and predictions, like every `keras.losses.Loss`."""
+    """A loss of targets and predictions, like every `keras.losses.Loss`.
+
+    Example:
+      >>> import tensorflow as tf, tfpure as tp
+      >>> def mean_abs(y_true, y_pred):  # a LossFn; make_train_step wraps it as compile does
+      ...     return tf.reduce_mean(tf.abs(y_true - y_pred), axis=-1)
+      >>> step = tp.make_train_step(mean_abs)
+    """
 
     def __call__(self, y_true: Any, y_pred: Any, /) -> tf.Tensor: ...
 
@@ -52,6 +59,19 @@ class ModelLossFn(Protocol):
     """A full-control loss: calls the model itself, returns loss and predictions.
 
     Return `y_pred=None` when there are no metrics to update.
+
+    Example:
+      >>> import keras, tensorflow as tf, tfpure as tp
+      >>> def denoise(model, batch, training):  # x is its own target
+      ...     x = batch
+      ...     noisy = x + keras.random.normal(tf.shape(x), stddev=0.1, seed=1)
+      ...     y_pred = model(noisy, training=training)
+      ...     return tf.reduce_mean(tf.square(y_pred - x)), y_pred
+      >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(4)])
+      >>> state = tp.TrainState.create(model=model, optimizer=keras.optimizers.SGD(0.1))
+      >>> state, logs = tp.make_train_step(denoise)(state, tf.ones((8, 4)))
+      >>> sorted(logs), int(state.step)
+      (['loss'], 1)
     """
 
     def __call__(

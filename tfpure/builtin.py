@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 __all__ = ["EvalBody", "Logs", "TrainBody", "metric_results"]
 
 Logs = dict[str, tf.Tensor]
+"""What a step returns beside the state: log name -> scalar tensor (``tp.Logs``)."""
 
 
 def metric_results(metrics: dict[str, keras.metrics.Metric]) -> Logs:

@@ -1,15 +1,5 @@
 """`Checkpointer`: save everything that decides the future of a run, resume exactly.
 
-Synopsis::
-
-    ckpt = tp.Checkpointer("runs/1", save_every_steps=500)
-    state, history = tp.fit_loop(state, train_ds, train_step, epochs=10, checkpoint=ckpt)
-    # killed at any point? run the same command again: it resumes at the last
-    # save, mid-epoch included, and ends with the variables of an unbroken run.
-
-    ckpt.save(state)          # by hand
-    ckpt.restore(state)       # by hand: the newest good checkpoint, or None
-
 A checkpoint holds every variable that decides what happens next: the model's
 variables (BatchNorm statistics, and Dropout's `SeedGenerator` states, which
 `tf.train.Checkpoint(model=...)` would miss), the optimizer's slots and

@@ -5,13 +5,6 @@ strategy: does it span several processes (`cluster_task`), which strategy do
 all the states of a step share (`strategy_of`), which share of a global batch
 does this replica train on (`replica_share`).
 
-Synopsis::
-
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-    with strategy.scope():
-        state = tp.TrainState.create(model=build(), optimizer=keras.optimizers.Adam())
-    state, logs = step(state, batch)   # the step runs on every replica
-
 Inside a user-written step body (`tp.make_step`), each replica sees its share
 of the global batch. Logs and losses follow Keras' convention: a replica
 returns its *contribution*, and the contributions are summed. Keras loss
@@ -103,6 +96,12 @@ def replica_share(batch: Any) -> Any:
 
     Each replica takes an even share, the first ones one example more when
     the batch does not divide (a ragged last batch).
+
+    Example:
+      >>> import tensorflow as tf
+      >>> from tfpure.distribute import replica_share
+      >>> replica_share(tf.range(5)).numpy().tolist()  # no strategy: the whole batch
+      [0, 1, 2, 3, 4]
     """
     context = tf.distribute.get_replica_context()
     replica, replicas = context.replica_id_in_sync_group, context.num_replicas_in_sync

@@ -1,10 +1,5 @@
 """The non-finite guard: a step that meets a non-finite value changes nothing.
 
-Synopsis::
-
-    step = tp.make_train_step(loss, nonfinite="raise")   # NonFiniteError, nothing changed
-    step = tp.make_step(body, nonfinite="skip")          # the batch is skipped and counted
-
 A guarded step checks, after the step body ran and before anything it did
 is kept, that its loss and gradients were finite. For a built-in step the
 check sees every gradient before the optimizer runs, so only the variables

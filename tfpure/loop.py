@@ -1,13 +1,5 @@
 """Loops: `fold` (one pass), `evaluate`, and `fit_loop` (epochs with callbacks).
 
-Synopsis::
-
-    state, logs = tp.fold(train_step, state, dataset)      # one pass, nothing else
-    logs = tp.evaluate(state, val_ds, eval_step)           # {"loss": 0.31, ...}
-    state, history = tp.fit_loop(state, train_ds, train_step, epochs=5,
-                                 eval_step=eval_step, val_data=val_ds,
-                                 callbacks=[keras.callbacks.EarlyStopping()])
-
 The loop is a fold of a step over batches, nested in a fold over epochs,
 exactly the tutorial's two `for` loops: reset the metrics, run the batches,
 validate with ``training=False``, report. `fit_loop` drives ordinary Keras
@@ -213,9 +205,14 @@ def fit_loop(
     callback you pass. A callback that sets ``model.stop_training = True``
     (`EarlyStopping`) ends training after the current batch.
 
-    With ``steps_per_call=k`` a callback's batch hooks fire once per call of k
-    steps (as with Keras ``steps_per_execution``), with the index of the last
+    When the step fuses k steps per graph call (``make_train_step(...,
+    steps_per_call=k)``, a step option), a callback's batch hooks fire once per
+    call (as with Keras ``steps_per_execution``), with the index of the last
     batch in the call.
+
+    `state` may be a structure of states (a dict, tuple or list of
+    `TrainState`s) when `train_step` is a `make_step` body; `history` then
+    holds each log's epoch mean, and callbacks see the first state's model.
 
     If the model has no `optimizer` attribute (it was never compiled), it is
     set to `state.optimizer` so callbacks that read it (`ReduceLROnPlateau`,
@@ -248,6 +245,11 @@ def fit_loop(
     Raises:
       ValueError: `epochs` < 1, empty or infinite data, wrong kind of step.
       TypeError: `data` is not a dataset or iterable of batches.
+      CheckpointError: with `checkpoint`, no checkpoint fits the state, or the
+        data cannot be replayed to a saved position. Nothing changed.
+      Preempted: with `checkpoint`, SIGTERM arrived; the run saved and should
+        end (a `SystemExit` with code 143).
+      NonFiniteError: a ``nonfinite="raise"`` step met a non-finite value.
 
     Example:
       >>> import keras, numpy as np, tensorflow as tf, tfpure as tp

@@ -29,6 +29,13 @@ class Preempted(SystemExit):
 
     A `SystemExit` with code 143 (128 + SIGTERM): left uncaught, the process
     exits quietly with that code; run the same command again to resume.
+    `path` is the checkpoint it saved.
+
+    Example:
+      >>> import tfpure as tp
+      >>> err = tp.Preempted("runs/1/ckpt-40")
+      >>> isinstance(err, SystemExit), err.code, err.path
+      (True, 143, 'runs/1/ckpt-40')
     """
 
     def __init__(self, path: str):
@@ -192,7 +199,7 @@ class Run:
         position = epoch * self.steps_per_epoch + done
         if self.preempted or (every is not None and position % every == 0):
             self.ckpt.epoch_step.assign(done)
-            self._save(f"after step {done} of epoch {epoch}")
+            self._save(f"after step {done} of epoch {epoch + 1}")  # counted from 1, as Keras
 
     def end_epoch(self, epoch: int, history: dict[str, list[float]], last: bool) -> None:
         """Records the finished epoch and saves if it is a save point."""
@@ -201,7 +208,7 @@ class Run:
         self.ckpt.record(history)
         every = self.ckpt.save_every_epochs
         if last or self.preempted or (every is not None and (epoch + 1) % every == 0):
-            self._save(f"at the end of epoch {epoch}")
+            self._save(f"at the end of epoch {epoch + 1}")
 
     def _save(self, where: str) -> None:
         path = self.ckpt.save(self.state, extra=self.extra)

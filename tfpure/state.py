@@ -1,12 +1,5 @@
 """`TrainState`: the handles a training loop threads through its steps.
 
-Synopsis::
-
-    state = tp.TrainState.create(model=model, optimizer=keras.optimizers.Adam(),
-                                 metrics={"accuracy": keras.metrics.SparseCategoricalAccuracy()})
-    state, logs = train_step(state, (x, y))      # variables move in place
-    state.step.numpy()                           # steps taken so far
-
 A `TrainState` is a frozen record of *handles*: the Keras model, the optimizer,
 the training and evaluation metrics, a step counter and a seed generator. The
 record itself never changes; the variables it points to do, in place, exactly

@@ -1,16 +1,5 @@
 """Steps: `make_step` for user-written bodies, `make_train_step` / `make_eval_step` built in.
 
-Synopsis::
-
-    train_step = tp.make_train_step(keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    state, logs = train_step(state, (x, y))    # logs: {"loss": ..., "accuracy": ...}
-
-    def gan_step(states, batch):               # any body over one or several states
-        ...
-        return {"g": g, "d": d}, {"d_loss": d_loss, "g_loss": g_loss}
-    step = tp.make_step(gan_step, steps_per_call=16)
-    states, logs = step({"g": g_state, "d": d_state}, batch)
-
 A factory returns a `Step`: a callable ``state, logs = step(state, batch)``
 that compiles one engine (`tfpure.graph`) per state structure it meets and
 runs its body inside it. The options every step shares are a frozen
@@ -205,7 +194,16 @@ class Step:
         self._traces += 1
 
     def engine(self, state: Any) -> Engine:
-        """The engine of `state` (a state or structure of states), built on first use."""
+        """The engine of `state` (a state or structure of states), built on first use.
+
+        Example:
+          >>> import keras, tfpure as tp
+          >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+          >>> state = tp.TrainState.create(model=model, optimizer=keras.optimizers.SGD())
+          >>> step = tp.make_train_step("mse")
+          >>> step.engine(state) is step.engine(state)  # one engine per state
+          True
+        """
         try:
             found = leaves(state)
         except TypeError as err:

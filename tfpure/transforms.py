@@ -1,16 +1,5 @@
 """Gradient transforms for ``make_train_step(..., grad_transform=...)``.
 
-Synopsis::
-
-    step = tp.make_train_step(
-        loss,
-        grad_transform=[
-            tp.transforms.mask_gradients(lambda v: "embedding" not in v.path),  # freeze
-            tp.transforms.add_gradient_noise(1e-3, seed=0),
-            tp.transforms.clip_by_global_norm(1.0),
-        ],
-    )
-
 A transform is any function ``(grads, variables) -> grads`` (the
 `GradTransform` protocol); a list of them applies in order. They run inside
 the compiled step, between the gradient and the optimizer, on true

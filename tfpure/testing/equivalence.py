@@ -1,11 +1,5 @@
 """Equivalence assertions: the same training, run two ways, gives the same result.
 
-Synopsis::
-
-    tpt.assert_graph_matches_eager(make_state, train_step, batches)
-    tpt.assert_fused_matches_sequential(
-        make_state, lambda k: tp.make_train_step(loss, steps_per_call=k), ds, steps_per_call=8)
-
 Each runs twice from identically initialised states (`make_state()` is called
 once per run) and compares every model, optimizer, metric and counter
 variable, and the logs.

@@ -1,12 +1,5 @@
 """Property assertions about one model or one step: call them on your own code.
 
-Synopsis::
-
-    from tfpure import testing as tpt
-    tpt.assert_gradients_match_numeric(model, loss, (x, y))
-    tpt.assert_training_flag_respected(model, (x, y))
-    tpt.assert_eval_step_pure(eval_step, state, (x, y))
-
 Each assertion raises `AssertionError` saying what differed and where (which
 variable, which output, by how much), and leaves the objects it was given as
 it found them unless the check itself is about changing them.
@@ -64,7 +57,16 @@ def snapshot(variables: Iterable[Any]) -> dict[str, np.ndarray]:
 
 
 def state_variables(state: TrainState) -> dict[str, list[Any]]:
-    """A state's variables by group: model, optimizer, training metrics, counters."""
+    """A state's variables by group: model, optimizer, training metrics, counters.
+
+    Example:
+      >>> import keras, tfpure as tp
+      >>> from tfpure import testing as tpt
+      >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+      >>> state = tp.TrainState.create(model=model, optimizer=keras.optimizers.SGD())
+      >>> {group: len(vs) for group, vs in tpt.state_variables(state).items()}
+      {'model': 2, 'optimizer': 2, 'metrics': 2, 'counters': 2}
+    """
     return {
         "model": list(state.model.variables),
         "optimizer": list(state.optimizer.variables),

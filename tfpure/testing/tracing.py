@@ -1,12 +1,5 @@
 """Counting traces: does a step compile once, or on every batch?
 
-Synopsis::
-
-    tpt.assert_no_retrace(train_step, state, batches, max_traces=1)
-    with tpt.count_traces(my_step) as traces:
-        ...
-    traces()  # how many times any tf.function my_step reaches was traced
-
 Works on any step callable, not only tfpure's: it finds every `tf.function`
 the step can reach — the step itself, functions it closes over, names it
 calls from its module, attributes of objects it is bound to, tfpure `Step`s —

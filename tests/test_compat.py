@@ -1,0 +1,111 @@
+"""Every private TensorFlow / Keras API tfpure uses (tfpure.compat), checked against the
+installed versions: an upgrade that changes one fails here, loudly, not silently elsewhere."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tfpure as tp
+from tfpure import compat
+
+
+def test_loss_function_wrapper_scores_a_plain_function_as_compile_does():
+    def per_sample(y_true, y_pred):
+        return tf.reduce_mean(tf.square(y_true - y_pred), axis=-1)
+
+    wrapped = compat.LossFunctionWrapper(per_sample, name="per_sample")
+    assert isinstance(wrapped, keras.losses.Loss)
+    y, p = np.zeros((4, 2), "float32"), np.arange(8, dtype="float32").reshape(4, 2)
+    w = np.array([1.0, 0.0, 2.0, 1.0], "float32")
+    expected = np.sum(np.mean((y - p) ** 2, axis=-1) * w) / 4  # sum_over_batch_size
+    assert float(wrapped(y, p, sample_weight=w)) == pytest.approx(expected, rel=1e-6)
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(2)])
+    model.compile(loss=per_sample)
+    assert float(model.compute_loss(y=y, y_pred=p, sample_weight=w)) == pytest.approx(
+        expected, rel=1e-6
+    )
+
+
+def test_optimizer_built_for_lists_exactly_the_variables_it_was_built_on():
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2), keras.layers.Dense(1)])
+    optimizer = keras.optimizers.Adam()
+    assert compat.optimizer_built_for(optimizer) == []
+    optimizer.build(model.trainable_variables)
+    assert [id(v) for v in compat.optimizer_built_for(optimizer)] == [
+        id(v) for v in model.trainable_variables
+    ]
+
+
+def test_flatten_layers_reaches_nested_layers():
+    inner = keras.Sequential([keras.layers.Dense(2, name="deep")], name="inner")
+    model = keras.Sequential([keras.Input((3,)), inner, keras.layers.Dropout(0.5, name="drop")])
+    names = [layer.name for layer in compat.flatten_layers(model, include_self=False)]
+    assert "deep" in names and "drop" in names and model.name not in names
+
+
+def test_seed_generators_are_the_ones_dropout_draws_from():
+    model = keras.Sequential([keras.Input((50,)), keras.layers.Dropout(0.5)])
+    (generator,) = compat.seed_generators(model)
+    assert isinstance(generator, keras.random.SeedGenerator)
+    x = np.ones((4, 50), "float32")
+    generator.state.assign(tf.constant([7, 0], tf.int64))
+    first = model(x, training=True).numpy()
+    generator.state.assign(tf.constant([7, 0], tf.int64))
+    np.testing.assert_array_equal(model(x, training=True).numpy(), first)  # same seed, same mask
+    # ...and TrainState.create(seed=) reseeds it, reproducibly.
+    masks = []
+    for _ in range(2):
+        m = keras.Sequential([keras.Input((50,)), keras.layers.Dropout(0.5)])
+        tp.TrainState.create(
+            model=keras.Sequential([m, keras.layers.Dense(1)]),
+            optimizer=keras.optimizers.SGD(),
+            seed=3,
+        )
+        masks.append(m(x, training=True).numpy())
+    np.testing.assert_array_equal(masks[0], masks[1])
+
+
+def test_model_input_structure_of_a_functional_dict_model():
+    a, b = keras.Input((2,), name="a"), keras.Input((3,), name="b")
+    model = keras.Model({"a": a, "b": b}, keras.layers.Concatenate()([a, b]))
+    structure = compat.model_input_structure(model)
+    assert isinstance(structure, dict) and sorted(structure) == ["a", "b"]
+    sequential = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+    assert [tuple(t.shape) for t in compat.model_input_structure(sequential)] == [(None, 4)]
+
+
+def test_flat_caller_calls_the_concrete_function_through_call_flat():
+    @tf.function
+    def total(iterator, limit):
+        return tf.reduce_sum(iterator.get_next()) + tf.cast(limit, tf.float32)
+
+    iterator = iter(tf.data.Dataset.from_tensors(tf.ones([3])).repeat())
+    concrete = total.get_concrete_function(iterator, tf.TensorSpec([], tf.int32))
+    assert callable(getattr(concrete, "_call_flat", None))  # the fast path is taken
+    call = compat.flat_caller(concrete, iterator)
+    assert float(call(tf.constant(2))) == 5.0
+
+
+def test_serialized_dataset_graph_refuses_external_state():
+    graph = compat.serialized_dataset_graph(tf.data.Dataset.range(4).shuffle(4, seed=1))
+    assert graph.dtype == tf.string and b"ShuffleDataset" in graph.numpy()
+    outside = tf.data.Dataset.range(4).map(lambda i: tf.py_function(lambda t: t, [i], tf.int64))
+    with pytest.raises(tf.errors.OpError):
+        compat.serialized_dataset_graph(outside)
+
+
+def test_supports_no_merge_call_tells_strategies_apart():
+    assert compat.supports_no_merge_call() is True
+    with tf.distribute.MirroredStrategy(["/cpu:0"]).scope():
+        assert compat.supports_no_merge_call() is False
+
+
+def test_a_missing_private_api_fails_loudly_instead_of_skipping():
+    class NotALayer:
+        pass
+
+    with pytest.raises(compat.PrivateAPIChanged, match="_flatten_layers"):
+        compat.seed_generators(NotALayer())
+    with pytest.raises(compat.PrivateAPIChanged, match="_as_serialized_graph"):
+        compat.serialized_dataset_graph(NotALayer())
