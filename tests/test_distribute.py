@@ -152,12 +152,12 @@ def test_one_replica_strategies_equal_the_plain_path(strategy):
     assert distributed.strategy is strategy
     _, h_plain = tp.fit_loop(plain, dataset(), tp.make_train_step(SCCE), epochs=2, verbose=0)
     _, h_dist = tp.fit_loop(distributed, dataset(), tp.make_train_step(SCCE), epochs=2, verbose=0)
-    np.testing.assert_allclose(h_dist["loss"], h_plain["loss"], rtol=1e-6)
+    np.testing.assert_allclose(h_dist["loss"], h_plain["loss"], rtol=1e-5)
     _, logs = tp.make_train_step(SCCE)(distributed, SPEC.batch(5, 1))  # a single batch
     _, plain_logs = tp.make_train_step(SCCE)(plain, SPEC.batch(5, 1))
-    assert float(logs["loss"]) == pytest.approx(float(plain_logs["loss"]), rel=1e-6)
+    assert float(logs["loss"]) == pytest.approx(float(plain_logs["loss"]), rel=1e-5)
     for a, b in zip(model.variables, copy.variables, strict=True):
-        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-6, atol=1e-7, err_msg=a.path)
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6, err_msg=a.path)
 
 
 def test_nonfinite_raise_under_a_strategy_changes_nothing():

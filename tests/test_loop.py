@@ -67,9 +67,9 @@ def test_fit_loop_history_equals_keras_fit():
         ]
     )
     for name in expected:
-        np.testing.assert_allclose(history[name], expected[name], rtol=1e-6, err_msg=name)
+        np.testing.assert_allclose(history[name], expected[name], rtol=1e-5, err_msg=name)
     for a, b in zip(model.variables, reference.variables, strict=True):
-        np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-7, err_msg=a.path)
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6, err_msg=a.path)
     assert int(state.step) == 3 * 4
 
 
@@ -81,7 +81,7 @@ def test_evaluate_equals_keras_evaluate():
     got = tp.evaluate(make_state(model), data, tp.make_eval_step(SCCE))
     assert sorted(got) == sorted(expected)
     for name in expected:
-        assert got[name] == pytest.approx(expected[name], rel=1e-6), name
+        assert got[name] == pytest.approx(expected[name], rel=1e-5), name
 
 
 def test_fit_loop_equals_tutorial_loop():
@@ -93,8 +93,8 @@ def test_fit_loop_equals_tutorial_loop():
     optimizer.build(reference.trainable_variables)
     expected = tutorial_fit(reference, optimizer, SCCE, data, epochs=2)
     _, history = tp.fit_loop(make_state(model), data, tp.make_train_step(SCCE), epochs=2, verbose=0)
-    np.testing.assert_allclose(history["loss"], [e[0] for e in expected], rtol=1e-6)
-    assert history["accuracy"] == pytest.approx([e[1] for e in expected], rel=1e-7)
+    np.testing.assert_allclose(history["loss"], [e[0] for e in expected], rtol=1e-5)
+    assert history["accuracy"] == pytest.approx([e[1] for e in expected], rel=1e-5)
     for a, b in zip(model.variables, reference.variables, strict=True):
         np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
 
@@ -202,7 +202,7 @@ def test_csv_logger_and_tensorboard_write_the_history(tmp_path):
         rows = list(csv.DictReader(f))
     assert [int(r["epoch"]) for r in rows] == [0, 1]
     for name, values in history.items():
-        np.testing.assert_allclose([float(r[name]) for r in rows], values, rtol=1e-6)
+        np.testing.assert_allclose([float(r[name]) for r in rows], values, rtol=1e-5)
     events = list((tmp_path / "tb").rglob("events.out.tfevents.*"))
     assert {p.parent.name for p in events} == {"train", "validation"}
 

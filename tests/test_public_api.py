@@ -38,4 +38,5 @@ def test_public_names_have_a_runnable_example(module, name, obj):
 
 @pytest.mark.parametrize("name", [n for n in tp.__all__ if not n.startswith("_")])
 def test_every_top_level_name_is_in_the_readme(name):
-    assert f"`{name}" in README or f"{name}(" in README, f"tp.{name} is not in the README"
+    mentions = (f"`{name}", f"{name}(", f"`tfpure.{name}`")
+    assert any(m in README for m in mentions), f"tp.{name} is not in the README"

@@ -33,6 +33,13 @@ def make_state(model, optimizer=None, **kwargs):
     )
 
 
+# Comparisons against another graph (Keras' own steps, another loss path) allow float32
+# reordering: oneDNN orders sums differently from one CPU to another, and Adam turns a
+# rounding difference in a near-zero gradient into a visible one. Same-graph comparisons
+# (the tutorial's step, which runs the same ops) stay bit for bit.
+CROSS_GRAPH = {"rtol": 1e-5, "atol": 1e-6}
+
+
 def assert_same_variables(a, b, rtol=0.0, atol=0.0):
     for va, vb in zip(a, b, strict=True):
         np.testing.assert_allclose(va.numpy(), vb.numpy(), rtol=rtol, atol=atol, err_msg=va.path)
@@ -64,7 +71,7 @@ def test_train_step_equals_tutorial_loop(spec, sizes, seed, adam):
     assert float(logs["accuracy"]) == float(ref_acc.result())
     assert int(state.step) == len(sizes)
     if len(set(sizes)) == 1:  # equal batches: batch-weighted mean == mean of batch losses
-        np.testing.assert_allclose(float(logs["loss"]), float(ref_loss.result()), rtol=1e-6)
+        np.testing.assert_allclose(float(logs["loss"]), float(ref_loss.result()), rtol=1e-5)
 
 
 def keras_twin(model, optimizer, loss=SCCE, **compile_kwargs):
@@ -84,9 +91,9 @@ def test_loss_weighted_by_batch_size_like_keras_fit():
         tuple(map(np.concatenate, zip(*batches, strict=True)))
     ).batch(8)
     history = reference.fit(ds, epochs=1, verbose=0, shuffle=False).history
-    np.testing.assert_allclose(float(logs["loss"]), history["loss"][0], rtol=1e-6)
-    np.testing.assert_allclose(float(logs["accuracy"]), history["accuracy"][0], rtol=1e-6)
-    assert_same_variables(model.variables, reference.variables, atol=1e-7)
+    np.testing.assert_allclose(float(logs["loss"]), history["loss"][0], rtol=1e-5)
+    np.testing.assert_allclose(float(logs["accuracy"]), history["accuracy"][0], rtol=1e-5)
+    assert_same_variables(model.variables, reference.variables, **CROSS_GRAPH)
 
 
 def test_sample_weights_match_keras_train_on_batch():
@@ -103,8 +110,8 @@ def test_sample_weights_match_keras_train_on_batch():
         state.reset_metrics()  # train_on_batch reports one batch
         state, logs = step(state, (x, y, w))
         keras_logs = reference.train_on_batch(x, y, sample_weight=w, return_dict=True)
-    assert_same_variables(model.variables, reference.variables, atol=1e-7)
-    np.testing.assert_allclose(float(logs["accuracy"]), keras_logs["accuracy"], rtol=1e-6)
+    assert_same_variables(model.variables, reference.variables, **CROSS_GRAPH)
+    np.testing.assert_allclose(float(logs["accuracy"]), keras_logs["accuracy"], rtol=1e-5)
 
 
 def test_full_control_loss_equals_keras_loss():
@@ -132,15 +139,15 @@ def test_plain_function_and_name_losses_are_wrapped_like_compile():
     state = make_state(model, keras.optimizers.SGD(0.1))
     state, logs = tp.make_train_step(per_sample)(state, (x, y))
     keras_logs = reference.train_on_batch(x, y, return_dict=True)
-    np.testing.assert_allclose(float(logs["loss"]), keras_logs["loss"], rtol=1e-6)
-    assert_same_variables(model.variables, reference.variables, atol=1e-7)
+    np.testing.assert_allclose(float(logs["loss"]), keras_logs["loss"], rtol=1e-5)
+    assert_same_variables(model.variables, reference.variables, **CROSS_GRAPH)
 
     mse_model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
     mse_state = make_state(mse_model)
     target = np.zeros((3, 1), "float32")
     expected = float(np.mean(mse_model(np.ones((3, 2))).numpy() ** 2))
     _, mse_logs = tp.make_eval_step("mse")(mse_state, (np.ones((3, 2), "float32"), target))
-    np.testing.assert_allclose(float(mse_logs["loss"]), expected, rtol=1e-6)
+    np.testing.assert_allclose(float(mse_logs["loss"]), expected, rtol=1e-5)
 
 
 def test_dict_inputs_match_keras():
@@ -159,8 +166,8 @@ def test_dict_inputs_match_keras():
     y = np.array([0, 1, 1, 0], "int32")
     state, logs = tp.make_train_step(SCCE)(state, (x, y))
     keras_logs = reference.train_on_batch(x, y, return_dict=True)
-    np.testing.assert_allclose(float(logs["loss"]), keras_logs["loss"], rtol=1e-6)
-    assert_same_variables(model.variables, reference.variables, atol=1e-7)
+    np.testing.assert_allclose(float(logs["loss"]), keras_logs["loss"], rtol=1e-5)
+    assert_same_variables(model.variables, reference.variables, **CROSS_GRAPH)
 
 
 def test_loss_scale_optimizer_matches_keras():
@@ -172,7 +179,7 @@ def test_loss_scale_optimizer_matches_keras():
         x, y = SPEC.batch(5, i)
         state, _ = step(state, (x, y))
         reference.train_on_batch(x, y)
-    assert_same_variables(model.variables, reference.variables, rtol=1e-6, atol=1e-7)
+    assert_same_variables(model.variables, reference.variables, **CROSS_GRAPH)
     assert float(state.optimizer.dynamic_scale) == float(reference.optimizer.dynamic_scale)
 
 
@@ -185,8 +192,8 @@ def test_eval_step_matches_keras_test_on_batch_and_is_pure():
     state.reset_eval_metrics()
     _, logs = tp.make_eval_step(SCCE)(state, (x, y))
     keras_logs = reference.test_on_batch(x, y, return_dict=True)
-    assert float(logs["loss"]) == pytest.approx(keras_logs["loss"], rel=1e-6)
-    assert float(logs["accuracy"]) == pytest.approx(keras_logs["accuracy"], rel=1e-6)
+    assert float(logs["loss"]) == pytest.approx(keras_logs["loss"], rel=1e-5)
+    assert float(logs["accuracy"]) == pytest.approx(keras_logs["accuracy"], rel=1e-5)
     assert float(state.metrics["loss"].count) == 0  # training figures untouched
 
 
@@ -200,7 +207,7 @@ def test_jit_compile_matches_graph():
         batch = SPEC.batch(n, i)
         a, logs_a = graph(a, batch)
         b, logs_b = xla(b, batch)
-    assert_same_variables(model.variables, other.variables, rtol=1e-5, atol=1e-6)
+    assert_same_variables(model.variables, other.variables, **CROSS_GRAPH)
     np.testing.assert_allclose(float(logs_a["loss"]), float(logs_b["loss"]), rtol=1e-5)
     _, eval_a = tp.make_eval_step(SCCE)(a, batch)
     _, eval_b = tp.make_eval_step(SCCE, jit_compile=True)(b, batch)

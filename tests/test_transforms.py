@@ -37,7 +37,7 @@ def test_clip_by_global_norm_equals_keras_global_clipnorm():
         tp.make_train_step(SCCE),
     )
     for a, b in zip(model.variables, reference.variables, strict=True):
-        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-6, atol=1e-7, err_msg=a.path)
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6, err_msg=a.path)
 
 
 def test_mask_gradients_freezes_variables_under_sgd():
@@ -135,7 +135,7 @@ def test_transforms_see_unscaled_gradients_under_loss_scaling():
     run(state_for(other, scaled), tp.make_train_step(SCCE, grad_transform=record("scaled")), n=1)
     assert float(norms["plain"]) == pytest.approx(float(norms["scaled"]), rel=1e-5)
     for a, b in zip(model.variables, other.variables, strict=True):
-        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-7, err_msg=a.path)
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6, err_msg=a.path)
 
 
 @pytest.mark.parametrize(
