@@ -270,6 +270,119 @@ def measure(
     }
 
 
+# -- a user-written two-state step: a GAN --------------------------------------------
+
+# Noise of the data's width: the two-call composition checks it against the generator.
+GAN_BATCH, GAN_STEPS, GAN_NOISE = 64, 64, 8
+GAN_BCE = keras.losses.BinaryCrossentropy(from_logits=True)
+
+
+def gan_states(seed: int = 0) -> dict[str, tp.TrainState]:
+    keras.utils.set_random_seed(seed)
+    g = keras.Sequential(
+        [keras.Input((GAN_NOISE,)), keras.layers.Dense(64, "relu"), keras.layers.Dense(8)]
+    )
+    d = keras.Sequential([keras.Input((8,)), keras.layers.Dense(64, "relu"), keras.layers.Dense(1)])
+    return {
+        "g": tp.TrainState.create(model=g, optimizer=keras.optimizers.Adam(1e-3), seed=seed),
+        "d": tp.TrainState.create(model=d, optimizer=keras.optimizers.Adam(1e-3), seed=seed + 1),
+    }
+
+
+def gan_data() -> tf.data.Dataset:
+    real = np.random.default_rng(0).normal(size=(GAN_BATCH * GAN_STEPS, 8)).astype("float32")
+    return tf.data.Dataset.from_tensor_slices(real).batch(GAN_BATCH).prefetch(tf.data.AUTOTUNE)
+
+
+def gan_body(states, real):
+    """The discriminator's update, then the generator's: one user-written step."""
+    g, d = states["g"], states["d"]
+    z = keras.random.normal((tf.shape(real)[0], GAN_NOISE), seed=g.rng)
+    with tf.GradientTape() as tape:
+        real_logits = d.model(real, training=True)
+        fake_logits = d.model(g.model(z, training=False), training=True)
+        d_loss = GAN_BCE(tf.ones_like(real_logits), real_logits) + GAN_BCE(
+            tf.zeros_like(fake_logits), fake_logits
+        )
+    d = d.apply_gradients(tape.gradient(d_loss, d.model.trainable_variables))
+    with tf.GradientTape() as tape:
+        logits = d.model(g.model(z, training=True), training=False)
+        g_loss = GAN_BCE(tf.ones_like(logits), logits)
+    g = g.apply_gradients(tape.gradient(g_loss, g.model.trainable_variables))
+    return {"g": g, "d": d}, {"d_loss": d_loss, "g_loss": g_loss}
+
+
+def gan_fused(k: int) -> Callable:
+    states, data = gan_states(), gan_data()
+    step = tp.make_step(gan_body, steps_per_call=k)
+
+    def epoch() -> None:
+        tp.fit_loop(states, data, step, epochs=1, verbose=0)
+
+    return epoch
+
+
+def gan_composed() -> Callable:
+    """The composition tfpure offered before make_step: two compiled full-control steps,
+    called one after the other from a Python step function (two graph calls per batch)."""
+    states, data = gan_states(), gan_data()
+    g, d = states["g"], states["d"]
+
+    def noise(real: tf.Tensor) -> tf.Tensor:
+        return keras.random.normal((tf.shape(real)[0], GAN_NOISE), seed=g.rng)
+
+    def d_loss(model, real, training):
+        real_logits = model(real, training=training)
+        fake_logits = model(g.model(noise(real), training=False), training=training)
+        loss = GAN_BCE(tf.ones_like(real_logits), real_logits) + GAN_BCE(
+            tf.zeros_like(fake_logits), fake_logits
+        )
+        return loss, None
+
+    def g_loss(model, real, training):
+        logits = d.model(model(noise(real), training=training), training=False)
+        return GAN_BCE(tf.ones_like(logits), logits), None
+
+    d_step, g_step = tp.make_train_step(d_loss), tp.make_train_step(g_loss)
+
+    def step(states, real):
+        g, d = states
+        d, d_logs = d_step(d, real)
+        g, g_logs = g_step(g, real)
+        return (g, d), {"d_loss": d_logs["loss"], "g_loss": g_logs["loss"]}
+
+    def epoch() -> None:
+        g.reset_metrics()
+        d.reset_metrics()
+        tp.fold(step, (g, d), data)
+
+    return epoch
+
+
+GAN_VARIANTS: dict[str, Callable[[], Callable]] = {
+    "GAN two-call composition": gan_composed,
+    "GAN make_step k=1": lambda: gan_fused(1),
+    "GAN make_step k=16": lambda: gan_fused(16),
+}
+
+
+def measure_gan(rounds: int) -> dict[str, dict[str, float]]:
+    """Seconds per GAN step (one batch, both updates) of each variant, interleaved."""
+    epochs = {name: make() for name, make in GAN_VARIANTS.items()}
+    for epoch in epochs.values():
+        epoch()  # warm up
+    times: dict[str, list[float]] = {name: [] for name in epochs}
+    for _ in range(rounds):
+        for name, epoch in epochs.items():
+            start = time.perf_counter()
+            epoch()
+            times[name].append((time.perf_counter() - start) / GAN_STEPS)
+    return {
+        name: {"median": statistics.median(values), "min": min(values), "rounds": values}
+        for name, values in times.items()
+    }
+
+
 # -- traces and memory --------------------------------------------------------------
 
 
@@ -427,6 +540,13 @@ def markdown(report: dict) -> str:
             for t in (small, big)
         ]
         lines.append(f"| {name} | {cells[0]} | {cells[1]} |")
+    gan = report["per_step_seconds"]["gan"]
+    lines += [
+        "",
+        f"| GAN ({GAN_STEPS} batches of {GAN_BATCH}; both updates) | ms/step, median (min) |",
+        "|---|---:|",
+        *(f"| {n} | {t['median'] * 1e3:.3f} ({t['min'] * 1e3:.3f}) |" for n, t in gan.items()),
+    ]
     lines += [
         "",
         "| ratio (one run) | paired: median of per-round ratios | goal "
@@ -519,6 +639,7 @@ def main() -> None:
             reference=(MATMUL, bare_matmul(64), 64),
         ),
     }
+    results["gan"] = measure_gan(2 * args.rounds)
     matmul = results["compute_mlp"].pop(MATMUL)
     report = {
         "machine": machine(),
@@ -526,7 +647,11 @@ def main() -> None:
         "ratios": ratios(results),
         "gflops": gflops(results["compute_mlp"], matmul),
         "memory": traces_and_memory(args.rss_steps),
-        "rounds": {"tutorial_mlp": 2 * args.rounds, "compute_mlp": args.rounds},
+        "rounds": {
+            "tutorial_mlp": 2 * args.rounds,
+            "compute_mlp": args.rounds,
+            "gan": 2 * args.rounds,
+        },
     }
     (args.out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
     (args.out / "results.md").write_text(markdown(report))

@@ -9,8 +9,13 @@ import keras
 import tensorflow as tf
 
 
-def tutorial_train_step(model, optimizer, loss_fn, train_loss_metric, train_accuracy_metric):
-    @tf.function
+def tutorial_train_step(
+    model, optimizer, loss_fn, train_loss_metric, train_accuracy_metric, input_signature=None
+):
+    """The tutorial's step. `input_signature` (not in the tutorial) lets a test trace it
+    with the batch dimension free, as tfpure traces its steps: the same graph then."""
+
+    @tf.function(input_signature=input_signature)
     def train_step(x_batch, y_batch):
         with tf.GradientTape() as tape:
             predictions = model(x_batch, training=True)

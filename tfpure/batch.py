@@ -192,14 +192,14 @@ def _required_positional(fn: Callable[..., Any]) -> int | None:
     return sum(p.kind in kinds and p.default is inspect.Parameter.empty for p in params)
 
 
-def as_model_loss(loss: Any, *, dtype: str | None = None) -> tuple[ModelLossFn, bool]:
+def as_model_loss(loss: Any, *, dtype: str | None = None) -> ModelLossFn:
     """Normalises a loss to the full-control form `(model, batch, training)`.
 
     `dtype`, if given, is the dtype a Keras loss computes in (Keras losses
     compute in float32 by default); a full-control loss is used as it is.
 
     Returns:
-      The full-control function and whether it needs targets `y` in the batch.
+      The full-control function.
 
     Raises:
       TypeError: `loss` is not callable or takes neither two nor three
@@ -208,12 +208,12 @@ def as_model_loss(loss: Any, *, dtype: str | None = None) -> tuple[ModelLossFn, 
     Example:
       >>> import keras, tensorflow as tf
       >>> from tfpure.batch import as_model_loss
-      >>> fn, needs_y = as_model_loss(keras.losses.MeanSquaredError())
+      >>> fn = as_model_loss(keras.losses.MeanSquaredError())
       >>> model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1, use_bias=False)])
       >>> model.set_weights([tf.ones((1, 1))])
       >>> loss, y_pred = fn(model, (tf.ones((2, 1)), tf.zeros((2, 1))), False)
-      >>> float(loss), needs_y
-      (1.0, True)
+      >>> float(loss)
+      1.0
     """
     name = loss if isinstance(loss, str) else None
     if isinstance(loss, str):
@@ -227,13 +227,13 @@ def as_model_loss(loss: Any, *, dtype: str | None = None) -> tuple[ModelLossFn, 
     if isinstance(loss, keras.losses.Loss):
         if dtype is not None:
             loss = type(loss).from_config({**loss.get_config(), "dtype": dtype})
-        return _targets_loss(loss), True
+        return _targets_loss(loss)
     arity = _required_positional(loss)
     if arity == 3:
-        return loss, False
+        return loss
     if arity == 2:
         name = name or getattr(loss, "__name__", type(loss).__name__)
-        return _targets_loss(LossFunctionWrapper(loss, name=name, dtype=dtype)), True
+        return _targets_loss(LossFunctionWrapper(loss, name=name, dtype=dtype))
     raise TypeError(
         f"`loss` {loss!r} takes {arity} required positional arguments; expected "
         "2 (y_true, y_pred) or 3 (model, batch, training)."

@@ -32,7 +32,7 @@ from tfpure.scaling import replica_objective
 from tfpure.state import TrainState
 
 if TYPE_CHECKING:
-    from tfpure.steps import StepSpec
+    from tfpure.spec import StepSpec
 
 __all__ = ["EvalBody", "Logs", "TrainBody", "metric_results"]
 

@@ -31,7 +31,7 @@ from tfpure.guard import Checks, collecting, variable
 from tfpure.state import TrainState, leaves, rebuild, same_structure, state_variables
 
 if TYPE_CHECKING:
-    from tfpure.steps import StepSpec
+    from tfpure.spec import StepSpec
 
 __all__ = ["LogMeans", "UserBody"]
 

@@ -35,7 +35,7 @@ from tfpure.distribute import cluster_task, replica_share
 from tfpure.guard import MARK, Rollback
 
 if TYPE_CHECKING:
-    from tfpure.steps import StepSpec
+    from tfpure.spec import StepSpec
 
 __all__ = ["Engine"]
 

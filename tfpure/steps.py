@@ -12,9 +12,8 @@ from __future__ import annotations
 import contextlib
 import weakref
 from collections.abc import Callable, Sequence
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
-import attrs
 import numpy as np
 import tensorflow as tf
 
@@ -24,6 +23,7 @@ from tfpure.custom import UserBody
 from tfpure.distribute import cluster_task, strategy_of
 from tfpure.graph import Engine
 from tfpure.guard import MARK, NonFiniteError
+from tfpure.spec import GradTransform, Nonfinite, StepSpec
 from tfpure.state import leaves
 
 __all__ = [
@@ -37,8 +37,6 @@ __all__ = [
     "make_step",
     "make_train_step",
 ]
-
-Nonfinite = Literal["raise", "skip"] | None
 
 
 class StepFn(Protocol):
@@ -56,99 +54,6 @@ class StepFn(Protocol):
     """
 
     def __call__(self, state: Any, batch: Batch, /) -> tuple[Any, Logs]: ...
-
-
-class GradTransform(Protocol):
-    """Maps gradients to new gradients: ``grads = fn(grads, variables)``.
-
-    Example:
-      >>> import keras, numpy as np, tfpure as tp
-      >>> def halve(grads, variables):
-      ...     return [None if g is None else g / 2 for g in grads]
-      >>> step = tp.make_train_step("mse", grad_transform=halve)
-      >>> step.spec.grad_transform is not None
-      True
-    """
-
-    def __call__(
-        self, grads: list[tf.Tensor | None], variables: list[Any], /
-    ) -> list[tf.Tensor | None]: ...
-
-
-def _check_bool(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"`{name}` must be True or False; got {value!r}.")
-    return value
-
-
-def _check_jit_compile(value: Any) -> bool:
-    return _check_bool("jit_compile", value)
-
-
-def _check_steps_per_call(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(
-            f"`steps_per_call` must be an int >= 1 (steps fused in one graph call); got {value!r}."
-        )
-    return value
-
-
-def _check_nonfinite(value: Any) -> Nonfinite:
-    if value not in ("raise", "skip", None):
-        raise ValueError(f"`nonfinite` must be 'raise', 'skip' or None; got {value!r}.")
-    return value
-
-
-def _chain(
-    transforms: GradTransform | Sequence[GradTransform] | None,
-) -> GradTransform | None:
-    if transforms is None:
-        return None
-    if callable(transforms):
-        return transforms
-    transforms = list(transforms)
-    for t in transforms:
-        if not callable(t):
-            raise TypeError(
-                "`grad_transform` must be a callable (grads, variables) -> grads "
-                f"or a list of them; got {t!r}."
-            )
-
-    def chained(grads: list[Any], variables: list[Any]) -> list[Any]:
-        for t in transforms:
-            grads = list(t(grads, variables))
-        return grads
-
-    return chained
-
-
-@attrs.frozen
-class StepSpec:
-    """The options of a step, checked once; every engine of the step reads them.
-
-    Attributes:
-      kind: ``"train"``, ``"eval"`` (built-in bodies) or ``"custom"`` (`make_step`).
-      jit_compile: the body runs under XLA.
-      steps_per_call: steps fused into one graph call when driven from an iterator.
-      nonfinite: ``"raise"``, ``"skip"`` or None (no guard).
-      grad_transform: built-in train steps: ``(grads, variables) -> grads``.
-      loss: built-in steps: the loss as given; `model_loss` its full-control form.
-      fn: custom steps: the body ``fn(states, batch) -> (states, logs)``.
-
-    Example:
-      >>> import tfpure as tp
-      >>> tp.make_train_step("mse", steps_per_call=4).spec.steps_per_call
-      4
-    """
-
-    kind: Literal["train", "eval", "custom"]
-    jit_compile: bool = attrs.field(default=False, converter=_check_jit_compile)
-    steps_per_call: int = attrs.field(default=1, converter=_check_steps_per_call)
-    nonfinite: Nonfinite = attrs.field(default="raise", converter=_check_nonfinite)
-    grad_transform: GradTransform | None = attrs.field(default=None, converter=_chain)
-    loss: Any = None
-    model_loss: Any = None
-    fn: Callable[..., Any] | None = None
 
 
 class Step:
@@ -524,7 +429,7 @@ def make_train_step(
       >>> losses[-1] < losses[0] / 10
       True
     """
-    model_loss, _ = as_model_loss(loss)
+    model_loss = as_model_loss(loss)
     return Step(
         StepSpec(
             "train",
@@ -561,7 +466,7 @@ def make_eval_step(loss: Any, *, jit_compile: bool = False, steps_per_call: int 
       >>> float(logs["loss"])  # (1 + 1)^2
       4.0
     """
-    model_loss, _ = as_model_loss(loss)
+    model_loss = as_model_loss(loss)
     return Step(
         StepSpec(
             "eval",

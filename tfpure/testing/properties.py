@@ -252,7 +252,7 @@ def assert_gradients_match_numeric(
       >>> tpt.assert_gradients_match_numeric(model, loss, (x, y))
     """
     copy = _float64_copy(model)
-    model_loss, _ = as_model_loss(loss, dtype="float64")
+    model_loss = as_model_loss(loss, dtype="float64")
     batch = tf.nest.map_structure(
         lambda t: tf.cast(t, tf.float64) if tf.as_dtype(np.asarray(t).dtype).is_floating else t,
         batch,
