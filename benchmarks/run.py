@@ -502,6 +502,20 @@ RATIOS = [
         "tutorial tf.function",
         None,
     ),
+    (
+        "GAN: one make_step k=16 / two-call composition",
+        "gan",
+        "GAN make_step k=16",
+        "GAN two-call composition",
+        0.5,
+    ),
+    (
+        "GAN: one make_step k=1 / two-call composition",
+        "gan",
+        "GAN make_step k=1",
+        "GAN two-call composition",
+        None,
+    ),
 ]
 
 

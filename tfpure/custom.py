@@ -18,6 +18,7 @@ of them. `UserBody` adapts `fn` to the engine (`tfpure.graph`):
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +28,7 @@ import tensorflow as tf
 from tfpure.batch import Batch, batch_size
 from tfpure.compat import supports_no_merge_call
 from tfpure.distribute import strategy_of
-from tfpure.guard import Checks, collecting, variable
+from tfpure.guard import Checks, Collected, collecting, variable
 from tfpure.state import TrainState, leaves, rebuild, same_structure, state_variables
 
 if TYPE_CHECKING:
@@ -153,12 +154,13 @@ class UserBody:
     def one(self, batch: Batch) -> tuple[tf.Tensor, Logs, tf.Tensor]:
         """Runs the body on one replica; returns (failed checks as 0/1, logs, examples)."""
         states, given = self._states()
-        with collecting() as collected:
+        guarded = self.spec.nonfinite is not None
+        with collecting() if guarded else contextlib.nullcontext(Collected()) as collected:
             returned, logs = _unpack_result(self.fn(states, batch))
         _check_returned(states, given, returned)
         logs = _check_logs(logs)
         self.means.learn(sorted(logs))
-        for name in sorted(logs):
+        for name in sorted(logs) if guarded else ():
             if logs[name].dtype.is_floating:
                 collected.add(f"log {name!r}", tf.math.is_finite(logs[name]))
         failed = tf.cast(tf.logical_not(self.checks.settle(collected)), tf.int32)
