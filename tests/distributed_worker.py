@@ -2,6 +2,11 @@
 
     python tests/distributed_worker.py MODE OUT [--epochs E] [--steps-per-call K]
                                                [--checkpoint DIR] [--nan-batch I] [--gan]
+    python tests/distributed_worker.py MODE --jobs JOBS.json
+
+``--jobs`` runs several runs one after the other in one process, one strategy
+(a JSON list of ``[OUT, [options...]]``); a run that resumes from a checkpoint
+directory reads it afresh, as a new process would.
 
 MODE is ``single`` (one device), ``mirrored`` (MirroredStrategy over two
 logical CPU devices) or ``multiworker`` (MultiWorkerMirroredStrategy; the
@@ -127,21 +132,23 @@ def strategy_for(mode):
     return tf.distribute.MultiWorkerMirroredStrategy()
 
 
-def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=["single", "mirrored", "multiworker"])
-    parser.add_argument("out")
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--steps-per-call", type=int, default=1)
-    parser.add_argument("--checkpoint")
-    parser.add_argument("--nan-batch", type=int)
-    parser.add_argument("--gan", action="store_true")
-    args = parser.parse_args()
-    tf.config.experimental.enable_op_determinism()
-    strategy = strategy_for(args.mode)
+def parser():
+    p = argparse.ArgumentParser()
+    p.add_argument("mode", choices=["single", "mirrored", "multiworker"])
+    p.add_argument("out")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--steps-per-call", type=int, default=1)
+    p.add_argument("--checkpoint")
+    p.add_argument("--nan-batch", type=int)
+    p.add_argument("--gan", action="store_true")
+    return p
+
+
+def run(args, strategy):
     if args.gan:
+        TRACED_REPLICAS.clear()
         run_gan(args, strategy)
-        sys.exit(0)
+        return
     with strategy.scope():
         state = tp.TrainState.create(
             model=build(),
@@ -170,6 +177,19 @@ def main():
             history=np.array([history[k] for k in sorted(history)]),
             **{f"v{i}": v.numpy() for i, v in enumerate(state.model.variables)},
         )
+
+
+def main():
+    tf.config.experimental.enable_op_determinism()
+    if sys.argv[2:3] == ["--jobs"]:  # MODE --jobs FILE: several runs, one process
+        mode = sys.argv[1]
+        strategy = strategy_for(mode)
+        with open(sys.argv[3]) as f:
+            for out, options in json.load(f):
+                run(parser().parse_args([mode, out, *options]), strategy)
+    else:
+        args = parser().parse_args()
+        run(args, strategy_for(args.mode))
     sys.exit(0)
 
 

@@ -67,7 +67,7 @@ def runs(tmp_path_factory):
     jobs = [[str(base / name), str(base / f"{name}.npz"), options]
             for name, (_, options) in KILLS.items()]  # fmt: skip
     for ref, options in (("reference", []), ("reference-gan", ["--gan"])):
-        for again in ("", ".again", ".third"):  # a finished run, run again, does nothing
+        for again in ("", ".again"):  # a finished run, run again, does nothing
             jobs.append([str(base / ref), str(base / f"{ref}{again}.npz"), options])
     (base / "jobs.json").write_text(json.dumps(jobs))
     done = launch("--jobs", base / "jobs.json")
@@ -108,7 +108,7 @@ def test_killed_and_restarted_run_equals_uninterrupted_run(runs, name):
 def test_a_finished_run_does_nothing_when_run_again(runs, ref):
     base, _ = runs
     first = load(base / f"{ref}.npz")
-    for again in (".again", ".third"):
+    for again in (".again",):
         later = load(base / f"{ref}{again}.npz")
         for key, value in first.items():
             np.testing.assert_array_equal(later[key], value, err_msg=key)

@@ -73,28 +73,51 @@ def assert_same_run(got, expected, replicas):
             np.testing.assert_allclose(got[name], expected[name], **TOLERANCE, err_msg=name)
 
 
-@pytest.fixture(scope="module")
-def single(tmp_path_factory):
-    out = tmp_path_factory.mktemp("single") / "out.npz"
-    run("single", out)
-    return load(out)
+def run_jobs(mode, jobs, directory):
+    """Several runs of one mode in one process (one TensorFlow start, one strategy)."""
+    path = directory / f"{mode}-jobs.json"
+    path.write_text(json.dumps([[str(out), list(options)] for out, options in jobs]))
+    run(mode, "--jobs", str(path))
 
 
-def test_mirrored_equals_one_device_with_fused_calls_and_a_skipped_batch(tmp_path):
+@pytest.fixture(scope="session")
+def runs(tmp_path_factory):
+    """The one-device references and the two-replica runs, two processes in all."""
+    base = tmp_path_factory.mktemp("distribute")
+    ckpt = str(base / "ckpt")
+    run_jobs(
+        "single",
+        [
+            (base / "single.npz", []),
+            (base / "single-nan.npz", ["--nan-batch", "2"]),
+            (base / "single-gan.npz", ["--gan"]),
+        ],
+        base,
+    )
+    run_jobs(
+        "mirrored",
+        [
+            (base / "mirrored-nan.npz", ["--nan-batch", "2", "--steps-per-call", "3"]),
+            (base / "mirrored-gan.npz", ["--gan", "--steps-per-call", "3"]),
+            (base / "mirrored-first.npz", ["--epochs", "2", "--checkpoint", ckpt]),
+            (base / "mirrored-resumed.npz", ["--epochs", "3", "--checkpoint", ckpt]),
+        ],
+        base,
+    )
+    return base
+
+
+def test_mirrored_equals_one_device_with_fused_calls_and_a_skipped_batch(runs):
     """Two replicas, a 3/2 split of the ragged last batch, validation, steps_per_call=3,
     and a non-finite batch skipped on both sides."""
-    run("single", tmp_path / "single.npz", "--nan-batch", "2")
-    run("mirrored", tmp_path / "mirrored.npz", "--nan-batch", "2", "--steps-per-call", "3")
-    expected = load(tmp_path / "single.npz")
+    expected = load(runs / "single-nan.npz")
     assert int(expected["skipped"]) == 3  # one per epoch
-    assert_same_run(load(tmp_path / "mirrored.npz"), expected, replicas=2)
+    assert_same_run(load(runs / "mirrored-nan.npz"), expected, replicas=2)
 
 
-def test_a_two_state_make_step_body_on_two_replicas_equals_one_device(tmp_path):
+def test_a_two_state_make_step_body_on_two_replicas_equals_one_device(runs):
     """A GAN body (replica_mean losses), a 3/2 split of the ragged last batch, fused calls."""
-    run("single", tmp_path / "single.npz", "--gan")
-    run("mirrored", tmp_path / "mirrored.npz", "--gan", "--steps-per-call", "3")
-    expected, got = load(tmp_path / "single.npz"), load(tmp_path / "mirrored.npz")
+    expected, got = load(runs / "single-gan.npz"), load(runs / "mirrored-gan.npz")
     assert set(got["traced"]) == {2} and set(expected["traced"]) == {1}
     assert int(got["replicas"]) == 2
     assert int(got["gstep"]) == int(expected["gstep"]) == 3 * 8
@@ -103,14 +126,11 @@ def test_a_two_state_make_step_body_on_two_replicas_equals_one_device(tmp_path):
             np.testing.assert_allclose(got[name], expected[name], **TOLERANCE, err_msg=name)
 
 
-def test_mirrored_checkpoint_resume_equals_one_device(tmp_path, single):
-    ckpt = str(tmp_path / "ckpt")
-    run("mirrored", tmp_path / "first.npz", "--epochs", "2", "--checkpoint", ckpt)
-    run("mirrored", tmp_path / "resumed.npz", "--epochs", "3", "--checkpoint", ckpt)
-    assert_same_run(load(tmp_path / "resumed.npz"), single, replicas=2)
+def test_mirrored_checkpoint_resume_equals_one_device(runs):
+    assert_same_run(load(runs / "mirrored-resumed.npz"), load(runs / "single.npz"), replicas=2)
 
 
-def test_multiworker_with_checkpoint_resume_equals_one_device(tmp_path, single):
+def test_multiworker_with_checkpoint_resume_equals_one_device(tmp_path, runs):
     """The chief writes the checkpoints, both workers restore from them."""
     ckpt = str(tmp_path / "ckpt")
     run_two_workers(tmp_path, "--epochs", "2", "--checkpoint", ckpt)
@@ -121,7 +141,7 @@ def test_multiworker_with_checkpoint_resume_equals_one_device(tmp_path, single):
         ),
     ]  # the chief's files only: the other worker's copies are gone
     run_two_workers(tmp_path, "--epochs", "3", "--checkpoint", ckpt)
-    assert_same_run(load(tmp_path / "w0.npz"), single, replicas=2)
+    assert_same_run(load(tmp_path / "w0.npz"), load(runs / "single.npz"), replicas=2)
 
 
 # -- in-process: one-replica strategies and refusals ------------------------------------
