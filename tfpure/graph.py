@@ -155,7 +155,7 @@ class Engine:
         step is small: it hashes the iterator's type (its whole element
         spec) on every call. The iterator and its signature are fixed for an
         epoch, so the runner resolves the concrete function once and then
-        feeds it flat tensors (`tfpure.compat.call_flat`). Under
+        feeds it flat tensors (`tfpure.compat.flat_caller`). Under
         `run_functions_eagerly`, or inside another graph, it falls back to
         the ordinary call.
         """
