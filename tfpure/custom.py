@@ -96,8 +96,7 @@ def _check_returned(states: Any, given: list[TrainState], returned: Any) -> None
             f"was given ({type(states).__name__}); got {type(returned).__name__}."
         )
     for a, b in zip(given, leaves(returned), strict=True):
-        same = isinstance(b, TrainState) and b.model is a.model and b.optimizer is a.optimizer
-        if not same:
+        if b.model is not a.model or b.optimizer is not a.optimizer:  # leaves() checked the type
             raise TypeError(
                 "A step body must return the states it was given (variables change in "
                 "place; `state.apply_gradients(grads)` returns the state to return); got "
@@ -144,8 +143,8 @@ class UserBody:
         self.merge_free = supports_no_merge_call()
         self.checks = Checks()
         self.means = LogMeans()
+        # The log means move only when a step is kept (`merge`): no need to save them.
         self.rollback_variables = [v for s in given for v in state_variables(s)]
-        self.rollback_variables += self.means.variables
 
     def _states(self) -> tuple[Any, list[TrainState]]:
         rebuilt = [TrainState(**fields) for fields in self._fields]

@@ -23,7 +23,6 @@ run time (a label out of range, say), no variable the guard covers changes.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -55,9 +54,8 @@ class Engine:
         # Several processes: the loops hand over per-replica batches (see _run_one).
         self.sharded = cluster_task(self.strategy) is not None
         self.guarded = body.train and spec.nonfinite is not None
-        scope = self.strategy.scope() if self.strategy else contextlib.nullcontext()
-        with scope:
-            self.rollback = Rollback(body.rollback_variables) if self.guarded else None
+        # Built by `Step.engine` under the strategy's scope, like the body's variables.
+        self.rollback = Rollback(body.rollback_variables) if self.guarded else None
         if spec.jit_compile and self.strategy is not None and not body.merge_free:
             raise ValueError(
                 f"jit_compile=True is not supported under {type(self.strategy).__name__}: its "
