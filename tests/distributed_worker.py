@@ -105,9 +105,18 @@ def run_gan(args, strategy):
     with strategy.scope():
         states = gan_states()
     step = tp.make_step(gan_step, steps_per_call=args.steps_per_call)
-    states, history = tp.fit_loop(states, gan_data(), step, epochs=args.epochs, verbose=0)
+    fired = []  # (step, generator's step, examples per step since the last run)
+
+    def record(states, n, logs):
+        per_step = logs["examples_per_second"] / logs["steps_per_second"]
+        fired.append((n, int(states["g"].step.numpy()), per_step))
+
+    states, history = tp.fit_loop(
+        states, gan_data(), step, epochs=args.epochs, actions=[tp.every(5, record)], verbose=0
+    )
     np.savez(
         args.out,
+        fired=np.array(fired),
         replicas=strategy.num_replicas_in_sync,
         traced=np.array(TRACED_REPLICAS),
         history=np.array([history[k] for k in sorted(history)]),

@@ -1,14 +1,17 @@
 """Checkpointed training runs that tests kill and restart, as separate processes.
 
     python tests/resume_worker.py DIR OUT [--kill KIND:N] [--steps-per-call K] [--gan]
+                                  [--steps N --eval-every M]
     python tests/resume_worker.py --jobs JOBS.json
 
 trains a Dropout + BatchNorm model (or, with ``--gan``, a two-state GAN written
 with `tp.make_step`, whose discriminator has Dropout and whose noise comes
 from the generator state's seed generator) on a reshuffled dataset with a
 ragged last batch, checkpointing to DIR, and writes its final variables,
-step count and history to OUT (.npz). ``--kill`` makes the process kill
-itself:
+step count and history to OUT (.npz). ``--steps`` trains a step budget with
+evaluation windows of ``--eval-every`` steps instead of ``--epochs``, and an
+action every 3 steps records the steps it saw (in OUT's ``fired``).
+``--kill`` makes the process kill itself:
 
   step:N         SIGKILL after the N-th training step (global steps, counted in-process)
   epoch:E        SIGKILL as epoch E begins, right after the previous epoch's end and save
@@ -148,6 +151,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--every", type=int, default=5)
     p.add_argument("--steps-per-call", type=int, default=1)
     p.add_argument("--gan", action="store_true")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--eval-every", type=int, default=None)
     return p
 
 
@@ -178,13 +183,20 @@ def run(args: argparse.Namespace) -> None:
         else:
             callbacks.append(Kill(counter, kind, int(n)))
     ckpt = tp.Checkpointer(args.directory, save_every_steps=args.every, max_to_keep=3)
+    fired: list[tuple[int, int]] = []
+    if args.steps:
+        schedule = {"steps": args.steps, "eval_every": args.eval_every}
+        record = tp.every(3, lambda state, n, logs: fired.append((n, int(counter))))
+    else:
+        schedule, record = {"epochs": args.epochs}, None
     state, history = tp.fit_loop(
         state,
         train,
         step,
-        epochs=args.epochs,
+        **schedule,
         val_data=val,
         callbacks=callbacks,
+        actions=[record] if record else [],
         checkpoint=ckpt,
         verbose=0,
     )
@@ -195,6 +207,8 @@ def run(args: argparse.Namespace) -> None:
         arrays.update({f"{name}v{i}": v.numpy() for i, v in enumerate(s.model.variables)})
         arrays.update({f"{name}o{i}": v.numpy() for i, v in enumerate(s.optimizer.variables)})
         arrays[f"{name}rng"] = s.rng.state.numpy()
+    if args.steps:
+        arrays["fired"] = np.array(fired, dtype=np.int64).reshape(-1, 2)
     np.savez(args.out, history=np.array([history[k] for k in sorted(history)]), **arrays)
 
 

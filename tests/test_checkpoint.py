@@ -22,6 +22,7 @@ SPEC = ModelSpec((5,), (("dense", 6), ("dropout", 50), ("batchnorm", 0)), num_cl
 
 # Each case: (kill point, options). Every kill point runs in a process of its own;
 # one more process then resumes them all, and runs the uninterrupted references.
+BUDGET = ["--steps", "45", "--eval-every", "20"]  # windows of 20, 20 and 5 steps
 KILLS = {
     "mid-epoch": ("step:13", []),
     "before-the-ragged-last-batch-ends": ("step:24", []),
@@ -33,7 +34,16 @@ KILLS = {
     "two-states-mid-epoch": ("step:13", ["--gan"]),
     "two-states-after-epoch-boundary": ("epoch:2", ["--gan"]),
     "two-states-fused-calls": ("step:14", ["--gan", "--steps-per-call", "4"]),
+    "step-budget-fused-mid-window": ("step:39", [*BUDGET, "--steps-per-call", "4"]),
 }
+# The uninterrupted run each case must equal (one step per call).
+REFERENCES = {"reference": [], "reference-gan": ["--gan"], "reference-budget": BUDGET}
+
+
+def reference_of(options):
+    if "--gan" in options:
+        return "reference-gan"
+    return "reference-budget" if "--steps" in options else "reference"
 
 
 def launch(*args):
@@ -66,7 +76,7 @@ def runs(tmp_path_factory):
         killed[name] = (process.returncode, err)
     jobs = [[str(base / name), str(base / f"{name}.npz"), options]
             for name, (_, options) in KILLS.items()]  # fmt: skip
-    for ref, options in (("reference", []), ("reference-gan", ["--gan"])):
+    for ref, options in REFERENCES.items():
         for again in ("", ".again"):  # a finished run, run again, does nothing
             jobs.append([str(base / ref), str(base / f"{ref}{again}.npz"), options])
     (base / "jobs.json").write_text(json.dumps(jobs))
@@ -95,21 +105,32 @@ def test_killed_and_restarted_run_equals_uninterrupted_run(runs, name):
         assert code == -signal.SIGKILL, err[-2000:]
     assert not (base / f"{name}.first.npz").exists()
     resumed = load(base / f"{name}.npz")
-    uninterrupted = load(base / ("reference-gan.npz" if "--gan" in options else "reference.npz"))
+    uninterrupted = load(base / f"{reference_of(options)}.npz")
     steps = [k for k in uninterrupted if k.endswith("step")]
-    assert steps and all(int(uninterrupted[k]) == 4 * 8 for k in steps)
+    assert steps and all(int(uninterrupted[k]) == (45 if "--steps" in options else 4 * 8)
+                         for k in steps)  # fmt: skip
     assert sorted(resumed) == sorted(uninterrupted)
+    if "fired" in uninterrupted:
+        # Actions ran at the steps of the uninterrupted run, from the restored step on,
+        # each seeing the state after exactly that step.
+        everywhere, after_resume = uninterrupted.pop("fired"), resumed.pop("fired")
+        assert [n for n, _ in everywhere] == list(range(3, 46, 3))
+        assert (everywhere[:, 0] == everywhere[:, 1]).all()
+        assert 0 < len(after_resume) < len(everywhere)
+        np.testing.assert_array_equal(after_resume, everywhere[-len(after_resume) :])
     for key, value in uninterrupted.items():
         np.testing.assert_array_equal(resumed[key], value, err_msg=key)
 
 
 @resume_group
-@pytest.mark.parametrize("ref", ["reference", "reference-gan"])
+@pytest.mark.parametrize("ref", list(REFERENCES))
 def test_a_finished_run_does_nothing_when_run_again(runs, ref):
     base, _ = runs
     first = load(base / f"{ref}.npz")
+    first.pop("fired", None)
     for again in (".again",):
         later = load(base / f"{ref}{again}.npz")
+        assert len(later.pop("fired", [])) == 0  # no step ran, so no action
         for key, value in first.items():
             np.testing.assert_array_equal(later[key], value, err_msg=key)
 

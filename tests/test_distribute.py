@@ -116,11 +116,16 @@ def test_mirrored_equals_one_device_with_fused_calls_and_a_skipped_batch(runs):
 
 
 def test_a_two_state_make_step_body_on_two_replicas_equals_one_device(runs):
-    """A GAN body (replica_mean losses), a 3/2 split of the ragged last batch, fused calls."""
+    """A GAN body (replica_mean losses), a 3/2 split of the ragged last batch, fused calls,
+    and an action at exact steps."""
     expected, got = load(runs / "single-gan.npz"), load(runs / "mirrored-gan.npz")
     assert set(got["traced"]) == {2} and set(expected["traced"]) == {1}
     assert int(got["replicas"]) == 2
     assert int(got["gstep"]) == int(expected["gstep"]) == 3 * 8
+    # An action every 5 steps: exact steps across fused calls, examples counted per global batch.
+    np.testing.assert_array_equal(got["fired"][:, 0], [5, 10, 15, 20])
+    np.testing.assert_array_equal(got["fired"][:, 0], got["fired"][:, 1])
+    assert ((got["fired"][:, 2] >= 5) & (got["fired"][:, 2] <= 8)).all()
     for name in expected:
         if name not in ("replicas", "traced"):
             np.testing.assert_allclose(got[name], expected[name], **TOLERANCE, err_msg=name)

@@ -33,7 +33,15 @@ def test_every_python_block_of_the_page_runs(page, tmp_path, monkeypatch):
 def test_the_readme_stays_a_front_door():
     readme = (ROOT / "README.md").read_text()
     assert len(readme.splitlines()) <= 250
-    for guide in ("steps", "research", "checkpoints", "scaling-out", "testing-kit", "performance"):
+    for guide in (
+        "steps",
+        "research",
+        "checkpoints",
+        "scaling-out",
+        "testing-kit",
+        "performance",
+        "schedules",
+    ):
         assert f"docs/{guide}.md" in readme
         assert (ROOT / "docs" / f"{guide}.md").exists()
     assert os.path.exists(ROOT / "LICENSE") and os.path.exists(ROOT / "CHANGELOG.md")

@@ -14,7 +14,7 @@ import pytest
 import tensorflow as tf
 
 import tfpure as tp
-from tfpure import loop, passes
+from tfpure import passes, training
 from tfpure import testing as tpt
 from tfpure.testing.strategies import ModelSpec
 
@@ -158,7 +158,8 @@ def test_callbacks_see_what_keras_fit_shows_them():
         verbose=0,
     )
     assert [b for b, _ in counter.train] == [0, 1, 2, 3] * 2
-    assert counter.train[0][1] == ["accuracy", "loss"]
+    # Keras fit's figures, and the throughput since the previous call.
+    assert counter.train[0][1] == ["accuracy", "examples_per_second", "loss", "steps_per_second"]
     assert counter.test == 3 * 2 and counter.epochs == 2
 
 
@@ -365,7 +366,7 @@ def iterators_deleted_by_thread(monkeypatch):
         retire(refs)
 
     monkeypatch.setattr(passes, "retire", recording)
-    monkeypatch.setattr(loop, "retire", recording)
+    monkeypatch.setattr(training, "retire", recording)
     return deleted_by
 
 

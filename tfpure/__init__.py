@@ -16,6 +16,7 @@ from tfpure.batch import LossFn, ModelLossFn
 from tfpure.checkpoint import Checkpointer, CheckpointError
 from tfpure.loop import evaluate, fit_loop, fold
 from tfpure.resume import Preempted
+from tfpure.schedule import Action, every, tensorboard_writer
 from tfpure.state import TrainState
 from tfpure.steps import (
     GradTransform,
@@ -30,6 +31,7 @@ from tfpure.steps import (
 )
 
 __all__ = [
+    "Action",
     "CheckpointError",
     "Checkpointer",
     "GradTransform",
@@ -43,11 +45,13 @@ __all__ = [
     "StepSpec",
     "TrainState",
     "evaluate",
+    "every",
     "fit_loop",
     "fold",
     "make_eval_step",
     "make_step",
     "make_train_step",
+    "tensorboard_writer",
     "distribute",
     "transforms",
 ]

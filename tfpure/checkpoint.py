@@ -4,8 +4,8 @@ A checkpoint holds every variable that decides what happens next: the model's
 variables (BatchNorm statistics, and Dropout's `SeedGenerator` states, which
 `tf.train.Checkpoint(model=...)` would miss), the optimizer's slots and
 iteration count, training and evaluation metrics, `state.step`,
-`state.skipped`, `state.rng`, and the loop's position (epoch, step in the
-epoch, history so far). The data iterator itself is not saved: a resumed
+`state.skipped`, `state.rng`, and the loop's position (epoch or evaluation
+window, step in it, steps in all, history so far). The data iterator itself is not saved: a resumed
 `fit_loop` rebuilds it by replay (see `tfpure.resume`), which TensorFlow's iterator
 checkpoints cannot match for reshuffled data.
 
@@ -139,10 +139,12 @@ class Checkpointer:
       directory: where checkpoints live (created if needed).
       max_to_keep: newest checkpoints kept; older ones are deleted.
       save_every_steps: save after every this many training steps (None: not
-        by steps). With ``steps_per_call > 1`` calls are cut short to land
-        on these steps.
-      save_every_epochs: save at the end of every this many epochs (None:
-        not by epochs).
+        by steps). In `fit_loop` this is one action among the others: with
+        ``steps_per_call > 1`` calls are cut short to land on these steps.
+      save_every_epochs: save at the end of every this many epochs, or
+        evaluation windows of a step budget (None: not by epochs). A step
+        that is both a step save and a window's end is saved once, after
+        the window's validation.
 
     Example:
       >>> import keras, tempfile, tfpure as tp
@@ -184,6 +186,7 @@ class Checkpointer:
         # The loop's position and record, saved with the state.
         self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
         self.epoch_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch_step")
+        self.loop_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="loop_step")
         self.history = tf.Variable("{}", trainable=False, name="history")
         self._layout = tf.Variable("", trainable=False, name="layout")
         self._managed: tuple[tuple[int, ...], tf.train.CheckpointManager] | None = None
@@ -196,7 +199,7 @@ class Checkpointer:
             groups = _groups(state, extra)
             checkpoint = tf.train.Checkpoint(
                 **{name.replace("/", "__"): variables for name, variables in groups.items()},
-                loop=[self.epoch, self.epoch_step, self.history],
+                loop=[self.epoch, self.epoch_step, self.loop_step, self.history],
                 layout=self._layout,
             )
             task = cluster_task(strategy_of(leaves(state)))
@@ -292,7 +295,7 @@ class Checkpointer:
         if not paths:
             return None
         variables = [v for vs in _groups(state, extra).values() for v in vs]
-        variables += [self.epoch, self.epoch_step, self.history]
+        variables += [self.epoch, self.epoch_step, self.loop_step, self.history]
         failures = []
         for path in paths:
             try:

@@ -46,7 +46,13 @@ class Engine:
     themselves, so that a step's per-state cache lets states die).
     """
 
-    def __init__(self, spec: StepSpec, body: Any, count_trace: Callable[[], None]):
+    def __init__(
+        self,
+        spec: StepSpec,
+        body: Any,
+        count_trace: Callable[[], None],
+        examples: tf.Variable,
+    ):
         self.spec = spec
         self.body = body
         self.count_trace = count_trace
@@ -54,6 +60,8 @@ class Engine:
         # Several processes: the loops hand over per-replica batches (see _run_one).
         self.sharded = cluster_task(self.strategy) is not None
         self.guarded = body.train and spec.nonfinite is not None
+        # Examples run through the step (kept or skipped): the loops' throughput.
+        self.examples = examples
         # Built by `Step.engine` under the strategy's scope, like the body's variables.
         self.rollback = Rollback(body.rollback_variables) if self.guarded else None
         if spec.jit_compile and self.strategy is not None and not body.merge_free:
@@ -79,8 +87,11 @@ class Engine:
         saves = self.rollback.save() if self.rollback else []
         with tf.control_dependencies(saves):
             ok = self.body.merge(self._dispatch(batch))
+        with tf.control_dependencies([ok]):
+            counted = self.examples.assign_add(self._examples_in(batch))
         if self.rollback is None:
-            return ok
+            with tf.control_dependencies([counted]):
+                return tf.identity(ok)
 
         def put_back() -> tf.Tensor:
             with tf.control_dependencies(self.rollback.restore()):
@@ -89,10 +100,28 @@ class Engine:
                 return tf.constant(False)
 
         kept = tf.cond(ok, lambda: tf.constant(True), put_back)
-        with tf.control_dependencies([kept]):
+        with tf.control_dependencies([kept, counted]):
             disarm = self.rollback.disarm()
         with tf.control_dependencies([disarm]):
             return tf.identity(kept)
+
+    def _examples_in(self, batch: Any) -> tf.Tensor:
+        """The number of examples in `batch`: the leading size of its first leaf."""
+        leaves = tf.nest.flatten(batch)
+        if not leaves:
+            return tf.constant(1, tf.int64)
+        parts = self.strategy.experimental_local_results(leaves[0]) if self.sharded else leaves[:1]
+        sizes = []
+        for part in parts:
+            if isinstance(part, tf.RaggedTensor):
+                sizes.append(part.nrows(out_type=tf.int64))
+            elif isinstance(part, tf.SparseTensor):
+                sizes.append(part.dense_shape[0])
+            elif getattr(part, "shape", None) is None or tf.TensorShape(part.shape).rank == 0:
+                sizes.append(tf.constant(1, tf.int64))  # a scalar (or no array at all)
+            else:
+                sizes.append(tf.shape(part, out_type=tf.int64)[0])
+        return tf.add_n(sizes)
 
     def _dispatch(self, batch: Any) -> Any:
         """Runs the body on the one device, or on every replica of the strategy.

@@ -18,23 +18,15 @@ from collections.abc import Sequence
 from typing import Any
 
 import keras
+import tensorflow as tf
 
-from tfpure.builtin import Logs, metric_results
+from tfpure.builtin import Logs
 from tfpure.checkpoint import Checkpointer
-from tfpure.passes import (
-    LogsHook,
-    batch_hooks,
-    callback_list,
-    check_data,
-    data_iterator,
-    num_batches,
-    prepare,
-    retire,
-    run_pass,
-)
-from tfpure.resume import Run
+from tfpure.passes import callback_list, check_data, num_batches, prepare, run_pass
+from tfpure.schedule import Action
 from tfpure.state import leaves
 from tfpure.steps import Step, StepFn, make_eval_step
+from tfpure.training import Loop, Schedule, evaluate_pass
 
 __all__ = ["evaluate", "fit_loop", "fold"]
 
@@ -71,25 +63,6 @@ def fold(step: StepFn, state: Any, batches: Any) -> tuple[Any, Logs]:
     if not done or logs is None:
         raise ValueError("`batches` held no batch: there was nothing to fold over.")
     return state, logs
-
-
-def floats(logs: Logs) -> dict[str, float]:
-    return {name: float(value) for name, value in logs.items()}
-
-
-def current_logs(step: StepFn, state: Any) -> Logs:
-    """The running figures a step would report now, without running it."""
-    if isinstance(step, Step):
-        return step.results(state)
-    return metric_results(leaves(state)[0].metrics)
-
-
-def reset(step: StepFn, state: Any, *, train: bool) -> None:
-    """Starts an epoch's (or an evaluation's) running figures afresh, for every state."""
-    for s in leaves(state):
-        s.reset_metrics() if train else s.reset_eval_metrics()
-    if isinstance(step, Step):
-        step.reset_logs(state)
 
 
 def _eval_step_for(eval_step: StepFn | None, train_step: StepFn) -> StepFn:
@@ -159,28 +132,7 @@ def evaluate(
         epochs=1,
         steps=num_batches(data),
     )
-    return _evaluate(state, data, eval_step, cbs)
-
-
-def _evaluate(
-    state: Any,
-    data: Any,
-    eval_step: StepFn,
-    cbs: keras.callbacks.CallbackList,
-) -> dict[str, float]:
-    reset(eval_step, state, train=False)
-    cbs.on_test_begin()
-    state, logs, done = run_pass(
-        eval_step,
-        state,
-        data,
-        hooks=batch_hooks(cbs, "test"),
-    )
-    if not done or logs is None:
-        raise ValueError("The evaluation data held no batch.")
-    result = floats(logs)
-    cbs.on_test_end(result)
-    return result
+    return evaluate_pass(state, data, eval_step, cbs)
 
 
 def fit_loop(
@@ -188,15 +140,18 @@ def fit_loop(
     data: Any,
     train_step: StepFn,
     *,
-    epochs: int = 1,
+    epochs: int | None = None,
+    steps: int | None = None,
+    eval_every: int | None = None,
     eval_step: StepFn | None = None,
     val_data: Any = None,
     callbacks: Sequence[keras.callbacks.Callback] = (),
+    actions: Sequence[Action] = (),
     verbose: int = 1,
     steps_per_epoch: int | None = None,
     checkpoint: Checkpointer | None = None,
 ) -> tuple[Any, dict[str, list[float]]]:
-    """Trains for `epochs` epochs with validation and Keras callbacks; returns the history.
+    """Trains for `epochs` epochs (or `steps` steps) with validation, callbacks and actions.
 
     Each epoch resets `state.metrics`, runs `train_step` over `data` (a fold),
     then, if `val_data` is given, runs `evaluate` and adds its figures with a
@@ -214,6 +169,22 @@ def fit_loop(
     `TrainState`s) when `train_step` is a `make_step` body; `history` then
     holds each log's epoch mean, and callbacks see the first state's model.
 
+    A step budget (``steps=N``, Orbit-style) replaces epochs: the data is
+    repeated as needed and read by one iterator, and ``eval_every=M`` splits
+    the run into evaluation windows of M steps (the last one shorter if M
+    does not divide N). Each window is an epoch for the callbacks and in
+    `history`: its training figures run over the window, and `val_data` is
+    evaluated at its end. Without `eval_every` the budget is one window.
+
+    `actions` (from `tp.every`, `tp.tensorboard_writer`) run
+    ``fn(state, step, logs)`` after every n-th step, in epochs as in step
+    budgets: fused calls are cut short so the state is the one after
+    exactly that step. The logs hold the running training figures and the
+    throughput since the action last ran (``steps_per_second``,
+    ``examples_per_second``). Keras callbacks receive the same throughput in
+    their batch and epoch logs (so the progress bar and `TensorBoard` show
+    it); `history` leaves it out.
+
     If the model has no `optimizer` attribute (it was never compiled), it is
     set to `state.optimizer` so callbacks that read it (`ReduceLROnPlateau`,
     `LearningRateScheduler`) work.
@@ -223,11 +194,14 @@ def fit_loop(
       data: a `tf.data.Dataset` or an iterable of batches. A new pass starts
         each epoch (so a shuffled dataset reshuffles).
       train_step: a step from `make_train_step` or any `StepFn`.
-      epochs: number of epochs, >= 1.
+      epochs: number of epochs, >= 1 (1 if neither `epochs` nor `steps` is given).
+      steps: a step budget instead of `epochs`.
+      eval_every: with `steps`: steps per evaluation window.
       eval_step: the validation step; by default `make_eval_step` of the
         training loss.
       val_data: validation batches, run after each epoch.
       callbacks: Keras callbacks.
+      actions: `Action`s to run at exact steps (see `tp.every`).
       verbose: 0 silent, 1 progress bar, 2 one line per epoch (as in Keras).
       steps_per_epoch: if given, each epoch runs this many steps from one
         iterator kept across epochs (needed for a repeating dataset).
@@ -237,13 +211,16 @@ def fit_loop(
         `Preempted`. `data` must be a `tf.data.Dataset` whose epoch length is
         known (its cardinality, or `steps_per_epoch`); it is read through
         one iterator over ``data.repeat()`` so its position is saved too.
+        A step-budget run resumes at its step: actions and evaluations fire
+        as in an uninterrupted run.
 
     Returns:
       ``(state, history)`` where ``history`` maps Keras log names (`loss`,
-      `accuracy`, `val_loss`, ...) to one float per epoch.
+      `accuracy`, `val_loss`, ...) to one float per epoch (or window).
 
     Raises:
-      ValueError: `epochs` < 1, empty or infinite data, wrong kind of step.
+      ValueError: `epochs` or `steps` < 1 (or both given), empty or
+        infinite data, wrong kind of step.
       TypeError: `data` is not a dataset or iterable of batches.
       CheckpointError: with `checkpoint`, no checkpoint fits the state, or the
         data cannot be replayed to a saved position. Nothing changed.
@@ -269,147 +246,84 @@ def fit_loop(
       True
     """
     leaves(state)  # a TrainState or a structure of them, or a TypeError
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise ValueError(f"`epochs` must be an int >= 1; got {epochs!r}.")
+    schedule = _schedule(data, epochs, steps, eval_every, steps_per_epoch)
     if isinstance(train_step, Step) and train_step.kind == "eval":
         raise ValueError("`train_step` is an evaluation step; build it with make_train_step(loss).")
     if not callable(train_step):
         raise TypeError(f"`train_step` must be callable; got {train_step!r}.")
-    if steps_per_epoch is not None and (
-        isinstance(steps_per_epoch, bool)
-        or not isinstance(steps_per_epoch, int)
-        or steps_per_epoch < 1
-    ):
-        raise ValueError(f"`steps_per_epoch` must be None or an int >= 1; got {steps_per_epoch!r}.")
-    if steps_per_epoch is None:
-        check_data(data, "data")
+    for action in actions:
+        if not isinstance(action, Action):
+            raise TypeError(
+                "`actions` must hold tp.Action objects (made by tp.every(n, fn) or "
+                f"tp.tensorboard_writer); got {type(action).__name__}."
+            )
     if val_data is not None:
         check_data(val_data, "val_data")
         eval_step = _eval_step_for(eval_step, train_step)
-
     if checkpoint is not None and not isinstance(checkpoint, Checkpointer):
         raise TypeError(f"`checkpoint` must be a tp.Checkpointer; got {type(checkpoint).__name__}.")
     prepare(train_step, state, data)
     if val_data is not None:
         prepare(eval_step, state, val_data)
-
-    run = None
-    if checkpoint is not None:
-        run = Run(
-            checkpoint,
-            state,
-            data,
-            steps_per_epoch,
-            lambda d: data_iterator(train_step, state, d),
-            extra=train_step.log_variables(state) if isinstance(train_step, Step) else [],
-        )
-    try:
-        return _fit(
-            state,
-            data,
-            train_step,
-            epochs,
-            eval_step,
-            val_data,
-            callbacks,
-            verbose,
-            steps_per_epoch,
-            run,
-        )
-    finally:
-        if run is not None:
-            run.close()
-
-
-def _fit(
-    state: Any,
-    data: Any,
-    train_step: StepFn,
-    epochs: int,
-    eval_step: StepFn | None,
-    val_data: Any,
-    callbacks: Sequence[keras.callbacks.Callback],
-    verbose: int,
-    steps_per_epoch: int | None,
-    run: Run | None,
-) -> tuple[Any, dict[str, list[float]]]:
-    states = leaves(state)
-    model = states[0].model  # the model Keras callbacks see
-    if run is not None:
-        steps_per_epoch, first_epoch = run.steps_per_epoch, run.first_epoch
-    else:
-        # With steps_per_epoch, one iterator spans the run (a repeating dataset).
-        iterator = data_iterator(train_step, state, data) if steps_per_epoch is not None else None
-        first_epoch = 0
-    prior = run.prior if run is not None else {}
-    cbs = callback_list(
-        callbacks,
-        model,
-        add_history=True,
-        add_progbar=verbose != 0,
+    loop = Loop(
+        state,
+        data,
+        train_step,
+        schedule,
+        eval_step=eval_step,
+        val_data=val_data,
+        callbacks=callbacks,
         verbose=verbose,
-        epochs=epochs,
-        steps=steps_per_epoch or num_batches(data),
+        actions=actions,
+        checkpoint=checkpoint,
     )
-    if getattr(model, "optimizer", None) is None:
-        model.optimizer = states[0].optimizer
-    model.stop_training = False
-    stop = lambda: bool(model.stop_training) or (run is not None and run.preempted)  # noqa: E731
-    history = next(cb for cb in cbs.callbacks if isinstance(cb, keras.callbacks.History))
+    return loop()
 
-    def full_history() -> dict[str, list[float]]:
-        names = list(dict.fromkeys([*prior, *history.history]))
-        return {n: [*prior.get(n, []), *history.history.get(n, [])] for n in names}
 
-    cbs.on_train_begin()
-    epoch_logs: dict[str, float] = {}
-    for epoch in range(first_epoch, epochs):
-        start = run.start(epoch) if run is not None else 0
-        if start == 0:  # A resumed epoch keeps its restored running metrics.
-            reset(train_step, state, train=True)
-        cbs.on_epoch_begin(epoch)
-        begin, end = batch_hooks(cbs, "train")
-        if run is not None:
-            iterator = run.iterator(epoch)
+def _count(name: str, value: Any) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"`{name}` must be None or an int >= 1; got {value!r}.")
 
-            def end(index: int, logs: Any, end: LogsHook = end, epoch: int = epoch) -> None:
-                end(index, logs)
-                run.after_call(epoch, index + 1)
 
-        state, logs, done = run_pass(
-            train_step,
-            state,
-            data,
-            iterator=iterator,
-            start=start,
-            max_steps=steps_per_epoch,
-            hooks=(begin, end),
-            stop=stop,
-            cap=(lambda done, epoch=epoch: run.steps_to_save(epoch, done)) if run else None,
-            endless=run is not None,
-        )
-        if logs is None and start:  # Resumed right at the end of the epoch's steps.
-            logs = current_logs(train_step, state)
-        if not done or logs is None:
+def _schedule(
+    data: Any,
+    epochs: int | None,
+    steps: int | None,
+    eval_every: int | None,
+    steps_per_epoch: int | None,
+) -> Schedule:
+    """The run's windows, from `fit_loop`'s arguments (checked here)."""
+    for name, value in (
+        ("epochs", epochs),
+        ("steps", steps),
+        ("eval_every", eval_every),
+        ("steps_per_epoch", steps_per_epoch),
+    ):
+        _count(name, value)
+    if steps is not None:
+        if epochs is not None:
             raise ValueError(
-                f"The training data held no batch in epoch {epoch}"
-                + (" (the iterator ran out)." if steps_per_epoch else ".")
+                f"Give `epochs` or `steps`, not both (got epochs={epochs}, steps={steps})."
             )
-        epoch_logs = floats(logs)
-        if val_data is not None:
-            val = _evaluate(state, val_data, eval_step, cbs)
-            epoch_logs.update({f"val_{name}": value for name, value in val.items()})
-        cbs.on_epoch_end(epoch, epoch_logs)
-        last = epoch == epochs - 1 or bool(model.stop_training)
-        if run is not None:
-            run.end_epoch(epoch, full_history(), last)
-            if not run.stream:  # One iterator per epoch: this one is finished.
-                refs, iterator = [iterator], None
-                retire(refs)
-        if model.stop_training:
-            break
-    # As Keras `fit` does: e.g. an optimizer with use_ema=True swaps in its averages.
-    for s in states:
-        s.optimizer.finalize_variable_values(s.model.trainable_variables)
-    cbs.on_train_end(epoch_logs)
-    return state, full_history()
+        if steps_per_epoch is not None:
+            raise ValueError(
+                "`steps_per_epoch` counts epochs; a step budget (`steps=`) has no epochs. "
+                "Use eval_every= to split it into evaluation windows."
+            )
+        if isinstance(data, tf.data.Dataset) and int(data.cardinality()) == 0:
+            raise ValueError("`data` held no batch: the dataset is empty.")
+        if not isinstance(data, tf.data.Dataset):
+            check_data(data, "data")
+        return Schedule.of_steps(steps, eval_every)
+    if eval_every is not None:
+        raise ValueError(
+            "`eval_every` counts steps of a step budget: pass steps= with it (epoch runs "
+            "validate after every epoch)."
+        )
+    if steps_per_epoch is None:
+        check_data(data, "data")
+    return Schedule(
+        windows=1 if epochs is None else epochs,
+        length=steps_per_epoch or num_batches(data),
+        stream=steps_per_epoch is not None,
+    )

@@ -134,6 +134,7 @@ def run_pass(
     start: int = 0,
     max_steps: int | None = None,
     hooks: tuple[BatchHook, LogsHook] = (no_begin, no_end),
+    on_call: Callable[[Any, int, Logs], None] | None = None,
     stop: Callable[[], bool] = never,
     cap: Callable[[int], int | None] | None = None,
     endless: bool = False,
@@ -146,11 +147,16 @@ def run_pass(
     land on a checkpoint). The number of steps a call ran is read back only
     when it is not known beforehand (unknown cardinality, an iterator that
     may run out), so a known-size epoch needs no per-call host read.
+    After each call's end hook, ``on_call(state, done, logs)`` runs (the
+    training loop's position, actions and saves).
     """
     begin, end = hooks
     logs: Logs | None = None
     done = start
-    in_graph = iterator is not None or isinstance(data, tf.data.Dataset)
+    if iterator is None:
+        in_graph = isinstance(data, tf.data.Dataset)
+    else:  # a tf.data (or distributed) iterator, or a Python one (a repeated list)
+        in_graph = hasattr(iterator, "get_next_as_optional")
     owned = iterator is None  # An iterator made here is retired here.
     if isinstance(step, Step) and in_graph:
         # Steps in the epoch, if known: then no call's step count is read back.
@@ -175,6 +181,8 @@ def run_pass(
                 ran = want
             logs, done = out, done + ran
             end(done - 1, logs)
+            if on_call is not None:
+                on_call(state, done, logs)
             if stop():
                 break
         if owned:
@@ -191,6 +199,8 @@ def run_pass(
         state, logs = step(state, batch)
         done += 1
         end(done - 1, logs)
+        if on_call is not None:
+            on_call(state, done, logs)
         if stop():
             break
     if owned and isinstance(batches, tf.data.Iterator):

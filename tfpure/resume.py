@@ -1,9 +1,9 @@
 """Resuming a checkpointed `fit_loop` run exactly: position, replay, save points, SIGTERM.
 
-`fit_loop(..., checkpoint=ckpt)` drives its epochs through a `Run`: it
-restores the newest good checkpoint, rebuilds the data iterator at the saved
-position by replay, tells the loop when to save, and turns SIGTERM into a
-save followed by `Preempted`.
+`fit_loop(..., checkpoint=ckpt)` links its loop to the checkpointer through
+a `Run`: it restores the newest good checkpoint, rebuilds the data iterator
+at the saved position by replay, saves the positions the loop hands it, and
+turns SIGTERM into a save followed by `Preempted`.
 """
 
 from __future__ import annotations
@@ -87,17 +87,22 @@ def _skip(iterator: Any, n: tf.Tensor) -> tf.Tensor:
 
 
 class Run:
-    """`fit_loop`'s view of a checkpointed run: where to start, when to save.
+    """A checkpointed run's link to its `Checkpointer`: restore, replay, save, SIGTERM.
+
+    The loop (`tfpure.training.Loop`) owns the position; a `Run` restores the
+    one saved last (``epoch`` windows finished, ``epoch_step`` steps into
+    the current one, ``step`` steps in all), rebuilds the data iterator
+    there, and saves positions the loop hands it.
 
     The data iterator is not saved: TensorFlow's iterator checkpoints do not
-    restore reshuffle seeds exactly near the end of an epoch. The run saves
-    its position (epoch, step in the epoch) and rebuilds the iterator by
-    replay: it creates the past epochs' iterators (which draws their
-    reshuffle seeds, as the interrupted run did) without reading them, then
-    pulls the current epoch's finished batches in-graph without training on
-    them. With ``steps_per_epoch`` (one iterator over the repeated data) the
-    replay pulls every batch of the run so far. This needs a pipeline that is
-    a pure function of its seeds, which `_unreplayable` checks up front.
+    restore reshuffle seeds exactly near the end of an epoch. The run
+    rebuilds the iterator by replay: it creates the past epochs' iterators
+    (which draws their reshuffle seeds, as the interrupted run did) without
+    reading them, then pulls the current epoch's finished batches in-graph
+    without training on them. With one iterator over the repeated data (a
+    step budget, or ``steps_per_epoch``) the replay pulls every batch of the
+    run so far. This needs a pipeline that is a pure function of its seeds,
+    which `_unreplayable` checks up front.
     """
 
     def __init__(
@@ -105,7 +110,8 @@ class Run:
         ckpt: Checkpointer,
         state: Any,
         data: tf.data.Dataset,
-        steps_per_epoch: int | None,
+        *,
+        stream: bool,
         iterate: Callable[[tf.data.Dataset], Any] = iter,
         extra: Sequence[Any] = (),
     ):
@@ -114,12 +120,11 @@ class Run:
                 "Checkpointed training needs `data` as a tf.data.Dataset: a resumed run "
                 f"replays it to the saved position. Got {type(data).__name__}."
             )
-        cardinality = int(data.cardinality())
-        if steps_per_epoch is None and cardinality < 1:
+        if not stream and int(data.cardinality()) < 1:
             raise ValueError(
                 "Checkpointed training needs the epoch length: the dataset's cardinality "
-                "is unknown or infinite. Pass steps_per_epoch=, or declare it with "
-                "dataset.apply(tf.data.experimental.assert_cardinality(n))."
+                "is unknown or infinite. Pass steps_per_epoch= (or steps=), or declare it "
+                "with dataset.apply(tf.data.experimental.assert_cardinality(n))."
             )
         reason = _unreplayable(data)
         if reason:
@@ -131,15 +136,14 @@ class Run:
             )
         self.ckpt, self.state, self.data, self.iterate = ckpt, state, data, iterate
         self.extra = list(extra)
-        self.stream = steps_per_epoch is not None
-        self.steps_per_epoch = steps_per_epoch or cardinality
+        self.stream = stream
         self.path = ckpt.restore(state, extra=self.extra)
         if self.path is None:
-            ckpt.epoch.assign(0)
-            ckpt.epoch_step.assign(0)
+            for variable in (ckpt.epoch, ckpt.epoch_step, ckpt.loop_step):
+                variable.assign(0)
             ckpt.record({})
-        self.first_epoch = int(ckpt.epoch.numpy())
-        self.first_step = int(ckpt.epoch_step.numpy())
+        #: The restored position: (windows finished, steps into the next, steps in all).
+        self.position = tuple(int(v.numpy()) for v in (ckpt.epoch, ckpt.epoch_step, ckpt.loop_step))
         self.prior = ckpt.recorded_history()
         self._stream: Any = None
         self.preempted = False
@@ -155,26 +159,22 @@ class Run:
         del signum, frame
         self.preempted = True
 
-    def start(self, epoch: int) -> int:
-        """Steps already done in `epoch` (non-zero only for a resumed epoch)."""
-        return self.first_step if epoch == self.first_epoch else 0
-
     def iterator(self, epoch: int) -> Any:
         """The data iterator for `epoch`, positioned where the run resumes."""
+        first_epoch, first_step, steps = self.position
         if self.stream:
             if self._stream is None:
                 source = self.data
                 if int(source.cardinality()) != tf.data.INFINITE_CARDINALITY:
                     source = source.repeat()
                 self._stream = self.iterate(source)
-                done = self.first_epoch * self.steps_per_epoch + self.first_step
-                self._replay(self._stream, done)
+                self._replay(self._stream, steps)
             return self._stream
-        if epoch == self.first_epoch:
+        if epoch == first_epoch:
             for _ in range(epoch):
                 self.iterate(self.data)  # draws that epoch's reshuffle seeds
         iterator = self.iterate(self.data)
-        self._replay(iterator, self.start(epoch))
+        self._replay(iterator, first_step if epoch == first_epoch else 0)
         return iterator
 
     @staticmethod
@@ -185,32 +185,18 @@ class Run:
                 "position: it is not the data the checkpointed run was trained on."
             )
 
-    def steps_to_save(self, epoch: int, done: int) -> int | None:
-        """Steps from here to the next step-based save, to cut fused calls short."""
-        every = self.ckpt.save_every_steps
-        if every is None:
-            return None
-        position = epoch * self.steps_per_epoch + done
-        return every - position % every
-
-    def after_call(self, epoch: int, done: int) -> None:
-        """Saves on a step-based boundary; on SIGTERM, saves and raises `Preempted`."""
-        every = self.ckpt.save_every_steps
-        position = epoch * self.steps_per_epoch + done
-        if self.preempted or (every is not None and position % every == 0):
-            self.ckpt.epoch_step.assign(done)
-            self._save(f"after step {done} of epoch {epoch + 1}")  # counted from 1, as Keras
-
-    def end_epoch(self, epoch: int, history: dict[str, list[float]], last: bool) -> None:
-        """Records the finished epoch and saves if it is a save point."""
-        self.ckpt.epoch.assign(epoch + 1)
-        self.ckpt.epoch_step.assign(0)
+    def save(
+        self,
+        position: tuple[int, int, int],
+        history: dict[str, list[float]],
+        where: str,
+    ) -> str:
+        """Saves the state at `position` with `history`; after SIGTERM, raises `Preempted`."""
+        for variable, value in zip(
+            (self.ckpt.epoch, self.ckpt.epoch_step, self.ckpt.loop_step), position, strict=True
+        ):
+            variable.assign(value)
         self.ckpt.record(history)
-        every = self.ckpt.save_every_epochs
-        if last or self.preempted or (every is not None and (epoch + 1) % every == 0):
-            self._save(f"at the end of epoch {epoch + 1}")
-
-    def _save(self, where: str) -> None:
         path = self.ckpt.save(self.state, extra=self.extra)
         if self.preempted:
             print(
@@ -219,6 +205,7 @@ class Run:
                 file=sys.stderr,
             )
             raise Preempted(path)
+        return path
 
     def close(self) -> None:
         if self._previous_handler is not None:

@@ -124,6 +124,8 @@ class Step:
         if entry is not None and all(ref() is s for ref, s in zip(entry[0], found, strict=True)):
             return entry[1]
         strategy = strategy_of(found)
+        # Outside the strategy's scope: a plain host counter, read by the loops.
+        examples = tf.Variable(0, dtype=tf.int64, trainable=False, name="examples")
         with strategy.scope() if strategy else contextlib.nullcontext():
             if self.spec.kind == "custom":
                 body: Any = UserBody(self.spec, self.spec.fn, state)
@@ -131,7 +133,7 @@ class Step:
                 body = TrainBody(self.spec, state)
             else:
                 body = EvalBody(self.spec, state)
-            engine = Engine(self.spec, body, self._count_trace)
+            engine = Engine(self.spec, body, self._count_trace, examples)
         refs = [weakref.ref(s, lambda _, key=key: self._engines.pop(key, None)) for s in found]
         self._engines[key] = (refs, engine)
         return engine
@@ -224,6 +226,10 @@ class Step:
         if self.spec.kind != "custom":
             return []
         return self.engine(state).body.means.variables
+
+    def _examples(self, state: Any) -> int:
+        """Examples that have run through the step for `state` (the loops' throughput)."""
+        return int(self.engine(state).examples.numpy())
 
     def _prepare(self, state: Any, element_spec: Any) -> None:
         """Traces the iterator function for batches of `element_spec`, once.
