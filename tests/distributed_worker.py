@@ -3,10 +3,14 @@
     python tests/distributed_worker.py MODE OUT [--epochs E] [--steps-per-call K]
                                                [--checkpoint DIR] [--nan-batch I] [--gan]
     python tests/distributed_worker.py MODE --jobs JOBS.json
+    python tests/distributed_worker.py --fork MODE:JOBS.json [MODE:JOBS.json ...]
 
 ``--jobs`` runs several runs one after the other in one process, one strategy
 (a JSON list of ``[OUT, [options...]]``); a run that resumes from a checkpoint
-directory reads it afresh, as a new process would.
+directory reads it afresh, as a new process would. ``--fork`` runs each
+MODE's jobs in a child forked from this process after TensorFlow is imported
+and before its runtime starts (so each child picks its own devices), one
+interpreter start for all; it fails if any child fails.
 
 MODE is ``single`` (one device), ``mirrored`` (MirroredStrategy over two
 logical CPU devices) or ``multiworker`` (MultiWorkerMirroredStrategy; the
@@ -24,6 +28,7 @@ import argparse
 import json
 import os
 import sys
+import traceback
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -166,12 +171,19 @@ def run(args, strategy):
         )
     train, val = data(args.nan_batch)
     nonfinite = "skip" if args.nan_batch is not None else "raise"
+    trained = []  # the steps this run trained (a resumed run trains the rest only)
+
+    class Count(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            trained.append(batch)
+
     state, history = tp.fit_loop(
         state,
         train,
         tp.make_train_step(SCCE, steps_per_call=args.steps_per_call, nonfinite=nonfinite),
         epochs=args.epochs,
         val_data=val,
+        callbacks=[Count()],
         checkpoint=tp.Checkpointer(args.checkpoint) if args.checkpoint else None,
         verbose=0,
     )
@@ -181,6 +193,7 @@ def run(args, strategy):
         np.savez(
             args.out,
             replicas=replicas,
+            trained=len(trained),
             step=int(state.step.numpy()),
             skipped=int(state.skipped.numpy()),
             history=np.array([history[k] for k in sorted(history)]),
@@ -189,17 +202,38 @@ def run(args, strategy):
 
 
 def main():
-    tf.config.experimental.enable_op_determinism()
+    if sys.argv[1:2] == ["--fork"]:
+        children = []
+        for spec in sys.argv[2:]:
+            mode, jobs = spec.split(":", 1)
+            pid = os.fork()
+            if pid == 0:
+                code = 0
+                try:
+                    run_jobs(mode, jobs)
+                except BaseException:
+                    traceback.print_exc()
+                    code = 1
+                sys.stderr.flush()
+                os._exit(code)
+            children.append(pid)
+        codes = [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in children]
+        sys.exit(max(abs(c) for c in codes))
     if sys.argv[2:3] == ["--jobs"]:  # MODE --jobs FILE: several runs, one process
-        mode = sys.argv[1]
-        strategy = strategy_for(mode)
-        with open(sys.argv[3]) as f:
-            for out, options in json.load(f):
-                run(parser().parse_args([mode, out, *options]), strategy)
+        run_jobs(sys.argv[1], sys.argv[3])
     else:
+        tf.config.experimental.enable_op_determinism()
         args = parser().parse_args()
         run(args, strategy_for(args.mode))
     sys.exit(0)
+
+
+def run_jobs(mode, path):
+    tf.config.experimental.enable_op_determinism()
+    strategy = strategy_for(mode)
+    with open(path) as f:
+        for out, options in json.load(f):
+            run(parser().parse_args([mode, out, *options]), strategy)
 
 
 if __name__ == "__main__":

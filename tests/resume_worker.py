@@ -3,6 +3,7 @@
     python tests/resume_worker.py DIR OUT [--kill KIND:N] [--steps-per-call K] [--gan]
                                   [--steps N --eval-every M]
     python tests/resume_worker.py --jobs JOBS.json
+    python tests/resume_worker.py --fork KILLS.json RESULTS.json [JOBS.json]
 
 trains a Dropout + BatchNorm model (or, with ``--gan``, a two-state GAN written
 with `tp.make_step`, whose discriminator has Dropout and whose noise comes
@@ -24,6 +25,12 @@ action every 3 steps records the steps it saw (in OUT's ``fired``).
 process (a JSON list of ``[DIR, OUT, [options...]]``): the tests resume many
 killed runs with one interpreter start. Every run rebuilds its models from
 fixed seeds, so a run in a shared process computes what it would alone.
+
+``--fork`` runs each of KILLS.json's ``[NAME, DIR, OUT, [options...]]`` in a
+child forked from this process (three at a time), writes each child's exit
+code and stderr to RESULTS.json, then runs JOBS.json as ``--jobs`` does. The
+children are forked after TensorFlow is imported but before it starts its
+runtime, so each is a fresh run that skips the import (seconds per process).
 """
 
 import argparse
@@ -31,6 +38,7 @@ import json
 import os
 import signal
 import sys
+import traceback
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -212,13 +220,62 @@ def run(args: argparse.Namespace) -> None:
     np.savez(args.out, history=np.array([history[k] for k in sorted(history)]), **arrays)
 
 
+def run_jobs(path: str) -> None:
+    with open(path) as f:
+        jobs = json.load(f)
+    for directory, out, options in jobs:
+        run(parser().parse_args([directory, out, *options]))
+
+
+def child(directory: str, out: str, options: list[str], stderr: str) -> None:
+    """The body of a forked child: one run, its stderr to a file; never returns."""
+    fd = os.open(stderr, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(fd, 2)
+    sys.stderr = os.fdopen(2, "w", buffering=1)
+    code = 0
+    try:
+        tf.config.experimental.enable_op_determinism()
+        run(parser().parse_args([directory, out, *options]))
+    except SystemExit as err:  # Preempted: exit 143, as an unforked process would
+        code = err.code if isinstance(err.code, int) else 1
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def fork_runs(kills: str, results: str, parallel: int = 3) -> None:
+    with open(kills) as f:
+        pending = json.load(f)
+    running: dict[int, tuple[str, str]] = {}
+    ended: dict[str, tuple[int, str]] = {}
+    while pending or running:
+        while pending and len(running) < parallel:
+            name, directory, out, options = pending.pop(0)
+            stderr = f"{out}.stderr"
+            pid = os.fork()
+            if pid == 0:
+                child(directory, out, options, stderr)
+            running[pid] = (name, stderr)
+        pid, status = os.wait()
+        name, stderr = running.pop(pid)
+        with open(stderr) as f:
+            ended[name] = (os.waitstatus_to_exitcode(status), f.read())
+    with open(results, "w") as f:
+        json.dump(ended, f)
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["--fork"]:
+        fork_runs(sys.argv[2], sys.argv[3])  # before TensorFlow's runtime starts
+        tf.config.experimental.enable_op_determinism()
+        if len(sys.argv) > 4:
+            run_jobs(sys.argv[4])
+        sys.exit(0)
     tf.config.experimental.enable_op_determinism()
     if sys.argv[1:2] == ["--jobs"]:
-        with open(sys.argv[2]) as f:
-            jobs = json.load(f)
-        for directory, out, options in jobs:
-            run(parser().parse_args([directory, out, *options]))
+        run_jobs(sys.argv[2])
     else:
         run(parser().parse_args())
     sys.exit(0)

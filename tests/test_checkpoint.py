@@ -62,27 +62,25 @@ def load(path):
 
 @pytest.fixture(scope="session")  # session: never torn down between a worker's modules
 def runs(tmp_path_factory):
-    """Kills every case, then resumes them all (and runs the references) in one process."""
+    """Kills every case, then resumes them all (and runs the references), in one process.
+
+    The kills run in children forked from the worker process (see `resume_worker.py
+    --fork`): real SIGKILLs of real processes, without an interpreter start each.
+    """
     base = tmp_path_factory.mktemp("kills")
-    killed, pending = {}, list(KILLS.items())
-    running = []
-    while pending or running:
-        while pending and len(running) < 3:
-            name, (kill, options) = pending.pop(0)
-            running.append((name, launch(base / name, base / f"{name}.first.npz", "--kill", kill,
-                                         *options)))  # fmt: skip
-        name, process = running.pop(0)
-        _, err = process.communicate(timeout=300)
-        killed[name] = (process.returncode, err)
+    kills = [[name, str(base / name), str(base / f"{name}.first.npz"), ["--kill", kill, *options]]
+             for name, (kill, options) in KILLS.items()]  # fmt: skip
     jobs = [[str(base / name), str(base / f"{name}.npz"), options]
             for name, (_, options) in KILLS.items()]  # fmt: skip
     for ref, options in REFERENCES.items():
         for again in ("", ".again"):  # a finished run, run again, does nothing
             jobs.append([str(base / ref), str(base / f"{ref}{again}.npz"), options])
+    (base / "kills.json").write_text(json.dumps(kills))
     (base / "jobs.json").write_text(json.dumps(jobs))
-    done = launch("--jobs", base / "jobs.json")
-    _, err = done.communicate(timeout=600)
+    done = launch("--fork", base / "kills.json", base / "killed.json", base / "jobs.json")
+    _, err = done.communicate(timeout=900)
     assert done.returncode == 0, err[-3000:]
+    killed = {name: tuple(v) for name, v in json.loads((base / "killed.json").read_text()).items()}
     return base, killed
 
 

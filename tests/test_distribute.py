@@ -22,13 +22,9 @@ SCCE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 TOLERANCE = {"rtol": 1e-5, "atol": 1e-5}
 
 
-def run(mode, out, *args, env=None):
+def run(*args):
     done = subprocess.run(
-        [sys.executable, str(WORKER), mode, str(out), *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
+        [sys.executable, str(WORKER), *map(str, args)], capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, done.stderr[-3000:]
 
@@ -39,15 +35,20 @@ def free_port():
         return s.getsockname()[1]
 
 
-def run_two_workers(out_dir, *args):
-    """Two MultiWorkerMirroredStrategy workers on 127.0.0.1, one process each."""
+def run_two_workers(out_dir, jobs):
+    """Two MultiWorkerMirroredStrategy workers on 127.0.0.1, one process each, each running
+    `jobs` (option lists) one after the other; worker i's j-th run writes w{i}-{j}.npz."""
     workers = [f"127.0.0.1:{free_port()}" for _ in range(2)]
     processes = []
     for index in range(2):
         config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
+        path = out_dir / f"w{index}-jobs.json"
+        path.write_text(
+            json.dumps([[str(out_dir / f"w{index}-{j}.npz"), o] for j, o in enumerate(jobs)])
+        )
         processes.append(
             subprocess.Popen(
-                [sys.executable, str(WORKER), "multiworker", str(out_dir / f"w{index}.npz"), *args],
+                [sys.executable, str(WORKER), "multiworker", "--jobs", str(path)],
                 env={**os.environ, "TF_CONFIG": json.dumps(config)},
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -69,23 +70,22 @@ def assert_same_run(got, expected, replicas):
     assert int(got["step"]) == int(expected["step"])
     assert int(got["skipped"]) == int(expected["skipped"])
     for name in expected:
-        if name != "replicas":
+        if name not in ("replicas", "trained"):
             np.testing.assert_allclose(got[name], expected[name], **TOLERANCE, err_msg=name)
 
 
-def run_jobs(mode, jobs, directory):
-    """Several runs of one mode in one process (one TensorFlow start, one strategy)."""
+def jobs_file(mode, jobs, directory):
     path = directory / f"{mode}-jobs.json"
     path.write_text(json.dumps([[str(out), list(options)] for out, options in jobs]))
-    run(mode, "--jobs", str(path))
+    return f"{mode}:{path}"
 
 
 @pytest.fixture(scope="session")
 def runs(tmp_path_factory):
-    """The one-device references and the two-replica runs, two processes in all."""
+    """The one-device references and the two-replica runs: two children of one process."""
     base = tmp_path_factory.mktemp("distribute")
     ckpt = str(base / "ckpt")
-    run_jobs(
+    single = jobs_file(
         "single",
         [
             (base / "single.npz", []),
@@ -94,7 +94,7 @@ def runs(tmp_path_factory):
         ],
         base,
     )
-    run_jobs(
+    mirrored = jobs_file(
         "mirrored",
         [
             (base / "mirrored-nan.npz", ["--nan-batch", "2", "--steps-per-call", "3"]),
@@ -104,6 +104,7 @@ def runs(tmp_path_factory):
         ],
         base,
     )
+    run("--fork", single, mirrored)
     return base
 
 
@@ -136,17 +137,21 @@ def test_mirrored_checkpoint_resume_equals_one_device(runs):
 
 
 def test_multiworker_with_checkpoint_resume_equals_one_device(tmp_path, runs):
-    """The chief writes the checkpoints, both workers restore from them."""
+    """The chief writes the checkpoints, both workers restore from them: 2 epochs, then
+    the same run asked for 3 resumes at epoch 2 (the workers' second run)."""
     ckpt = str(tmp_path / "ckpt")
-    run_two_workers(tmp_path, "--epochs", "2", "--checkpoint", ckpt)
+    run_two_workers(
+        tmp_path, [["--epochs", "2", "--checkpoint", ckpt], ["--epochs", "3", "--checkpoint", ckpt]]
+    )
     assert sorted(os.listdir(ckpt)) == [
         "checkpoint",
         *sorted(
-            f"ckpt-{n}.{suffix}" for n in (8, 16) for suffix in ("data-00000-of-00001", "index")
+            f"ckpt-{n}.{suffix}" for n in (8, 16, 24) for suffix in ("data-00000-of-00001", "index")
         ),
     ]  # the chief's files only: the other worker's copies are gone
-    run_two_workers(tmp_path, "--epochs", "3", "--checkpoint", ckpt)
-    assert_same_run(load(tmp_path / "w0.npz"), load(runs / "single.npz"), replicas=2)
+    first, resumed = load(tmp_path / "w0-0.npz"), load(tmp_path / "w0-1.npz")
+    assert int(first["step"]) == 16 and int(resumed["trained"]) == 8  # resumed, not retrained
+    assert_same_run(resumed, load(runs / "single.npz"), replicas=2)
 
 
 # -- in-process: one-replica strategies and refusals ------------------------------------

@@ -186,19 +186,6 @@ def test_actions_in_epoch_runs_count_the_global_step_and_see_validation_at_windo
     assert all({"val_loss", "val_accuracy", "loss", *THROUGHPUT} <= set(names) for _, names in seen)
 
 
-def test_an_action_by_seconds_runs_at_call_boundaries():
-    calls = []
-    tp.fit_loop(
-        make_state(),
-        dataset(),
-        tp.make_train_step(SCCE, steps_per_call=4),
-        steps=20,
-        actions=[tp.every(None, lambda state, step, logs: calls.append(step), seconds=1e-9)],
-        verbose=0,
-    )
-    assert calls == [4, 8, 12, 16, 20]  # after every call; the last one after the window
-
-
 def gan_like_states():
     keras.utils.set_random_seed(0)
     a = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
@@ -222,17 +209,23 @@ def two_models(states, batch):
 
 
 def test_actions_with_a_user_written_step_over_several_states():
-    seen = []
+    seen, timed = [], []
     states, history = tp.fit_loop(
         gan_like_states(),
         dataset(),
         tp.make_step(two_models, steps_per_call=8),
         steps=30,
         eval_every=10,
-        actions=[tp.every(4, lambda s, step, logs: seen.append((step, int(s["a"].step), logs)))],
+        actions=[
+            tp.every(4, lambda s, step, logs: seen.append((step, int(s["a"].step), logs))),
+            tp.every(None, lambda s, step, logs: timed.append(step), seconds=1e-9),
+        ],
         verbose=0,
     )
     assert [(step, a) for step, a, _ in seen] == [(n, n) for n in range(4, 31, 4)]
+    # By time: after every call (cut at 4, 8, 10, 12, ... by the other action and the
+    # windows), at a window's end once, after its evaluation.
+    assert timed == [4, 8, 10, 12, 16, 20, 24, 28, 30]
     assert all("loss_b" in logs and logs["examples_per_second"] > 0 for _, _, logs in seen)
     assert int(states["b"].step) == 30 and len(history["loss_b"]) == 3
 
