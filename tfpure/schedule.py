@@ -25,6 +25,9 @@ from typing import Any
 import attrs
 import tensorflow as tf
 
+from tfpure.distribute import cluster_task, strategy_of
+from tfpure.state import leaves
+
 __all__ = ["THROUGHPUT", "Action", "Meter", "every", "tensorboard_writer"]
 
 # The log names of throughput figures (reported, never part of `history`).
@@ -178,7 +181,8 @@ def tensorboard_writer(
     Each run writes every log (``loss``, metrics, ``steps_per_second``,
     ``examples_per_second``, and at an evaluation step the ``val_*``
     figures) with `tf.summary.scalar` at the run's step, and flushes. Point
-    TensorBoard at `logdir`.
+    TensorBoard at `logdir`. Under a multi-worker strategy only the chief
+    writes.
 
     Args:
       logdir: the directory of the event files (created if needed).
@@ -203,7 +207,9 @@ def tensorboard_writer(
     writer: list[Any] = []  # created at the first write, in the training process
 
     def write(state: Any, step: int, logs: dict[str, float]) -> None:
-        del state
+        task = cluster_task(strategy_of(leaves(state)))
+        if task is not None and not task.chief:
+            return
         if not writer:
             writer.append(tf.summary.create_file_writer(path))
         with writer[0].as_default(step=step):

@@ -164,7 +164,7 @@ class Loop:
             add_progbar=verbose != 0,
             verbose=verbose,
             epochs=schedule.windows,
-            steps=schedule.length,
+            steps=schedule.steps_in(0),  # the progress bar's target
         )
         self.history = next(
             cb for cb in self.cbs.callbacks if isinstance(cb, keras.callbacks.History)
