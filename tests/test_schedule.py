@@ -1,6 +1,7 @@
 """Step budgets, evaluation windows, actions at exact steps, throughput (fit_loop(steps=...))."""
 
 import glob
+import signal
 
 import keras
 import numpy as np
@@ -8,6 +9,7 @@ import pytest
 import tensorflow as tf
 
 import tfpure as tp
+from tfpure import resume
 from tfpure.schedule import THROUGHPUT
 
 SCCE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -307,3 +309,31 @@ def test_bad_schedules_are_refused_before_anything_changes(kwargs, message):
 def test_bad_actions_are_refused(args, kwargs, message):
     with pytest.raises((TypeError, ValueError), match=message):
         tp.every(*args, **kwargs)
+
+
+def test_sigterm_right_after_a_step_save_does_not_write_that_step_again(tmp_path, monkeypatch):
+    numbers = []
+    save, run_save = tp.Checkpointer.save, resume.Run.save
+
+    def counted(self, state, **kwargs):
+        numbers.append(int(state.step))
+        return save(self, state, **kwargs)
+
+    def then_sigterm(self, position, history, where):
+        path = run_save(self, position, history, where)
+        if position[2] == 10:  # SIGTERM lands just after the step save at 10 returned
+            self._on_sigterm(signal.SIGTERM, None)
+        return path
+
+    monkeypatch.setattr(tp.Checkpointer, "save", counted)
+    monkeypatch.setattr(resume.Run, "save", then_sigterm)
+    with pytest.raises(tp.Preempted) as preempted:
+        tp.fit_loop(
+            make_state(),
+            dataset(),
+            tp.make_train_step(SCCE, steps_per_call=4),
+            steps=45,
+            checkpoint=tp.Checkpointer(tmp_path, save_every_steps=10),
+            verbose=0,
+        )
+    assert numbers == [10] and preempted.value.path.endswith("ckpt-10")

@@ -146,6 +146,7 @@ class Run:
         self.position = tuple(int(v.numpy()) for v in (ckpt.epoch, ckpt.epoch_step, ckpt.loop_step))
         self.prior = ckpt.recorded_history()
         self._stream: Any = None
+        self._saved: tuple[tuple[int, int, int], str] | None = None
         self.preempted = False
         self._previous_handler: Any = None
         # Across several processes a save is a collective: one worker saving on
@@ -191,13 +192,15 @@ class Run:
         history: dict[str, list[float]],
         where: str,
     ) -> str:
-        """Saves the state at `position` with `history`; after SIGTERM, raises `Preempted`."""
-        for variable, value in zip(
-            (self.ckpt.epoch, self.ckpt.epoch_step, self.ckpt.loop_step), position, strict=True
-        ):
-            variable.assign(value)
-        self.ckpt.record(history)
-        path = self.ckpt.save(self.state, extra=self.extra)
+        """Saves the state at `position` with `history`; after SIGTERM, raises `Preempted`.
+
+        A position saved already (a SIGTERM right after a step save) is not
+        written again: a listed checkpoint is never rewritten in place.
+        """
+        if self._saved is not None and self._saved[0] == position:
+            path = self._saved[1]
+        else:
+            path = self._write(position, history)
         if self.preempted:
             print(
                 f"tfpure: SIGTERM received; saved {path} {where}. Run the same command "
@@ -205,6 +208,16 @@ class Run:
                 file=sys.stderr,
             )
             raise Preempted(path)
+        return path
+
+    def _write(self, position: tuple[int, int, int], history: dict[str, list[float]]) -> str:
+        for variable, value in zip(
+            (self.ckpt.epoch, self.ckpt.epoch_step, self.ckpt.loop_step), position, strict=True
+        ):
+            variable.assign(value)
+        self.ckpt.record(history)
+        path = self.ckpt.save(self.state, extra=self.extra)
+        self._saved = (position, path)
         return path
 
     def close(self) -> None:
