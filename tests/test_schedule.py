@@ -57,7 +57,10 @@ def assert_identical(a, b):
 class Windows(keras.callbacks.Callback):
     def __init__(self):
         super().__init__()
-        self.epochs, self.batch_logs = [], []
+        self.epochs, self.batch_logs, self.targets = [], [], []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.targets.append(self.params["steps"])  # the progress bar's target
 
     def on_epoch_end(self, epoch, logs=None):
         self.epochs.append((epoch, dict(logs)))
@@ -91,14 +94,15 @@ def test_budget_with_eval_windows_and_an_action_at_exact_steps(tmp_path):
     assert sorted(history) == ["accuracy", "loss", "val_accuracy", "val_loss"]  # no throughput
     assert all(len(values) == 4 for values in history.values())  # at 30, 60, 90 and 100
     assert [epoch for epoch, _ in windows.epochs] == [0, 1, 2, 3]
+    assert windows.targets == [30, 30, 30, 10]
     for _, _, logs in fired:
         assert {"loss", "accuracy", *THROUGHPUT} <= set(logs)
         assert all(isinstance(v, float) for v in logs.values())
         assert logs["steps_per_second"] > 0 and logs["examples_per_second"] > 0
-    # 7 steps of batch 8, except where a call crossed the ragged batch of 4.
-    for _, _, logs in fired[1:]:
+    # Every 7 steps is one pass over the data (6 batches of 8 and one of 4): 52 examples.
+    for _, _, logs in fired:
         ratio = logs["examples_per_second"] / logs["steps_per_second"]
-        assert 4 <= ratio <= 8
+        assert ratio == pytest.approx(52 / 7, rel=1e-9)
     # Keras callbacks see the throughput too: per call, and per window.
     assert len(windows.batch_logs) > 100 // 16
     for logs in [*windows.batch_logs, *(logs for _, logs in windows.epochs)]:

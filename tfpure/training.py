@@ -308,6 +308,8 @@ class Loop:
             self._window_end = None if length is None else p.step - start + length
             if start == 0:  # A resumed window keeps its restored running figures.
                 reset(self.step, self.state, train=True)
+            if length != cbs.params.get("steps"):  # a budget's shorter last window
+                cbs.set_params({**cbs.params, "steps": length})
             cbs.on_epoch_begin(window)
             meter = Meter(p.step, self.examples())
             logs: Logs | None = None
