@@ -341,3 +341,38 @@ def test_sigterm_right_after_a_step_save_does_not_write_that_step_again(tmp_path
             verbose=0,
         )
     assert numbers == [10] and preempted.value.path.endswith("ckpt-10")
+
+
+def test_a_budget_extended_with_the_same_windows_resumes_exactly(tmp_path):
+    """steps=20 then steps=30 (eval_every=10) from its checkpoint is one run of 30."""
+    step = tp.make_train_step(SCCE, steps_per_call=4)
+    ckpt = tmp_path / "ckpt"
+    kwargs = {"eval_every": 10, "val_data": dataset(n=20, seed=1), "verbose": 0}
+    tp.fit_loop(make_state(), dataset(), step, steps=20, checkpoint=tp.Checkpointer(ckpt), **kwargs)
+    resumed, history = tp.fit_loop(
+        make_state(1), dataset(), step, steps=30, checkpoint=tp.Checkpointer(ckpt), **kwargs
+    )
+    whole, expected = tp.fit_loop(make_state(), dataset(), step, steps=30, **kwargs)
+    assert int(resumed.step) == 30 and history == expected
+    assert_identical(variables(resumed), variables(whole))
+
+
+@pytest.mark.parametrize(
+    ("first", "then"),
+    [
+        ({"steps": 20, "eval_every": 10}, {"steps": 20, "eval_every": 5}),
+        ({"epochs": 2}, {"steps": 14}),
+        ({"steps": 14}, {"epochs": 2}),
+    ],
+    ids=["other-eval-every", "epochs-then-budget", "budget-then-epochs"],
+)
+def test_a_resume_with_another_schedule_is_refused_and_changes_nothing(tmp_path, first, then):
+    step = tp.make_train_step(SCCE)
+    tp.fit_loop(
+        make_state(), dataset(), step, checkpoint=tp.Checkpointer(tmp_path), verbose=0, **first
+    )
+    state = make_state(1)
+    before = variables(state)
+    with pytest.raises(tp.CheckpointError, match=r"was written by a run in .* asks for"):
+        tp.fit_loop(state, dataset(), step, checkpoint=tp.Checkpointer(tmp_path), verbose=0, **then)
+    assert_identical(before, variables(state))

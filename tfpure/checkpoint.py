@@ -188,6 +188,8 @@ class Checkpointer:
         self.epoch_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch_step")
         self.loop_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="loop_step")
         self.history = tf.Variable("{}", trainable=False, name="history")
+        # How the run splits into windows ("epochs of 8 steps", ...): a resume must match.
+        self.schedule = tf.Variable("", trainable=False, name="schedule")
         self._layout = tf.Variable("", trainable=False, name="layout")
         self._managed: tuple[tuple[int, ...], tf.train.CheckpointManager] | None = None
 
@@ -199,7 +201,7 @@ class Checkpointer:
             groups = _groups(state, extra)
             checkpoint = tf.train.Checkpoint(
                 **{name.replace("/", "__"): variables for name, variables in groups.items()},
-                loop=[self.epoch, self.epoch_step, self.loop_step, self.history],
+                loop=[self.epoch, self.epoch_step, self.loop_step, self.history, self.schedule],
                 layout=self._layout,
             )
             task = cluster_task(strategy_of(leaves(state)))
@@ -272,17 +274,22 @@ class Checkpointer:
                 "for another model, optimizer or set of metrics."
             )
 
-    def restore(self, state: Any, *, extra: Sequence[Any] = ()) -> str | None:
+    def restore(
+        self, state: Any, *, extra: Sequence[Any] = (), schedule: str | None = None
+    ) -> str | None:
         """Restores the newest good checkpoint into `state` (and the loop's position).
 
-        `state` and `extra` as for `save`.
+        `state` and `extra` as for `save`. `schedule` (given by `fit_loop`)
+        describes how the resuming run splits into windows; a checkpoint
+        written by a run of another schedule is refused.
 
         Returns:
           The path restored, or None if `directory` holds no checkpoint.
 
         Raises:
           CheckpointError: checkpoints exist but none reads back, or the newest
-            readable one was written for another architecture. Nothing changed.
+            readable one was written for another architecture (or, with
+            `schedule`, by a run of another schedule). Nothing changed.
 
         Example:
           >>> import keras, tempfile, tfpure as tp
@@ -295,7 +302,7 @@ class Checkpointer:
         if not paths:
             return None
         variables = [v for vs in _groups(state, extra).values() for v in vs]
-        variables += [self.epoch, self.epoch_step, self.loop_step, self.history]
+        variables += [self.epoch, self.epoch_step, self.loop_step, self.history, self.schedule]
         failures = []
         for path in paths:
             try:
@@ -327,6 +334,16 @@ class Checkpointer:
                     stacklevel=2,
                 )
                 continue
+            saved = self.schedule.numpy().decode()
+            if schedule is not None and saved and saved != schedule:
+                for v, value in zip(variables, backup, strict=True):
+                    v.assign(value)
+                raise CheckpointError(
+                    f"Checkpoint {path} was written by a run in {saved}; this run asks for "
+                    f"{schedule}, so its saved position means another step. Nothing was "
+                    "changed. Resume with the same schedule (epoch length, or a budget's "
+                    "eval_every), or train in another directory."
+                )
             return path
         raise CheckpointError(
             f"No checkpoint in {self.directory} can be restored; nothing was changed:\n  "

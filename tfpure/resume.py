@@ -112,6 +112,7 @@ class Run:
         data: tf.data.Dataset,
         *,
         stream: bool,
+        schedule: str,
         iterate: Callable[[tf.data.Dataset], Any] = iter,
         extra: Sequence[Any] = (),
     ):
@@ -137,11 +138,12 @@ class Run:
         self.ckpt, self.state, self.data, self.iterate = ckpt, state, data, iterate
         self.extra = list(extra)
         self.stream = stream
-        self.path = ckpt.restore(state, extra=self.extra)
+        self.path = ckpt.restore(state, extra=self.extra, schedule=schedule)
         if self.path is None:
             for variable in (ckpt.epoch, ckpt.epoch_step, ckpt.loop_step):
                 variable.assign(0)
             ckpt.record({})
+        ckpt.schedule.assign(schedule)
         #: The restored position: (windows finished, steps into the next, steps in all).
         self.position = tuple(int(v.numpy()) for v in (ckpt.epoch, ckpt.epoch_step, ckpt.loop_step))
         self.prior = ckpt.recorded_history()

@@ -100,6 +100,13 @@ class Schedule:
         every = eval_every or steps
         return cls(windows=-(-steps // every), length=every, budget=steps, stream=True)
 
+    def describe(self) -> str:
+        """How the run splits into windows, as a checkpoint records it."""
+        if self.budget is not None:
+            return f"evaluation windows of {self.length} steps (a step budget)"
+        kind = "one data iterator over the run" if self.stream else "one data pass each"
+        return f"epochs of {self.length} steps ({kind})"
+
     def steps_in(self, window: int) -> int | None:
         if self.budget is None or self.length is None:
             return self.length
@@ -146,6 +153,7 @@ class Loop:
                 state,
                 data,
                 stream=schedule.stream,
+                schedule=schedule.describe(),
                 iterate=lambda d: data_iterator(step, state, d),
                 extra=step.log_variables(state) if isinstance(step, Step) else [],
             )
