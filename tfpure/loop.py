@@ -222,8 +222,10 @@ def fit_loop(
       ValueError: `epochs` or `steps` < 1 (or both given), empty or
         infinite data, wrong kind of step.
       TypeError: `data` is not a dataset or iterable of batches.
-      CheckpointError: with `checkpoint`, no checkpoint fits the state, or the
-        data cannot be replayed to a saved position. Nothing changed.
+      CheckpointError: with `checkpoint`, no checkpoint fits the state, the
+        newest was written by a run of another schedule (epoch length, or a
+        budget's `eval_every`), or the data cannot be replayed to a saved
+        position. Nothing changed.
       Preempted: with `checkpoint`, SIGTERM arrived; the run saved and should
         end (a `SystemExit` with code 143).
       NonFiniteError: a ``nonfinite="raise"`` step met a non-finite value.
