@@ -208,11 +208,11 @@ def fit_loop(
       checkpoint: a `Checkpointer`. `fit_loop` then restores the newest good
         checkpoint and resumes at its exact step, saves as the checkpointer
         says, and on SIGTERM finishes the current call, saves and raises
-        `Preempted`. `data` must be a `tf.data.Dataset` whose epoch length is
-        known (its cardinality, or `steps_per_epoch`); it is read through
-        one iterator over ``data.repeat()`` so its position is saved too.
-        A step-budget run resumes at its step: actions and evaluations fire
-        as in an uninterrupted run.
+        `Preempted`. `data` must be a `tf.data.Dataset` built from seeded
+        TensorFlow ops (a resumed run replays it to the saved position) whose
+        epoch length is known (its cardinality, or `steps_per_epoch`; a step
+        budget needs none). A step-budget run resumes at its step: actions
+        and evaluations fire as in an uninterrupted run.
 
     Returns:
       ``(state, history)`` where ``history`` maps Keras log names (`loss`,
