@@ -319,13 +319,17 @@ class Checkpointer:
                 )
                 continue
             backup = [np.array(v.numpy(), copy=True) for v in variables]
+
+            def put_back(backup: list[np.ndarray] = backup) -> None:
+                for v, value in zip(variables, backup, strict=True):
+                    v.assign(value)
+
             try:
                 self._manager(state, extra).checkpoint.restore(
                     path
                 ).assert_existing_objects_matched()
             except (tf.errors.OpError, AssertionError, ValueError) as err:
-                for v, value in zip(variables, backup, strict=True):
-                    v.assign(value)
+                put_back()
                 failures.append(f"{path}: {type(err).__name__}: {str(err).splitlines()[0]}")
                 warnings.warn(
                     f"Checkpoint {path} failed to restore ({failures[-1]}); nothing was "
@@ -336,8 +340,7 @@ class Checkpointer:
                 continue
             saved = self.schedule.numpy().decode()
             if schedule is not None and saved and saved != schedule:
-                for v, value in zip(variables, backup, strict=True):
-                    v.assign(value)
+                put_back()
                 raise CheckpointError(
                     f"Checkpoint {path} was written by a run in {saved}; this run asks for "
                     f"{schedule}, so its saved position means another step. Nothing was "

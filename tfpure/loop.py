@@ -23,7 +23,7 @@ import tensorflow as tf
 from tfpure.builtin import Logs
 from tfpure.checkpoint import Checkpointer
 from tfpure.passes import callback_list, check_data, num_batches, prepare, run_pass
-from tfpure.schedule import Action
+from tfpure.schedule import Action, check_period
 from tfpure.state import leaves
 from tfpure.steps import Step, StepFn, make_eval_step
 from tfpure.training import Loop, Schedule, evaluate_pass
@@ -282,11 +282,6 @@ def fit_loop(
     return loop()
 
 
-def _count(name: str, value: Any) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise ValueError(f"`{name}` must be None or an int >= 1; got {value!r}.")
-
-
 def _schedule(
     data: Any,
     epochs: int | None,
@@ -301,7 +296,7 @@ def _schedule(
         ("eval_every", eval_every),
         ("steps_per_epoch", steps_per_epoch),
     ):
-        _count(name, value)
+        check_period(name, value, integer=True)
     if steps is not None:
         if epochs is not None:
             raise ValueError(

@@ -34,7 +34,8 @@ __all__ = ["THROUGHPUT", "Action", "Meter", "every", "tensorboard_writer"]
 THROUGHPUT = ("steps_per_second", "examples_per_second")
 
 
-def _check_period(name: str, value: Any, integer: bool) -> None:
+def check_period(name: str, value: Any, *, integer: bool) -> None:
+    """Raises ValueError unless `value` is None or a count >= 1 (`integer`) or a number > 0."""
     if value is None:
         return
     kinds = int if integer else int | float
@@ -71,8 +72,8 @@ class Action:
     def __attrs_post_init__(self) -> None:
         if not callable(self.fn):
             raise TypeError(f"An action's `fn` must be callable; got {self.fn!r}.")
-        _check_period("n", self.n, integer=True)
-        _check_period("seconds", self.seconds, integer=False)
+        check_period("n", self.n, integer=True)
+        check_period("seconds", self.seconds, integer=False)
         if self.n is None and self.seconds is None:
             raise ValueError("An action needs `n` (steps) or `seconds`; both are None.")
 

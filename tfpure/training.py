@@ -161,7 +161,9 @@ class Loop:
         self.actions = list(actions)
         self.save_action: Action | None = None
         if checkpoint is not None and checkpoint.save_every_steps is not None:
-            self.save_action = Action(self._save_after_step, checkpoint.save_every_steps)
+            self.save_action = Action(
+                lambda state, step, logs: self._save_here(), checkpoint.save_every_steps
+            )
             self.actions.append(self.save_action)
         self.checkpoint = checkpoint
         self.model = leaves(state)[0].model  # the model Keras callbacks see
@@ -239,10 +241,13 @@ class Loop:
         due = [a.steps_to_next(step) for a in self.actions if a.n is not None]
         return min(due) if due else None
 
-    def _fire(self, state: Any, logs: dict[str, float], *, include_save: bool) -> bool:
-        """Runs the due actions; returns whether the save action was due (and left out)."""
+    def _fire(self, state: Any, logs: Logs | dict[str, float], *, include_save: bool) -> bool:
+        """Runs the due actions; returns whether the save action was due (and left out).
+
+        The logs are read back (and the examples counted) only if an action runs.
+        """
         now = time.perf_counter()
-        step, examples = self.position.step, None
+        step, figures, examples = self.position.step, None, 0
         save_due = False
         for i, action in enumerate(self.actions):
             if not action.due(step, now, self._last[i]):
@@ -250,14 +255,14 @@ class Loop:
             if action is self.save_action and not include_save:
                 save_due = True
                 continue
-            if examples is None:
-                examples = self.examples()
-            action.fn(state, step, {**logs, **self._meters[i].read(step, examples, now)})
+            if figures is None:
+                figures, examples = floats(logs), self.examples()
+            action.fn(state, step, {**figures, **self._meters[i].read(step, examples, now)})
             self._last[i] = now
         return save_due
 
-    def _save_after_step(self, state: Any, step: int, logs: dict[str, float]) -> None:
-        del state, step, logs
+    def _save_here(self) -> None:
+        """Saves the run at its position inside the current window."""
         assert self.run is not None
         p = self.position
         self.run.save(
@@ -275,16 +280,10 @@ class Loop:
         if self._end is not no_end:
             rates = self._batch_meter.read(p.step, self.examples())
             self._end(done - 1, {**logs, **rates})
-        now = time.perf_counter()
-        due = any(a.due(p.step, now, t) for a, t in zip(self.actions, self._last, strict=True))
-        if due and p.step != self._window_end:  # At a window's end they run after validation.
-            self._fire(state, floats(logs), include_save=True)
+        if p.step != self._window_end:  # At a window's end they run after validation.
+            self._fire(state, logs, include_save=True)
         if self.run is not None and self.run.preempted:
-            self.run.save(
-                (p.window, p.done, p.step),
-                self.full_history(),
-                f"after step {p.done} of epoch {p.window + 1}",
-            )
+            self._save_here()
 
     # -- the run --------------------------------------------------------------------
 
