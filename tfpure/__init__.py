@@ -30,6 +30,15 @@ from tfpure.steps import (
     make_train_step,
 )
 
+
+def __getattr__(name: str):  # `tp.bench` on first use: `python -m tfpure.bench` runs it afresh.
+    if name == "bench":
+        import tfpure.bench
+
+        return tfpure.bench
+    raise AttributeError(f"module 'tfpure' has no attribute {name!r}")
+
+
 __all__ = [
     "Action",
     "CheckpointError",
@@ -52,6 +61,7 @@ __all__ = [
     "make_step",
     "make_train_step",
     "tensorboard_writer",
+    "bench",
     "distribute",
     "transforms",
 ]

@@ -1,0 +1,143 @@
+"""tfpure.bench: every variant runs the steps it reports, ratios come from the rounds."""
+
+import statistics
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tfpure as tp
+from tfpure.bench import BenchResult, compare, main
+
+SCCE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+MADE: list[tp.TrainState] = []
+
+
+def make_state():
+    """A small CNN with BatchNorm and Dropout; every state made is kept to count its steps."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((8, 8, 1)),
+            keras.layers.Conv2D(4, 3, activation="relu"),
+            keras.layers.BatchNormalization(),
+            keras.layers.Flatten(),
+            keras.layers.Dropout(0.2),
+            keras.layers.Dense(10),
+        ]
+    )
+    state = tp.TrainState.create(
+        model=model,
+        optimizer=keras.optimizers.Adam(1e-3),
+        metrics={"accuracy": keras.metrics.SparseCategoricalAccuracy()},
+    )
+    MADE.append(state)
+    return state
+
+
+def make_data():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(96, 8, 8, 1)).astype("float32")
+    return tf.data.Dataset.from_tensor_slices((x, rng.integers(0, 10, 96))).batch(32)
+
+
+def steps_taken(state):
+    return int(state.model.optimizer.iterations if state.model.compiled else state.step)
+
+
+def test_every_variant_on_a_cnn_runs_the_steps_it_divides_by():
+    MADE.clear()
+    result = compare(make_state, SCCE, make_data(), steps_per_call=4, rounds=2, steps=8)
+    assert result.variants == ("eager", "graph", "fused", "xla", "keras_fit")
+    # 3 batches an epoch: the budget repeats the data; eager runs an eighth, at least 1 step.
+    assert result.steps == {"eager": 1, "graph": 8, "fused": 8, "xla": 8, "keras_fit": 8}
+    # One warm-up round and two measured: each state trained exactly 3 rounds of its steps.
+    assert [steps_taken(s) for s in MADE] == [3 * n for n in result.steps.values()]
+    assert all(len(r) == 2 for r in result.rounds.values())
+    assert set(result.outside) == set(result.rounds)
+    assert result.paired("eager", "graph") > 2
+    eager, graph = result.rounds["eager"], result.rounds["graph"]
+    assert result.paired("eager", "graph") == statistics.median(
+        [a / b for a, b in zip(eager, graph, strict=True)]
+    )
+    assert result.median["graph"] == statistics.median(graph)
+    assert result.minimum["graph"] == min(graph)
+    table = result.to_markdown()
+    assert "2 rounds after 1 warm-up" in table and "tensorflow " + tf.__version__ in table
+    assert all(f"| {name} |" in table for name in result.variants)
+
+
+def test_a_user_written_step_is_measured_and_keras_fit_is_skipped_with_a_reason():
+    def body(state, batch):
+        x, y = batch
+        with tf.GradientTape() as tape:
+            loss = SCCE(y, state.model(x, training=True))
+        state = state.apply_gradients(tape.gradient(loss, state.model.trainable_variables))
+        return state, {"loss": loss}
+
+    MADE.clear()
+    result = compare(
+        make_state, body, make_data(), variants=("graph", "fused", "keras_fit"), rounds=1
+    )
+    assert result.steps == {"graph": 16, "fused": 16}  # default: an epoch, at least one call
+    assert [steps_taken(s) for s in MADE[:2]] == [32, 32]  # warm-up and one measured round
+    assert "no Keras compile equivalent" in result.skipped["keras_fit"]
+    assert "| keras_fit | skipped:" in result.to_markdown()
+
+
+def test_own_variants_a_hand_written_loop_and_no_guard():
+    ran = []
+
+    def hand_written(state, data):
+        def run(n):
+            ran.append(n)
+
+        return run
+
+    variants = {
+        "no guard": tp.bench.Variant(steps_per_call=1, nonfinite=None),
+        "mine": tp.bench.Variant(custom=hand_written),
+    }
+    result = compare(make_state, SCCE, make_data(), variants=variants, rounds=2, steps=2)
+    assert ran == [2, 2, 2] and set(result.outside) == {"no guard"}
+    assert "| mine |" in result.to_markdown() and "| — |" in result.to_markdown()
+
+
+def test_the_chart_is_written_with_a_log_axis_when_the_values_span_widely(tmp_path):
+    pytest.importorskip("matplotlib")
+    result = BenchResult(
+        rounds={"eager": (0.05, 0.06), "graph": (1e-3, 2e-3), "keras_fit": (2e-3, 3e-3)},
+        steps={"eager": 8, "graph": 64, "keras_fit": 64},
+        machine=tp.bench.machine(),
+        title="cnn",
+        families={"eager": "tfpure", "graph": "tfpure", "keras_fit": "Keras fit"},
+    )
+    result.plot(tmp_path / "chart.png")
+    assert (tmp_path / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bad_arguments_are_named_before_any_state_is_made():
+    MADE.clear()
+    data = make_data()
+    with pytest.raises(ValueError, match=r"Unknown variant\(s\) \['gpu'\]; known: \["):
+        compare(make_state, SCCE, data, variants=("graph", "gpu"))
+    with pytest.raises(ValueError, match="`rounds` must be an int >= 1; got 0"):
+        compare(make_state, SCCE, data, rounds=0)
+    with pytest.raises(TypeError, match=r"`data` must be a tf\.data\.Dataset of batches; got list"):
+        compare(make_state, SCCE, list(data))
+    with pytest.raises(KeyError, match="No variant 'xla' was measured"):
+        BenchResult(rounds={"graph": (1.0,)}, steps={"graph": 1}).paired("xla", "graph")
+    assert MADE == []
+
+
+def test_the_command_line_prints_the_table(tmp_path, monkeypatch, capsys):
+    (tmp_path / "mybench.py").write_text(
+        "from test_bench import make_data, make_state\n", encoding="utf-8"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    args = ["mybench:make_state", "mybench:make_data", "--loss", "sparse_categorical_crossentropy"]
+    result = main([*args, "--variants", "graph,fused", "--rounds", "1", "--steps", "4"])
+    out = capsys.readouterr().out
+    assert result.steps == {"graph": 4, "fused": 16}
+    assert "| graph |" in out and "| fused |" in out and "1 round after 1 warm-up" in out
