@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 
 import tfpure as tp
-from tfpure import resume
+from tfpure import passes, resume, training
 from tfpure.schedule import THROUGHPUT
 
 SCCE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -136,8 +136,15 @@ def test_budget_windows_equal_one_step_per_call_bit_for_bit():
     assert len(runs[0][1]["loss"]) == 3  # windows of 20, 20 and 5 steps
 
 
-def test_a_budget_of_whole_epochs_equals_the_epoch_run():
+def test_a_budget_of_whole_epochs_equals_the_epoch_run(monkeypatch):
     """eval_every = the epoch length: each window is an epoch (the data repeated in order)."""
+    retired = []
+
+    def retire(refs):  # The budget's one iterator goes to the background deleter at the end.
+        retired.extend(type(r) for r in refs)
+        passes.retire(refs)
+
+    monkeypatch.setattr(training, "retire", retire)
     epochs_state, epochs_history = tp.fit_loop(
         make_state(),
         dataset(),
@@ -157,6 +164,7 @@ def test_a_budget_of_whole_epochs_equals_the_epoch_run():
     )
     assert_identical(variables(epochs_state), variables(steps_state))
     assert epochs_history == steps_history
+    assert len(retired) == 1 and issubclass(retired[0], tf.data.Iterator)
 
 
 def test_window_figures_are_running_means_over_the_window():

@@ -225,6 +225,15 @@ class Loop:
                 self._stream = iter(source)
         return self._stream
 
+    def _retire_stream(self) -> None:
+        """Hands the run's one data iterator (a step budget's) to the background deleter."""
+        theirs = None
+        if self.run is not None:
+            theirs, self.run._stream = self.run._stream, None
+        refs = [r for r in (self._stream, theirs) if r is not None]
+        self._stream = theirs = None  # The deleter must hold the last references.
+        retire(refs)
+
     def _endless(self) -> bool:
         """Whether the iterator cannot run out (no step count needs reading back)."""
         if self.run is not None:
@@ -369,6 +378,8 @@ class Loop:
                 retire(refs)
             if model.stop_training:
                 break
+        iterator = None
+        self._retire_stream()
         # As Keras `fit` does: e.g. an optimizer with use_ema=True swaps in its averages.
         for s in leaves(self.state):
             s.optimizer.finalize_variable_values(s.model.trainable_variables)
