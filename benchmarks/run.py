@@ -1,21 +1,26 @@
-"""tfpure benchmark: per-step time of training loops, measured side by side.
+"""tfpure benchmark: per-step time of training loops, measured side by side with `tfpure.bench`.
 
-Run ``python benchmarks/run.py`` (``--quick`` for a short smoke run). In one
-process, variants interleaved round by round (so a busy machine slows all of
-them alike), it measures the median per-step time of
+Run ``python benchmarks/run.py`` (``--quick`` for a short smoke run; results go
+to a new folder under ``benchmarks/runs/``; ``--out benchmarks/results``
+replaces the committed figures the README quotes). Every workload is one
+`tfpure.bench.compare` call: in one process, variants interleaved round by
+round (so a busy machine slows all of them alike), each timed from its
+loop's epoch begin to its end over a step budget (data set-up and iterator
+teardown reported apart). It measures
 
 * the tutorial's hand-written loop, eagerly and as a ``tf.function``, and as
   an in-graph ``tf.range`` loop of 16 steps per call (the overhead floor);
-* Keras ``fit`` with ``steps_per_execution`` 1 and 16;
-* tfpure ``fit_loop`` with 1 and 16 steps per call, with XLA, and without the
-  non-finite guard;
+* Keras ``fit`` with ``steps_per_execution`` 1 and 16, and with XLA;
+* tfpure ``fit_loop`` with 1 and 16 steps per call, with XLA, without the
+  non-finite guard, and under a one-replica ``MirroredStrategy``;
 
 for (a) the tutorial-sized MLP (64-128-10, batch 64, Dropout, L2), which is
-bound by per-step overhead, and (b) a compute-bound MLP (3 x 1024, batch 512),
+bound by per-step overhead, (b) a compute-bound MLP (3 x 1024, batch 512),
 whose GFLOP/s are compared with those of a bare ``tf.matmul`` loop measured
-in the same rounds. It also counts traces over a multi-epoch run with a
-ragged last batch and the RSS growth over 20,000 steps. Results go to
-``benchmarks/results/`` as JSON, a Markdown table and a PNG chart.
+in the same rounds, and (c) a user-written GAN step (two states) against the
+two-call composition. It also counts traces over a multi-epoch run with a
+ragged last batch and the RSS growth over 20,000 steps. Results: JSON, a
+Markdown table and PNG charts (with matplotlib).
 """
 
 from __future__ import annotations
@@ -23,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -36,9 +40,11 @@ import numpy as np
 import tensorflow as tf
 
 import tfpure as tp
+from tfpure.bench import VARIANTS, BenchResult, Variant, compare, machine, plot
 
 HERE = Path(__file__).resolve().parent
 SCCE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+Runner = Callable[[int], None]
 
 
 # -- workloads --------------------------------------------------------------------
@@ -90,8 +96,8 @@ MATMUL = "bare tf.matmul loop"
 MATMUL_FLOPS = 2.0 * 512 * 1024 * 1024  # one (512 x 1024) @ (1024 x 1024) product
 
 
-def bare_matmul(steps: int) -> Callable:
-    """The machine's reference: ``steps`` bare matmuls of the compute MLP's size, one graph.
+def bare_matmul(state: object, data: object) -> Runner:
+    """The machine's reference: n bare matmuls of the compute MLP's size in one graph call.
 
     Measured as one more variant of the compute rounds, so it sees the same
     machine as the training loops it is compared with.
@@ -100,179 +106,147 @@ def bare_matmul(steps: int) -> Callable:
     b = tf.Variable(tf.random.normal((1024, 1024)))
 
     @tf.function
-    def loop() -> tf.Tensor:
+    def loop(n: tf.Tensor) -> tf.Tensor:
         acc = tf.zeros((512, 1024))
-        for _ in tf.range(steps):
+        for _ in tf.range(n):
             acc += tf.matmul(a, b)
         return acc
 
-    return lambda: loop().numpy()
+    return lambda n: loop(tf.constant(n)).numpy()
 
 
-# -- variants: each returns a function that runs one epoch and blocks -------------
+# -- hand-written loops: runner = make(state, data); runner(n) runs n steps and blocks --
 
 
-def tutorial_loop(model: keras.Model, data: tf.data.Dataset, compiled: bool) -> Callable:
-    """The tutorial's loop, as written there."""
-    optimizer = keras.optimizers.Adam(1e-3)
-    optimizer.build(model.trainable_variables)
-    train_loss = keras.metrics.Mean(name="train_loss")
-    train_acc = keras.metrics.SparseCategoricalAccuracy(name="train_accuracy")
+def tutorial_loop(compiled: bool) -> Callable[[tp.TrainState, tf.data.Dataset], Runner]:
+    """The tutorial's loop, as written there (on the state's model and optimizer)."""
 
-    def train_step(x_batch, y_batch):
-        with tf.GradientTape() as tape:
-            predictions = model(x_batch, training=True)
-            loss = SCCE(y_batch, predictions)
-            loss += sum(model.losses)
-        gradients = tape.gradient(loss, model.trainable_variables)
-        optimizer.apply_gradients(zip(gradients, model.trainable_variables, strict=True))
-        train_loss.update_state(loss)
-        train_acc.update_state(y_batch, predictions)
+    def make(state: tp.TrainState, data: tf.data.Dataset) -> Runner:
+        model, optimizer = state.model, state.optimizer
+        train_loss = keras.metrics.Mean(name="train_loss")
+        train_acc = keras.metrics.SparseCategoricalAccuracy(name="train_accuracy")
 
-    if compiled:
-        train_step = tf.function(train_step)
-
-    def epoch() -> None:
-        train_loss.reset_state()
-        train_acc.reset_state()
-        for x_batch, y_batch in data:
-            train_step(x_batch, y_batch)
-        float(train_loss.result())
-
-    return epoch
-
-
-def tutorial_range_loop(model: keras.Model, data: tf.data.Dataset, k: int) -> Callable:
-    """The tutorial's step, k at a time in an in-graph tf.range loop: the overhead floor."""
-    optimizer = keras.optimizers.Adam(1e-3)
-    optimizer.build(model.trainable_variables)
-    train_loss = keras.metrics.Mean()
-    train_acc = keras.metrics.SparseCategoricalAccuracy()
-
-    @tf.function
-    def train_k(iterator):
-        for _ in tf.range(k):
-            x_batch, y_batch = next(iterator)
+        def train_step(x_batch, y_batch):
             with tf.GradientTape() as tape:
                 predictions = model(x_batch, training=True)
-                loss = SCCE(y_batch, predictions) + sum(model.losses)
+                loss = SCCE(y_batch, predictions)
+                loss += sum(model.losses)
             gradients = tape.gradient(loss, model.trainable_variables)
             optimizer.apply_gradients(zip(gradients, model.trainable_variables, strict=True))
             train_loss.update_state(loss)
             train_acc.update_state(y_batch, predictions)
 
-    calls = int(data.cardinality()) // k
+        if compiled:
+            train_step = tf.function(train_step)
+        batches = iter(data.repeat())
 
-    def epoch() -> None:
-        train_loss.reset_state()
-        train_acc.reset_state()
-        iterator = iter(data)
-        for _ in range(calls):
-            train_k(iterator)
-        float(train_loss.result())
+        def run(n: int) -> None:
+            train_loss.reset_state()
+            train_acc.reset_state()
+            for _ in range(n):
+                train_step(*next(batches))
+            float(train_loss.result())
 
-    return epoch
+        return run
 
-
-def keras_fit(model: keras.Model, data: tf.data.Dataset, k: int, jit: bool = False) -> Callable:
-    """Keras' own loop on the same model, loss, optimizer and data."""
-    model.compile(
-        optimizer=keras.optimizers.Adam(1e-3),
-        loss=SCCE,
-        metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
-        steps_per_execution=k,
-        jit_compile=jit,
-    )
-
-    def epoch() -> None:
-        model.fit(data, epochs=1, verbose=0, shuffle=False)
-
-    return epoch
+    return make
 
 
-def tfpure_fit(model: keras.Model, data: tf.data.Dataset, **options) -> Callable:
-    state = tp.TrainState.create(
-        model=model,
-        optimizer=keras.optimizers.Adam(1e-3),
-        metrics={"accuracy": keras.metrics.SparseCategoricalAccuracy()},
-    )
-    step = tp.make_train_step(SCCE, **options)
+def tutorial_range_loop(k: int) -> Callable[[tp.TrainState, tf.data.Dataset], Runner]:
+    """The tutorial's step, k at a time in an in-graph tf.range loop: the overhead floor."""
 
-    def epoch() -> None:
-        tp.fit_loop(state, data, step, epochs=1, verbose=0)
+    def make(state: tp.TrainState, data: tf.data.Dataset) -> Runner:
+        model, optimizer = state.model, state.optimizer
+        train_loss = keras.metrics.Mean()
+        train_acc = keras.metrics.SparseCategoricalAccuracy()
 
-    return epoch
+        @tf.function
+        def train_k(iterator):
+            for _ in tf.range(k):
+                x_batch, y_batch = next(iterator)
+                with tf.GradientTape() as tape:
+                    predictions = model(x_batch, training=True)
+                    loss = SCCE(y_batch, predictions) + sum(model.losses)
+                gradients = tape.gradient(loss, model.trainable_variables)
+                optimizer.apply_gradients(zip(gradients, model.trainable_variables, strict=True))
+                train_loss.update_state(loss)
+                train_acc.update_state(y_batch, predictions)
 
+        iterator = iter(data.repeat())
 
-def tfpure_mirrored(model: keras.Model, data: tf.data.Dataset) -> Callable:
-    """tfpure's distributed path (strategy.run, per-replica loss scaling) on one replica."""
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
-    with strategy.scope():
-        copy = keras.models.clone_model(model)
-        for source, target in zip(model.variables, copy.variables, strict=True):
-            target.assign(source.value)
-        return tfpure_fit(copy, data)
+        def run(n: int) -> None:
+            train_loss.reset_state()
+            train_acc.reset_state()
+            for _ in range(n // k):
+                train_k(iterator)
+            float(train_loss.result())
 
+        return run
 
-VARIANTS: dict[str, Callable[[keras.Model, tf.data.Dataset], Callable]] = {
-    "tutorial eager": lambda m, d: tutorial_loop(m, d, compiled=False),
-    "tutorial tf.function": lambda m, d: tutorial_loop(m, d, compiled=True),
-    "tutorial tf.range x16": lambda m, d: tutorial_range_loop(m, d, 16),
-    "keras fit spe=1": lambda m, d: keras_fit(m, d, 1),
-    "keras fit spe=16": lambda m, d: keras_fit(m, d, 16),
-    "tfpure k=1": lambda m, d: tfpure_fit(m, d),
-    "tfpure k=16": lambda m, d: tfpure_fit(m, d, steps_per_call=16),
-    "tfpure XLA k=1": lambda m, d: tfpure_fit(m, d, jit_compile=True),
-    "tfpure k=1 no guard": lambda m, d: tfpure_fit(m, d, nonfinite=None),
-    "tfpure k=16 no guard": lambda m, d: tfpure_fit(m, d, steps_per_call=16, nonfinite=None),
-    "keras fit XLA": lambda m, d: keras_fit(m, d, 1, jit=True),
-    "tfpure k=1 Mirrored, 1 replica": tfpure_mirrored,
-}
-# Variants slow enough that a tenth of the epoch measures them well.
-SLOW = {"tutorial eager", "tfpure XLA k=1", "keras fit XLA"}
+    return make
 
 
-def measure(
-    workload: str, rounds: int, skip: set[str], reference: tuple[str, Callable, int] | None = None
-) -> dict[str, dict[str, float]]:
-    """Seconds per step of every variant, interleaved round by round.
-
-    Returns the median and the minimum over rounds for each variant. (On a
-    shared virtual machine, delays only ever add time: the minimum shows
-    what a variant costs when nothing interferes, the median what it costs
-    typically.) ``reference`` is an extra ``(name, epoch, steps)`` measured
-    in the same rounds.
-    """
-    spec = WORKLOADS[workload]
-    data = make_dataset(spec["features"], spec["batch"], spec["steps"])
-    short = data.take(max(16, spec["steps"] // 10))
-    epochs, steps = {}, {}
-    for name, make in VARIANTS.items():
-        if name in skip:
-            continue
-        slow = name in SLOW and workload == "tutorial_mlp"
-        epochs[name] = make(spec["build"](), short if slow else data)
-        steps[name] = int((short if slow else data).cardinality())
-        epochs[name]()  # warm up: trace, build, fill caches
-    if reference is not None:
-        name, epoch, n = reference
-        epochs[name], steps[name] = epoch, n
-        epoch()
-    times: dict[str, list[float]] = {name: [] for name in epochs}
-    for _ in range(rounds):
-        for name, epoch in epochs.items():
-            start = time.perf_counter()
-            epoch()
-            times[name].append((time.perf_counter() - start) / steps[name])
+def mlp_variants(slow_xla: bool) -> dict[str, Variant]:
+    """The rows of the MLP workloads: `tfpure.bench` variants and the hand-written loops."""
     return {
-        name: {"median": statistics.median(values), "min": min(values), "rounds": values}
-        for name, values in times.items()
+        "tutorial eager": Variant(custom=tutorial_loop(compiled=False), slow=True),
+        "tutorial tf.function": Variant(custom=tutorial_loop(compiled=True)),
+        "tutorial tf.range x16": Variant(steps_per_call=16, custom=tutorial_range_loop(16)),
+        "keras fit spe=1": VARIANTS["keras_fit"],
+        "keras fit spe=16": VARIANTS["keras_fit_fused"],
+        "tfpure k=1": VARIANTS["graph"],
+        "tfpure k=16": VARIANTS["fused"],
+        "tfpure XLA k=1": Variant(steps_per_call=1, jit_compile=True, slow=slow_xla),
+        "tfpure k=1 no guard": Variant(steps_per_call=1, nonfinite=None),
+        "tfpure k=16 no guard": Variant(nonfinite=None),
+        "keras fit XLA": Variant(steps_per_call=1, keras=True, jit_compile=True, slow=slow_xla),
+        "tfpure k=1 Mirrored, 1 replica": Variant(
+            steps_per_call=1, strategy=tf.distribute.MirroredStrategy(["/cpu:0"])
+        ),
     }
+
+
+def mlp_state(build: Callable[[], keras.Model]) -> Callable[[], tp.TrainState]:
+    def make() -> tp.TrainState:
+        return tp.TrainState.create(
+            model=build(),
+            optimizer=keras.optimizers.Adam(1e-3),
+            metrics={"accuracy": keras.metrics.SparseCategoricalAccuracy()},
+        )
+
+    return make
+
+
+def measure_tutorial(rounds: int) -> BenchResult:
+    spec = WORKLOADS["tutorial_mlp"]
+    return compare(
+        mlp_state(spec["build"]),
+        SCCE,
+        make_dataset(spec["features"], spec["batch"], spec["steps"]),
+        variants=mlp_variants(slow_xla=True),
+        rounds=rounds,
+        steps=spec["steps"],
+        title="tutorial MLP",
+    )
+
+
+def measure_compute(rounds: int) -> BenchResult:
+    spec = WORKLOADS["compute_mlp"]
+    variants = mlp_variants(slow_xla=False)
+    del variants["tutorial eager"], variants["tfpure k=1 no guard"]
+    return compare(
+        mlp_state(spec["build"]),
+        SCCE,
+        make_dataset(spec["features"], spec["batch"], spec["steps"]),
+        variants={**variants, MATMUL: Variant(custom=bare_matmul)},
+        rounds=rounds,
+        steps=spec["steps"],
+        title="compute MLP",
+    )
 
 
 # -- a user-written two-state step: a GAN --------------------------------------------
 
-# Noise of the data's width: the two-call composition checks it against the generator.
 GAN_BATCH, GAN_STEPS, GAN_NOISE = 64, 64, 8
 GAN_BCE = keras.losses.BinaryCrossentropy(from_logits=True)
 
@@ -312,20 +286,9 @@ def gan_body(states, real):
     return {"g": g, "d": d}, {"d_loss": d_loss, "g_loss": g_loss}
 
 
-def gan_fused(k: int) -> Callable:
-    states, data = gan_states(), gan_data()
-    step = tp.make_step(gan_body, steps_per_call=k)
-
-    def epoch() -> None:
-        tp.fit_loop(states, data, step, epochs=1, verbose=0)
-
-    return epoch
-
-
-def gan_composed() -> Callable:
+def gan_composed(states: dict[str, tp.TrainState], data: tf.data.Dataset) -> Runner:
     """The composition tfpure offered before make_step: two compiled full-control steps,
     called one after the other from a Python step function (two graph calls per batch)."""
-    states, data = gan_states(), gan_data()
     g, d = states["g"], states["d"]
 
     def noise(real: tf.Tensor) -> tf.Tensor:
@@ -344,43 +307,35 @@ def gan_composed() -> Callable:
         return GAN_BCE(tf.ones_like(logits), logits), None
 
     d_step, g_step = tp.make_train_step(d_loss), tp.make_train_step(g_loss)
+    batches = iter(data.repeat())
 
-    def step(states, real):
-        g, d = states
-        d, d_logs = d_step(d, real)
-        g, g_logs = g_step(g, real)
-        return (g, d), {"d_loss": d_logs["loss"], "g_loss": g_logs["loss"]}
-
-    def epoch() -> None:
+    def run(n: int) -> None:
         g.reset_metrics()
         d.reset_metrics()
-        tp.fold(step, (g, d), data)
+        for _ in range(n):
+            real = next(batches)
+            d_step(d, real)
+            g_step(g, real)
+        float(g.metrics["loss"].result())
 
-    return epoch
-
-
-GAN_VARIANTS: dict[str, Callable[[], Callable]] = {
-    "GAN two-call composition": gan_composed,
-    "GAN make_step k=1": lambda: gan_fused(1),
-    "GAN make_step k=16": lambda: gan_fused(16),
-}
+    return run
 
 
-def measure_gan(rounds: int) -> dict[str, dict[str, float]]:
+def measure_gan(rounds: int) -> BenchResult:
     """Seconds per GAN step (one batch, both updates) of each variant, interleaved."""
-    epochs = {name: make() for name, make in GAN_VARIANTS.items()}
-    for epoch in epochs.values():
-        epoch()  # warm up
-    times: dict[str, list[float]] = {name: [] for name in epochs}
-    for _ in range(rounds):
-        for name, epoch in epochs.items():
-            start = time.perf_counter()
-            epoch()
-            times[name].append((time.perf_counter() - start) / GAN_STEPS)
-    return {
-        name: {"median": statistics.median(values), "min": min(values), "rounds": values}
-        for name, values in times.items()
-    }
+    return compare(
+        gan_states,
+        gan_body,
+        gan_data(),
+        variants={
+            "GAN two-call composition": Variant(custom=gan_composed),
+            "GAN make_step k=1": Variant(steps_per_call=1),
+            "GAN make_step k=16": Variant(steps_per_call=16),
+        },
+        rounds=rounds,
+        steps=GAN_STEPS,
+        title=f"GAN ({GAN_STEPS} batches of {GAN_BATCH}, both updates)",
+    )
 
 
 # -- traces and memory --------------------------------------------------------------
@@ -421,51 +376,32 @@ def traces_and_memory(total_steps: int) -> dict[str, float]:
     }
 
 
-def gflops(variants: dict[str, dict], matmul: dict) -> dict:
+def gflops(result: BenchResult) -> dict:
     """The compute MLP's GFLOP/s, beside the bare matmul's measured in the same rounds.
 
     From median and from minimum step times, and ``paired_fraction``: the
     median over rounds of a variant's GFLOP/s over the matmul's in that round.
     """
     flops = matmul_flops_per_step(compute_mlp(), WORKLOADS["compute_mlp"]["batch"])
+    names = [v for v in result.variants if v != MATMUL]
     out: dict = {
         stat: {
-            "matmul": MATMUL_FLOPS / matmul[stat] / 1e9,
-            "variants": {name: flops / t[stat] / 1e9 for name, t in variants.items()},
+            "matmul": MATMUL_FLOPS / values[MATMUL] / 1e9,
+            "variants": {name: flops / values[name] / 1e9 for name in names},
         }
-        for stat in ("median", "min")
+        for stat, values in (("median", result.median), ("min", result.minimum))
     }
+    matmul = result.rounds[MATMUL]
     out["paired_fraction"] = {
         name: statistics.median(
-            flops * m / (MATMUL_FLOPS * v)
-            for m, v in zip(matmul["rounds"], t["rounds"], strict=True)
+            flops * m / (MATMUL_FLOPS * v) for m, v in zip(matmul, result.rounds[name], strict=True)
         )
-        for name, t in variants.items()
+        for name in names
     }
     return out
 
 
 # -- report -----------------------------------------------------------------------------
-
-
-def machine() -> dict[str, str]:
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cores": str(os.cpu_count()),
-        "python": platform.python_version(),
-        "tensorflow": tf.__version__,
-        "keras": keras.__version__,
-        "platform": platform.platform(),
-    }
 
 
 # Each ratio: (name, workload, numerator, denominator, goal).
@@ -519,7 +455,7 @@ RATIOS = [
 ]
 
 
-def ratios(results: dict) -> dict[str, dict]:
+def ratios(results: dict[str, BenchResult]) -> dict[str, dict]:
     """Each ratio three ways; the goal is judged on the paired one.
 
     ``paired`` is the median over rounds of the ratio within a round (the
@@ -529,40 +465,22 @@ def ratios(results: dict) -> dict[str, dict]:
     """
     out = {}
     for name, workload, num, den, goal in RATIOS:
-        a, b = results[workload][num], results[workload][den]
-        paired = statistics.median(x / y for x, y in zip(a["rounds"], b["rounds"], strict=True))
+        r = results[workload]
+        paired = r.paired(num, den)
         out[name] = {
             "paired": round(paired, 3),
-            "of_medians": round(a["median"] / b["median"], 3),
-            "of_minimums": round(a["min"] / b["min"], 3),
+            "of_medians": round(r.median[num] / r.median[den], 3),
+            "of_minimums": round(r.minimum[num] / r.minimum[den], 3),
             "goal": goal,
             "met": goal is None or paired <= goal,
         }
     return out
 
 
-def markdown(report: dict) -> str:
-    small = report["per_step_seconds"]["tutorial_mlp"]
-    big = report["per_step_seconds"]["compute_mlp"]
-    lines = [
-        "| variant | tutorial MLP ms/step, median (min) | compute MLP ms/step, median (min) |",
-        "|---|---:|---:|",
-    ]
-    for name in small:
-        cells = [
-            f"{t[name]['median'] * 1e3:.3f} ({t[name]['min'] * 1e3:.3f})" if name in t else "—"
-            for t in (small, big)
-        ]
-        lines.append(f"| {name} | {cells[0]} | {cells[1]} |")
-    gan = report["per_step_seconds"]["gan"]
+def markdown(report: dict, results: dict[str, BenchResult]) -> str:
+    references = {"tutorial_mlp": "tfpure k=1", "compute_mlp": "tfpure k=1", "gan": None}
+    lines = [results[w].to_markdown(reference=references[w]) for w in results]
     lines += [
-        "",
-        f"| GAN ({GAN_STEPS} batches of {GAN_BATCH}; both updates) | ms/step, median (min) |",
-        "|---|---:|",
-        *(f"| {n} | {t['median'] * 1e3:.3f} ({t['min'] * 1e3:.3f}) |" for n, t in gan.items()),
-    ]
-    lines += [
-        "",
         "| ratio (one run) | paired: median of per-round ratios | goal "
         "| ratio of medians | ratio of minimums |",
         "|---|---:|---|---:|---:|",
@@ -597,80 +515,77 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def chart(report: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
-    for ax, workload in zip(axes, ("tutorial_mlp", "compute_mlp"), strict=True):
-        values = report["per_step_seconds"][workload]
-        names = list(values)
-        ms = [values[n]["median"] * 1e3 for n in names]
-        colors = ["#d62728" if n.startswith("tfpure") else "#7f7f7f" for n in names]
-        ax.barh(names, ms, color=colors)
-        ax.invert_yaxis()
-        if workload == "tutorial_mlp":  # From 50 ms eagerly to under 1 ms fused.
-            ax.set_xscale("log")
-            ax.set_xlabel("median ms per step (log scale, lower is better)")
-        else:
-            ax.set_xlabel("median ms per step (lower is better)")
-        ax.set_title(workload.replace("_", " "))
-        for y, v in enumerate(ms):
-            ax.text(v, y, f" {v:.3g}", va="center", fontsize=8)
-    machine = report["machine"]
-    fig.suptitle(
-        f"tfpure benchmark, {machine['cpu']}, {machine['cores']} cores, TF {machine['tensorflow']}"
-    )
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument(
         "--rounds",
         type=int,
         default=15,
-        help="interleaved rounds of the compute-bound MLP (the tutorial MLP runs twice as many)",
+        help="measured rounds of the compute-bound MLP (the tutorial MLP and the GAN, whose "
+        "steps are short, run twice as many)",
     )
-    parser.add_argument("--rss-steps", type=int, default=20_000)
+    parser.add_argument(
+        "--rss-steps",
+        type=int,
+        default=20_000,
+        help="training steps over which the RSS growth is measured",
+    )
     parser.add_argument("--quick", action="store_true", help="3 rounds, 2,000 RSS steps")
-    parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="output folder (default: a new benchmarks/runs/<UTC time>; "
+        "benchmarks/results holds the figures the README quotes)",
+    )
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.rss_steps = 3, 2_000
-    args.out.mkdir(parents=True, exist_ok=True)
+    out = args.out or HERE / "runs" / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    out.mkdir(parents=True, exist_ok=True)
 
     results = {
         # Overhead-bound rounds are short and their ratios are small differences: twice as many.
-        "tutorial_mlp": measure("tutorial_mlp", 2 * args.rounds, skip=set()),
-        "compute_mlp": measure(
-            "compute_mlp",
-            args.rounds,
-            skip={"tutorial eager", "tfpure k=1 no guard"},
-            reference=(MATMUL, bare_matmul(64), 64),
-        ),
+        "tutorial_mlp": measure_tutorial(2 * args.rounds),
+        "compute_mlp": measure_compute(args.rounds),
+        "gan": measure_gan(2 * args.rounds),
     }
-    results["gan"] = measure_gan(2 * args.rounds)
-    matmul = results["compute_mlp"].pop(MATMUL)
     report = {
         "machine": machine(),
-        "per_step_seconds": results,
-        "ratios": ratios(results),
-        "gflops": gflops(results["compute_mlp"], matmul),
-        "memory": traces_and_memory(args.rss_steps),
-        "rounds": {
-            "tutorial_mlp": 2 * args.rounds,
-            "compute_mlp": args.rounds,
-            "gan": 2 * args.rounds,
+        "rounds": {name: len(r.rounds[r.variants[0]]) for name, r in results.items()},
+        "steps": {name: dict(r.steps) for name, r in results.items()},
+        "per_step_seconds": {
+            name: {
+                v: {"median": r.median[v], "min": r.minimum[v], "rounds": list(r.rounds[v])}
+                for v in r.variants
+            }
+            for name, r in results.items()
         },
+        "outside_steps_seconds_per_round": {
+            name: {v: statistics.median(o) for v, o in r.outside.items()}
+            for name, r in results.items()
+        },
+        "ratios": ratios(results),
+        "gflops": gflops(results["compute_mlp"]),
+        "memory": traces_and_memory(args.rss_steps),
     }
-    (args.out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / "results.md").write_text(markdown(report))
-    chart(report, args.out / "chart.png")
-    print(markdown(report))
+    (out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
+    table = markdown(report, results)
+    (out / "results.md").write_text(table)
+    print(table)
+    try:
+        plot(
+            {"tutorial MLP": results["tutorial_mlp"], "compute MLP": results["compute_mlp"]},
+            out / "chart.png",
+        )
+        plot({results["gan"].title: results["gan"]}, out / "chart_gan.png")
+        print(f"charts: {out / 'chart.png'}, {out / 'chart_gan.png'}")
+    except ImportError as e:
+        print(f"no chart: {e}")
+    print(f"results: {out}")
 
 
 if __name__ == "__main__":

@@ -17,9 +17,13 @@ def test_demo_trains_the_digits_and_measures_eager_slower_than_graph():
     assert float(last.group(1)) >= 0.95
     # 1,437 training digits in batches of 64: 23 steps an epoch, 20 epochs.
     assert re.search(r"for 20 epochs \(460 steps\)", out), out[-2000:]
-    timing = re.search(r"eager ([\d.]+) ms, graph ([\d.]+) ms, eager/graph = ([\d.]+)x", out)
+    timing = re.search(
+        r"\(tfpure.bench, 3 rounds\): "
+        r"eager ([\d.]+) ms, graph ([\d.]+) ms, eager/graph = ([\d.]+)x",
+        out,
+    )
     assert timing, out[-2000:]
-    eager, graph, ratio = map(float, timing.groups())
-    assert abs(ratio - eager / graph) < 0.1  # the printed ratio is of the printed times
-    assert ratio > 2  # compiled steps are much faster than eager ones on this CNN
+    eager, graph, paired = map(float, timing.groups())
+    # Compiled steps are much faster than eager ones on this CNN, by medians and paired rounds.
+    assert eager > 2 * graph and paired > 2
     assert "Epoch 20/20" in out  # Keras' progress bar ran

@@ -249,13 +249,15 @@ def plot(results: Mapping[str, BenchResult], path: str | os.PathLike[str]) -> No
     from matplotlib.lines import Line2D
     from matplotlib.ticker import FuncFormatter, LogLocator
 
-    rows = max(len(r.rounds) for r in results.values())
+    # Every panel lists the same rows (the union, in order), so panels read across.
+    rows = list(dict.fromkeys(name for r in results.values() for name in r.rounds))
     fig, axes = plt.subplots(
-        1, len(results), figsize=(6.5 * len(results), 1.0 + 0.45 * rows), squeeze=False
+        1, len(results), figsize=(6.5 * len(results), 1.2 + 0.42 * len(rows)), squeeze=False
     )
     seen: set[str] = set()
     for ax, (title, result) in zip(axes[0], results.items(), strict=True):
-        names = list(result.rounds)
+        names = [n for n in rows if n in result.rounds]
+        ys = [rows.index(n) for n in names]
         med = [result.median[n] * 1e3 for n in names]
         low = [m - result.minimum[n] * 1e3 for m, n in zip(med, names, strict=True)]
         high = [max(result.rounds[n]) * 1e3 - m for m, n in zip(med, names, strict=True)]
@@ -264,7 +266,6 @@ def plot(results: Mapping[str, BenchResult], path: str | os.PathLike[str]) -> No
             family = result.families.get(n, "tfpure")
             seen.add(family)
             colours.append(_COLOURS.get(family, "#2ca02c"))
-        ys = range(len(names))
         log = max(med) / max(min(med), 1e-12) > 20
         if log:
             ax.scatter(med, ys, color=colours, zorder=3)
@@ -276,14 +277,24 @@ def plot(results: Mapping[str, BenchResult], path: str | os.PathLike[str]) -> No
             ax.barh(ys, med, color=colours, zorder=2)
             ax.set_xlim(0, max(m + h for m, h in zip(med, high, strict=True)) * 1.3)
         ax.errorbar(med, ys, xerr=[low, high], fmt="none", ecolor="black", capsize=3, zorder=4)
-        for y, (m, h) in enumerate(zip(med, high, strict=True)):
+        for y, m, h in zip(ys, med, high, strict=True):
             x = (m + h) * (1.08 if log else 1.0)
             ax.annotate(f" {m:.3g}", (x, y), va="center", fontsize=8)
         if log:  # Room for the last label inside the frame.
             lo, hi = ax.get_xlim()
             ax.set_xlim(lo, hi * 3)
-        ax.set_yticks(list(ys), names)
-        ax.invert_yaxis()
+        for y, n in enumerate(rows):
+            if n not in result.rounds:
+                ax.annotate(
+                    " not measured",
+                    (0, y),
+                    xycoords=("axes fraction", "data"),
+                    va="center",
+                    fontsize=8,
+                    color="#555555",
+                )
+        ax.set_ylim(len(rows) - 0.5, -0.5)
+        ax.set_yticks(range(len(rows)), rows)
         n = len(next(iter(result.rounds.values())))
         scale = ", log scale" if log else ""
         ax.set_xlabel(f"ms per step{scale}: median of {n} rounds, whiskers min-max")
@@ -404,6 +415,15 @@ def _keras_runner(step: Step, variant: Variant, k: int, state: TrainState, data:
     def run(n: int) -> float:
         model.fit(data, epochs=1, steps_per_epoch=n, verbose=0, callbacks=[timer], shuffle=False)
         return timer.end - timer.begin
+
+    return run
+
+
+def _timed_around(runner: Runner) -> Callable[[int], None]:
+    """A hand-written loop is timed around its call (what it returns is ignored)."""
+
+    def run(n: int) -> None:
+        runner(n)
 
     return run
 
@@ -538,8 +558,7 @@ def compare(
         if not leaves(states):
             raise TypeError(f"`make_state()` must return TrainState(s); got {states!r}.")
         if variant.custom is not None:
-            runner = variant.custom(states, data)
-            runners[name] = lambda n, runner=runner: runner(n)
+            runners[name] = _timed_around(variant.custom(states, data))
         else:
             step = _as_step(loss_or_fn, states)
             if variant.keras:

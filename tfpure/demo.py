@@ -3,14 +3,14 @@
 Run it with ``python -m tfpure.demo``. It trains a Keras CNN on scikit-learn's
 bundled 8x8 digits (1,797 images, no download) with `fit_loop`, a held-out
 validation split and Keras' progress bar; then times the same training step
-run eagerly and as a graph; its last line reports the validation accuracy.
+run eagerly and as a graph with `tfpure.bench.compare`; its last line reports
+the validation accuracy.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import time
 from collections.abc import Sequence
 
@@ -69,35 +69,6 @@ def new_state(seed: int) -> tp.TrainState:
     )
 
 
-def time_eager_and_graph(batch: tuple, seed: int, rounds: int = 5) -> tuple[float, float]:
-    """Median seconds per step of one train step, run eagerly and compiled.
-
-    Both run on fresh copies of the model, interleaved round by round so a
-    busy machine slows both alike.
-    """
-    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    graph_step, eager_step = tp.make_train_step(loss), tp.make_train_step(loss)
-    graph_state, eager_state = new_state(seed), new_state(seed)
-    graph_step(graph_state, batch)  # trace once, outside the clock
-
-    def per_step(step: tp.Step, state: tp.TrainState, n: int) -> float:
-        start = time.perf_counter()
-        for _ in range(n):
-            step(state, batch)
-        float(state.metrics["loss"].result())  # wait for the last step
-        return (time.perf_counter() - start) / n
-
-    graph, eager = [], []
-    for _ in range(rounds):
-        graph.append(per_step(graph_step, graph_state, 50))
-        tf.config.run_functions_eagerly(True)
-        try:
-            eager.append(per_step(eager_step, eager_state, 10))
-        finally:
-            tf.config.run_functions_eagerly(False)
-    return statistics.median(eager), statistics.median(graph)
-
-
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(
         prog="python -m tfpure.demo",
@@ -131,16 +102,25 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         verbose=args.verbose,
     )
     trained = time.perf_counter() - start
-    batch = next(iter(train))
-    eager, graph = time_eager_and_graph(batch, args.seed)
     print(f"training time: {trained:.1f} s for {args.epochs} epochs ({int(state.step)} steps)")
+    # The same step on fresh states, eagerly and as a graph, interleaved round by round.
+    timing = tp.bench.compare(
+        lambda: new_state(args.seed),
+        loss,
+        train,
+        variants=("eager", "graph"),
+        rounds=3,
+        steps=int(train.cardinality()),  # an epoch's steps (eager runs an eighth)
+    )
+    eager, graph = timing.median["eager"], timing.median["graph"]
+    ratio = timing.paired("eager", "graph")
     print(
-        f"per-step time (batch of {len(batch[1])}): eager {eager * 1e3:.2f} ms, "
-        f"graph {graph * 1e3:.2f} ms, eager/graph = {eager / graph:.1f}x"
+        f"per-step time (tfpure.bench, {len(timing.rounds['graph'])} rounds): "
+        f"eager {eager * 1e3:.2f} ms, graph {graph * 1e3:.2f} ms, eager/graph = {ratio:.1f}x"
     )
     val_accuracy = history["val_accuracy"][-1]
     print(f"val_accuracy: {val_accuracy:.4f}")
-    return {"val_accuracy": val_accuracy, "seconds": trained, "eager_over_graph": eager / graph}
+    return {"val_accuracy": val_accuracy, "seconds": trained, "eager_over_graph": ratio}
 
 
 if __name__ == "__main__":
