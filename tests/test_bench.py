@@ -1,6 +1,8 @@
 """tfpure.bench: every variant runs the steps it reports, ratios come from the rounds."""
 
 import statistics
+import sys
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -131,13 +133,31 @@ def test_bad_arguments_are_named_before_any_state_is_made():
     assert MADE == []
 
 
-def test_the_command_line_prints_the_table(tmp_path, monkeypatch, capsys):
-    (tmp_path / "mybench.py").write_text(
-        "from test_bench import make_data, make_state\n", encoding="utf-8"
+def test_without_matplotlib_the_chart_is_refused_with_the_install_command(monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    result = BenchResult(rounds={"graph": (1e-3,)}, steps={"graph": 1})
+    with pytest.raises(ImportError, match=r'needs matplotlib: pip install "tfpure\[bench\]"'):
+        result.plot("chart.png")
+
+
+def test_the_command_line_on_the_example_file_prints_the_table(capsys):
+    example = str(Path(__file__).parents[1] / "examples" / "bench_cnn.py")
+    args = [f"{example}:make_state", f"{example}:make_data", "--loss", "mse"]
+    with pytest.raises(SystemExit, match=r"expected module:name or file\.py:name"):
+        main(["make_state", *args[1:]])
+    result = main(
+        [
+            *args[:2],
+            "--loss",
+            "sparse_categorical_crossentropy",
+            "--variants",
+            "graph,fused",
+            "--rounds",
+            "1",
+            "--steps",
+            "4",
+        ]
     )
-    monkeypatch.syspath_prepend(str(tmp_path))
-    args = ["mybench:make_state", "mybench:make_data", "--loss", "sparse_categorical_crossentropy"]
-    result = main([*args, "--variants", "graph,fused", "--rounds", "1", "--steps", "4"])
     out = capsys.readouterr().out
     assert result.steps == {"graph": 4, "fused": 16}
     assert "| graph |" in out and "| fused |" in out and "1 round after 1 warm-up" in out

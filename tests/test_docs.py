@@ -13,7 +13,7 @@ def python_blocks(page):
     return re.findall(r"```python\n(.*?)```", page.read_text(), re.S)
 
 
-# Pages with code (docs/performance.md has only a shell command and figures).
+# Pages with Python blocks (every page but a guide made of figures alone).
 PAGES = [p for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))] if python_blocks(p)]
 
 

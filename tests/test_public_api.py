@@ -1,6 +1,7 @@
 """Every public name has a docstring with a runnable example and a place in the README."""
 
 import inspect
+import sys
 import typing
 from pathlib import Path
 
@@ -8,11 +9,11 @@ import pytest
 
 import tfpure as tp
 import tfpure.testing as tpt
-from tfpure import distribute, transforms
+from tfpure import bench, distribute, transforms
 from tfpure.testing import strategies
 
 README = (Path(__file__).parents[1] / "README.md").read_text()
-MODULES = (tp, tpt, transforms, distribute, strategies)
+MODULES = (tp, tpt, transforms, distribute, strategies, bench)
 PUBLIC = [
     (module.__name__, name, getattr(module, name))
     for module in MODULES
@@ -29,6 +30,10 @@ def is_alias(obj):
 def test_public_names_have_a_runnable_example(module, name, obj):
     if is_alias(obj):
         pytest.skip("a type alias holds no docstring; the README's API table describes it")
+    if not callable(obj):  # A constant (tfpure.bench.VARIANTS): an example of its module uses it.
+        docs = [getattr(sys.modules[module], n).__doc__ or "" for n in sys.modules[module].__all__]
+        assert any(">>>" in d and name in d for d in docs), f"{module}.{name}: no example uses it"
+        return
     assert ">>>" in (obj.__doc__ or ""), f"{module}.{name} has no example in its docstring"
     if inspect.isclass(obj):
         for method, member in vars(obj).items():

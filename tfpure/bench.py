@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import importlib.util
 import inspect
 import os
 import platform
@@ -176,15 +177,42 @@ class BenchResult:
         return {name: min(r) for name, r in self.rounds.items()}
 
     def paired(self, a: str, b: str) -> float:
-        """Median over rounds of ``a / b`` within each round (seconds apart, so a slowdown of
-        the machine lasting a round cancels)."""
+        """Median over rounds of ``a / b`` within each round.
+
+        The two variants ran seconds apart in each round, so a slowdown of
+        the machine lasting a round cancels in the ratio.
+
+        Example:
+          >>> from tfpure.bench import BenchResult
+          >>> r = BenchResult(rounds={"a": (2.0, 9.0, 3.0), "b": (1.0, 3.0, 2.0)},
+          ...                 steps={"a": 1, "b": 1})
+          >>> r.paired("a", "b")  # median of 2, 3 and 1.5
+          2.0
+        """
         for name in (a, b):
             if name not in self.rounds:
                 raise KeyError(f"No variant {name!r} was measured; measured: {self.variants}.")
         return statistics.median(x / y for x, y in zip(self.rounds[a], self.rounds[b], strict=True))
 
     def to_markdown(self, reference: str | None = None) -> str:
-        """A table of every variant; ratios are paired, against `reference` (default: "graph")."""
+        """A table of every variant; ratios are paired, against `reference` (default: "graph").
+
+        Example:
+          >>> from tfpure.bench import BenchResult
+          >>> r = BenchResult(rounds={"graph": (2e-3, 3e-3), "fused": (1e-3, 1e-3)},
+          ...                 steps={"graph": 64, "fused": 64})
+          >>> print(r.to_markdown())  # doctest: +NORMALIZE_WHITESPACE
+          2 rounds after 1 warm-up, variants interleaved round by round; fused variants run
+          16 steps per call.
+          <BLANKLINE>
+          | variant | ms/step, median | ms/step, min | ms/step, max | steps/round | / graph (paired)
+          | outside the steps, ms/round |
+          |---|---:|---:|---:|---:|---:|---:|
+          | graph | 2.500 | 2.000 | 3.000 | 64 | 1.00 | — |
+          | fused | 1.000 | 1.000 | 1.000 | 64 | 0.42 | — |
+          <BLANKLINE>
+          Outside the steps: ...
+        """
         if reference not in self.rounds:
             reference = "graph" if "graph" in self.rounds else self.variants[0]
         n = len(next(iter(self.rounds.values())))
@@ -211,12 +239,27 @@ class BenchResult:
             )
         for name, why in self.skipped.items():
             lines.append(f"| {name} | skipped: {why} | | | | | |")
+        lines += [
+            "",
+            "Outside the steps: per round, the loop's set-up and the data iterator's creation "
+            "and teardown, not in the step times (— : a hand-written loop, timed around its call).",
+        ]
         if self.machine:
             lines += ["", "Machine: " + ", ".join(f"{k} {v}" for k, v in self.machine.items())]
         return "\n".join(lines) + "\n"
 
     def plot(self, path: str | os.PathLike[str]) -> None:
-        """Writes a chart of the medians with each variant's min-max spread (needs matplotlib)."""
+        """Writes a chart of the medians with each variant's min-max spread (see `plot`).
+
+        Example:
+          >>> import os, tempfile
+          >>> from tfpure.bench import BenchResult
+          >>> r = BenchResult(rounds={"graph": (2e-3, 3e-3)}, steps={"graph": 64})
+          >>> path = os.path.join(tempfile.mkdtemp(), "chart.png")
+          >>> r.plot(path)
+          >>> os.path.getsize(path) > 0
+          True
+        """
         plot({self.title or "step": self}, path)
 
 
@@ -239,6 +282,17 @@ def plot(results: Mapping[str, BenchResult], path: str | os.PathLike[str]) -> No
 
     Raises:
       ImportError: matplotlib is not installed (``pip install "tfpure[bench]"``).
+
+    Example:
+      >>> import os, tempfile
+      >>> from tfpure.bench import BenchResult, plot
+      >>> small = BenchResult(rounds={"graph": (1e-3, 2e-3)}, steps={"graph": 64})
+      >>> big = BenchResult(rounds={"graph": (0.1, 0.2), "xla": (0.05, 0.06)},
+      ...                   steps={"graph": 16, "xla": 16})
+      >>> path = os.path.join(tempfile.mkdtemp(), "chart.png")
+      >>> plot({"small MLP": small, "big MLP": big}, path)  # rows aligned across panels
+      >>> os.path.getsize(path) > 0
+      True
     """
     try:
         import matplotlib
@@ -252,7 +306,7 @@ def plot(results: Mapping[str, BenchResult], path: str | os.PathLike[str]) -> No
     # Every panel lists the same rows (the union, in order), so panels read across.
     rows = list(dict.fromkeys(name for r in results.values() for name in r.rounds))
     fig, axes = plt.subplots(
-        1, len(results), figsize=(6.5 * len(results), 1.2 + 0.42 * len(rows)), squeeze=False
+        1, len(results), figsize=(6.5 * len(results), 2.0 + 0.42 * len(rows)), squeeze=False
     )
     seen: set[str] = set()
     for ax, (title, result) in zip(axes[0], results.items(), strict=True):
@@ -297,25 +351,32 @@ def plot(results: Mapping[str, BenchResult], path: str | os.PathLike[str]) -> No
         ax.set_yticks(range(len(rows)), rows)
         n = len(next(iter(result.rounds.values())))
         scale = ", log scale" if log else ""
-        ax.set_xlabel(f"ms per step{scale}: median of {n} rounds, whiskers min-max")
+        ax.set_xlabel(
+            f"ms per step{scale} (lower is better)\nmedian of {n} rounds; whiskers: min to max"
+        )
         ax.set_title(title)
     handles = [
         Line2D([], [], marker="s", linestyle="", color=_COLOURS.get(f, "#2ca02c"), label=f)
         for f in _COLOURS
         if f in seen
     ]
-    fig.legend(handles=handles, loc="upper right", fontsize=8, title="lower is better")
+    height = fig.get_figheight()
+    fig.legend(
+        handles=handles,
+        loc="lower center",
+        ncol=len(handles) + 1,
+        fontsize=8,
+        frameon=False,
+    )
     first = next(iter(results.values()))
     m = first.machine
     if m:
         fig.suptitle(
             f"{m.get('cpu', '')}, {m.get('cores', '?')} cores, TF {m.get('tensorflow', '?')}, "
             f"Keras {m.get('keras', '?')}",
-            x=0.02,
-            ha="left",
             fontsize=9,
         )
-    fig.tight_layout(rect=(0, 0, 0.9, 1))
+    fig.tight_layout(rect=(0, 0.4 / height, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -600,12 +661,27 @@ def compare(
 
 
 def _load(ref: str) -> Any:
-    module, sep, attr = ref.partition(":")
+    """``module:name`` or ``path/to/file.py:name`` -> the object."""
+    module, sep, attr = ref.rpartition(":")
     if not sep or not module or not attr:
-        raise SystemExit(f"expected module:name (e.g. mymodel:make_state); got {ref!r}")
-    if "" not in sys.path and os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    obj: Any = importlib.import_module(module)
+        raise SystemExit(
+            f"expected module:name or file.py:name (e.g. mymodel:make_state); got {ref!r}"
+        )
+    if module.endswith(".py"):
+        path = Path(module).resolve()
+        if not path.is_file():
+            raise SystemExit(f"no such file: {module}")
+        name = f"_tfpure_bench_{path.stem}_{abs(hash(str(path)))}"
+        if name not in sys.modules:
+            spec = importlib.util.spec_from_file_location(name, path)
+            loaded = importlib.util.module_from_spec(spec)
+            sys.modules[name] = loaded
+            spec.loader.exec_module(loaded)
+        obj: Any = sys.modules[name]
+    else:
+        if "" not in sys.path and os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())
+        obj = importlib.import_module(module)
     for part in attr.split("."):
         obj = getattr(obj, part)
     return obj
@@ -626,11 +702,15 @@ def main(argv: Sequence[str] | None = None) -> BenchResult:
         description="Measure seconds per training step of your own model: eager vs graph vs "
         "fused vs XLA vs Keras fit, interleaved round by round in one process.",
     )
-    parser.add_argument("make_state", help="module:function returning a fresh TrainState")
-    parser.add_argument("make_data", help="module:function returning a tf.data.Dataset of batches")
+    parser.add_argument(
+        "make_state", help="module:function (or file.py:function) returning a fresh TrainState"
+    )
+    parser.add_argument(
+        "make_data", help="module:function (or file.py:function) returning a tf.data.Dataset"
+    )
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--loss", help="a Keras loss name (e.g. mse), or module:object")
-    what.add_argument("--body", help="module:function, a step body fn(states, batch)")
+    what.add_argument("--body", help="module:function, a step body fn(states, batch) (make_step)")
     parser.add_argument(
         "--variants",
         default=",".join(DEFAULT_VARIANTS),
