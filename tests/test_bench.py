@@ -70,40 +70,35 @@ def test_every_variant_on_a_cnn_runs_the_steps_it_divides_by():
     assert all(f"| {name} |" in table for name in result.variants)
 
 
-def test_a_user_written_step_is_measured_and_keras_fit_is_skipped_with_a_reason():
-    def body(state, batch):
+def test_a_user_written_body_own_variants_and_a_hand_written_loop():
+    def body(state, batch):  # recognised as a body by its first parameter
         x, y = batch
         with tf.GradientTape() as tape:
             loss = SCCE(y, state.model(x, training=True))
         state = state.apply_gradients(tape.gradient(loss, state.model.trainable_variables))
         return state, {"loss": loss}
 
-    MADE.clear()
-    result = compare(
-        make_state, body, make_data(), variants=("graph", "fused", "keras_fit"), rounds=1
-    )
-    assert result.steps == {"graph": 16, "fused": 16}  # default: an epoch, at least one call
-    assert [steps_taken(s) for s in MADE[:2]] == [32, 32]  # warm-up and one measured round
-    assert "no Keras compile equivalent" in result.skipped["keras_fit"]
-    assert "| keras_fit | skipped:" in result.to_markdown()
-
-
-def test_own_variants_a_hand_written_loop_and_no_guard():
     ran = []
 
     def hand_written(state, data):
-        def run(n):
-            ran.append(n)
-
-        return run
+        return ran.append  # runner(n): "runs" n steps
 
     variants = {
         "no guard": tp.bench.Variant(steps_per_call=1, nonfinite=None),
+        "fused": tp.bench.VARIANTS["fused"],
         "mine": tp.bench.Variant(custom=hand_written),
+        "keras_fit": tp.bench.VARIANTS["keras_fit"],
     }
-    result = compare(make_state, SCCE, make_data(), variants=variants, rounds=2, steps=2)
-    assert ran == [2, 2, 2] and set(result.outside) == {"no guard"}
-    assert "| mine |" in result.to_markdown() and "| — |" in result.to_markdown()
+    MADE.clear()
+    result = compare(make_state, body, make_data(), variants=variants, rounds=2, steps=2)
+    assert result.steps == {"no guard": 2, "fused": 16, "mine": 2}
+    assert [steps_taken(s) for s in MADE[:2]] == [6, 48]  # a warm-up and two rounds each
+    assert ran == [2, 2, 2] and set(result.outside) == {"no guard", "fused"}
+    assert "no Keras compile equivalent" in result.skipped["keras_fit"]
+    table = result.to_markdown()
+    assert "| mine |" in table and "| — |" in table and "| keras_fit | skipped:" in table
+    with pytest.raises(ValueError, match="No variant could run: keras_fit: a user-written step"):
+        compare(make_state, body, make_data(), variants=("keras_fit",))
 
 
 def test_the_chart_is_written_with_a_log_axis_when_the_values_span_widely(tmp_path):
@@ -140,7 +135,7 @@ def test_without_matplotlib_the_chart_is_refused_with_the_install_command(monkey
         result.plot("chart.png")
 
 
-def test_the_command_line_on_the_example_file_prints_the_table(capsys):
+def test_the_command_line_on_the_example_file_prints_the_table_and_draws(tmp_path, capsys):
     example = str(Path(__file__).parents[1] / "examples" / "bench_cnn.py")
     args = [f"{example}:make_state", f"{example}:make_data", "--loss", "mse"]
     with pytest.raises(SystemExit, match=r"expected module:name or file\.py:name"):
@@ -156,8 +151,11 @@ def test_the_command_line_on_the_example_file_prints_the_table(capsys):
             "1",
             "--steps",
             "4",
+            "--chart",
+            str(tmp_path / "chart.png"),
         ]
     )
     out = capsys.readouterr().out
     assert result.steps == {"graph": 4, "fused": 16}
     assert "| graph |" in out and "| fused |" in out and "1 round after 1 warm-up" in out
+    assert (tmp_path / "chart.png").stat().st_size > 0 and f"chart: {tmp_path}" in out

@@ -445,11 +445,10 @@ def _tfpure_runner(step: Step, variant: Variant, k: int, states: Any, data: Any)
     timer = _EpochTimer()
 
     def run(n: int) -> float:
-        eager = contextlib.nullcontext()
+        eager = contextlib.ExitStack()
         if variant.eager:
+            eager.callback(tf.config.run_functions_eagerly, tf.config.functions_run_eagerly())
             tf.config.run_functions_eagerly(True)
-            eager = contextlib.ExitStack()
-            eager.callback(tf.config.run_functions_eagerly, False)
         with eager:
             fit_loop(states, data, mine, steps=n, callbacks=[timer], verbose=0)
         return timer.end - timer.begin
@@ -580,7 +579,8 @@ def compare(
       A `BenchResult`.
 
     Raises:
-      ValueError: an unknown variant name, a count below its minimum.
+      ValueError: an unknown variant name, a count below its minimum, no
+        variant that can run what was given (the reasons named).
       TypeError: `data` is not a `tf.data.Dataset`; a `Variant` or
         `loss_or_fn` of the wrong kind.
 
@@ -632,6 +632,12 @@ def compare(
                 runners[name] = _tfpure_runner(step, variant, k, states, data)
         counts[name] = _steps_for(variant, steps, k)
 
+    if not runners:
+        raise ValueError(
+            "No variant could run: "
+            + "; ".join(f"{name}: {why}" for name, why in skipped.items())
+            + "."
+        )
     times: dict[str, list[float]] = {name: [] for name in runners}
     outside: dict[str, list[float]] = {name: [] for name in runners}
     for r in range(warmup + rounds):
@@ -720,7 +726,11 @@ def main(argv: Sequence[str] | None = None) -> BenchResult:
     parser.add_argument("--rounds", type=int, default=5, help="measured rounds (default 5)")
     parser.add_argument("--warmup", type=int, default=1, help="discarded rounds (default 1)")
     parser.add_argument("--steps", type=int, help="steps per round (default: one epoch)")
-    parser.add_argument("--chart", type=Path, help="write the chart here (PNG; needs matplotlib)")
+    parser.add_argument(
+        "--chart",
+        default="tfpure_bench.png",
+        help="the chart's path (PNG, needs matplotlib; '' for none; default: %(default)s)",
+    )
     args = parser.parse_args(argv)
 
     make_state, make_data = _load(args.make_state), _load(args.make_data)
@@ -743,7 +753,7 @@ def main(argv: Sequence[str] | None = None) -> BenchResult:
         title=args.make_state,
     )
     print(result.to_markdown(), end="")
-    if args.chart is not None:
+    if args.chart:
         try:
             result.plot(args.chart)
             print(f"chart: {args.chart}")
