@@ -438,7 +438,7 @@ def _tfpure_runner(step: Step, variant: Variant, k: int, states: Any, data: Any)
     spec = attrs.evolve(
         step.spec,
         steps_per_call=variant.steps_per_call or k,
-        jit_compile=variant.jit_compile or step.spec.jit_compile,
+        jit_compile=variant.jit_compile,
         **({} if variant.nonfinite == "step" else {"nonfinite": variant.nonfinite}),
     )
     mine = Step(spec)
