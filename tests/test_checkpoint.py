@@ -183,6 +183,40 @@ def test_truncated_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
         np.testing.assert_array_equal(everything(state)[name], value, err_msg=name)
 
 
+DAMAGES = {
+    "deleted": None,
+    "garbled": lambda text: "\x00\xff not a checkpoint state {",
+    "truncated": lambda text: text[: text.index('"') + 4],  # inside the first path
+    "emptied": lambda text: "",
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_a_damaged_state_file_is_rebuilt_from_the_checkpoint_files(tmp_path, damage):
+    state = train_some(make_state())
+    ckpt = tp.Checkpointer(tmp_path)
+    ckpt.save(state)
+    train_some(state, seed=10)
+    latest = ckpt.save(state)
+    saved = everything(state)
+    index = tmp_path / "checkpoint"
+    if DAMAGES[damage] is None:
+        index.unlink()
+    else:
+        index.write_text(DAMAGES[damage](index.read_text()), encoding="latin-1")
+    other = make_state(seed=1)
+    again = tp.Checkpointer(tmp_path)
+    with pytest.warns(RuntimeWarning, match="state file .* is missing or damaged"):
+        assert again.restore(other) == latest  # never taken for an empty directory
+    restored = everything(other)
+    assert len(restored) == len(saved)
+    for (name, value), mine in zip(saved.items(), restored.values(), strict=True):
+        np.testing.assert_array_equal(mine, value, err_msg=name)
+    train_some(other, seed=20)
+    newest = again.save(other)  # the rebuilt index goes on
+    assert tp.Checkpointer(tmp_path).checkpoints() == [newest, latest, str(tmp_path / "ckpt-3")]
+
+
 def test_no_readable_checkpoint_is_a_clear_error_and_changes_nothing(tmp_path):
     state = train_some(make_state())
     ckpt = tp.Checkpointer(tmp_path)
@@ -223,6 +257,13 @@ def pipelines():
         ("outside TensorFlow"),
     )
     yield "unseeded-shuffle", base.shuffle(16).batch(4), "without a seed"
+    four = tf.data.experimental.assert_cardinality(4)
+    sampled = tf.data.Dataset.sample_from_datasets([base, base.map(lambda a, b: (-a, b))])
+    yield "unseeded-sample", sampled.take(16).batch(4).apply(four), "unseeded random dataset"
+    noisy = tf.data.Dataset.zip(base, tf.data.Dataset.random()).map(
+        lambda ab, r: (ab[0] + tf.cast(r % 2, tf.float32), ab[1])
+    )
+    yield "unseeded-random", noisy.batch(4), "unseeded random dataset"
 
 
 @pytest.mark.parametrize(
@@ -243,24 +284,43 @@ def test_a_pipeline_that_cannot_be_replayed_is_refused_before_training(tmp_path,
     assert tp.Checkpointer(tmp_path).checkpoints() == []
 
 
-def test_checkpointed_fit_loop_equals_plain_fit_loop(tmp_path):
+def test_checkpointed_fit_loop_equals_plain_fit_loop_and_refuses_a_second_writer(tmp_path):
     def data():  # a fresh dataset each: iterating one advances its reshuffle seed
         x, y = SPEC.batch(30, 0)
         return tf.data.Dataset.from_tensor_slices((x, y)).shuffle(30, seed=3).batch(8)
 
-    plain, saved = make_state(), make_state()
+    def run(state, callbacks=()):
+        return tp.fit_loop(
+            state,
+            data(),
+            tp.make_train_step(SCCE),
+            epochs=3,
+            checkpoint=tp.Checkpointer(tmp_path, save_every_steps=3),
+            callbacks=callbacks,
+            verbose=0,
+        )
+
+    class SecondWriter(keras.callbacks.Callback):  # another run on the same directory
+        refused = None
+
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 0:
+                other = make_state(seed=1)
+                with pytest.raises(tp.CheckpointError) as refusal:
+                    run(other)
+                self.refused = (str(refusal.value), int(other.step))
+
+    plain, saved, writer = make_state(), make_state(), SecondWriter()
     _, h_plain = tp.fit_loop(plain, data(), tp.make_train_step(SCCE), epochs=3, verbose=0)
-    _, h_saved = tp.fit_loop(
-        saved,
-        data(),
-        tp.make_train_step(SCCE),
-        epochs=3,
-        checkpoint=tp.Checkpointer(tmp_path, save_every_steps=3),
-        verbose=0,
-    )
+    _, h_saved = run(saved, [writer])
     assert h_plain == h_saved
     for a, b in zip(plain.model.variables, saved.model.variables, strict=True):
         np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
+    message, steps = writer.refused
+    assert f"Another run is training in {tmp_path} (.tfpure.lock is held by process" in message
+    assert steps == 0 and "Nothing was changed" in message
+    _, h_again = run(make_state(seed=1))  # the lock is released when a run ends
+    assert h_again == h_saved  # restored, finished: nothing trained
 
 
 @pytest.mark.parametrize(

@@ -144,6 +144,7 @@ def test_multiworker_with_checkpoint_resume_equals_one_device(tmp_path, runs):
         tmp_path, [["--epochs", "2", "--checkpoint", ckpt], ["--epochs", "3", "--checkpoint", ckpt]]
     )
     assert sorted(os.listdir(ckpt)) == [
+        ".tfpure.lock",  # the chief's: one writer per directory
         "checkpoint",
         *sorted(
             f"ckpt-{n}.{suffix}" for n in (8, 16, 24) for suffix in ("data-00000-of-00001", "index")

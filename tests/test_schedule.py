@@ -357,6 +357,11 @@ def test_a_budget_extended_with_the_same_windows_resumes_exactly(tmp_path):
     ckpt = tmp_path / "ckpt"
     kwargs = {"eval_every": 10, "val_data": dataset(n=20, seed=1), "verbose": 0}
     tp.fit_loop(make_state(), dataset(), step, steps=20, checkpoint=tp.Checkpointer(ckpt), **kwargs)
+    empty = dataset().filter(lambda x, y: False)  # the replay of 20 batches runs dry at once
+    with pytest.raises(tp.CheckpointError, match="ran out while replaying 20 batches"):
+        tp.fit_loop(
+            make_state(1), empty, step, steps=30, checkpoint=tp.Checkpointer(ckpt), **kwargs
+        )
     resumed, history = tp.fit_loop(
         make_state(1), dataset(), step, steps=30, checkpoint=tp.Checkpointer(ckpt), **kwargs
     )

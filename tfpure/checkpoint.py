@@ -15,15 +15,19 @@ Invariants:
   * only complete checkpoints are listed (`tf.train.CheckpointManager`
     updates its index after the files are written), and a listed checkpoint
     whose files do not read back (truncated, corrupted) is skipped with a
-    warning in favour of the previous one;
+    warning in favour of the previous one; a missing or damaged `checkpoint`
+    state file (the index) is rebuilt from the `ckpt-N` files there, with a
+    warning, never taken for an empty directory;
   * a checkpoint of another architecture is refused with an error naming the
     first variable that does not match, before anything is restored.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import shutil
 import warnings
 from collections.abc import Sequence
@@ -224,12 +228,46 @@ class Checkpointer:
           >>> tp.Checkpointer(tempfile.mkdtemp()).checkpoints()
           []
         """
-        found = tf.train.get_checkpoint_state(self.directory)
-        if found is None:
-            return []
-        # get_checkpoint_state has already joined relative paths to `directory`.
-        paths = list(found.all_model_checkpoint_paths) or [found.model_checkpoint_path]
-        return list(reversed(paths))
+        try:
+            found = tf.train.get_checkpoint_state(self.directory)
+        except Exception:  # a garbled or truncated state file: ValueError, ParseError, ...
+            found = None
+        if found is not None and (found.all_model_checkpoint_paths or found.model_checkpoint_path):
+            # get_checkpoint_state has already joined relative paths to `directory`.
+            paths = list(found.all_model_checkpoint_paths) or [found.model_checkpoint_path]
+            return list(reversed(paths))
+        return self._files()
+
+    def _files(self) -> list[str]:
+        """The checkpoints whose files are in `directory` (newest first), whatever the index."""
+        numbered = []
+        with contextlib.suppress(OSError):
+            for name in os.listdir(self.directory):
+                match = re.fullmatch(r"ckpt-(\d+)\.index", name)
+                if match:
+                    numbered.append(int(match.group(1)))
+        return [os.path.join(self.directory, f"ckpt-{n}") for n in sorted(numbered, reverse=True)]
+
+    def _write_index(self, newest: str, paths: list[str]) -> None:
+        """Writes the `checkpoint` state file (paths relative, oldest first), with the files'
+        times, so a `CheckpointManager` keeps managing (and deleting) them."""
+        times = [os.path.getmtime(p + ".index") for p in paths]
+        tf.compat.v1.train.update_checkpoint_state(
+            self.directory,
+            os.path.basename(newest),
+            all_model_checkpoint_paths=[os.path.basename(p) for p in paths],
+            all_model_checkpoint_timestamps=times,
+            last_preserved_timestamp=min(times) - 1,
+        )
+
+    def _state_file_lost(self) -> bool:
+        """Whether `directory`'s `checkpoint` state file is missing or unreadable while
+        checkpoint files are there (deleted, garbled, truncated or emptied)."""
+        try:
+            found = tf.train.get_checkpoint_state(self.directory)
+        except Exception:
+            found = None
+        return (found is None or not found.model_checkpoint_path) and bool(self._files())
 
     # -- save ---------------------------------------------------------------------
 
@@ -301,6 +339,17 @@ class Checkpointer:
         paths = self.checkpoints()
         if not paths:
             return None
+        lost = self._state_file_lost()
+        if lost:
+            warnings.warn(
+                f"The checkpoint state file in {self.directory} is missing or damaged; "
+                f"restoring from the checkpoint files there (newest first: {paths[0]}).",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            # An index of the files found, so the manager can start (rewritten below).
+            self._write_index(paths[0], paths[::-1])
+            self._managed = None
         variables = [v for vs in _groups(state, extra).values() for v in vs]
         variables += [self.epoch, self.epoch_step, self.loop_step, self.history, self.schedule]
         failures = []
@@ -347,6 +396,10 @@ class Checkpointer:
                     "changed. Resume with the same schedule (epoch length, or a budget's "
                     "eval_every), or train in another directory."
                 )
+            if lost:  # The index as it was: up to the one restored, `max_to_keep` of them.
+                kept = paths[paths.index(path) :][: self.max_to_keep][::-1]
+                self._write_index(path, kept)
+                self._managed = None  # The next save's manager reads this index.
             return path
         raise CheckpointError(
             f"No checkpoint in {self.directory} can be restored; nothing was changed:\n  "

@@ -8,11 +8,12 @@ turns SIGTERM into a save followed by `Preempted`.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import IO, Any
 
 import tensorflow as tf
 
@@ -48,7 +49,8 @@ def _unreplayable(data: tf.data.Dataset) -> str | None:
 
     A resumed run replays the data to its position, so the pipeline must be
     a pure function of its seeds: no state outside TensorFlow (py_function,
-    from_generator, stateful random ops in `map`) and no unseeded shuffle.
+    from_generator, stateful random ops in `map`), no unseeded shuffle and no
+    unseeded random dataset (`Dataset.random`, `sample_from_datasets`).
     """
     try:
         graph = serialized_dataset_graph(data)
@@ -73,17 +75,74 @@ def _unreplayable(data: tf.data.Dataset) -> str | None:
             and const(node.input[2]) == const(node.input[3]) == 0
         ):
             return "it shuffles without a seed (pass shuffle(..., seed=...))"
+        if (
+            node.op.startswith("RandomDataset")
+            and const(node.input[0]) == const(node.input[1]) == 0
+        ):
+            return (
+                "it draws from an unseeded random dataset (pass seed=... to "
+                "Dataset.random or Dataset.sample_from_datasets)"
+            )
     return None
+
+
+LOCK_FILE = ".tfpure.lock"
+
+
+def _lock(directory: str) -> IO[str] | None:
+    """Takes `directory`'s lock file (creating both), or raises `CheckpointError`.
+
+    The lock is an advisory ``flock`` held while the run trains: a second
+    run writing the same directory (another process, or another loop in
+    this one) is refused before anything changes, and a directory that
+    cannot be written is found at the start rather than at the first save.
+    """
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system: no lock
+        return None
+    path = os.path.join(directory, LOCK_FILE)
+    try:
+        os.makedirs(directory, exist_ok=True)
+        handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115 (held for the run)
+    except OSError as err:
+        raise CheckpointError(
+            f"Cannot write the checkpoint directory {directory}: {err.strerror}. Nothing was "
+            "changed; give a directory this process can write."
+        ) from err
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise CheckpointError(
+            f"Another run is training in {directory} ({LOCK_FILE} is held by {holder}); two "
+            "runs writing one directory would replace each other's checkpoints. Nothing was "
+            "changed. Wait for that run to end, or give this one another directory."
+        ) from err
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"process {os.getpid()}\n")
+    handle.flush()
+    return handle
 
 
 @tf.function(autograph=False)
 def _skip(iterator: Any, n: tf.Tensor) -> tf.Tensor:
-    """Pulls `n` batches from `iterator` in one graph call; returns how many there were."""
+    """Pulls up to `n` batches from `iterator` in one graph call; returns how many there were.
 
-    def body(i: tf.Tensor) -> tuple[tf.Tensor]:
-        return (i + tf.cast(iterator.get_next_as_optional().has_value(), tf.int32),)
+    Stops at the first missing batch: data shorter than the saved position
+    ends the replay (and `Run` names the mismatch) instead of spinning.
+    """
 
-    return tf.while_loop(lambda i: i < n, body, (tf.constant(0),))[0]
+    def body(i: tf.Tensor, more: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        more = iterator.get_next_as_optional().has_value()
+        return i + tf.cast(more, tf.int32), more
+
+    return tf.while_loop(
+        lambda i, more: tf.logical_and(more, i < n), body, (tf.constant(0), tf.constant(True))
+    )[0]
 
 
 class Run:
@@ -138,7 +197,14 @@ class Run:
         self.ckpt, self.state, self.data, self.iterate = ckpt, state, data, iterate
         self.extra = list(extra)
         self.stream = stream
-        self.path = ckpt.restore(state, extra=self.extra, schedule=schedule)
+        task = cluster_task(strategy_of(leaves(state)))
+        # One writer per directory: the chief (or the only process) holds its lock file.
+        self._lock = _lock(ckpt.directory) if task is None or task.chief else None
+        try:
+            self.path = ckpt.restore(state, extra=self.extra, schedule=schedule)
+        except BaseException:
+            self.close()
+            raise
         if self.path is None:
             for variable in (ckpt.epoch, ckpt.epoch_step, ckpt.loop_step):
                 variable.assign(0)
@@ -154,7 +220,7 @@ class Run:
         # Across several processes a save is a collective: one worker saving on
         # its own SIGTERM would wait forever for the others. Multi-worker runs
         # keep SIGTERM's default and rely on periodic saves.
-        single_process = cluster_task(strategy_of(leaves(state))) is None
+        single_process = task is None
         if single_process and threading.current_thread() is threading.main_thread():
             self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
 
@@ -223,6 +289,9 @@ class Run:
         return path
 
     def close(self) -> None:
-        if self._previous_handler is not None:
+        lock, self._lock = getattr(self, "_lock", None), None
+        if lock is not None:
+            lock.close()  # releases the flock
+        if getattr(self, "_previous_handler", None) is not None:
             signal.signal(signal.SIGTERM, self._previous_handler)
             self._previous_handler = None
