@@ -323,6 +323,40 @@ def test_checkpointed_fit_loop_equals_plain_fit_loop_and_refuses_a_second_writer
     assert h_again == h_saved  # restored, finished: nothing trained
 
 
+def test_an_early_stopped_run_stays_stopped_when_run_again(tmp_path):
+    class StopAfterTwo(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            self.model.stop_training = epoch == 1
+
+    class Count(keras.callbacks.Callback):
+        batches = 0
+
+        def on_train_batch_end(self, batch, logs=None):
+            Count.batches += 1
+
+    x, y = SPEC.batch(24, 0)
+    data = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
+
+    def run(state, callbacks):
+        return tp.fit_loop(
+            state,
+            data,
+            tp.make_train_step(SCCE),
+            epochs=5,
+            checkpoint=tp.Checkpointer(tmp_path),
+            callbacks=callbacks,
+            verbose=0,
+        )
+
+    state, history = run(make_state(), [StopAfterTwo()])
+    assert int(state.step) == 6 and len(history["loss"]) == 2
+    again, history_again = run(make_state(seed=1), [Count()])
+    assert int(again.step) == 6 and Count.batches == 0 and history_again == history
+    ended = tp.Checkpointer(tmp_path)
+    ended.restore(make_state(seed=2))
+    assert ended.ended.numpy().decode().startswith("stopped early after 6 steps (epoch 2)")
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [

@@ -137,7 +137,14 @@ class Checkpointer:
     mid-epoch included, so that over the whole run each batch is trained
     exactly once; it saves every `save_every_steps` steps, every
     `save_every_epochs` epochs, at the end, and on SIGTERM (then raises
-    `Preempted`). A run that already finished does nothing when run again.
+    `Preempted`). A run that already finished, or that a callback stopped
+    early, does nothing when run again (`ended` says why it stopped). While a
+    run trains, it holds the directory's lock file (``.tfpure.lock``): a
+    second run on the same directory is refused.
+
+    Attributes:
+      ended: string `tf.Variable`, saved with the run: why it stopped before
+        its schedule ended ("" if it did not).
 
     Args:
       directory: where checkpoints live (created if needed).
@@ -194,6 +201,8 @@ class Checkpointer:
         self.history = tf.Variable("{}", trainable=False, name="history")
         # How the run splits into windows ("epochs of 8 steps", ...): a resume must match.
         self.schedule = tf.Variable("", trainable=False, name="schedule")
+        # Why the run ended before its schedule did ("" while it has not): run again, it stays.
+        self.ended = tf.Variable("", trainable=False, name="ended")
         self._layout = tf.Variable("", trainable=False, name="layout")
         self._managed: tuple[tuple[int, ...], tf.train.CheckpointManager] | None = None
 
@@ -205,7 +214,14 @@ class Checkpointer:
             groups = _groups(state, extra)
             checkpoint = tf.train.Checkpoint(
                 **{name.replace("/", "__"): variables for name, variables in groups.items()},
-                loop=[self.epoch, self.epoch_step, self.loop_step, self.history, self.schedule],
+                loop=[
+                    self.epoch,
+                    self.epoch_step,
+                    self.loop_step,
+                    self.history,
+                    self.schedule,
+                    self.ended,
+                ],
                 layout=self._layout,
             )
             task = cluster_task(strategy_of(leaves(state)))
@@ -351,7 +367,8 @@ class Checkpointer:
             self._write_index(paths[0], paths[::-1])
             self._managed = None
         variables = [v for vs in _groups(state, extra).values() for v in vs]
-        variables += [self.epoch, self.epoch_step, self.loop_step, self.history, self.schedule]
+        variables += [self.epoch, self.epoch_step, self.loop_step, self.history]
+        variables += [self.schedule, self.ended]
         failures = []
         for path in paths:
             try:

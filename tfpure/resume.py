@@ -208,11 +208,14 @@ class Run:
         if self.path is None:
             for variable in (ckpt.epoch, ckpt.epoch_step, ckpt.loop_step):
                 variable.assign(0)
+            ckpt.ended.assign("")
             ckpt.record({})
         ckpt.schedule.assign(schedule)
         #: The restored position: (windows finished, steps into the next, steps in all).
         self.position = tuple(int(v.numpy()) for v in (ckpt.epoch, ckpt.epoch_step, ckpt.loop_step))
         self.prior = ckpt.recorded_history()
+        #: Why the restored run ended early ("" if it did not): then nothing is left to do.
+        self.ended = ckpt.ended.numpy().decode()
         self._stream: Any = None
         self._saved: tuple[tuple[int, int, int], str] | None = None
         self.preempted = False

@@ -158,6 +158,8 @@ class Loop:
                 extra=step.log_variables(state) if isinstance(step, Step) else [],
             )
             self.position = Position(*self.run.position)
+            if self.run.ended:  # It stopped early (EarlyStopping, ...): it stays stopped.
+                self.position.window = schedule.windows
         self.actions = list(actions)
         self.save_action: Action | None = None
         if checkpoint is not None and checkpoint.save_every_steps is not None:
@@ -366,6 +368,11 @@ class Loop:
             last = window == schedule.windows - 1 or bool(model.stop_training)
             p.window, p.done = window + 1, 0
             if self.run is not None:
+                if model.stop_training:
+                    self.checkpoint.ended.assign(
+                        f"stopped early after {p.step} steps (epoch {window + 1}): a callback "
+                        "set model.stop_training"
+                    )
                 every = self.checkpoint.save_every_epochs
                 if last or save_due or self.run.preempted or (every and (window + 1) % every == 0):
                     self.run.save(
