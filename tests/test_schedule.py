@@ -357,10 +357,14 @@ def test_a_budget_extended_with_the_same_windows_resumes_exactly(tmp_path):
     ckpt = tmp_path / "ckpt"
     kwargs = {"eval_every": 10, "val_data": dataset(n=20, seed=1), "verbose": 0}
     tp.fit_loop(make_state(), dataset(), step, steps=20, checkpoint=tp.Checkpointer(ckpt), **kwargs)
-    empty = dataset().filter(lambda x, y: False)  # the replay of 20 batches runs dry at once
-    with pytest.raises(tp.CheckpointError, match="ran out while replaying 20 batches"):
-        tp.fit_loop(
-            make_state(1), empty, step, steps=30, checkpoint=tp.Checkpointer(ckpt), **kwargs
+    with pytest.raises(tp.CheckpointError, match=r"over other data .*batch size 8.*batch size 16"):
+        tp.fit_loop(  # a budget counts batches: another batch size cannot resume exactly
+            make_state(1),
+            dataset(batch=16),
+            step,
+            steps=30,
+            checkpoint=tp.Checkpointer(ckpt),
+            **kwargs,
         )
     resumed, history = tp.fit_loop(
         make_state(1), dataset(), step, steps=30, checkpoint=tp.Checkpointer(ckpt), **kwargs
@@ -368,6 +372,22 @@ def test_a_budget_extended_with_the_same_windows_resumes_exactly(tmp_path):
     whole, expected = tp.fit_loop(make_state(), dataset(), step, steps=30, **kwargs)
     assert int(resumed.step) == 30 and history == expected
     assert_identical(variables(resumed), variables(whole))
+
+
+def test_a_replay_that_runs_out_of_data_is_a_clear_error(tmp_path):
+    """Data of unknown length (a filter) holding fewer batches than the saved position."""
+    step = tp.make_train_step(SCCE)
+
+    def run(keep, steps):
+        data = dataset().filter(lambda x, y: keep)
+        checkpoint = tp.Checkpointer(tmp_path)
+        return tp.fit_loop(
+            make_state(), data, step, steps=steps, eval_every=4, checkpoint=checkpoint, verbose=0
+        )
+
+    run(True, 8)
+    with pytest.raises(tp.CheckpointError, match="ran out while replaying 8 batches"):
+        run(False, 12)  # it spun forever (SIGTERM swallowed) when the data ran dry
 
 
 @pytest.mark.parametrize(

@@ -145,6 +145,9 @@ class Checkpointer:
     Attributes:
       ended: string `tf.Variable`, saved with the run: why it stopped before
         its schedule ended ("" if it did not).
+      data_spec: string `tf.Variable`, saved with the run: its data's element
+        shapes, batches an epoch and batch size (see
+        `tfpure.resume.describe_data`).
 
     Args:
       directory: where checkpoints live (created if needed).
@@ -203,6 +206,8 @@ class Checkpointer:
         self.schedule = tf.Variable("", trainable=False, name="schedule")
         # Why the run ended before its schedule did ("" while it has not): run again, it stays.
         self.ended = tf.Variable("", trainable=False, name="ended")
+        # What the run's data looks like (elements, batches, batch size): a resume must match.
+        self.data_spec = tf.Variable("", trainable=False, name="data_spec")
         self._layout = tf.Variable("", trainable=False, name="layout")
         self._managed: tuple[tuple[int, ...], tf.train.CheckpointManager] | None = None
 
@@ -221,6 +226,7 @@ class Checkpointer:
                     self.history,
                     self.schedule,
                     self.ended,
+                    self.data_spec,
                 ],
                 layout=self._layout,
             )
@@ -329,13 +335,20 @@ class Checkpointer:
             )
 
     def restore(
-        self, state: Any, *, extra: Sequence[Any] = (), schedule: str | None = None
+        self,
+        state: Any,
+        *,
+        extra: Sequence[Any] = (),
+        schedule: str | None = None,
+        data_spec: str | None = None,
     ) -> str | None:
         """Restores the newest good checkpoint into `state` (and the loop's position).
 
         `state` and `extra` as for `save`. `schedule` (given by `fit_loop`)
         describes how the resuming run splits into windows; a checkpoint
-        written by a run of another schedule is refused.
+        written by a run of another schedule is refused; so is one whose data
+        (`data_spec`: element shapes, batches, batch size) differs, since its
+        saved position counts that data's batches.
 
         Returns:
           The path restored, or None if `directory` holds no checkpoint.
@@ -368,7 +381,7 @@ class Checkpointer:
             self._managed = None
         variables = [v for vs in _groups(state, extra).values() for v in vs]
         variables += [self.epoch, self.epoch_step, self.loop_step, self.history]
-        variables += [self.schedule, self.ended]
+        variables += [self.schedule, self.ended, self.data_spec]
         failures = []
         for path in paths:
             try:
@@ -412,6 +425,16 @@ class Checkpointer:
                     f"{schedule}, so its saved position means another step. Nothing was "
                     "changed. Resume with the same schedule (epoch length, or a budget's "
                     "eval_every), or train in another directory."
+                )
+            saved = self.data_spec.numpy().decode()
+            if data_spec is not None and saved and saved != data_spec:
+                put_back()
+                raise CheckpointError(
+                    f"Checkpoint {path} was written by a run over other data ({saved}); this "
+                    f"run's data: {data_spec}. Its saved position counts batches of that data, "
+                    "so the resume would not be exact. Nothing was changed. Resume with the "
+                    "same data (batch size, examples, element shapes), or train in another "
+                    "directory."
                 )
             if lost:  # The index as it was: up to the one restored, `max_to_keep` of them.
                 kept = paths[paths.index(path) :][: self.max_to_keep][::-1]

@@ -128,6 +128,33 @@ def _lock(directory: str) -> IO[str] | None:
     return handle
 
 
+def describe_data(data: tf.data.Dataset) -> str:
+    """What a resume must find again: the elements, the batches an epoch, the batch size.
+
+    Example:
+      >>> import tensorflow as tf
+      >>> from tfpure.resume import describe_data
+      >>> describe_data(tf.data.Dataset.range(10).batch(4))
+      'elements TensorSpec(shape=(None,), dtype=tf.int64, name=None); 3 batches; batch size 4'
+    """
+    parts = [f"elements {data.element_spec}"]
+    n = int(data.cardinality())
+    if n >= 0:
+        parts.append(f"{n} batches")
+    graph_def = tf.compat.v1.GraphDef()
+    graph_def.ParseFromString(serialized_dataset_graph(data).numpy())
+    nodes = {node.name: node for node in graph_def.node}
+    sizes = []
+    for node in graph_def.node:
+        if "BatchDataset" in node.op and len(node.input) > 1:
+            size = nodes.get(node.input[1].split(":")[0].lstrip("^"))
+            if size is not None and size.op == "Const":
+                sizes.append(str(int(tf.make_ndarray(size.attr["value"].tensor))))
+    if sizes:
+        parts.append("batch size " + ", ".join(sizes))
+    return "; ".join(parts)
+
+
 @tf.function(autograph=False)
 def _skip(iterator: Any, n: tf.Tensor) -> tf.Tensor:
     """Pulls up to `n` batches from `iterator` in one graph call; returns how many there were.
@@ -201,7 +228,8 @@ class Run:
         # One writer per directory: the chief (or the only process) holds its lock file.
         self._lock = _lock(ckpt.directory) if task is None or task.chief else None
         try:
-            self.path = ckpt.restore(state, extra=self.extra, schedule=schedule)
+            spec = describe_data(data)
+            self.path = ckpt.restore(state, extra=self.extra, schedule=schedule, data_spec=spec)
         except BaseException:
             self.close()
             raise
@@ -211,6 +239,7 @@ class Run:
             ckpt.ended.assign("")
             ckpt.record({})
         ckpt.schedule.assign(schedule)
+        ckpt.data_spec.assign(spec)
         #: The restored position: (windows finished, steps into the next, steps in all).
         self.position = tuple(int(v.numpy()) for v in (ckpt.epoch, ckpt.epoch_step, ckpt.loop_step))
         self.prior = ckpt.recorded_history()
