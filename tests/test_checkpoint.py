@@ -319,7 +319,9 @@ def test_checkpointed_fit_loop_equals_plain_fit_loop_and_refuses_a_second_writer
     message, steps = writer.refused
     assert f"Another run is training in {tmp_path} (.tfpure.lock is held by process" in message
     assert steps == 0 and "Nothing was changed" in message
-    _, h_again = run(make_state(seed=1))  # the lock is released when a run ends
+    with pytest.raises(TypeError, match=r"keras\.callbacks\.Callback"):
+        run(make_state(seed=1), ["not a callback"])  # refused after the lock was taken
+    _, h_again = run(make_state(seed=1))  # the lock is released when a run ends or fails
     assert h_again == h_saved  # restored, finished: nothing trained
 
 

@@ -160,29 +160,34 @@ class Loop:
             self.position = Position(*self.run.position)
             if self.run.ended:  # It stopped early (EarlyStopping, ...): it stays stopped.
                 self.position.window = schedule.windows
-        self.actions = list(actions)
-        self.save_action: Action | None = None
-        if checkpoint is not None and checkpoint.save_every_steps is not None:
-            self.save_action = Action(
-                lambda state, step, logs: self._save_here(), checkpoint.save_every_steps
+        try:
+            self.actions = list(actions)
+            self.save_action: Action | None = None
+            if checkpoint is not None and checkpoint.save_every_steps is not None:
+                self.save_action = Action(
+                    lambda state, step, logs: self._save_here(), checkpoint.save_every_steps
+                )
+                self.actions.append(self.save_action)
+            self.checkpoint = checkpoint
+            self.model = leaves(state)[0].model  # the model Keras callbacks see
+            self.cbs = callback_list(
+                callbacks,
+                self.model,
+                add_history=True,
+                add_progbar=verbose != 0,
+                verbose=verbose,
+                epochs=schedule.windows,
+                steps=schedule.steps_in(0),  # the progress bar's target
             )
-            self.actions.append(self.save_action)
-        self.checkpoint = checkpoint
-        self.model = leaves(state)[0].model  # the model Keras callbacks see
-        self.cbs = callback_list(
-            callbacks,
-            self.model,
-            add_history=True,
-            add_progbar=verbose != 0,
-            verbose=verbose,
-            epochs=schedule.windows,
-            steps=schedule.steps_in(0),  # the progress bar's target
-        )
-        self.history = next(
-            cb for cb in self.cbs.callbacks if isinstance(cb, keras.callbacks.History)
-        )
-        self._stream: Any = None
-        self._window_end: int | None = None  # the step the current window ends at
+            self.history = next(
+                cb for cb in self.cbs.callbacks if isinstance(cb, keras.callbacks.History)
+            )
+            self._stream: Any = None
+            self._window_end: int | None = None  # the step the current window ends at
+        except BaseException:  # e.g. a bad callback: the run's lock and handler go back
+            if self.run is not None:
+                self.run.close()
+            raise
 
     # -- counting -------------------------------------------------------------------
 
