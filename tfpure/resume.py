@@ -44,6 +44,22 @@ class Preempted(SystemExit):
         self.path = path
 
 
+def _dataset_graph(data: tf.data.Dataset) -> tuple[list[Any], Callable[[str], int | None]]:
+    """The nodes of `data`'s graph, and ``const(input)``: an input's integer value, or None
+    if it is not a constant. Raises `tf.errors.OpError` for state outside TensorFlow."""
+    graph_def = tf.compat.v1.GraphDef()
+    graph_def.ParseFromString(serialized_dataset_graph(data).numpy())
+    nodes = {node.name: node for node in graph_def.node}
+
+    def const(name: str) -> int | None:
+        node = nodes.get(name.split(":")[0].lstrip("^"))
+        if node is None or node.op != "Const":
+            return None
+        return int(tf.make_ndarray(node.attr["value"].tensor))
+
+    return list(graph_def.node), const
+
+
 def _unreplayable(data: tf.data.Dataset) -> str | None:
     """Why `data` might not yield the same batches when rebuilt, or None.
 
@@ -53,23 +69,13 @@ def _unreplayable(data: tf.data.Dataset) -> str | None:
     unseeded random dataset (`Dataset.random`, `sample_from_datasets`).
     """
     try:
-        graph = serialized_dataset_graph(data)
+        graph, const = _dataset_graph(data)
     except tf.errors.OpError:
         return (
             "it holds state outside TensorFlow (tf.py_function, Dataset.from_generator, "
             "or stateful random ops such as tf.random.uniform inside map)"
         )
-    graph_def = tf.compat.v1.GraphDef()
-    graph_def.ParseFromString(graph.numpy())
-    nodes = {node.name: node for node in graph_def.node}
-
-    def const(name: str) -> int | None:
-        node = nodes.get(name.split(":")[0].lstrip("^"))
-        if node is None or node.op != "Const":
-            return None
-        return int(tf.make_ndarray(node.attr["value"].tensor))
-
-    for node in graph_def.node:
+    for node in graph:
         if (
             node.op.startswith("ShuffleDataset")
             and const(node.input[2]) == const(node.input[3]) == 0
@@ -141,15 +147,12 @@ def describe_data(data: tf.data.Dataset) -> str:
     n = int(data.cardinality())
     if n >= 0:
         parts.append(f"{n} batches")
-    graph_def = tf.compat.v1.GraphDef()
-    graph_def.ParseFromString(serialized_dataset_graph(data).numpy())
-    nodes = {node.name: node for node in graph_def.node}
-    sizes = []
-    for node in graph_def.node:
-        if "BatchDataset" in node.op and len(node.input) > 1:
-            size = nodes.get(node.input[1].split(":")[0].lstrip("^"))
-            if size is not None and size.op == "Const":
-                sizes.append(str(int(tf.make_ndarray(size.attr["value"].tensor))))
+    graph, const = _dataset_graph(data)
+    sizes = [
+        str(const(node.input[1]))
+        for node in graph
+        if "BatchDataset" in node.op and len(node.input) > 1 and const(node.input[1]) is not None
+    ]
     if sizes:
         parts.append("batch size " + ", ".join(sizes))
     return "; ".join(parts)
