@@ -250,15 +250,21 @@ class Checkpointer:
           >>> tp.Checkpointer(tempfile.mkdtemp()).checkpoints()
           []
         """
+        found = self._index()
+        if found is None:
+            return self._files()
+        # get_checkpoint_state has already joined relative paths to `directory`.
+        paths = list(found.all_model_checkpoint_paths) or [found.model_checkpoint_path]
+        return list(reversed(paths))
+
+    def _index(self) -> Any:
+        """The `checkpoint` state file's contents, or None if it is missing, unreadable
+        (garbled, truncated: ValueError, ParseError, ...) or names no checkpoint."""
         try:
             found = tf.train.get_checkpoint_state(self.directory)
-        except Exception:  # a garbled or truncated state file: ValueError, ParseError, ...
-            found = None
-        if found is not None and (found.all_model_checkpoint_paths or found.model_checkpoint_path):
-            # get_checkpoint_state has already joined relative paths to `directory`.
-            paths = list(found.all_model_checkpoint_paths) or [found.model_checkpoint_path]
-            return list(reversed(paths))
-        return self._files()
+        except Exception:
+            return None
+        return found if found is not None and found.model_checkpoint_path else None
 
     def _files(self) -> list[str]:
         """The checkpoints whose files are in `directory` (newest first), whatever the index."""
@@ -283,13 +289,8 @@ class Checkpointer:
         )
 
     def _state_file_lost(self) -> bool:
-        """Whether `directory`'s `checkpoint` state file is missing or unreadable while
-        checkpoint files are there (deleted, garbled, truncated or emptied)."""
-        try:
-            found = tf.train.get_checkpoint_state(self.directory)
-        except Exception:
-            found = None
-        return (found is None or not found.model_checkpoint_path) and bool(self._files())
+        """Whether the state file is missing or unreadable while checkpoint files are there."""
+        return self._index() is None and bool(self._files())
 
     # -- save ---------------------------------------------------------------------
 
