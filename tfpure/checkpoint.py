@@ -250,21 +250,22 @@ class Checkpointer:
           >>> tp.Checkpointer(tempfile.mkdtemp()).checkpoints()
           []
         """
-        found = self._index()
-        if found is None:
-            return self._files()
-        # get_checkpoint_state has already joined relative paths to `directory`.
-        paths = list(found.all_model_checkpoint_paths) or [found.model_checkpoint_path]
-        return list(reversed(paths))
+        return self._listed()[0]
 
-    def _index(self) -> Any:
-        """The `checkpoint` state file's contents, or None if it is missing, unreadable
-        (garbled, truncated: ValueError, ParseError, ...) or names no checkpoint."""
+    def _listed(self) -> tuple[list[str], bool]:
+        """The checkpoints, newest first, and whether they were found by their files because
+        the `checkpoint` state file is missing, unreadable (garbled, truncated: ValueError,
+        ParseError, ...) or names no checkpoint."""
         try:
             found = tf.train.get_checkpoint_state(self.directory)
         except Exception:
-            return None
-        return found if found is not None and found.model_checkpoint_path else None
+            found = None
+        if found is None or not found.model_checkpoint_path:
+            files = self._files()
+            return files, bool(files)
+        # get_checkpoint_state has already joined relative paths to `directory`.
+        paths = list(found.all_model_checkpoint_paths) or [found.model_checkpoint_path]
+        return list(reversed(paths)), False
 
     def _files(self) -> list[str]:
         """The checkpoints whose files are in `directory` (newest first), whatever the index."""
@@ -287,10 +288,6 @@ class Checkpointer:
             all_model_checkpoint_timestamps=times,
             last_preserved_timestamp=min(times) - 1,
         )
-
-    def _state_file_lost(self) -> bool:
-        """Whether the state file is missing or unreadable while checkpoint files are there."""
-        return self._index() is None and bool(self._files())
 
     # -- save ---------------------------------------------------------------------
 
@@ -366,10 +363,9 @@ class Checkpointer:
           >>> print(tp.Checkpointer(tempfile.mkdtemp()).restore(state))
           None
         """
-        paths = self.checkpoints()
+        paths, lost = self._listed()
         if not paths:
             return None
-        lost = self._state_file_lost()
         if lost:
             warnings.warn(
                 f"The checkpoint state file in {self.directory} is missing or damaged; "
