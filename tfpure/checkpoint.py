@@ -414,25 +414,10 @@ class Checkpointer:
                     stacklevel=2,
                 )
                 continue
-            saved = self.schedule.numpy().decode()
-            if schedule is not None and saved and saved != schedule:
+            refusal = self._refusal(path, schedule, data_spec)
+            if refusal is not None:
                 put_back()
-                raise CheckpointError(
-                    f"Checkpoint {path} was written by a run in {saved}; this run asks for "
-                    f"{schedule}, so its saved position means another step. Nothing was "
-                    "changed. Resume with the same schedule (epoch length, or a budget's "
-                    "eval_every), or train in another directory."
-                )
-            saved = self.data_spec.numpy().decode()
-            if data_spec is not None and saved and saved != data_spec:
-                put_back()
-                raise CheckpointError(
-                    f"Checkpoint {path} was written by a run over other data ({saved}); this "
-                    f"run's data: {data_spec}. Its saved position counts batches of that data, "
-                    "so the resume would not be exact. Nothing was changed. Resume with the "
-                    "same data (batch size, examples, element shapes), or train in another "
-                    "directory."
-                )
+                raise CheckpointError(refusal)
             if lost:  # The index as it was: up to the one restored, `max_to_keep` of them.
                 kept = paths[paths.index(path) :][: self.max_to_keep][::-1]
                 self._write_index(path, kept)
@@ -442,6 +427,27 @@ class Checkpointer:
             f"No checkpoint in {self.directory} can be restored; nothing was changed:\n  "
             + "\n  ".join(failures)
         )
+
+    def _refusal(self, path: str, schedule: str | None, data_spec: str | None) -> str | None:
+        """Why the just-restored run at `path` cannot go on as this one, or None."""
+        saved = self.schedule.numpy().decode()
+        if schedule is not None and saved and saved != schedule:
+            return (
+                f"Checkpoint {path} was written by a run in {saved}; this run asks for "
+                f"{schedule}, so its saved position means another step. Nothing was "
+                "changed. Resume with the same schedule (epoch length, or a budget's "
+                "eval_every), or train in another directory."
+            )
+        saved = self.data_spec.numpy().decode()
+        if data_spec is not None and saved and saved != data_spec:
+            return (
+                f"Checkpoint {path} was written by a run over other data ({saved}); this "
+                f"run's data: {data_spec}. Its saved position counts batches of that data, "
+                "so the resume would not be exact. Nothing was changed. Resume with the "
+                "same data (batch size, examples, element shapes), or train in another "
+                "directory."
+            )
+        return None
 
     # -- the loop's record ----------------------------------------------------------
 
