@@ -121,10 +121,6 @@ def machine() -> dict[str, str]:
     }
 
 
-def _ratio_text(value: float | None) -> str:
-    return "" if value is None else f"{value:.2f}"
-
-
 @attrs.frozen
 class BenchResult:
     """What `compare` measured: per-round seconds per step of each variant.
@@ -234,7 +230,7 @@ class BenchResult:
             lines.append(
                 f"| {name} | {statistics.median(r) * 1e3:.3f} | {min(r) * 1e3:.3f} "
                 f"| {max(r) * 1e3:.3f} | {self.steps[name]} "
-                f"| {_ratio_text(self.paired(name, reference))} "
+                f"| {self.paired(name, reference):.2f} "
                 f"| {'—' if not outside else f'{statistics.median(outside) * 1e3:.1f}'} |"
             )
         for name, why in self.skipped.items():
