@@ -155,10 +155,56 @@ def parser():
     p.add_argument("--checkpoint")
     p.add_argument("--nan-batch", type=int)
     p.add_argument("--gan", action="store_true")
+    p.add_argument("--diagnose", action="store_true")
     return p
 
 
+def diagnose(args, strategy):
+    """A NaN in the last replica's shard only, under "raise", with a BatchNorm that is not
+    synchronized (each replica keeps statistics of its own shard): writes the guard's message,
+    whether every replica's copy of every variable is unchanged, and whether the replicas'
+    BatchNorm copies differed (else the check would prove nothing)."""
+    with strategy.scope():
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential(
+            [
+                keras.Input((6,)),
+                keras.layers.Dense(5),
+                keras.layers.BatchNormalization(),
+                keras.layers.Dense(3),
+            ]
+        )
+        state = tp.TrainState.create(model=model, optimizer=keras.optimizers.Adam(0.01))
+    x, y = (np.array(t) for t in next(iter(data()[0])))
+    step = tp.make_train_step(SCCE)
+    state, _ = step(state, (x, y))
+
+    def copies():
+        return {v.path: [c.numpy() for c in v.value.values] for v in model.variables}
+
+    before = copies()
+    x[-1] = np.nan  # the last replica's share of the batch
+    try:
+        step(state, (x, y))
+        message = "no error"
+    except tp.NonFiniteError as err:
+        message = str(err)
+    after = copies()
+    np.savez(
+        args.out,
+        message=message,
+        unchanged=all(
+            np.array_equal(a, b) for k in before for a, b in zip(before[k], after[k], strict=True)
+        ),
+        differed=not np.array_equal(*before[model.layers[1].moving_mean.path]),
+        step=int(state.step.numpy()),
+    )
+
+
 def run(args, strategy):
+    if args.diagnose:
+        diagnose(args, strategy)
+        return
     if args.gan:
         TRACED_REPLICAS.clear()
         run_gan(args, strategy)

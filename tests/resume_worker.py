@@ -20,6 +20,7 @@ action every 3 steps records the steps it saw (in OUT's ``fired``).
   during_save:K  SIGKILL in the K-th save, after the files are written and before the
                  checkpoint index names them
   sigterm:N      send itself SIGTERM after the N-th step (a preemption)
+  sigterm2:N     the same, twice, and once more after `Preempted` (while winding down)
 
 ``--jobs`` runs several uninterrupted runs one after the other in this one
 process (a JSON list of ``[DIR, OUT, [options...]]``): the tests resume many
@@ -38,6 +39,7 @@ import json
 import os
 import signal
 import sys
+import time
 import traceback
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -118,8 +120,10 @@ class Kill(keras.callbacks.Callback):
         self.counter, self.kind, self.n = counter, kind, n
 
     def on_train_batch_end(self, batch, logs=None):
-        if self.kind in ("step", "sigterm") and int(self.counter) == self.n:
+        if self.kind in ("step", "sigterm", "sigterm2") and int(self.counter) == self.n:
             os.kill(os.getpid(), signal.SIGKILL if self.kind == "step" else signal.SIGTERM)
+            if self.kind == "sigterm2":
+                os.kill(os.getpid(), signal.SIGTERM)
 
     def on_epoch_begin(self, epoch, logs=None):
         if self.kind == "epoch" and epoch == self.n:
@@ -238,6 +242,9 @@ def child(directory: str, out: str, options: list[str], stderr: str) -> None:
         run(parser().parse_args([directory, out, *options]))
     except SystemExit as err:  # Preempted: exit 143, as an unforked process would
         code = err.code if isinstance(err.code, int) else 1
+        if "sigterm2:" in " ".join(options):  # and one more SIGTERM while it winds down
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(2)
     except BaseException:
         traceback.print_exc()
         code = 1

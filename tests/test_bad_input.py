@@ -21,9 +21,12 @@ EXPECTED = {
     "four_parts": ((ValueError,), "tuple of 4 parts"),
     "no_targets": ((ValueError,), "has no targets"),
     "two_inputs": ((ValueError,), "takes 1 input"),
-    "label_range": ((tf.errors.InvalidArgumentError,), "label value"),
+    # The op's own words first, not "Graph execution error:".
+    "label_range": ((tf.errors.InvalidArgumentError,), r"\AReceived a label value of 99"),
     "batch_sizes": ((ValueError,), "disagree on the number of examples"),
     "nan_features": ((tp.NonFiniteError,), "the loss was nan"),
+    "python_lists": ((TypeError,), r"holds Python numbers .* pass NumPy arrays"),
+    "no_examples": ((ValueError,), "has no examples"),
 }
 
 
@@ -47,6 +50,10 @@ def corrupt(kind, x, y):
         return x, y[:-1]
     if kind == "nan_features":
         return np.full_like(x, np.nan), y
+    if kind == "python_lists":
+        return x.tolist(), y.tolist()
+    if kind == "no_examples":
+        return x[:0], y[:0]
     raise AssertionError(kind)
 
 
@@ -86,9 +93,10 @@ def test_a_step_refuses_bad_batches_and_changes_nothing(kind, spec, seed, size):
     assert_unchanged(before, state)
 
 
-DATASET_KINDS = [*sorted(set(EXPECTED) - {"batch_sizes", "four_parts", "no_targets"}), "empty"]
+STEP_ONLY = {"batch_sizes", "four_parts", "no_targets", "python_lists", "no_examples"}
+DATASET_KINDS = [*sorted(set(EXPECTED) - STEP_ONLY), "empty", "empty_batch"]
 # Found by running the first step, after the epoch began and reset the training metrics.
-RUNTIME = {"label_range", "nan_features"}
+RUNTIME = {"label_range", "nan_features", "empty_batch"}
 
 
 @pytest.mark.parametrize("kind", DATASET_KINDS)
@@ -105,6 +113,10 @@ def test_fit_loop_refuses_bad_data_and_changes_nothing(kind, spec, seed, steps_p
     if kind == "empty":
         data = tf.data.Dataset.from_tensor_slices((x, y)).take(0)
         errors, words = (ValueError,), "held no batch"
+    elif kind == "empty_batch":  # a batch of 0 examples, then good ones
+        good = tf.data.Dataset.from_tensor_slices((x, y)).batch(4)
+        data = tf.data.Dataset.from_tensors((x[:0], y[:0])).concatenate(good)
+        errors, words = (tp.NonFiniteError,), r"at step \d+ \(0-based\) the batch had no examples"
     else:
         bad = corrupt(kind, x, y)
         data = tf.data.Dataset.from_tensor_slices(bad).batch(4)

@@ -31,6 +31,7 @@ KILLS = {
     "during-a-save": ("during_save:3", []),
     "fused-calls": ("step:13", ["--steps-per-call", "3"]),
     "sigterm-preemption": ("sigterm:13", []),
+    "three-sigterms": ("sigterm2:13", []),
     "two-states-mid-epoch": ("step:13", ["--gan"]),
     "two-states-after-epoch-boundary": ("epoch:2", ["--gan"]),
     "two-states-fused-calls": ("step:14", ["--gan", "--steps-per-call", "4"]),

@@ -6,6 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import tfpure as tp
+from tfpure.state import state_variables
 from tfpure.testing import strategies as tps
 
 from reference import twin
@@ -53,7 +54,9 @@ def test_mixed_precision_trains_and_skips_overflowing_steps():
     previous = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy("mixed_float16")
     try:
-        spec = tps.ModelSpec((6,), (("dense", 16), ("dense", 16)), num_classes=3)
+        spec = tps.ModelSpec(
+            (6,), (("dense", 16), ("batchnorm", 0), ("dropout", 20), ("dense", 16)), num_classes=3
+        )
         model = spec.build(0)
         assert model.layers[0].compute_dtype == "float16"
         # A scale so large that the float16 backward pass overflows at first.
@@ -61,21 +64,24 @@ def test_mixed_precision_trains_and_skips_overflowing_steps():
             keras.optimizers.Adam(0.01), initial_scale=2.0**40
         )
         state = tp.TrainState.create(model=model, optimizer=optimizer)
-        step = tp.make_train_step(SCCE)
+        step = tp.make_train_step(SCCE)  # nonfinite="raise": an overflow is no error
         x, y = spec.batch(32, 0)
-        before = [v.numpy() for v in model.trainable_variables]
-        state, first = step(state, (x, y))
-        assert float(optimizer.dynamic_scale) == 2.0**39  # halved
-        assert all(
-            np.array_equal(v.numpy(), b)
-            for v, b in zip(model.trainable_variables, before, strict=True)
-        )  # the overflowing step was skipped
-        assert int(optimizer.inner_optimizer.iterations) == 0
+        untrained = float(SCCE(y, model(x)))
+        kept = [v for v in state_variables(state) if v is not optimizer.dynamic_scale]
+        before = [v.numpy() for v in kept]
+        state, _ = step(state, (x, y))
+        assert float(optimizer.dynamic_scale) == 2.0**39  # halved, and kept
+        # The skipped step is put back whole: weights, BatchNorm statistics, Dropout's
+        # seed, the step counter, the metrics.
+        for v, b in zip(kept, before, strict=True):
+            np.testing.assert_array_equal(v.numpy(), b, err_msg=v.name)
+        assert int(state.step) == 0 and float(state.metrics["loss"].count) == 0
         for _ in range(200):
             state.reset_metrics()
             state, logs = step(state, (x, y))
         assert float(optimizer.dynamic_scale) < 2.0**20  # found a workable scale
         assert int(optimizer.inner_optimizer.iterations) > 100  # and applied most steps since
-        assert float(logs["loss"]) < 0.7 * float(first["loss"])
+        assert int(state.step) == int(optimizer.inner_optimizer.iterations)
+        assert float(logs["loss"]) < 0.7 * untrained
     finally:
         keras.mixed_precision.set_global_policy(previous)

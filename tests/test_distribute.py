@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -99,6 +100,7 @@ def runs(tmp_path_factory):
         [
             (base / "mirrored-nan.npz", ["--nan-batch", "2", "--steps-per-call", "3"]),
             (base / "mirrored-gan.npz", ["--gan", "--steps-per-call", "3"]),
+            (base / "mirrored-diagnose.npz", ["--diagnose"]),
             (base / "mirrored-first.npz", ["--epochs", "2", "--checkpoint", ckpt]),
             (base / "mirrored-resumed.npz", ["--epochs", "3", "--checkpoint", ckpt]),
         ],
@@ -130,6 +132,16 @@ def test_a_two_state_make_step_body_on_two_replicas_equals_one_device(runs):
     for name in expected:
         if name not in ("replicas", "traced"):
             np.testing.assert_allclose(got[name], expected[name], **TOLERANCE, err_msg=name)
+
+
+def test_a_nan_in_one_replicas_shard_is_named_and_every_replicas_copy_is_put_back(runs):
+    got = load(runs / "mirrored-diagnose.npz")
+    message = str(got["message"])
+    assert message.startswith("at step 1 (0-based) the replicas' losses were [")
+    assert re.search(r", nan\]; replica 1: non-finite gradients of \['sequential\w*/dense", message)
+    assert "replica 0: non-finite" not in message
+    assert bool(got["differed"]), "the replicas' BatchNorm statistics were equal: no evidence"
+    assert bool(got["unchanged"]) and int(got["step"]) == 1
 
 
 def test_mirrored_checkpoint_resume_equals_one_device(runs):

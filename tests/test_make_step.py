@@ -181,7 +181,7 @@ def test_raise_names_the_failed_check_and_changes_nothing():
     batches = list(data(poison_batch=1))
     s, _ = step(s, batches[0])
     before = {name: everything(s[name]) for name in s}
-    failed = r"\['gradients of g', \"log 'g_loss'\"\]\. No variable changed"
+    failed = r"\['gradients of g', \"log 'g_loss'\", \"variables of 'g'\"\]\. No variable changed"
     with pytest.raises(tp.NonFiniteError, match=failed):
         step(s, batches[1])
     for name in s:

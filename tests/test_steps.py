@@ -312,6 +312,51 @@ def test_nonfinite_skip_counts_and_continues():
     assert float(state.metrics["loss"].count) == 4  # only the good batch counted
 
 
+@pytest.mark.parametrize("nonfinite", ["raise", "skip"])
+def test_a_finite_batch_that_overflows_batchnorm_statistics_changes_nothing(nonfinite):
+    """Loss and gradients are finite (the batch is normalised), but the moving variance of a
+    feature of 1e30 overflows: the guard judges the state the step left."""
+    spec = ModelSpec((5,), (("batchnorm", 0), ("dense", 6)), num_classes=3)
+    state, step = make_state(spec.build(0)), tp.make_train_step(SCCE, nonfinite=nonfinite)
+    x, y = spec.batch(4, 1)
+    x[:, 0] = [1e30, -1e30, 1e30, 0.0]
+    before = all_variables(state)
+    if nonfinite == "raise":
+        with pytest.raises(tp.NonFiniteError, match=r"left non-finite values in \[.*moving_var"):
+            step(state, (x, y))
+    else:
+        state, logs = step(state, (x, y))
+        assert int(logs["skipped"]) == 1
+        before["step:0"], before["skipped:0"] = np.array(1), np.array(1)
+    assert_unchanged(before, state)
+
+
+def test_an_update_that_overflows_the_weights_is_refused_at_that_step():
+    linear = keras.Sequential([keras.Input((5,)), keras.layers.Dense(3)])
+    state = make_state(linear, keras.optimizers.SGD(1e38))
+    before = all_variables(state)
+    with pytest.raises(
+        tp.NonFiniteError,
+        match=r"at step 0 \(0-based\) the loss was [\d.]+; every gradient finite, but the "
+        r"step left non-finite values in \['sequential\w*/dense\w*/kernel'",
+    ):
+        x, y = SPEC.batch(4, 0)
+        tp.make_train_step(SCCE)(state, (x * 10, y))  # gradients > 3.4: updates past 3.4e38
+    assert_unchanged(before, state)
+
+
+def test_an_epoch_of_skipped_batches_reports_nan_not_a_perfect_loss():
+    x, y = SPEC.batch(12, 0)
+    x[:] = np.nan
+    data = tf.data.Dataset.from_tensor_slices((x, y)).batch(4)
+    state = make_state(SPEC.build(0))
+    _, history = tp.fit_loop(
+        state, data, tp.make_train_step(SCCE, nonfinite="skip"), epochs=1, verbose=0
+    )
+    assert history["skipped"] == [3]
+    assert np.isnan(history["loss"][0]) and np.isnan(history["accuracy"][0])
+
+
 # -- bad input: a clear error, no variable changed ------------------------------
 
 

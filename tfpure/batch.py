@@ -36,6 +36,7 @@ __all__ = [
     "batch_size",
     "check_batch",
     "check_batch_sizes",
+    "check_batch_values",
     "unpack",
 ]
 
@@ -181,6 +182,28 @@ def check_batch_sizes(x: Any, y: Any, sample_weight: Any) -> None:
                 known.setdefault(part, int(shape[0]))
     if len(set(known.values())) > 1:
         raise ValueError(f"The batch's parts disagree on the number of examples: {known}.")
+    if 0 in known.values():
+        raise ValueError(
+            f"The batch has no examples ({known}): a step needs at least one. Filter empty "
+            "batches out of the data."
+        )
+
+
+def check_batch_values(batch: Batch) -> None:
+    """Raises if the batch holds Python numbers (nested lists) instead of arrays.
+
+    Example:
+      >>> from tfpure.batch import check_batch_values
+      >>> check_batch_values(([[1.0, 2.0]], [0]))  # doctest: +ELLIPSIS
+      Traceback (most recent call last):
+      ...
+      TypeError: The batch holds Python numbers (a nested list?) where a step takes arrays ...
+    """
+    if any(isinstance(leaf, int | float | bool) for leaf in tf.nest.flatten(batch)):
+        raise TypeError(
+            "The batch holds Python numbers (a nested list?) where a step takes arrays or "
+            "tensors: pass NumPy arrays (np.asarray) or a tf.data.Dataset."
+        )
 
 
 def _required_positional(fn: Callable[..., Any]) -> int | None:

@@ -11,10 +11,10 @@ same engine (`tfpure.graph`) as user-written `make_step` bodies:
     `state.eval_metrics` change.
 
 A body runs on one replica (the engine dispatches it through
-`strategy.run`). A guarded train body checks the loss and every gradient
-before the optimizer runs, so on failure only the variables the forward
-pass moved (BatchNorm statistics, Dropout's seed) need putting back: those
-are its `rollback_variables`.
+`strategy.run`). A guarded train body runs whole, then checks the state it
+left (see `TrainBody`); on failure the engine puts back the variables the
+forward pass moved (`rollback_variables`: BatchNorm statistics, Dropout's
+seed, shadowed) and the values of the rest (`held_variables`).
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ import tensorflow as tf
 
 from tfpure.batch import Batch, batch_size, check_batch, unpack
 from tfpure.compat import supports_no_merge_call
-from tfpure.guard import variable
+from tfpure.guard import finite_flags, variable
 from tfpure.scaling import replica_objective
-from tfpure.state import TrainState
+from tfpure.state import TrainState, variable_groups
 
 if TYPE_CHECKING:
     from tfpure.spec import StepSpec
@@ -102,7 +102,7 @@ class _Body:
                 "return (loss, y_pred)."
             )
 
-    def merge(self, out: Any) -> tf.Tensor:
+    def merge(self, out: Any) -> Any:
         """The step's verdict in cross-replica context: the same on every replica."""
         if self.strategy is None:
             return out
@@ -116,21 +116,47 @@ class _Body:
 
 
 class TrainBody(_Body):
-    """One training step of the tutorial's loop body, on one replica."""
+    """One training step of the tutorial's loop body, on one replica.
+
+    Guarded, the step runs whole (update, metrics, counters), then checks
+    the state it left: the loss and every floating variable of the model and
+    the optimizer (weights, slots, BatchNorm statistics) finite. A failed
+    check puts every variable back (`Rollback`), except a
+    `LossScaleOptimizer`'s loss scale, which it lowers on an overflow: a
+    step it skipped for overflowing gradients is put back too, without an
+    error.
+    """
 
     train = True
 
     def __init__(self, spec: StepSpec, state: TrainState):
         super().__init__(spec, state)
-        self.loss_scaled = isinstance(state.optimizer, keras.optimizers.LossScaleOptimizer)
+        optimizer = state.optimizer
+        self.loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+        own = {id(optimizer.dynamic_scale), id(optimizer.step_counter)} if self.loss_scaled else ()
+        groups = variable_groups(state)
+        # What the forward pass moves (BatchNorm statistics, Dropout's seed) gets
+        # shadows; the rest is held for the step (see `Rollback`).
         self.rollback_variables = list(state.model.non_trainable_variables)
+        moved = {id(v) for v in self.rollback_variables}
+        self.held_variables = [
+            v
+            for group in ("model", "optimizer", "metrics", "counters")
+            for v in groups[group]
+            if id(v) not in own and id(v) not in moved
+        ]
+        self.checked = [v for v in [*groups["model"], *groups["optimizer"]] if id(v) not in own]
         if spec.nonfinite is not None:
-            # What the last failed step saw; read only to explain the failure.
-            self.bad_loss = variable(0.0, "tfpure_bad_loss")
-            self.bad_grads = variable(tf.ones([len(self.trainable)], tf.bool), "tfpure_bad_grads")
+            # What the last failed step saw, per local replica; read only to explain it.
+            s = self.strategy
+            r = self.replicas = 1 if s is None else len(s.extended.worker_devices)
+            self.bad_loss = variable(tf.zeros([r]), "tfpure_bad_loss")
+            self.bad_examples = variable(tf.zeros([r], tf.int64), "tfpure_bad_examples")
+            self.bad_grads = variable(tf.ones([r, len(self.trainable)], bool), "tfpure_bad_grads")
+            self.bad_vars = variable(tf.ones([r, len(self.checked)], bool), "tfpure_bad_vars")
 
-    def one(self, batch: Batch) -> tf.Tensor:
-        """One training step (on one replica); returns whether it was applied."""
+    def one(self, batch: Batch) -> Any:
+        """One training step (on one replica); guarded, returns what `merge` judges."""
         x, y, sample_weight = unpack(batch)
         check_batch(self.model, x, y, sample_weight)
         with tf.GradientTape() as tape:
@@ -140,31 +166,30 @@ class TrainBody(_Body):
         grads = tape.gradient(scaled, self.trainable)
         if self.spec.grad_transform is not None:
             grads = self._transform(grads)
-        present = [g for g in grads if g is not None]
-        if not present:
+        if all(g is None for g in grads):
             raise ValueError(
                 f"No gradient reaches any trainable variable of {self.model.name!r}: "
                 "the loss does not depend on the model's weights."
             )
         self._check_metrics(y_pred)
-        applied = (grads, reported, x, y, y_pred, sample_weight)
         if self.spec.nonfinite is None:  # The hand-written loop: apply whatever came out.
-            return self._commit(*applied)
-
-        total = tf.cast(reported, tf.float32)
-        if not self.loss_scaled:  # LossScaleOptimizer skips overflowing steps itself.
-            total += tf.add_n([tf.cast(tf.reduce_sum(g), tf.float32) for g in present])
-        ok = tf.math.is_finite(total)
-        if self.strategy is not None:  # every replica must take the same branch
-            context = tf.distribute.get_replica_context()
-            ok = tf.equal(context.all_reduce("sum", 1.0 - tf.cast(ok, tf.float32)), 0.0)
-        if self.strategy is None or self.merge_free:
-            return tf.cond(
-                ok, lambda: self._commit(*applied), lambda: self._record(reported, grads)
-            )
-        return tf.distribute.get_replica_context().merge_call(
-            self._cross_replica_cond, args=(ok, *applied)
-        )
+            return self._commit(grads, reported, x, y, y_pred, sample_weight)
+        # Nothing is written before the forward and backward passes ran whole: a run-time
+        # error there (a label out of range) leaves the held variables as they were.
+        scale = tf.identity(self.optimizer.dynamic_scale) if self.loss_scaled else None
+        ran = [reported, *(g for g in grads if g is not None)] + ([] if scale is None else [scale])
+        with tf.control_dependencies([tf.group(ran)]):  # one edge for each op below
+            self._commit(grads, reported, x, y, y_pred, sample_weight)
+        # Reads after the update (automatic control dependencies order them).
+        reported = tf.cast(reported, tf.float32)
+        left = finite_flags(self.checked)
+        fine = tf.logical_and(tf.math.is_finite(reported), tf.reduce_all(left))
+        examples = tf.cast(batch_size(x), tf.int64)
+        if self.strategy is None:  # (a replica's share may be empty, the batch not)
+            fine = tf.logical_and(fine, examples > 0)
+        overflow = tf.constant(False) if scale is None else self.optimizer.dynamic_scale < scale
+        failed = tf.cast(tf.logical_not(fine), tf.int32)
+        return failed, overflow, reported, examples, left, grads
 
     def _commit(self, grads, reported, x, y, y_pred, sample_weight) -> tf.Tensor:
         self.optimizer.apply_gradients(zip(grads, self.trainable, strict=True))
@@ -172,30 +197,31 @@ class TrainBody(_Body):
         self.counter.assign_add(1)
         return tf.constant(True)
 
-    def _record(self, loss: tf.Tensor, grads: list[Any]) -> tf.Tensor:
-        """The failure branch: keeps what the step saw, for `explain_failure`."""
-        self.bad_loss.assign(tf.cast(loss, tf.float32))
-        flags = [
-            tf.constant(True) if g is None else tf.reduce_all(tf.math.is_finite(g)) for g in grads
-        ]
-        self.bad_grads.assign(tf.stack(flags))
-        return tf.constant(False)
-
-    def _cross_replica_cond(
-        self, strategy: Any, ok: Any, grads: Any, reported: Any, *rest: Any
-    ) -> tf.Tensor:
-        """The guard's branch, taken in cross-replica context (as LossScaleOptimizer does)."""
-        first = strategy.experimental_local_results
-
-        def commit() -> tf.Tensor:
-            strategy.extended.call_for_each_replica(self._commit, args=(grads, reported, *rest))
-            return tf.constant(True)
+    def merge(self, out: Any) -> tuple[tf.Tensor, tf.Tensor]:
+        """The verdict in cross-replica context: (keep the step, no failure)."""
+        if self.spec.nonfinite is None:
+            ok = super().merge(out)
+            return ok, ok
+        failures, overflow, loss, examples, left, grads = out
+        s = self.strategy
+        local = (lambda v: [v]) if s is None else s.experimental_local_results
+        if self.strategy is not None:  # every worker takes the same branch
+            failures = self.strategy.reduce(tf.distribute.ReduceOp.SUM, failures, axis=None)
+        no_failure = tf.equal(failures, 0)
 
         def record() -> tf.Tensor:
-            local = [None if g is None else first(g)[0] for g in grads]
-            return self._record(first(reported)[0], local)
+            per_replica = [local(g) if g is not None else [None] * self.replicas for g in grads]
+            gradient_flags = [
+                finite_flags([g[r] for g in per_replica]) for r in range(self.replicas)
+            ]
+            self.bad_loss.assign(tf.stack(local(loss)))
+            self.bad_examples.assign(tf.stack(local(examples)))
+            self.bad_grads.assign(tf.stack(gradient_flags))
+            self.bad_vars.assign(tf.stack(local(left)))
+            return tf.constant(False)
 
-        return tf.cond(first(ok)[0], commit, record)
+        no_failure = tf.cond(no_failure, lambda: tf.constant(True), record)
+        return tf.logical_and(no_failure, tf.logical_not(local(overflow)[0])), no_failure
 
     def on_skip(self) -> list[Any]:
         """What a skipped batch counts (cross-replica context)."""
@@ -210,23 +236,56 @@ class TrainBody(_Body):
         unscaled = [None if g is None else g / scale for g in grads]
         return [None if g is None else g * scale for g in transform(unscaled, self.trainable)]
 
+    def logs(self) -> Logs:
+        logs = super().logs()
+        if self.spec.nonfinite == "skip":  # an epoch of skipped batches measured nothing
+            measured = self.metrics["loss"].count > 0
+            nan = tf.constant(float("nan"))
+            logs = {k: v if k == "skipped" else tf.where(measured, v, nan) for k, v in logs.items()}
+        return logs
+
     def explain_failure(self) -> str:
-        """Says what the last non-finite step saw (read from the failure record)."""
-        flags = self.bad_grads.numpy()
-        bad = [v.path for v, ok in zip(self.trainable, flags, strict=True) if not ok]
-        grads = (
-            f"non-finite gradients of {bad}"
-            if bad
-            else "every gradient finite, but their sum overflowed"
-            if np.isfinite(self.bad_loss.numpy())
-            else "gradients not inspected past the loss"
-            if self.loss_scaled
-            else "every gradient finite"
+        """Says what the last failed step saw (read from the failure record).
+
+        Under a strategy the gradients of each replica are its own (before
+        the all-reduce): the replica whose shard went wrong is named.
+        """
+        losses, grads, after = (v.numpy() for v in (self.bad_loss, self.bad_grads, self.bad_vars))
+        step = int(self.counter.numpy())
+        bad = [_names(self.trainable, flags) for flags in grads]
+        left = _names(self.checked, np.all(after, axis=0))
+        if self.replicas == 1:
+            if int(self.bad_examples.numpy()[0]) == 0:
+                return (
+                    f"at step {step} (0-based) the batch had no examples (the loss of none is "
+                    f"{float(losses[0])}): filter empty batches out of the data"
+                )
+            seen = (
+                f"non-finite gradients of {bad[0]}"
+                if bad[0]
+                else f"every gradient finite, but the step left non-finite values in {left}"
+                if left
+                else "every gradient and variable finite"
+            )
+            return f"at step {step} (0-based) the loss was {float(losses[0])}; {seen}"
+        by_replica = [f"replica {r}: non-finite gradients of {b}" for r, b in enumerate(bad) if b]
+        seen = (
+            "; ".join(by_replica) + " (the other replicas' own gradients finite)"
+            if by_replica
+            else f"every replica's gradients finite, but the step left non-finite values in {left}"
+            if left
+            else "every gradient and variable finite"
         )
-        return (
-            f"at step {int(self.counter.numpy())} (0-based) the loss was "
-            f"{float(self.bad_loss.numpy())}; {grads}"
-        )
+        losses = [float(v) for v in losses]
+        return f"at step {step} (0-based) the replicas' losses were {losses}; {seen}"
+
+
+def _names(variables: list[Any], finite: Any, shown: int = 6) -> str:
+    """The paths of the variables not `finite`, the first few of a long list."""
+    paths = [v.path for v, ok in zip(variables, finite, strict=True) if not ok]
+    if len(paths) > shown:
+        return f"{paths[: shown - 1]} and {len(paths) - shown + 1} more"
+    return str(paths) if paths else ""
 
 
 class EvalBody(_Body):
@@ -248,3 +307,7 @@ class EvalBody(_Body):
         with tf.control_dependencies([loss]):
             self._update_metrics(loss, x, y, y_pred, sample_weight)
         return tf.constant(True)
+
+    def merge(self, out: Any) -> tuple[tf.Tensor, tf.Tensor]:
+        ok = super().merge(out)
+        return ok, ok

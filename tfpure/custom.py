@@ -6,8 +6,9 @@ of them. `UserBody` adapts `fn` to the engine (`tfpure.graph`):
   * it calls `fn` on one replica's share of the batch and checks what comes
     back: the same states (variables are updated in place; the returned
     structure must hold the states it was given) and logs that are scalars;
-  * with a guard, every log and every gradient passed to
-    `TrainState.apply_gradients` becomes a finiteness check; its rollback
+  * with a guard, every log, every gradient passed to
+    `TrainState.apply_gradients` and, after the body, every floating
+    variable of each state's model and optimizer is checked finite; its rollback
     covers every variable of every state (model, optimizer, metrics,
     counters, seed generator), because a body may update one state and then
     fail on the next;
@@ -28,7 +29,7 @@ import tensorflow as tf
 from tfpure.batch import Batch, batch_size
 from tfpure.compat import supports_no_merge_call
 from tfpure.distribute import strategy_of
-from tfpure.guard import Checks, Collected, collecting, variable
+from tfpure.guard import Checks, Collected, all_finite, collecting, variable
 from tfpure.state import TrainState, leaves, rebuild, same_structure, state_variables
 
 if TYPE_CHECKING:
@@ -162,10 +163,13 @@ class UserBody:
         for name in sorted(logs) if guarded else ():
             if logs[name].dtype.is_floating:
                 collected.add(f"log {name!r}", tf.math.is_finite(logs[name]))
+        for state in given if guarded else ():  # the state the body left, read after it
+            left = [*state.model.variables, *state.optimizer.variables]
+            collected.add(f"variables of {state.model.name!r}", all_finite(left))
         failed = tf.cast(tf.logical_not(self.checks.settle(collected)), tf.int32)
         return failed, logs, batch_size(batch)
 
-    def merge(self, out: Any) -> tf.Tensor:
+    def merge(self, out: Any) -> tuple[tf.Tensor, tf.Tensor]:
         """Sums the replicas' logs and examples; updates the means if every check passed."""
         failed, logs, n = out
         if self.strategy is not None:
@@ -184,9 +188,8 @@ class UserBody:
             with tf.control_dependencies([self.checks.record.assign(flags)]):
                 return tf.constant(False)
 
-        if self.spec.nonfinite is None:
-            return commit()
-        return tf.cond(ok, commit, record)
+        kept = commit() if self.spec.nonfinite is None else tf.cond(ok, commit, record)
+        return kept, kept
 
     def on_skip(self) -> list[Any]:
         return [fields["skipped"].assign_add(1) for fields in self._fields]

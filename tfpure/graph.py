@@ -63,7 +63,11 @@ class Engine:
         # Examples run through the step (kept or skipped): the loops' throughput.
         self.examples = examples
         # Built by `Step.engine` under the strategy's scope, like the body's variables.
-        self.rollback = Rollback(body.rollback_variables) if self.guarded else None
+        self.rollback = (
+            Rollback(body.rollback_variables, getattr(body, "held_variables", ()))
+            if self.guarded
+            else None
+        )
         if spec.jit_compile and self.strategy is not None and not body.merge_free:
             raise ValueError(
                 f"jit_compile=True is not supported under {type(self.strategy).__name__}: its "
@@ -83,27 +87,31 @@ class Engine:
     # -- one step -----------------------------------------------------------------
 
     def _run_one(self, batch: Any) -> tf.Tensor:
-        """One guarded step, on the one device or on every replica; returns whether kept."""
-        saves = self.rollback.save() if self.rollback else []
-        with tf.control_dependencies(saves):
-            ok = self.body.merge(self._dispatch(batch))
-        with tf.control_dependencies([ok]):
+        """One step, on the one device or on every replica; returns whether it did not fail.
+
+        The body's `merge` says whether to keep the step and whether it failed:
+        a step a `LossScaleOptimizer` skipped is put back, yet no failure.
+        """
+        saves, held = self.rollback.save() if self.rollback else ([], [])
+        with tf.control_dependencies(saves + held):
+            keep, ok = self.body.merge(self._dispatch(batch))
+        with tf.control_dependencies([keep, ok]):
             counted = self.examples.assign_add(self._examples_in(batch))
         if self.rollback is None:
             with tf.control_dependencies([counted]):
                 return tf.identity(ok)
 
         def put_back() -> tf.Tensor:
-            with tf.control_dependencies(self.rollback.restore()):
+            with tf.control_dependencies(self.rollback.restore(held)):
                 skips = self.body.on_skip() if self.spec.nonfinite == "skip" else []
             with tf.control_dependencies(skips):
                 return tf.constant(False)
 
-        kept = tf.cond(ok, lambda: tf.constant(True), put_back)
+        kept = tf.cond(keep, lambda: tf.constant(True), put_back)
         with tf.control_dependencies([kept, counted]):
             disarm = self.rollback.disarm()
         with tf.control_dependencies([disarm]):
-            return tf.identity(kept)
+            return tf.identity(ok)
 
     def _examples_in(self, batch: Any) -> tf.Tensor:
         """The number of examples in `batch`: the leading size of its first leaf."""

@@ -1,21 +1,20 @@
-"""The non-finite guard: a step that meets a non-finite value changes nothing.
+"""The non-finite guard: a step that leaves a non-finite value changes nothing.
 
-A guarded step checks, after the step body ran and before anything it did
-is kept, that its loss and gradients were finite. For a built-in step the
-check sees every gradient before the optimizer runs, so only the variables
-the forward pass moved (BatchNorm statistics, Dropout's seed) need putting
-back. A user-written body may update several states one after the other (a
-GAN's discriminator, then its generator), so the guard saves every variable
-of every state first and puts them all back if any check fails: one rule,
-"no variable of any state changes".
+A guarded step runs, then checks the state it left, and puts back what it
+moved if a check fails. A built-in step checks its loss and every floating
+variable of the model and the optimizer (weights, slots, BatchNorm
+statistics) after the update; a user-written body's logs, the gradients it
+applies through `TrainState.apply_gradients`, and its states' variables
+after it. One rule: "no variable of any state changes" when a check fails.
 
 The pieces, used by `tfpure.graph`:
 
-  * `Rollback`: shadow copies of a list of variables, saved at the start of
-    a step and put back when it fails (and after a graph error, by `recover`);
+  * `Rollback`: what a step may move, saved at its start and put back when
+    it fails (shadow copies, which `recover` also puts back after a graph
+    error, and values held within the step);
   * `Checks`: the finiteness checks a user-written body collects while it is
-    traced (each log, each `TrainState.apply_gradients` call), and the record
-    of which failed;
+    traced, and the record of which failed;
+  * `finite_flags` / `all_finite`: exact checks (no sum that can overflow);
   * `NonFiniteError` and `MARK`, the assertion text a failing "raise" step
     carries out of the graph.
 """
@@ -35,6 +34,9 @@ __all__ = [
     "Collected",
     "NonFiniteError",
     "Rollback",
+    "all_finite",
+    "components",
+    "finite_flags",
     "collecting",
     "record_gradients",
 ]
@@ -80,34 +82,95 @@ def _read(v: Any) -> tf.Tensor:
     return tf.convert_to_tensor(v)
 
 
+def components(v: Any) -> list[Any]:
+    """The per-device variables behind `v`: one, or one per replica under a strategy."""
+    inner = v if isinstance(v, tf.Variable) else getattr(v, "value", None)  # a Keras variable's
+    if isinstance(inner, tf.distribute.DistributedValues):
+        return list(inner.values)
+    return [v]
+
+
+def finite_flags(tensors: Sequence[Any]) -> tf.Tensor:
+    """For each tensor, whether all its elements are finite: a bool vector.
+
+    `None` and integer entries count as finite.
+
+    Example:
+      >>> import numpy as np
+      >>> from tfpure.guard import finite_flags
+      >>> finite_flags([np.float32([3e38, 3e38]), None, [np.inf], [1]]).numpy().tolist()
+      [True, True, False, True]
+    """
+    flags = []
+    for t in tensors:
+        if t is not None:
+            t = t.values if isinstance(t, tf.IndexedSlices) else tf.convert_to_tensor(t)
+        finite = t is None or not t.dtype.is_floating
+        flags.append(tf.constant(True) if finite else tf.reduce_all(tf.math.is_finite(t)))
+    return tf.stack(flags) if flags else tf.zeros([0], tf.bool)
+
+
+def all_finite(tensors: Sequence[Any]) -> tf.Tensor:
+    """Whether every element of every floating tensor is finite: one bool scalar.
+
+    Exact: no sum of large finite values can overflow into a false alarm.
+
+    Example:
+      >>> import numpy as np
+      >>> from tfpure.guard import all_finite
+      >>> bool(all_finite([np.float32([3e38, 3e38]), None])), bool(all_finite([[np.inf]]))
+      (True, False)
+    """
+    return tf.reduce_all(finite_flags(tensors))
+
+
 class Rollback:
-    """Shadow copies of `variables`: saved before a step, put back if it fails.
+    """What a step may move, saved before it and put back if it fails.
+
+    `variables` get shadow copies (variables of their own): they are put
+    back in the step's graph, and also by `recover` after a graph call that
+    failed at run time half-way through a step. `held` variables are only
+    held as the values read before the step, in its graph (no copy is made
+    unless the step writes them); put back in the graph alone. A step's
+    run-time errors come from its forward pass (a label out of range, a
+    shape): before the update, so only the variables the forward pass moves
+    need shadows.
 
     Create it under the strategy's scope (the shadows are mirrored like the
-    variables). `save` and `restore` return the ops to run inside the step's
-    graph, in the cross-replica (or default) context; `recover` runs eagerly
-    after a failed graph call.
+    variables). Under a strategy each replica's copy is saved and put back on
+    its own: replicas may hold different values (BatchNorm statistics of
+    their shards, a metric's partial sums). `save` and `restore` return the
+    ops to run inside the step's graph, in the cross-replica (or default)
+    context; `recover` runs eagerly after a failed graph call.
     """
 
-    def __init__(self, variables: Sequence[Any]):
-        self.variables = list(variables)
-        self.shadows = [variable(_read(v), "tfpure_shadow") for v in self.variables]
+    def __init__(self, variables: Sequence[Any], held: Sequence[Any] = ()):
+        self.pairs = []
+        for v in variables:
+            s = variable(_read(v), "tfpure_shadow")
+            parts, copies = components(v), components(s)
+            if len(parts) != len(copies):  # placed otherwise than its shadow: one value
+                parts, copies = [v], [s]
+            self.pairs.extend(zip(copies, parts, strict=True))
+        self.held = [part for v in held for part in components(v)]
         self.armed = variable(False, "tfpure_armed")
 
-    def save(self) -> list[Any]:
-        ops = [s.assign(_read(v)) for s, v in zip(self.shadows, self.variables, strict=True)]
-        return [*ops, self.armed.assign(True)]
+    def save(self) -> tuple[list[Any], list[tf.Tensor]]:
+        """The ops that save the shadows, and the held variables' values."""
+        ops = [*(s.assign(_read(v)) for s, v in self.pairs), self.armed.assign(True)]
+        return ops, [_read(v) for v in self.held]
 
-    def restore(self) -> list[Any]:
-        return [v.assign(s.read_value()) for s, v in zip(self.shadows, self.variables, strict=True)]
+    def restore(self, held: Sequence[tf.Tensor]) -> list[Any]:
+        shadows = [v.assign(s.read_value()) for s, v in self.pairs]
+        return [*shadows, *(v.assign(value) for v, value in zip(self.held, held, strict=True))]
 
     def disarm(self) -> Any:
         return self.armed.assign(False)
 
     def recover(self) -> None:
-        """After a graph call failed half-way: puts back what the step moved."""
+        """After a graph call failed half-way: puts back what the forward pass moved."""
         if bool(self.armed.numpy()):
-            for s, v in zip(self.shadows, self.variables, strict=True):
+            for s, v in self.pairs:
                 v.assign(s.read_value())
             self.armed.assign(False)
 
@@ -186,7 +249,5 @@ def record_gradients(name: str, grads: Sequence[Any], *, loss_scaled: bool) -> N
     checks = getattr(_collector, "current", None)
     if checks is None or loss_scaled:
         return
-    present = [g.values if isinstance(g, tf.IndexedSlices) else g for g in grads if g is not None]
-    if present:
-        total = tf.add_n([tf.cast(tf.reduce_sum(g), tf.float32) for g in present])
-        checks.add(f"gradients of {name}", tf.math.is_finite(total))
+    if any(g is not None for g in grads):
+        checks.add(f"gradients of {name}", all_finite(grads))

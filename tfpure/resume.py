@@ -95,6 +95,14 @@ def _unreplayable(data: tf.data.Dataset) -> str | None:
 LOCK_FILE = ".tfpure.lock"
 
 
+def _exit_preempted(signum: int, frame: Any) -> None:
+    """SIGTERM after a preemption was saved: the exit `Preempted` was making, now."""
+    del signum, frame
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(143)
+
+
 def _lock(directory: str) -> IO[str] | None:
     """Takes `directory`'s lock file (creating both), or raises `CheckpointError`.
 
@@ -327,6 +335,9 @@ class Run:
         lock, self._lock = getattr(self, "_lock", None), None
         if lock is not None:
             lock.close()  # releases the flock
-        if getattr(self, "_previous_handler", None) is not None:
-            signal.signal(signal.SIGTERM, self._previous_handler)
-            self._previous_handler = None
+        previous, self._previous_handler = getattr(self, "_previous_handler", None), None
+        if previous is not None:
+            preempted = getattr(self, "preempted", False) and previous == signal.SIG_DFL
+            # A preempted process is ending with 143: another SIGTERM while it winds
+            # down (the platform often sends one) ends it with 143 too, not -15.
+            signal.signal(signal.SIGTERM, _exit_preempted if preempted else previous)

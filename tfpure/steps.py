@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import numpy as np
 import tensorflow as tf
 
-from tfpure.batch import Batch, as_model_loss, check_batch_sizes, unpack
+from tfpure.batch import Batch, as_model_loss, check_batch_sizes, check_batch_values, unpack
 from tfpure.builtin import EvalBody, Logs, TrainBody
 from tfpure.custom import UserBody
 from tfpure.distribute import cluster_task, strategy_of
@@ -146,6 +146,7 @@ class Step:
         them); for `make_step` bodies, each log's running mean weighted by
         batch size since `reset_logs`.
         """
+        check_batch_values(batch)
         engine = self.engine(state)
         if self.spec.kind != "custom":
             # Batch sizes vary between calls, so the graph cannot see them statically.
@@ -272,7 +273,7 @@ class Step:
                     f"{engine.explain_failure()}. No variable changed. Pass "
                     f"nonfinite='skip' to {maker} to skip such batches instead."
                 ) from None
-            raise
+            raise _cause_first(err) from None
 
     def experimental_get_tracing_count(self) -> int:
         """How many times this step's graph functions were traced, over all states.
@@ -290,6 +291,36 @@ class Step:
             f"Step(kind={s.kind!r}, jit_compile={s.jit_compile}, "
             f"steps_per_call={s.steps_per_call}, nonfinite={s.nonfinite!r})"
         )
+
+
+def _cause_first(err: tf.errors.OpError) -> tf.errors.OpError:
+    r"""`err` with the failing op's own words as its first line.
+
+    A graph's run-time error reads "Graph execution error:", then where the
+    failing op was defined; what went wrong ("Received a label value of 5
+    which is outside the valid range of [0, 3)") comes last.
+
+    Example:
+      >>> import tensorflow as tf
+      >>> from tfpure.steps import _cause_first
+      >>> err = tf.errors.InvalidArgumentError(
+      ...     None, None, "Graph execution error:\n\nDetected at node x defined at:\n"
+      ...     '  File "a.py", line 1\n\nlabel 5 out of range\n\t [[{{node x}}]]')
+      >>> str(_cause_first(err)).splitlines()[0]
+      'label 5 out of range (while running a step; the whole report follows)'
+    """
+    lines = err.message.splitlines()
+    cause = [
+        line
+        for line in lines
+        if line.strip()
+        and not line[0].isspace()
+        and not line.startswith(("Graph execution error", "Detected at node"))
+    ]
+    if not lines or not lines[0].startswith("Graph execution error") or not cause:
+        return err
+    message = f"{' '.join(cause)} (while running a step; the whole report follows)\n\n{err.message}"
+    return type(err)(err.node_def, err.op, message)
 
 
 def _relaxed_signature(batch: Batch) -> Any:
