@@ -30,8 +30,8 @@ KILLS = {
     "right-after-a-save": ("after_save:3", []),
     "during-a-save": ("during_save:3", []),
     "fused-calls": ("step:13", ["--steps-per-call", "3"]),
-    "sigterm-preemption": ("sigterm:13", []),
-    "three-sigterms": ("sigterm2:13", []),
+    # Two SIGTERMs at step 13, one more while the preempted process winds down: 143.
+    "sigterm-preemption": ("sigterm2:13", []),
     "two-states-mid-epoch": ("step:13", ["--gan"]),
     "two-states-after-epoch-boundary": ("epoch:2", ["--gan"]),
     "two-states-fused-calls": ("step:14", ["--gan", "--steps-per-call", "4"]),
@@ -383,3 +383,18 @@ def test_fit_loop_checkpointing_needs_a_dataset_of_known_length(tmp_path):
         tp.fit_loop(state, unknown.batch(4), step, checkpoint=ckpt, verbose=0)
     with pytest.raises(TypeError, match="Checkpointer"):
         tp.fit_loop(state, unknown.batch(4), step, checkpoint="dir", verbose=0)
+
+
+def test_a_directory_that_cannot_be_written_is_refused_at_the_start(tmp_path):
+    """Found before anything is restored or trained, not at the first save. (Root ignores
+    permission bits, so the directory is made unwritable by placing it under a file.)"""
+    (tmp_path / "file").write_text("")
+    state, step = make_state(), tp.make_train_step(SCCE)
+    before = tpt.snapshot(state.model.variables)
+    data = tf.data.Dataset.from_tensor_slices(SPEC.batch(8, 0)).batch(4)
+    ckpt = tp.Checkpointer(tmp_path / "file" / "ckpt")
+    with pytest.raises(tp.CheckpointError, match=r"Cannot write the checkpoint directory .*ckpt"):
+        tp.fit_loop(state, data, step, checkpoint=ckpt, verbose=0)
+    assert int(state.step) == 0
+    for name, value in tpt.snapshot(state.model.variables).items():
+        np.testing.assert_array_equal(value, before[name], err_msg=name)

@@ -4,7 +4,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tfpure as tp
@@ -33,6 +33,7 @@ def state_maker(spec, seed):
     return make
 
 
+@settings(max_examples=3)  # each example traces two steps
 @given(
     spec=tps.model_specs(),
     seed=tps.seeds(),

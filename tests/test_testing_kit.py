@@ -54,9 +54,31 @@ def test_training_flag_catches_randomness_at_inference():
 
 
 def test_training_flag_catches_a_dropout_that_never_drops():
-    with pytest.raises(AssertionError, match="identical outputs on two calls"):
-        tpt.assert_training_flag_respected(with_layer(NeverDrops(0.5)), SPEC.batch(8, 0))
+    with pytest.raises(AssertionError, match=r"\['deaf'\] passed their inputs through"):
+        tpt.assert_training_flag_respected(
+            with_layer(NeverDrops(0.5, name="deaf")), SPEC.batch(8, 0)
+        )
     tpt.assert_training_flag_respected(with_layer(keras.layers.Dropout(0.5)), SPEC.batch(8, 0))
+
+
+def test_training_flag_names_a_deaf_dropout_among_working_ones():
+    """The model as a whole draws new masks (the working Dropout does): only a per-layer
+    check finds the deaf one, and names it."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input(SPEC.input_shape),
+            keras.layers.Dense(8),
+            keras.layers.Dropout(0.5, name="works"),
+            keras.layers.Dense(8),
+            NeverDrops(0.5, name="deaf"),
+            keras.layers.Dense(3),
+        ]
+    )
+    named = r"\['deaf'\] passed .* the model has \['works', 'deaf'\]"
+    with pytest.raises(AssertionError, match=named):
+        tpt.assert_training_flag_respected(model, SPEC.batch(8, 0))
+    assert "call" not in vars(model.layers[1])  # the spies are gone
 
 
 class FrozenNorm(keras.layers.BatchNormalization):
@@ -67,7 +89,7 @@ class FrozenNorm(keras.layers.BatchNormalization):
 
 
 def test_training_flag_catches_a_batchnorm_stuck_in_inference():
-    with pytest.raises(AssertionError, match="moving statistic unchanged"):
+    with pytest.raises(AssertionError, match=r"moving statistics of \[.frozen_norm.\] unchanged"):
         tpt.assert_training_flag_respected(with_layer(FrozenNorm()), SPEC.batch(8, 0))
 
 
@@ -107,6 +129,70 @@ def test_gradients_catch_a_wrong_custom_gradient():
     with pytest.raises(AssertionError, match="differ from central finite differences"):
         tpt.assert_gradients_match_numeric(with_layer(Square(wrong=True)), SCCE, batch)
     tpt.assert_gradients_match_numeric(with_layer(Square(wrong=False)), SCCE, batch)
+
+
+@tf.custom_gradient
+def square_wrong_near_zero(x):
+    """Bug: the gradient of x² is 3x where |x| < 1 (only normalised inputs show it)."""
+
+    def grad(dy):
+        return dy * tf.cast(tf.where(tf.abs(x) < 1, 3.0, 2.0), x.dtype) * x
+
+    return tf.square(x), grad
+
+
+@keras.saving.register_keras_serializable("tfpure_tests")
+class NearZeroSquare(keras.layers.Layer):
+    def call(self, x):
+        return square_wrong_near_zero(x)
+
+
+def test_gradients_check_the_copy_behind_an_adapted_normalization():
+    """The float64 copy keeps the adapted mean and variance, so a bug that only normalised
+    inputs reach is caught (raw features ~ N(500, 10) keep |x| far above 1)."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(500, 10, size=(16, 3)).astype("float32")
+    y = rng.integers(0, 3, 16).astype("int32")
+    norm = keras.layers.Normalization()
+    norm.adapt(x)
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [keras.Input((3,)), norm, keras.layers.Dense(4), NearZeroSquare(), keras.layers.Dense(3)]
+    )
+    with pytest.raises(AssertionError, match="differ from central finite differences"):
+        tpt.assert_gradients_match_numeric(model, SCCE, (x, y))
+
+
+def test_gradients_of_an_embedding_are_compared_dense():
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((5,), dtype="int32"),
+            keras.layers.Embedding(20, 4),
+            keras.layers.GlobalAveragePooling1D(),
+            keras.layers.Dense(3),
+        ]
+    )
+    rng = np.random.default_rng(0)
+    tokens, y = rng.integers(0, 20, (6, 5)).astype("int32"), rng.integers(0, 3, 6).astype("int32")
+    tpt.assert_gradients_match_numeric(model, SCCE, (tokens, y))  # IndexedSlices gradients
+
+
+class Shifted(keras.layers.Layer):
+    """State outside variables and config: a copy built from the config loses it."""
+
+    shift = 0.0
+
+    def call(self, x):
+        return x + self.shift
+
+
+def test_gradients_refuse_a_copy_that_computes_another_function():
+    layer = Shifted()
+    layer.shift = 2.0
+    model = keras.Sequential([keras.Input((4,)), layer, keras.layers.Dense(3)])
+    with pytest.raises(AssertionError, match=r"copy of .* does not compute the model's outputs"):
+        tpt.assert_gradients_match_numeric(model, SCCE, SPEC.batch(4, 0))
 
 
 # -- Python-side state frozen into the graph -------------------------------------------
@@ -234,3 +320,71 @@ def test_batches_follow_an_element_spec_with_ragged_sizes(data):
         size = batch["x"].shape[0]
         assert batch["x"].shape == (size, 3) and batch["x"].dtype == np.float32
         assert batch["n"].shape == (size,) and batch["n"].min() >= 0 and batch["n"].max() < 5
+
+
+# -- a step against the tutorial's hand-written step ------------------------------------
+
+REGULARIZED = ModelSpec((4,), (("dense", 8), ("dropout", 30), ("batchnorm", 0)), 3, l2=0.01)
+
+
+def regularized_state():
+    return tp.TrainState.create(
+        model=REGULARIZED.build(0),
+        optimizer=keras.optimizers.Adam(0.01),
+        metrics={"accuracy": keras.metrics.SparseCategoricalAccuracy()},
+    )
+
+
+def user_body(regularize=True, accuracy_updates=1):
+    def body(state, batch):
+        x, y = batch
+        with tf.GradientTape() as tape:
+            y_pred = state.model(x, training=True)
+            loss = SCCE(y, y_pred)
+            if regularize:
+                loss += tf.add_n(state.model.losses)
+        state = state.apply_gradients(tape.gradient(loss, state.model.trainable_variables))
+        state.metrics["loss"].update_state(loss, sample_weight=tf.shape(x)[0])
+        for _ in range(accuracy_updates):
+            state.metrics["accuracy"].update_state(y, y_pred)
+        return state, {"loss": loss}
+
+    return tp.make_step(body)
+
+
+REFERENCE_BATCHES = [REGULARIZED.batch(n, i) for i, n in enumerate((8, 8, 5))]
+
+
+@pytest.mark.parametrize(
+    "step",
+    [tp.make_train_step(SCCE), tp.make_train_step(SCCE, steps_per_call=2), user_body()],
+    ids=["make_train_step", "fused", "make_step-body"],
+)
+def test_step_matches_reference_passes_correct_steps(step):
+    tpt.assert_step_matches_reference(regularized_state, step, SCCE, REFERENCE_BATCHES)
+
+
+@pytest.mark.parametrize(
+    ("step", "match"),
+    [
+        (user_body(regularize=False), r"model sequential\w*/dense\w*/kernel: max \|step - refer"),
+        (user_body(accuracy_updates=2), r"metrics \S*total: max \|step - reference\| = "),
+    ],
+    ids=["forgets-model-losses", "metric-updated-twice"],
+)
+def test_step_matches_reference_catches_a_wrong_user_step(step, match):
+    with pytest.raises(AssertionError, match=match):
+        tpt.assert_step_matches_reference(regularized_state, step, SCCE, REFERENCE_BATCHES)
+
+
+def test_step_matches_reference_needs_identical_states():
+    with pytest.raises(AssertionError, match=r"make_state\(\) built two different states"):
+        tpt.assert_step_matches_reference(
+            lambda: tp.TrainState.create(
+                model=keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)]),
+                optimizer=keras.optimizers.SGD(),
+            ),
+            tp.make_train_step(SCCE),
+            SCCE,
+            REFERENCE_BATCHES,
+        )

@@ -11,13 +11,19 @@ import contextlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
+import keras
 import numpy as np
 import tensorflow as tf
 
+from tfpure.compat import LossFunctionWrapper
 from tfpure.state import TrainState
 from tfpure.testing.properties import snapshot, state_variables
 
-__all__ = ["assert_fused_matches_sequential", "assert_graph_matches_eager"]
+__all__ = [
+    "assert_fused_matches_sequential",
+    "assert_graph_matches_eager",
+    "assert_step_matches_reference",
+]
 
 
 def _run(step: Callable[..., Any], state: Any, batches: Iterable[Any]) -> tuple[Any, list[Any]]:
@@ -44,6 +50,7 @@ def _compare(
     b: dict[str, np.ndarray],
     rtol: float,
     atol: float,
+    labels: str = "graph - eager",
 ) -> list[str]:
     out = []
     if len(a) != len(b):
@@ -55,7 +62,7 @@ def _compare(
             ok = np.array_equal(x, y)
         if not ok:
             delta = np.max(np.abs(x.astype("float64") - y.astype("float64")))
-            out.append(f"{what} {name}: max |graph - eager| = {delta:.3g}")
+            out.append(f"{what} {name}: max |{labels}| = {delta:.3g}")
     return out
 
 
@@ -155,7 +162,9 @@ def assert_fused_matches_sequential(
     problems = []
     for group, one_vars in state_variables(one).items():
         fused_vars = state_variables(fused)[group]
-        problems += _compare(group, snapshot(one_vars), snapshot(fused_vars), rtol, atol)
+        problems += _compare(
+            group, snapshot(one_vars), snapshot(fused_vars), rtol, atol, "one - fused"
+        )
     if sorted(one_history) != sorted(fused_history):
         problems.append(f"history keys {sorted(one_history)} vs {sorted(fused_history)}")
     else:
@@ -165,5 +174,106 @@ def assert_fused_matches_sequential(
     if problems:
         raise AssertionError(
             f"steps_per_call={steps_per_call} differs from one step per call:\n  "
+            + "\n  ".join(problems[:20])
+        )
+
+
+def _reference_loss(loss: Any) -> Any:
+    """`loss` as `model.compile` would call it: ``fn(y_true, y_pred, sample_weight=)``."""
+    if isinstance(loss, str):
+        loss = keras.losses.get(loss)
+    if isinstance(loss, keras.losses.Loss):
+        return loss
+    if callable(loss):
+        return LossFunctionWrapper(loss)
+    raise TypeError(f"The reference step needs a Keras loss or fn(y_true, y_pred); got {loss!r}.")
+
+
+def _reference_step(state: TrainState, loss: Any, batch: Any) -> None:
+    """The tutorial's step, eagerly: what a training step of `state` must do to a batch."""
+    x, y, sample_weight = (*batch, None)[:3] if isinstance(batch, tuple) else (batch, None, None)
+    model, optimizer = state.model, state.optimizer
+    with tf.GradientTape() as tape:
+        y_pred = model(x, training=True)
+        value = loss(y, y_pred, sample_weight=sample_weight)
+        value += sum(model.losses)  # regularization, as in the tutorial
+    grads = tape.gradient(value, model.trainable_variables)
+    optimizer.apply_gradients(zip(grads, model.trainable_variables, strict=True))
+    examples = tf.shape(tf.nest.flatten(x)[0])[0]
+    for name, metric in state.metrics.items():
+        if name == "loss":  # weighted by batch size, as Keras fit does
+            metric.update_state(value, sample_weight=examples)
+        else:
+            metric.update_state(y, y_pred, sample_weight=sample_weight)
+    state.step.assign_add(1)
+
+
+def assert_step_matches_reference(
+    make_state: Callable[[], TrainState],
+    step: Callable[..., Any],
+    loss: Any,
+    batches: Sequence[Any],
+    *,
+    rtol: float = 1e-5,
+    atol: float = 1e-6,
+) -> None:
+    """Asserts that `step` trains a state as the tutorial's hand-written step does.
+
+    `make_state()` is called twice and must return identically initialised
+    states. One is trained by `step` over `batches`; the other by an
+    independent reference, run eagerly: ``model(x, training=True)``, `loss`
+    plus ``model.losses``, one ``apply_gradients``, each metric of
+    ``state.metrics`` updated once with ``(y, y_pred, sample_weight)`` and the
+    ``"loss"`` tracker with the batch loss weighted by the batch size (as
+    Keras `fit` does), ``state.step`` counted. Every model, optimizer and
+    metric *variable* is compared, so a metric updated twice is caught even
+    when its result is unchanged, and a forgotten ``model.losses`` shows in
+    the weights. `step` may be a `make_train_step` step or a `make_step` body
+    over one state.
+
+    Args:
+      make_state: builds a fresh, identically initialised `TrainState`.
+      step: ``state, logs = step(state, batch)``.
+      loss: the loss the step should use: a Keras loss, its name, or
+        ``fn(y_true, y_pred)`` (wrapped as `model.compile` wraps it).
+      batches: ``(x, y)`` or ``(x, y, sample_weight)`` batches.
+      rtol, atol: tolerance of the comparison (the reference runs eagerly:
+        another graph, so float32 sums may be ordered otherwise).
+
+    Raises:
+      AssertionError: naming each variable that differs, or saying that
+        `make_state` built two different states.
+
+    Example:
+      >>> import keras, numpy as np, tfpure as tp
+      >>> from tfpure import testing as tpt
+      >>> def make_state():
+      ...     keras.utils.set_random_seed(0)
+      ...     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+      ...     return tp.TrainState.create(model=model, optimizer=keras.optimizers.Adam())
+      >>> batches = [(np.ones((4, 3), "float32"), np.zeros((4, 2), "float32"))] * 3
+      >>> tpt.assert_step_matches_reference(make_state, tp.make_train_step("mse"), "mse", batches)
+    """
+    batches = list(batches)
+    reference_loss = _reference_loss(loss)
+    stepped, reference = make_state(), make_state()
+    problems = []
+    for group, a in state_variables(stepped).items():
+        b = state_variables(reference)[group]
+        problems += _compare(group, snapshot(a), snapshot(b), 0.0, 0.0, "first - second")
+    if problems:
+        raise AssertionError(
+            "make_state() built two different states (seed it inside, e.g. "
+            "keras.utils.set_random_seed):\n  " + "\n  ".join(problems[:20])
+        )
+    for batch in batches:
+        stepped, _ = step(stepped, batch)
+        _reference_step(reference, reference_loss, batch)
+    for group, a in state_variables(stepped).items():
+        b = state_variables(reference)[group]
+        problems += _compare(group, snapshot(a), snapshot(b), rtol, atol, "step - reference")
+    if problems:
+        raise AssertionError(
+            "The step differs from the tutorial's step with the same loss:\n  "
             + "\n  ".join(problems[:20])
         )

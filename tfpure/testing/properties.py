@@ -7,7 +7,8 @@ it found them unless the check itself is about changing them.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import keras
@@ -125,6 +126,31 @@ def assert_eval_step_pure(eval_step: Callable[..., Any], state: TrainState, batc
         )
 
 
+@contextlib.contextmanager
+def _spying(layers: Sequence[keras.layers.Layer]) -> Iterator[dict[str, tuple]]:
+    """Records each layer's first input and output (as NumPy) while the context lasts."""
+    seen: dict[str, tuple] = {}
+    patched = []
+    for layer in layers:
+        call = layer.call
+        patched.append((layer, "call" in vars(layer), call))
+
+        def spy(*args: Any, _call: Any = call, _name: str = layer.name, **kwargs: Any) -> Any:
+            out = _call(*args, **kwargs)
+            seen[_name] = (keras.ops.convert_to_numpy(args[0]), keras.ops.convert_to_numpy(out))
+            return out
+
+        layer.call = spy
+    try:
+        yield seen
+    finally:
+        for layer, own, call in patched:
+            if own:
+                layer.call = call
+            else:
+                del layer.call  # the class's method again
+
+
 def _layers(model: keras.Model) -> list[keras.layers.Layer]:
     return flatten_layers(model, include_self=False)
 
@@ -135,8 +161,10 @@ def assert_training_flag_respected(model: keras.Model, batch: Any) -> None:
     * ``training=False`` gives identical outputs on two calls and changes no
       variable (no BatchNorm statistic, no Dropout seed);
     * ``training=True`` draws new masks where the model has Dropout-like
-      layers (two calls differ) and moves BatchNorm moving statistics where
-      it has BatchNormalization layers.
+      layers (two calls differ, and no such layer passes its input through
+      unchanged) and moves the moving statistics of every
+      BatchNormalization layer. Layer by layer: a deaf Dropout among
+      working ones is named.
 
     The model's variables are restored afterwards.
 
@@ -168,10 +196,25 @@ def assert_training_flag_respected(model: keras.Model, batch: Any) -> None:
         layers = _layers(model)
         # Enough examples that two independent Dropout masks cannot coincide.
         wide = tf.nest.map_structure(lambda t: np.concatenate([np.asarray(t)] * 64), x)
-        if any(
-            isinstance(layer, _DROPOUT_LIKE) and getattr(layer, "rate", 1) > 0 for layer in layers
-        ):
-            a = keras.ops.convert_to_numpy(model(wide, training=True))
+        droppers = [
+            layer
+            for layer in layers
+            if isinstance(layer, _DROPOUT_LIKE) and getattr(layer, "rate", 1) > 0
+        ]
+        if droppers:
+            with _spying(droppers) as seen:
+                a = keras.ops.convert_to_numpy(model(wide, training=True))
+            deaf = [
+                layer.name
+                for layer in droppers
+                if layer.name in seen and np.array_equal(*seen[layer.name])
+            ]
+            if deaf:
+                raise AssertionError(
+                    f"training=True: {deaf} passed their inputs through unchanged (each "
+                    "ignores training=True), while the model has "
+                    f"{[layer.name for layer in droppers]} to draw masks."
+                )
             b = keras.ops.convert_to_numpy(model(wide, training=True))
             if np.array_equal(a, b):
                 raise AssertionError(
@@ -184,11 +227,19 @@ def assert_training_flag_respected(model: keras.Model, batch: Any) -> None:
             stats = [v for n in norms for v in (n.moving_mean, n.moving_variance)]
             before = snapshot(stats)
             model(x, training=True)
-            if not _diff(before, snapshot(stats)):
+            after = snapshot(stats)
+            stuck = [
+                n.name
+                for n in norms
+                if not _diff(
+                    {k: before[k] for k in snapshot([n.moving_mean, n.moving_variance])},
+                    after,
+                )
+            ]
+            if stuck:
                 raise AssertionError(
-                    "training=True left every BatchNormalization moving statistic "
-                    f"unchanged ({[n.name for n in norms]}): the layer is not in "
-                    "training mode."
+                    f"training=True left the BatchNormalization moving statistics of {stuck} "
+                    f"unchanged (of {[n.name for n in norms]}): not in training mode."
                 )
     finally:
         _restore(variables, original)
@@ -209,7 +260,29 @@ def _float64_copy(model: keras.Model) -> keras.Model:
         ) from err
     for src, dst in zip(model.variables, copy.variables, strict=True):
         dst.assign(tf.cast(src.value, dst.dtype))
+    for layer in flatten_layers(copy):  # state computed from variables: adapted Normalization
+        if isinstance(layer, keras.layers.Normalization) and hasattr(layer, "adapt_mean"):
+            layer.finalize_state()
     return copy
+
+
+def _check_copy(model: keras.Model, copy: keras.Model, x: Any) -> None:
+    """Refuses a float64 copy that does not compute the original's function."""
+    want = tf.nest.flatten(model(x, training=False))
+    x64 = tf.nest.map_structure(
+        lambda t: tf.cast(t, tf.float64) if tf.as_dtype(np.asarray(t).dtype).is_floating else t, x
+    )
+    got = tf.nest.flatten(copy(x64, training=False))
+    for a, b in zip(want, got, strict=True):
+        a, b = np.asarray(a, "float64"), np.asarray(b, "float64")
+        gap = float(np.max(np.abs(a - b), initial=0.0))
+        if not np.allclose(b, a, rtol=1e-3, atol=1e-4):
+            raise AssertionError(
+                f"The float64 copy of {model.name!r} does not compute the model's outputs "
+                f"(largest difference {gap:.3g}): a layer's state was not copied (a layer "
+                "with state outside its variables, or one built unlike its config). "
+                "Checking its gradients would check another function."
+            )
 
 
 def assert_gradients_match_numeric(
@@ -227,8 +300,12 @@ def assert_gradients_match_numeric(
 
     The loss is ``loss(y, model(x, training=False))`` plus ``model.losses``, as
     in a training step (``training=False`` makes it deterministic). The model is
-    copied to float64 (`keras.models.clone_model`), so `model` is not touched;
-    at most `max_entries` entries per variable, chosen by `seed`, are probed.
+    copied to float64 (`keras.models.clone_model`, an adapted `Normalization`'s
+    statistics included), so `model` is not touched; a copy that does not
+    reproduce the model's outputs on the batch is refused (its gradients
+    would be another function's). Sparse gradients (an `Embedding`'s) are
+    compared dense. At most `max_entries` entries per variable, chosen by
+    `seed`, are probed.
 
     Args:
       model: a Keras model `clone_model` can rebuild.
@@ -238,7 +315,8 @@ def assert_gradients_match_numeric(
       eps: the finite-difference step.
 
     Raises:
-      AssertionError: naming the variable, the entry and both values.
+      AssertionError: naming the variable, the entry and both values; or
+        saying the float64 copy computes other outputs.
 
     Example:
       >>> import keras, numpy as np
@@ -252,6 +330,7 @@ def assert_gradients_match_numeric(
       >>> tpt.assert_gradients_match_numeric(model, loss, (x, y))
     """
     copy = _float64_copy(model)
+    _check_copy(model, copy, unpack(batch)[0])
     model_loss = as_model_loss(loss, dtype="float64")
     batch = tf.nest.map_structure(
         lambda t: tf.cast(t, tf.float64) if tf.as_dtype(np.asarray(t).dtype).is_floating else t,
@@ -269,7 +348,7 @@ def assert_gradients_match_numeric(
     rng = np.random.default_rng(seed)
     failures = []
     for var, grad in zip(copy.trainable_variables, grads, strict=True):
-        tape_grad = np.zeros(var.shape) if grad is None else grad.numpy()
+        tape_grad = np.zeros(var.shape) if grad is None else tf.convert_to_tensor(grad).numpy()
         flat = var.numpy().reshape(-1)
         picks = rng.choice(flat.size, size=min(max_entries, flat.size), replace=False)
         for index in picks:
