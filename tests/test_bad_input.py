@@ -100,11 +100,11 @@ RUNTIME = {"label_range", "nan_features", "empty_batch"}
 
 
 @pytest.mark.parametrize("kind", DATASET_KINDS)
-@settings(max_examples=2)
+@settings(max_examples=1)  # a whole fit_loop per example; the first draws fused calls
 @given(
     spec=tps.model_specs(kinds=("dense",)),
     seed=tps.seeds(),
-    steps_per_call=st.sampled_from([1, 3]),
+    steps_per_call=st.sampled_from([3, 1]),
 )
 def test_fit_loop_refuses_bad_data_and_changes_nothing(kind, spec, seed, steps_per_call):
     state = trained_state(spec, seed)

@@ -25,7 +25,6 @@ SPEC = ModelSpec((5,), (("dense", 6), ("dropout", 50), ("batchnorm", 0)), num_cl
 BUDGET = ["--steps", "45", "--eval-every", "20"]  # windows of 20, 20 and 5 steps
 KILLS = {
     "mid-epoch": ("step:13", []),
-    "before-the-ragged-last-batch-ends": ("step:24", []),
     "after-epoch-boundary": ("epoch:2", []),
     "right-after-a-save": ("after_save:3", []),
     "during-a-save": ("during_save:3", []),
@@ -33,7 +32,6 @@ KILLS = {
     # Two SIGTERMs at step 13, one more while the preempted process winds down: 143.
     "sigterm-preemption": ("sigterm2:13", []),
     "two-states-mid-epoch": ("step:13", ["--gan"]),
-    "two-states-after-epoch-boundary": ("epoch:2", ["--gan"]),
     "two-states-fused-calls": ("step:14", ["--gan", "--steps-per-call", "4"]),
     "step-budget-fused-mid-window": ("step:39", [*BUDGET, "--steps-per-call", "4"]),
 }

@@ -18,7 +18,9 @@ gives the verdict in cross-replica context; a failed step puts them back
 with ``jit_compile=True``.
 
 Invariant of every guarded step: when a check fails, or the graph fails at
-run time (a label out of range, say), no variable the guard covers changes.
+run time in the forward or backward pass (a label out of range, say), no
+variable the guard covers changes. (A built-in step writes nothing before
+both passes ran whole; a user-written body's every variable has a shadow.)
 """
 
 from __future__ import annotations
