@@ -31,7 +31,6 @@ KILLS = {
     "fused-calls": ("step:13", ["--steps-per-call", "3"]),
     # Two SIGTERMs at step 13, one more while the preempted process winds down: 143.
     "sigterm-preemption": ("sigterm2:13", []),
-    "two-states-mid-epoch": ("step:13", ["--gan"]),
     "two-states-fused-calls": ("step:14", ["--gan", "--steps-per-call", "4"]),
     "step-budget-fused-mid-window": ("step:39", [*BUDGET, "--steps-per-call", "4"]),
 }

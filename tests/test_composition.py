@@ -2,7 +2,7 @@
 
 import keras
 import numpy as np
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tfpure as tp
@@ -14,6 +14,7 @@ from reference import twin
 SCCE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
+@settings(max_examples=3)  # each example traces two steps
 @given(
     spec=tps.model_specs(dropout=False, batchnorm=False),
     k=st.integers(2, 4),

@@ -2,7 +2,7 @@
 
 import keras
 import numpy as np
-from hypothesis import given
+from hypothesis import given, settings
 
 import tfpure as tp
 from tfpure import testing as tpt
@@ -36,6 +36,7 @@ def test_training_flag_is_respected(spec, seed, size):
     assert all(np.array_equal(before[k], after[k]) for k in before)  # left as found
 
 
+@settings(max_examples=3)
 @given(spec=tps.model_specs(), seed=tps.seeds(), size=tps.st.integers(1, 6))
 def test_eval_step_is_pure(spec, seed, size):
     state = fresh_state(spec, seed)()
@@ -43,6 +44,7 @@ def test_eval_step_is_pure(spec, seed, size):
     tpt.assert_eval_step_pure(tp.make_eval_step(SCCE), state, spec.batch(size, seed + 1))
 
 
+@settings(max_examples=3)
 @given(spec=tps.model_specs(), seed=tps.seeds(), data=tps.st.data())
 def test_graph_matches_eager(spec, seed, data):
     batches = data.draw(tps.batch_lists(spec, max_batches=3))
@@ -52,6 +54,7 @@ def test_graph_matches_eager(spec, seed, data):
     tpt.assert_graph_matches_eager(make_state, tp.make_train_step(SCCE), batches)
 
 
+@settings(max_examples=3)
 @given(spec=tps.model_specs(), seed=tps.seeds(), data=tps.st.data())
 def test_ragged_batches_never_retrace(spec, seed, data):
     batches = data.draw(tps.batch_lists(spec, min_batches=2, max_batches=5))

@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tfpure as tp
@@ -45,6 +45,7 @@ def assert_same_variables(a, b, rtol=0.0, atol=0.0):
         np.testing.assert_allclose(va.numpy(), vb.numpy(), rtol=rtol, atol=atol, err_msg=va.path)
 
 
+@settings(max_examples=3)  # each example traces two steps
 @given(
     spec=tps.model_specs(),
     sizes=st.lists(st.integers(1, 9), min_size=1, max_size=5),
@@ -80,6 +81,7 @@ def test_unguarded_train_step_equals_tutorial_loop_bit_for_bit(spec, sizes, seed
         np.testing.assert_allclose(float(logs["loss"]), float(ref_loss.result()), rtol=1e-5)
 
 
+@settings(max_examples=3)  # each example traces two steps
 @given(
     spec=tps.model_specs(),
     sizes=st.lists(st.integers(1, 9), min_size=1, max_size=5),

@@ -205,8 +205,8 @@ class TrainBody(_Body):
         failures, overflow, loss, examples, left, grads = out
         s = self.strategy
         local = (lambda v: [v]) if s is None else s.experimental_local_results
-        if self.strategy is not None:  # every worker takes the same branch
-            failures = self.strategy.reduce(tf.distribute.ReduceOp.SUM, failures, axis=None)
+        if s is not None:  # every worker takes the same branch
+            failures = s.reduce(tf.distribute.ReduceOp.SUM, failures, axis=None)
         no_failure = tf.equal(failures, 0)
 
         def record() -> tf.Tensor:

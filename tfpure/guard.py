@@ -130,11 +130,11 @@ class Rollback:
     `variables` get shadow copies (variables of their own): they are put
     back in the step's graph, and also by `recover` after a graph call that
     failed at run time half-way through a step. `held` variables are only
-    held as the values read before the step, in its graph (no copy is made
-    unless the step writes them); put back in the graph alone. A step's
-    run-time errors come from its forward pass (a label out of range, a
-    shape): before the update, so only the variables the forward pass moves
-    need shadows.
+    held as the values read before the step, in its graph (an update in place
+    then writes a copy instead of overwriting them: no separate copy op); put
+    back in the graph alone. A built-in step's run-time errors come from its
+    forward or backward pass (a label out of range), which its update waits
+    for, so only the variables the forward pass moves need shadows.
 
     Create it under the strategy's scope (the shadows are mirrored like the
     variables). Under a strategy each replica's copy is saved and put back on
