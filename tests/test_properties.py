@@ -22,11 +22,13 @@ def fresh_state(spec, seed, optimizer=lambda: keras.optimizers.Adam(0.01)):
     return make
 
 
+@settings(max_examples=3)
 @given(spec=tps.model_specs(), seed=tps.seeds(), size=tps.st.integers(1, 6))
 def test_tape_gradients_equal_finite_differences(spec, seed, size):
     tpt.assert_gradients_match_numeric(spec.build(seed), SCCE, spec.batch(size, seed))
 
 
+@settings(max_examples=3)
 @given(spec=tps.model_specs(), seed=tps.seeds(), size=tps.st.integers(2, 6))
 def test_training_flag_is_respected(spec, seed, size):
     model = spec.build(seed)
