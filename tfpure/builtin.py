@@ -102,11 +102,10 @@ class _Body:
                 "return (loss, y_pred)."
             )
 
-    def merge(self, out: Any) -> Any:
-        """The step's verdict in cross-replica context: the same on every replica."""
-        if self.strategy is None:
-            return out
-        return self.strategy.experimental_local_results(out)[0]
+    def merge(self, out: Any) -> tuple[tf.Tensor, tf.Tensor]:
+        """The verdict in cross-replica context, the same on every replica: (keep, no failure)."""
+        ok = out if self.strategy is None else self.strategy.experimental_local_results(out)[0]
+        return ok, ok
 
     def logs(self) -> Logs:
         logs = metric_results(self.metrics)
@@ -200,8 +199,7 @@ class TrainBody(_Body):
     def merge(self, out: Any) -> tuple[tf.Tensor, tf.Tensor]:
         """The verdict in cross-replica context: (keep the step, no failure)."""
         if self.spec.nonfinite is None:
-            ok = super().merge(out)
-            return ok, ok
+            return super().merge(out)
         failures, overflow, loss, examples, left, grads = out
         s = self.strategy
         local = (lambda v: [v]) if s is None else s.experimental_local_results
@@ -307,7 +305,3 @@ class EvalBody(_Body):
         with tf.control_dependencies([loss]):
             self._update_metrics(loss, x, y, y_pred, sample_weight)
         return tf.constant(True)
-
-    def merge(self, out: Any) -> tuple[tf.Tensor, tf.Tensor]:
-        ok = super().merge(out)
-        return ok, ok

@@ -66,6 +66,18 @@ def _compare(
     return out
 
 
+def _compare_states(
+    a: TrainState, b: TrainState, rtol: float, atol: float, labels: str = "graph - eager"
+) -> list[str]:
+    """`_compare` over every variable group of two states."""
+    groups_b = state_variables(b)
+    return [
+        problem
+        for group, vs in state_variables(a).items()
+        for problem in _compare(group, snapshot(vs), snapshot(groups_b[group]), rtol, atol, labels)
+    ]
+
+
 def assert_graph_matches_eager(
     make_state: Callable[[], TrainState],
     step: Callable[..., Any],
@@ -101,10 +113,7 @@ def assert_graph_matches_eager(
     eager_state = make_state()
     with _eagerly():
         eager_state, eager_logs = _run(step, eager_state, batches)
-    problems = []
-    for group, graph_vars in state_variables(graph_state).items():
-        eager_vars = state_variables(eager_state)[group]
-        problems += _compare(group, snapshot(graph_vars), snapshot(eager_vars), rtol, atol)
+    problems = _compare_states(graph_state, eager_state, rtol, atol)
     for i, (g, e) in enumerate(zip(graph_logs, eager_logs, strict=True)):
         if set(g) != set(e):
             problems.append(f"logs of batch {i}: keys {sorted(g)} vs {sorted(e)}")
@@ -159,12 +168,7 @@ def assert_fused_matches_sequential(
         )
         results.append((state, history))
     (one, one_history), (fused, fused_history) = results
-    problems = []
-    for group, one_vars in state_variables(one).items():
-        fused_vars = state_variables(fused)[group]
-        problems += _compare(
-            group, snapshot(one_vars), snapshot(fused_vars), rtol, atol, "one - fused"
-        )
+    problems = _compare_states(one, fused, rtol, atol, "one - fused")
     if sorted(one_history) != sorted(fused_history):
         problems.append(f"history keys {sorted(one_history)} vs {sorted(fused_history)}")
     else:
@@ -257,10 +261,7 @@ def assert_step_matches_reference(
     batches = list(batches)
     reference_loss = _reference_loss(loss)
     stepped, reference = make_state(), make_state()
-    problems = []
-    for group, a in state_variables(stepped).items():
-        b = state_variables(reference)[group]
-        problems += _compare(group, snapshot(a), snapshot(b), 0.0, 0.0, "first - second")
+    problems = _compare_states(stepped, reference, 0.0, 0.0, "first - second")
     if problems:
         raise AssertionError(
             "make_state() built two different states (seed it inside, e.g. "
@@ -269,9 +270,7 @@ def assert_step_matches_reference(
     for batch in batches:
         stepped, _ = step(stepped, batch)
         _reference_step(reference, reference_loss, batch)
-    for group, a in state_variables(stepped).items():
-        b = state_variables(reference)[group]
-        problems += _compare(group, snapshot(a), snapshot(b), rtol, atol, "step - reference")
+    problems = _compare_states(stepped, reference, rtol, atol, "step - reference")
     if problems:
         raise AssertionError(
             "The step differs from the tutorial's step with the same loss:\n  "

@@ -266,13 +266,18 @@ def _float64_copy(model: keras.Model) -> keras.Model:
     return copy
 
 
+def _float64(structure: Any) -> Any:
+    """`structure` with its floating leaves cast to float64 (integers kept)."""
+    return tf.nest.map_structure(
+        lambda t: tf.cast(t, tf.float64) if tf.as_dtype(np.asarray(t).dtype).is_floating else t,
+        structure,
+    )
+
+
 def _check_copy(model: keras.Model, copy: keras.Model, x: Any) -> None:
     """Refuses a float64 copy that does not compute the original's function."""
     want = tf.nest.flatten(model(x, training=False))
-    x64 = tf.nest.map_structure(
-        lambda t: tf.cast(t, tf.float64) if tf.as_dtype(np.asarray(t).dtype).is_floating else t, x
-    )
-    got = tf.nest.flatten(copy(x64, training=False))
+    got = tf.nest.flatten(copy(_float64(x), training=False))
     for a, b in zip(want, got, strict=True):
         a, b = np.asarray(a, "float64"), np.asarray(b, "float64")
         gap = float(np.max(np.abs(a - b), initial=0.0))
@@ -332,10 +337,7 @@ def assert_gradients_match_numeric(
     copy = _float64_copy(model)
     _check_copy(model, copy, unpack(batch)[0])
     model_loss = as_model_loss(loss, dtype="float64")
-    batch = tf.nest.map_structure(
-        lambda t: tf.cast(t, tf.float64) if tf.as_dtype(np.asarray(t).dtype).is_floating else t,
-        batch,
-    )
+    batch = _float64(batch)
 
     def total() -> tf.Tensor:
         value, _ = model_loss(copy, batch, False)
