@@ -24,11 +24,9 @@ SPEC = ModelSpec((5,), (("dense", 6), ("dropout", 50), ("batchnorm", 0)), num_cl
 # one more process then resumes them all, and runs the uninterrupted references.
 BUDGET = ["--steps", "45", "--eval-every", "20"]  # windows of 20, 20 and 5 steps
 KILLS = {
-    "mid-epoch": ("step:13", []),
     "after-epoch-boundary": ("epoch:2", []),
     "right-after-a-save": ("after_save:3", []),
     "during-a-save": ("during_save:3", []),
-    "fused-calls": ("step:13", ["--steps-per-call", "3"]),
     # Two SIGTERMs at step 13, one more while the preempted process winds down: 143.
     "sigterm-preemption": ("sigterm2:13", []),
     "two-states-fused-calls": ("step:14", ["--gan", "--steps-per-call", "4"]),
