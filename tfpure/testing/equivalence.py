@@ -1,14 +1,16 @@
 """Equivalence assertions: the same training, run two ways, gives the same result.
 
-Each runs twice from identically initialised states (`make_state()` is called
-once per run) and compares every model, optimizer, metric and counter
-variable, and the logs.
+Each runs the same training two ways from identically initialised states
+(`make_state()` is called once per run, and states that differ before any
+step are refused) and compares every model, optimizer, metric and counter
+variable, and the logs. Graph-vs-eager and the reference step widen each
+variable's tolerance by its rounding band (see `assert_graph_matches_eager`).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import keras
@@ -44,58 +46,173 @@ def _eagerly() -> Iterator[None]:
         tf.config.run_functions_eagerly(previous)
 
 
+def _groups(states: Any) -> dict[str, list[Any]]:
+    """The variable groups of a state, or of several (keyed ``"<name> <group>"``)."""
+    if isinstance(states, TrainState):
+        return state_variables(states)
+    items = states.items() if isinstance(states, Mapping) else enumerate(states)
+    return {f"{key} {group}": vs for key, s in items for group, vs in state_variables(s).items()}
+
+
+def _snapshots(states: Any) -> dict[str, dict[str, np.ndarray]]:
+    return {group: snapshot(vs) for group, vs in _groups(states).items()}
+
+
 def _compare(
     what: str,
     a: dict[str, np.ndarray],
     b: dict[str, np.ndarray],
     rtol: float,
     atol: float,
-    labels: str = "graph - eager",
+    labels: str,
+    band: dict[str, float] | None = None,
 ) -> list[str]:
     out = []
     if len(a) != len(b):
         return [f"{what}: {len(a)} variables against {len(b)}"]
     for (name, x), y in zip(a.items(), b.values(), strict=True):
+        wider = (band or {}).get(name, 0.0)
         if x.dtype.kind in "fc":
-            ok = np.allclose(x, y, rtol=rtol, atol=atol, equal_nan=True)
+            ok = np.allclose(x, y, rtol=rtol, atol=atol + wider, equal_nan=True)
         else:
             ok = np.array_equal(x, y)
         if not ok:
             delta = np.max(np.abs(x.astype("float64") - y.astype("float64")))
-            out.append(f"{what} {name}: max |{labels}| = {delta:.3g}")
+            out.append(
+                f"{what} {name}: max |{labels}| = {delta:.3g}"
+                + (f" (rounding band {wider:.3g})" if wider else "")
+            )
     return out
 
 
 def _compare_states(
-    a: TrainState, b: TrainState, rtol: float, atol: float, labels: str = "graph - eager"
+    a: dict[str, dict[str, np.ndarray]],
+    b: dict[str, dict[str, np.ndarray]],
+    rtol: float,
+    atol: float,
+    labels: str,
+    bands: dict[str, dict[str, float]] | None = None,
 ) -> list[str]:
-    """`_compare` over every variable group of two states."""
-    groups_b = state_variables(b)
+    """`_compare` over every variable group of two states' snapshots."""
     return [
         problem
-        for group, vs in state_variables(a).items()
-        for problem in _compare(group, snapshot(vs), snapshot(groups_b[group]), rtol, atol, labels)
+        for group, values in a.items()
+        for problem in _compare(
+            group, values, b[group], rtol, atol, labels, (bands or {}).get(group)
+        )
     ]
 
 
+def _fresh_states(make_state: Callable[[], Any], n: int) -> list[Any]:
+    """`n` states from `make_state()`, refused unless identical (weights, slots, seeds)."""
+    states = [make_state() for _ in range(n)]
+    first = _snapshots(states[0])
+    for other in states[1:]:
+        problems = _compare_states(first, _snapshots(other), 0.0, 0.0, "first - second")
+        if problems:
+            raise AssertionError(
+                "make_state() built two different states (build and seed them inside "
+                "it, e.g. keras.utils.set_random_seed(0) first):\n  " + "\n  ".join(problems[:20])
+            )
+    return states
+
+
+def _nudged(states: Any) -> Any:
+    """`states` with every trainable weight moved one float away from zero."""
+    if isinstance(states, TrainState):
+        each = [states]
+    else:
+        each = states.values() if isinstance(states, Mapping) else states
+    for state in each:
+        for v in state.model.trainable_variables:
+            x = v.numpy()
+            if x.dtype.kind == "f":
+                v.assign(x + np.spacing(x))
+    return states
+
+
+_BAND_NOTE = (
+    "(rounding band: four times how far the same compiled run ends when every weight starts "
+    "one float apart. A numerically zero gradient — a bias before BatchNorm, an "
+    "attention key bias — has a wide band under Adam, whose update is about lr·sign(g).)"
+)
+
+
+def _bands(
+    run: dict[str, dict[str, np.ndarray]], nudged: dict[str, dict[str, np.ndarray]]
+) -> dict[str, dict[str, float]]:
+    """Per variable (names of `run`; the states' variables pair by position)."""
+    return {
+        group: {
+            name: 4.0 * float(np.max(np.abs(x - y.astype("float64")), initial=0.0))
+            for (name, x), y in zip(values.items(), nudged[group].values(), strict=True)
+            if x.dtype.kind == "f"
+        }
+        for group, values in run.items()
+    }
+
+
+def _rounding_bands(
+    step: Callable[..., Any],
+    state: Any,
+    batches: list[Any],
+    ran: dict[str, dict[str, np.ndarray]],
+    rtol: float,
+    atol: float,
+) -> tuple[dict[str, dict[str, float]] | None, str]:
+    """Bands from a run of `step` over `batches` from `state`, nudged; and a note.
+
+    No bands if that run's figures (logs, metrics) differ from `ran`'s: a
+    weight whose gradient is numerically zero moves no figure, while a step
+    that keeps Python state between calls ends elsewhere on every run.
+    """
+    other, logs = _run(step, _nudged(state), batches)
+    nudged = {**_snapshots(other), **_logs_snapshot(logs)}
+    figures = {g: v for g, v in ran.items() if g.startswith("logs of") or g.endswith("metrics")}
+    moved = _compare_states(figures, nudged, rtol, atol, "first - nudged")
+    if moved:
+        return None, (
+            "(no rounding band: a third compiled run, from weights one float apart, "
+            f"reached other figures — {moved[0]} — so the step does not repeat itself "
+            "from run to run, e.g. it keeps Python state between calls.)"
+        )
+    return _bands(ran, nudged), _BAND_NOTE
+
+
+def _logs_snapshot(logs: list[dict[str, np.ndarray]]) -> dict[str, dict[str, np.ndarray]]:
+    return {f"logs of batch {i}": entry for i, entry in enumerate(logs)}
+
+
 def assert_graph_matches_eager(
-    make_state: Callable[[], TrainState],
+    make_state: Callable[[], Any],
     step: Callable[..., Any],
     batches: Sequence[Any],
     *,
     rtol: float = 1e-5,
     atol: float = 1e-6,
+    rounding_band: bool = True,
 ) -> None:
     """Asserts that `step` gives the same variables and logs compiled and run eagerly.
 
-    `make_state()` is called twice and must return identically initialised
-    states (same weights, same seeds). One runs `step` over `batches` as
-    compiled; the other under ``tf.config.run_functions_eagerly(True)``. Python
-    state frozen into a graph at trace time (a counter, a list, a random draw
-    made in Python) shows up as a difference.
+    `make_state()` must build identically initialised states (same weights,
+    same seeds; refused otherwise, before any step runs): a `TrainState`, or
+    several (a dict or tuple of them) for a `make_step` body. One runs `step`
+    over `batches` as compiled; another under
+    ``tf.config.run_functions_eagerly(True)``. Python state frozen into a
+    graph at trace time (a counter, a list, a random draw made in Python)
+    shows up as a difference.
+
+    With `rounding_band`, a third, compiled run starts from weights moved one
+    float each, and each variable's tolerance widens by four times how far that
+    run ends from the first: the difference float rounding alone makes. A
+    weight whose gradient is numerically zero (a conv bias before
+    BatchNorm, an attention key bias) moves by rounding noise under Adam
+    (its update is about ``lr * sign(g)``); its band says so, and a bug that
+    changes what is computed still stands far outside the bands.
 
     Raises:
-      AssertionError: naming each variable or log entry that differs.
+      AssertionError: naming each variable or log entry that differs (with
+        its band), or saying that `make_state` built two different states.
 
     Example:
       >>> import keras, numpy as np, tfpure as tp
@@ -109,25 +226,32 @@ def assert_graph_matches_eager(
       >>> tpt.assert_graph_matches_eager(make_state, tp.make_train_step("mse"), batches)
     """
     batches = list(batches)
-    graph_state, graph_logs = _run(step, make_state(), batches)
-    eager_state = make_state()
+    graph, eager, *nudged = _fresh_states(make_state, 3 if rounding_band else 2)
+    graph, graph_logs = _run(step, graph, batches)
     with _eagerly():
-        eager_state, eager_logs = _run(step, eager_state, batches)
-    problems = _compare_states(graph_state, eager_state, rtol, atol)
-    for i, (g, e) in enumerate(zip(graph_logs, eager_logs, strict=True)):
-        if set(g) != set(e):
-            problems.append(f"logs of batch {i}: keys {sorted(g)} vs {sorted(e)}")
-        else:
-            problems += _compare(f"logs of batch {i}", g, e, rtol, atol)
+        eager, eager_logs = _run(step, eager, batches)
+    problems = [
+        f"logs of batch {i}: keys {sorted(g)} vs {sorted(e)}"
+        for i, (g, e) in enumerate(zip(graph_logs, eager_logs, strict=True))
+        if set(g) != set(e)
+    ]
+    if not problems:
+        ran = {**_snapshots(graph), **_logs_snapshot(graph_logs)}
+        bands, note = None, ""
+        if nudged:
+            bands, note = _rounding_bands(step, nudged[0], batches, ran, rtol, atol)
+        eagerly = {**_snapshots(eager), **_logs_snapshot(eager_logs)}
+        problems = _compare_states(ran, eagerly, rtol, atol, "graph - eager", bands)
     if problems:
         raise AssertionError(
             "The compiled step and the same step run eagerly disagree:\n  "
             + "\n  ".join(problems[:20])
+            + (f"\n{note}" if rounding_band and note else "")
         )
 
 
 def assert_fused_matches_sequential(
-    make_state: Callable[[], TrainState],
+    make_state: Callable[[], Any],
     make_step: Callable[[int], Any],
     data: tf.data.Dataset,
     *,
@@ -161,14 +285,13 @@ def assert_fused_matches_sequential(
     from tfpure.loop import fit_loop
 
     results = []
-    for k in (1, steps_per_call):
-        state = make_state()
+    for k, state in zip((1, steps_per_call), _fresh_states(make_state, 2), strict=True):
         state, history = fit_loop(
             state, data, make_step(k), epochs=epochs, val_data=data, verbose=0
         )
         results.append((state, history))
     (one, one_history), (fused, fused_history) = results
-    problems = _compare_states(one, fused, rtol, atol, "one - fused")
+    problems = _compare_states(_snapshots(one), _snapshots(fused), rtol, atol, "one - fused")
     if sorted(one_history) != sorted(fused_history):
         problems.append(f"history keys {sorted(one_history)} vs {sorted(fused_history)}")
     else:
@@ -220,11 +343,12 @@ def assert_step_matches_reference(
     *,
     rtol: float = 1e-5,
     atol: float = 1e-6,
+    rounding_band: bool = True,
 ) -> None:
     """Asserts that `step` trains a state as the tutorial's hand-written step does.
 
-    `make_state()` is called twice and must return identically initialised
-    states. One is trained by `step` over `batches`; the other by an
+    `make_state()` must return identically initialised states (refused
+    otherwise). One is trained by `step` over `batches`; another by an
     independent reference, run eagerly: ``model(x, training=True)``, `loss`
     plus ``model.losses``, one ``apply_gradients``, each metric of
     ``state.metrics`` updated once with ``(y, y_pred, sample_weight)`` and the
@@ -243,6 +367,8 @@ def assert_step_matches_reference(
       batches: ``(x, y)`` or ``(x, y, sample_weight)`` batches.
       rtol, atol: tolerance of the comparison (the reference runs eagerly:
         another graph, so float32 sums may be ordered otherwise).
+      rounding_band: widen each variable's tolerance by its rounding band,
+        as `assert_graph_matches_eager` does (a third run of `step`).
 
     Raises:
       AssertionError: naming each variable that differs, or saying that
@@ -260,19 +386,24 @@ def assert_step_matches_reference(
     """
     batches = list(batches)
     reference_loss = _reference_loss(loss)
-    stepped, reference = make_state(), make_state()
-    problems = _compare_states(stepped, reference, 0.0, 0.0, "first - second")
-    if problems:
-        raise AssertionError(
-            "make_state() built two different states (seed it inside, e.g. "
-            "keras.utils.set_random_seed):\n  " + "\n  ".join(problems[:20])
+    stepped, reference, *nudged = _fresh_states(make_state, 3 if rounding_band else 2)
+    if not isinstance(stepped, TrainState):
+        raise TypeError(
+            "assert_step_matches_reference compares one TrainState with the tutorial's "
+            f"step; make_state() built {type(stepped).__name__}."
         )
+    stepped, logs = _run(step, stepped, batches)
     for batch in batches:
-        stepped, _ = step(stepped, batch)
         _reference_step(reference, reference_loss, batch)
-    problems = _compare_states(stepped, reference, rtol, atol, "step - reference")
+    ran, bands, note = _snapshots(stepped), None, ""
+    if nudged:
+        bands, note = _rounding_bands(
+            step, nudged[0], batches, {**ran, **_logs_snapshot(logs)}, rtol, atol
+        )
+    problems = _compare_states(ran, _snapshots(reference), rtol, atol, "step - reference", bands)
     if problems:
         raise AssertionError(
             "The step differs from the tutorial's step with the same loss:\n  "
             + "\n  ".join(problems[:20])
+            + (f"\n{note}" if note else "")
         )

@@ -16,7 +16,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfpure.batch import as_model_loss, unpack
-from tfpure.compat import flatten_layers
+from tfpure.compat import flatten_layers, seed_generators
 from tfpure.state import TrainState
 
 __all__ = [
@@ -245,25 +245,80 @@ def assert_training_flag_respected(model: keras.Model, batch: Any) -> None:
         _restore(variables, original)
 
 
+@contextlib.contextmanager
+def _default_dtype(dtype: str) -> Iterator[None]:
+    """Layers made without a dtype compute in `dtype` while the context lasts."""
+    floatx, policy = keras.config.floatx(), keras.config.dtype_policy()
+    keras.config.set_floatx(dtype)
+    keras.config.set_dtype_policy(dtype)
+    try:
+        yield
+    finally:
+        keras.config.set_floatx(floatx)
+        keras.config.set_dtype_policy(policy)
+
+
 def _float64_copy(model: keras.Model) -> keras.Model:
-    def clone_layer(layer: keras.layers.Layer) -> keras.layers.Layer:
-        config = layer.get_config()
-        config["dtype"] = "float64"
-        return layer.__class__.from_config(config)
+    """A float64 twin of `model`: its layers (and the sublayers they build) in float64."""
+
+    def clone(operation: Any) -> Any:
+        config = operation.get_config()
+        if isinstance(operation, keras.layers.Layer):  # not an op like `x + h`, `NotEqual`
+            config["dtype"] = "float64"
+        return operation.__class__.from_config(config)
 
     try:
-        copy = keras.models.clone_model(model, clone_function=clone_layer)
+        # Sublayers a custom layer makes without a dtype are float64 too.
+        with _default_dtype("float64"):
+            if isinstance(model, keras.Sequential) or hasattr(model, "_run_through_graph"):
+                copy = keras.models.clone_model(model, clone_function=clone, recursive=True)
+            else:  # a subclassed model: rebuilt from its config
+                copy = keras.models.clone_model(model)
+            if not copy.built:
+                copy.build_from_config(model.get_build_config())
     except Exception as err:
         raise TypeError(
             "assert_gradients_match_numeric needs a model keras.models.clone_model "
             f"can rebuild in float64 (Sequential, functional, or with get_config): {err}"
         ) from err
+    if len(copy.variables) != len(model.variables):
+        raise TypeError(
+            f"The float64 copy of {model.name!r} has {len(copy.variables)} variables, the "
+            f"model {len(model.variables)}: a layer builds differently from its config."
+        )
     for src, dst in zip(model.variables, copy.variables, strict=True):
         dst.assign(tf.cast(src.value, dst.dtype))
     for layer in flatten_layers(copy):  # state computed from variables: adapted Normalization
         if isinstance(layer, keras.layers.Normalization) and hasattr(layer, "adapt_mean"):
             layer.finalize_state()
     return copy
+
+
+@contextlib.contextmanager
+def _keras_losses_in_float64() -> Iterator[None]:
+    """Every `keras.losses.Loss` computes in float64 while the context lasts.
+
+    A loss object fixes its dtype (float32) when made; a full-control loss
+    calling one would round the float64 copy's predictions to float32, and
+    finite differences of a float32 loss are noise.
+    """
+    call = keras.losses.Loss.__call__
+
+    def in_float64(self: keras.losses.Loss, *args: Any, **kwargs: Any) -> Any:
+        kept = getattr(self, "_dtype", None)
+        if kept is None:
+            return call(self, *args, **kwargs)
+        self._dtype = "float64"
+        try:
+            return call(self, *args, **kwargs)
+        finally:
+            self._dtype = kept
+
+    keras.losses.Loss.__call__ = in_float64
+    try:
+        yield
+    finally:
+        keras.losses.Loss.__call__ = call
 
 
 def _float64(structure: Any) -> Any:
@@ -300,17 +355,20 @@ def assert_gradients_match_numeric(
     eps: float = 1e-6,
     max_entries: int = 12,
     seed: int = 0,
+    training: bool = False,
 ) -> None:
     """Asserts that tape gradients equal central finite differences, in float64.
 
     The loss is ``loss(y, model(x, training=False))`` plus ``model.losses``, as
     in a training step (``training=False`` makes it deterministic). The model is
-    copied to float64 (`keras.models.clone_model`, an adapted `Normalization`'s
-    statistics included), so `model` is not touched; a copy that does not
-    reproduce the model's outputs on the batch is refused (its gradients
-    would be another function's). Sparse gradients (an `Embedding`'s) are
-    compared dense. At most `max_entries` entries per variable, chosen by
-    `seed`, are probed.
+    copied to float64 (`keras.models.clone_model`, nested sublayers, an adapted
+    `Normalization`'s statistics and non-layer ops such as ``x + h``
+    included), so `model` is not touched; a copy that does not reproduce the
+    model's outputs on the batch is refused (its gradients would be another
+    function's). The loss computes in float64 whatever its form: `keras.losses`
+    objects called inside a full-control loss too. Sparse gradients (an
+    `Embedding`'s) are compared dense. At most `max_entries` entries per
+    variable, chosen by `seed`, are probed.
 
     Args:
       model: a Keras model `clone_model` can rebuild.
@@ -318,6 +376,9 @@ def assert_gradients_match_numeric(
       batch: ``(x, y)`` or ``(x, y, sample_weight)``.
       rtol, atol: tolerance of ``|tape - numeric| <= atol + rtol * |numeric|``.
       eps: the finite-difference step.
+      training: check the ``training=True`` path instead: Dropout draws the
+        same masks at every evaluation (each seed generator's state is put
+        back first), BatchNorm normalises by the batch's statistics.
 
     Raises:
       AssertionError: naming the variable, the entry and both values; or
@@ -338,15 +399,22 @@ def assert_gradients_match_numeric(
     _check_copy(model, copy, unpack(batch)[0])
     model_loss = as_model_loss(loss, dtype="float64")
     batch = _float64(batch)
+    # training=True: every evaluation draws the same Dropout masks (seed states put back).
+    seeds = [g.state for g in seed_generators(copy)] if training else []
+    held = [s.numpy() for s in seeds]
 
     def total() -> tf.Tensor:
-        value, _ = model_loss(copy, batch, False)
+        for state, value in zip(seeds, held, strict=True):
+            state.assign(value)
+        with _keras_losses_in_float64():
+            value, _ = model_loss(copy, batch, training)
         extra = copy.losses
         return tf.cast(value, tf.float64) + (tf.add_n(extra) if extra else 0.0)
 
     with tf.GradientTape() as tape:
         value = total()
     grads = tape.gradient(value, copy.trainable_variables)
+    probe_loss = tf.function(total)  # one trace for every probe below
     rng = np.random.default_rng(seed)
     failures = []
     for var, grad in zip(copy.trainable_variables, grads, strict=True):
@@ -360,7 +428,7 @@ def assert_gradients_match_numeric(
                 probe = flat.copy()
                 probe[index] = original + sign * eps
                 var.assign(probe.reshape(var.shape))
-                numeric.append(float(total()))
+                numeric.append(float(probe_loss()))
             var.assign(flat.reshape(var.shape))
             fd = (numeric[0] - numeric[1]) / (2 * eps)
             got = float(tape_grad.reshape(-1)[index])
