@@ -305,6 +305,45 @@ def test_count_traces_finds_functions_behind_closures_methods_and_globals():
         tpt.assert_no_retrace(lambda state, batch: (state, {}), None, [1, 2])
 
 
+class Trainer:
+    """A research trainer class: its update is a @tf.function method (one per instance)."""
+
+    def __init__(self, relax):
+        self.model = SPEC.build(0)
+        self.optimizer = keras.optimizers.SGD(0.1)
+        self.optimizer.build(self.model.trainable_variables)
+        self.update = tf.function(self._update, reduce_retracing=relax)
+
+    def _update(self, x, y):
+        with tf.GradientTape() as tape:
+            loss = SCCE(y, self.model(x, training=True))
+        grads = tape.gradient(loss, self.model.trainable_variables)
+        self.optimizer.apply_gradients(zip(grads, self.model.trainable_variables, strict=True))
+        return loss
+
+    @tf.function
+    def evaluate(self, x, y):  # a decorated method: the class holds it, not the instance
+        return SCCE(y, self.model(x, training=False))
+
+    def step(self, state, batch):
+        return state, {"loss": self.update(*batch), "val_loss": self.evaluate(*batch)}
+
+
+def test_no_retrace_finds_tf_function_methods_of_a_trainer_class():
+    batches = [SPEC.batch(n, n) for n in (8, 7, 6)]
+    trainer = Trainer(relax=True)
+    with tpt.count_traces(trainer.step) as traces:
+        for batch in batches:
+            trainer.step(None, batch)
+    assert traces() == 2 + 3  # update: first shape, then relaxed; evaluate: each shape
+    with tpt.count_traces(trainer.step) as traces:  # only the traces made inside count
+        trainer.step(None, batches[0])
+    assert traces() == 0
+    per_function = r"traced 5 times over 3 batches .*\{'_update': 2, 'evaluate': 3\}"
+    with pytest.raises(AssertionError, match=per_function):
+        tpt.assert_no_retrace(Trainer(relax=True).step, None, batches, max_traces=2)
+
+
 # -- strategies ----------------------------------------------------------------------
 
 

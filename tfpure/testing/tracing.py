@@ -2,7 +2,8 @@
 
 Works on any step callable, not only tfpure's: it finds every `tf.function`
 the step can reach — the step itself, functions it closes over, names it
-calls from its module, attributes of objects it is bound to, tfpure `Step`s —
+calls from its module, attributes and ``@tf.function`` methods of objects it
+is bound to, tfpure `Step`s —
 and sums their tracing counts, including functions created while it runs.
 """
 
@@ -22,6 +23,16 @@ __all__ = ["assert_no_retrace", "count_traces"]
 
 # Objects not searched for functions: big, and holding no step code.
 _OPAQUE = (types.ModuleType, type, keras.layers.Layer, keras.optimizers.Optimizer, tf.Variable)
+
+
+def _class_members(cls: type) -> Iterator[tuple[str, Any]]:
+    """Attributes a class and its bases (not `object`) define, nearest first."""
+    seen: set[str] = set()
+    for klass in cls.__mro__[:-1]:
+        for name, member in vars(klass).items():
+            if name not in seen:
+                seen.add(name)
+                yield name, member
 
 
 def _counts(root: Any, depth: int = 5) -> dict[int, tuple[Any, int]]:
@@ -59,9 +70,12 @@ def _counts(root: Any, depth: int = 5) -> dict[int, tuple[Any, int]]:
         elif hasattr(obj, "__dict__"):
             for item in vars(obj).values():
                 visit(item, depth - 1)
-            call = vars(type(obj)).get("__call__")  # a callable object's own code
-            if inspect.isfunction(call):
-                visit(call, depth - 1)
+            for name, member in _class_members(type(obj)):
+                if name == "__call__" and inspect.isfunction(member):
+                    visit(member, depth - 1)  # a callable object's own code
+                elif hasattr(member, "experimental_get_tracing_count"):
+                    # A @tf.function method: each instance gets its own bound function.
+                    visit(getattr(obj, name), depth - 1)
 
     visit(root, depth)
     return found
@@ -105,7 +119,9 @@ def assert_no_retrace(
 
     Counts the traces of every `tf.function` the step reaches (see
     `count_traces`), so it works on any ``state, logs = step(state, batch)``
-    callable. A tfpure step traces once for all batch sizes; a hand-written
+    callable — a function, a closure, a method of a trainer class whose
+    ``@tf.function`` methods it calls — and only traces made during the check
+    count. A tfpure step traces once for all batch sizes; a hand-written
     `tf.function` typically twice (the first shape, then a relaxed one).
 
     Raises:
@@ -120,19 +136,23 @@ def assert_no_retrace(
       >>> tpt.assert_no_retrace(tp.make_train_step("mse"), state, batches, max_traces=1)
     """
     n = 0
-    with count_traces(step) as traces:
-        for batch in batches:
-            state, _ = step(state, batch)
-            n += 1
-        seen = traces()
-        reached = [getattr(f, "__name__", repr(f)) for f, _ in _counts(step).values()]
-    if not reached:
+    start = _counts(step)
+    for batch in batches:
+        state, _ = step(state, batch)
+        n += 1
+    now = _counts(step)
+    if not now:
         raise TypeError(
             f"{step!r} reaches no tf.function: there is nothing whose traces could be counted."
         )
+    traced = {
+        getattr(f, "__name__", repr(f)): count - start.get(key, (None, 0))[1]
+        for key, (f, count) in now.items()
+    }
+    seen = sum(traced.values())
     if seen > max_traces:
         raise AssertionError(
-            f"The step traced {seen} times over {n} batches (allowed {max_traces}; traced "
-            f"functions: {reached}): a Python value or a changing shape enters a signature. "
-            "Pass tensors, or let shapes relax (tf.function(reduce_retracing=True))."
+            f"The step traced {seen} times over {n} batches (allowed {max_traces}; traces "
+            f"per function: {traced}): a Python value or a changing shape enters a "
+            "signature. Pass tensors, or let shapes relax (tf.function(reduce_retracing=True))."
         )
