@@ -9,7 +9,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from hypothesis import given
+from hypothesis import find, given, settings
 
 import tfpure as tp
 from tfpure import testing as tpt
@@ -359,6 +359,35 @@ def test_batches_follow_an_element_spec_with_ragged_sizes(data):
         size = batch["x"].shape[0]
         assert batch["x"].shape == (size, 3) and batch["x"].dtype == np.float32
         assert batch["n"].shape == (size,) and batch["n"].min() >= 0 and batch["n"].max() < 5
+
+
+TOKENS = (
+    {"tokens": tf.TensorSpec([None, None], tf.int32), "mask": tf.TensorSpec([None, None], tf.bool)},
+    tf.TensorSpec([None], tf.int32),
+)
+BOUNDS = ({"tokens": 1000, "mask": None}, 3)  # a vocabulary and a class count
+
+
+@given(data=tps.batch_lists(TOKENS, min_batches=2, int_high=BOUNDS))
+def test_batches_take_a_bound_per_leaf_and_one_length_per_batch(data):
+    for x, y in data:
+        size, length = x["tokens"].shape
+        assert x["mask"].shape == (size, length) and 1 <= length <= 6
+        assert y.shape == (size,) and y.min() >= 0 and y.max() < 3
+        assert x["tokens"].min() >= 0 and x["tokens"].max() < 1000
+
+
+def test_lengths_vary_between_batches_and_tokens_use_their_own_bound():
+    quick = settings(database=None, max_examples=200)
+    lists = tps.batch_lists(TOKENS, min_batches=2, int_high=BOUNDS)
+    varied = find(lists, lambda d: len({x["tokens"].shape[1] for x, _ in d}) > 1, settings=quick)
+    assert len({x["tokens"].shape[1] for x, _ in varied}) > 1
+    wide = find(tps.batches(TOKENS, int_high=BOUNDS), lambda b: b[0]["tokens"].max() >= 3)
+    assert wide[1].max() < 3  # the labels' bound is the class count, not the vocabulary's
+    with pytest.raises(ValueError, match="int_high must be an int or a structure like"):
+        find(tps.batches(TOKENS, int_high=(5, 3)), lambda b: True)
+    with pytest.raises(ValueError, match="No int_high bound for the integer leaf"):
+        find(tps.batches(TOKENS, int_high=({"tokens": None, "mask": None}, 3)), lambda b: True)
 
 
 # -- a step against the tutorial's hand-written step ------------------------------------

@@ -169,24 +169,41 @@ def model_specs(
     )
 
 
-def _from_element_spec(element_spec: Any, size: int, seed: int, int_high: int) -> Any:
+def _int_bounds(element_spec: Any, int_high: Any) -> Any:
+    """`int_high` as one bound per leaf of `element_spec` (an int applies to every leaf)."""
+    if isinstance(int_high, int):
+        return tf.nest.map_structure(lambda _: int_high, element_spec)
+    try:
+        tf.nest.assert_same_structure(element_spec, int_high)
+    except (TypeError, ValueError) as err:
+        raise ValueError(
+            "int_high must be an int or a structure like the element spec, with a bound "
+            f"(or None) for each leaf: spec {element_spec!r}, int_high {int_high!r}."
+        ) from err
+    return int_high
+
+
+def _from_element_spec(element_spec: Any, size: int, length: int, seed: int, int_high: Any) -> Any:
     rng = np.random.default_rng(seed)
 
-    def draw_leaf(spec: tf.TensorSpec) -> np.ndarray:
+    def draw_leaf(spec: tf.TensorSpec, high: int | None) -> np.ndarray:
         dims = list(spec.shape)
         shape = [
-            size if i == 0 and d is None else (3 if d is None else d) for i, d in enumerate(dims)
+            size if i == 0 and d is None else (length if d is None else d)
+            for i, d in enumerate(dims)
         ]
         dtype = tf.as_dtype(spec.dtype)
         if dtype.is_floating:
             return rng.normal(size=shape).astype(dtype.as_numpy_dtype)
         if dtype.is_integer:
-            return rng.integers(0, int_high, size=shape).astype(dtype.as_numpy_dtype)
+            if high is None:
+                raise ValueError(f"No int_high bound for the integer leaf {spec}.")
+            return rng.integers(0, high, size=shape).astype(dtype.as_numpy_dtype)
         if dtype.is_bool:
             return rng.random(size=shape) < 0.5
         raise TypeError(f"batches() cannot draw values of dtype {dtype.name} ({spec}).")
 
-    return tf.nest.map_structure(draw_leaf, element_spec)
+    return tf.nest.map_structure(draw_leaf, element_spec, _int_bounds(element_spec, int_high))
 
 
 @st.composite
@@ -195,35 +212,48 @@ def batches(
     spec: Any,
     *,
     sizes: st.SearchStrategy[int] | None = None,
-    int_high: int = 2,
+    lengths: st.SearchStrategy[int] | None = None,
+    int_high: Any = 2,
 ) -> Any:
     """One batch of a drawn size (1 to 8 by default).
 
     Args:
       spec: a `ModelSpec` (its ``(x, y)`` batches), or a structure of
         `tf.TensorSpec`, such as ``dataset.element_spec``: a leading ``None``
-        dimension takes the drawn size, other ``None`` dimensions 3. Floats
-        are N(0, 1); integers uniform in ``[0, int_high)``; bools fair coins.
+        dimension takes the drawn size, other ``None`` dimensions a drawn
+        length (one per batch, shared by every leaf: tokens and their mask
+        agree). Floats are N(0, 1); integers uniform in ``[0, int_high)``;
+        bools fair coins.
       sizes: a strategy for the number of examples.
-      int_high: exclusive upper bound of integer values (e.g. the class count).
+      lengths: a strategy for the variable (``None``) dimensions after the
+        first (1 to 6 by default).
+      int_high: exclusive upper bound of integer values: one int for every
+        integer leaf, or a structure like `spec` with a bound per leaf
+        (tokens below the vocabulary size, labels below the class count).
+
+    Raises:
+      ValueError: `int_high` does not match `spec`'s structure, or gives no
+        bound for an integer leaf.
 
     Example:
       >>> import tensorflow as tf
       >>> from hypothesis import given
       >>> from tfpure.testing import strategies as tps
-      >>> spec = ({"image": tf.TensorSpec([None, 4, 4, 1]), "n": tf.TensorSpec([None], tf.int32)},
-      ...         tf.TensorSpec([None], tf.int64))
-      >>> @given(tps.batches(spec, int_high=10))
+      >>> spec = ({"tokens": tf.TensorSpec([None, None], tf.int32),
+      ...          "image": tf.TensorSpec([None, 4, 4, 1])}, tf.TensorSpec([None], tf.int64))
+      >>> @given(tps.batches(spec, int_high=({"tokens": 1000, "image": None}, 10)))
       ... def test(batch):
       ...     (x, y), size = batch, batch[1].shape[0]
       ...     assert x["image"].shape == (size, 4, 4, 1) and y.max() < 10
+      ...     assert x["tokens"].shape[0] == size and x["tokens"].max() < 1000
       >>> test()
     """
     size = draw(sizes if sizes is not None else st.integers(1, 8))
     seed = draw(seeds())
     if isinstance(spec, ModelSpec):
         return spec.batch(size, seed)
-    return _from_element_spec(spec, size, seed, int_high)
+    length = draw(lengths if lengths is not None else st.integers(1, 6))
+    return _from_element_spec(spec, size, length, seed, int_high)
 
 
 @st.composite
@@ -234,9 +264,10 @@ def batch_lists(
     min_batches: int = 1,
     max_batches: int = 4,
     sizes: st.SearchStrategy[int] | None = None,
-    int_high: int = 2,
+    lengths: st.SearchStrategy[int] | None = None,
+    int_high: Any = 2,
 ) -> list[Any]:
-    """A list of batches of varying (ragged) sizes, each as `batches` draws it.
+    """A list of batches of varying (ragged) sizes and lengths, each as `batches` draws it.
 
     Example:
       >>> from hypothesis import given
@@ -248,4 +279,4 @@ def batch_lists(
       >>> test()
     """
     n = draw(st.integers(min_batches, max_batches))
-    return [draw(batches(spec, sizes=sizes, int_high=int_high)) for _ in range(n)]
+    return [draw(batches(spec, sizes=sizes, lengths=lengths, int_high=int_high)) for _ in range(n)]
