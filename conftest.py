@@ -4,7 +4,8 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
+from hypothesis.database import DirectoryBasedExampleDatabase
 
 # Tracing a TensorFlow graph takes a second or so: no deadline, few examples,
 # and a fixed example order so a failure in CI replays as is on a laptop.
@@ -21,6 +22,16 @@ settings.register_profile(
     deadline=None,
     max_examples=100,
     print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+# While debugging: random examples, failures stored and replayed first, no shrinking.
+settings.register_profile(
+    "debug",
+    deadline=None,
+    max_examples=5,
+    print_blob=True,
+    database=DirectoryBasedExampleDatabase(".hypothesis/examples"),
+    phases=[Phase.explicit, Phase.reuse, Phase.generate],
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

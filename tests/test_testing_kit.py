@@ -224,6 +224,50 @@ def test_graph_matches_eager_catches_python_state_frozen_at_trace_time():
     tpt.assert_graph_matches_eager(make_state, tp.make_train_step(SCCE), batches)
 
 
+def two_states():
+    keras.utils.set_random_seed(0)
+    return {
+        name: tp.TrainState.create(
+            model=keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)]),
+            optimizer=keras.optimizers.SGD(0.1),
+        )
+        for name in ("a", "b")
+    }
+
+
+def two_state_body(scale_b):
+    """One make_step body training two states; `scale_b()` scales the second's loss."""
+
+    def body(states, batch):
+        x, y = batch
+        logs = {}
+        for name, state in states.items():
+            with tf.GradientTape() as tape:
+                loss = SCCE(y, state.model(x, training=True))
+                if name == "b":
+                    loss = loss * scale_b()
+            states[name] = state.apply_gradients(
+                tape.gradient(loss, state.model.trainable_variables)
+            )
+            logs[f"{name}_loss"] = loss
+        return states, logs
+
+    return tp.make_step(body)
+
+
+def test_graph_matches_eager_on_several_states_names_the_state():
+    batches = [SPEC.batch(6, i) for i in range(2)]
+    tpt.assert_graph_matches_eager(two_states, two_state_body(lambda: 1.0), batches)
+    calls = []
+
+    def growing():  # bug: a Python counter, frozen at trace time in the graph
+        calls.append(1)
+        return float(len(calls))
+
+    with pytest.raises(AssertionError, match=r"(?m)^  b model \S+: max \|graph - eager\|"):
+        tpt.assert_graph_matches_eager(two_states, two_state_body(growing), batches)
+
+
 # -- an eval step that moves BatchNorm statistics --------------------------------------
 
 
