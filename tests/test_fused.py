@@ -51,6 +51,42 @@ def test_fused_steps_equal_single_steps_bit_for_bit(spec, seed, examples, batch,
     )
 
 
+def hard_swish_cnn():
+    keras.utils.set_random_seed(0)
+    return keras.Sequential(
+        [
+            keras.Input((16, 16, 3)),
+            keras.layers.Conv2D(8, 3),
+            keras.layers.Activation("hard_swish"),
+            keras.layers.GlobalAveragePooling2D(),
+            keras.layers.Dense(10),
+        ]
+    )
+
+
+def test_fused_conv_steps_equal_single_steps_and_keras_steps_per_execution_bit_for_bit():
+    """A conv net whose graph the optimiser rewrites (a fused Conv2D): the step body is a
+    function of its own, as Keras' `one_step_on_data`, so it compiles alike in a loop and
+    alone: k=8 and k=1 end on the same bits (as Keras' steps_per_execution=8 and 1 do),
+    and where Keras fit ends (another graph: within float rounding)."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(256, 16, 16, 3)).astype("float32")
+    y = rng.integers(0, 10, 256).astype("int32")
+    data = tf.data.Dataset.from_tensor_slices((x, y)).batch(32)
+    ends = []
+    for k in (1, 8):
+        state = tp.TrainState.create(model=hard_swish_cnn(), optimizer=keras.optimizers.Adam())
+        state, _ = tp.fit_loop(state, data, tp.make_train_step(SCCE, steps_per_call=k), verbose=0)
+        ends.append(state.model.get_weights())
+    keras_model = hard_swish_cnn()
+    keras_model.compile(optimizer=keras.optimizers.Adam(), loss=SCCE, steps_per_execution=8)
+    keras_model.fit(data, epochs=1, verbose=0, shuffle=False)
+    ends.append(keras_model.get_weights())
+    for fused, keras_weights, single in zip(ends[1], ends[2], ends[0], strict=True):
+        np.testing.assert_array_equal(fused, single)
+        np.testing.assert_allclose(keras_weights, single, rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("k", [2, 3, 16])
 def test_fused_eval_equals_plain_eval(k):
     state = state_maker(SPEC, 0)()

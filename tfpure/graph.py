@@ -78,13 +78,42 @@ class Engine:
         one = body.one
         if spec.jit_compile:
             one = tf.function(one, jit_compile=True, reduce_retracing=True)
+        elif self.strategy is None:
+            # A function of its own, as Keras' `one_step_on_data`: the step's graph is
+            # then optimised alike whether one call runs it once or in a loop, so
+            # fused calls give bit for bit the variables of single ones. Its
+            # signature follows the caller's (exact: the feature checks see real sizes).
+            # (Not under a strategy: a nested function cannot hold the body's
+            # cross-replica synchronisation.)
+            one = tf.function(one, autograph=False)
         self.one = one
         # Exact signatures: `Step.__call__` traces a batch-size-free signature
         # first, which every later batch size dispatches to. (Relaxing shapes
         # by reduce_retracing would also relax feature sizes past the checks.)
         self.on_batch = tf.function(self._on_batch, autograph=False)
-        self.relaxed = False
+        self.signatures: list[Any] = []  # the widest batch signature of each structure
         self.on_iterator = tf.function(self._on_iterator, reduce_retracing=True, autograph=False)
+
+    def widen(self, signature: Any, pinned: list[tuple[bool, ...]]) -> Any:
+        """The signature to trace for a batch of `signature`, or None if one covers it.
+
+        A batch of a structure seen before widens that structure's signature:
+        each dimension where the two differ becomes free (None) unless
+        `pinned` (per flat leaf, per dimension) fixes it, as
+        ``reduce_retracing`` would, but never past the model's declared inputs.
+        """
+        new = tf.nest.flatten(signature)
+        for index, known in enumerate(self.signatures):
+            if not _same_kind(known, signature):
+                continue
+            old = tf.nest.flatten(known)
+            widened = [_widened(o, n, fix) for o, n, fix in zip(old, new, pinned, strict=True)]
+            if widened == old:
+                return None if _covers(old, new) else signature  # pinned: trace it exactly
+            self.signatures[index] = tf.nest.pack_sequence_as(known, widened)
+            return self.signatures[index]
+        self.signatures.append(signature)
+        return signature
 
     # -- one step -----------------------------------------------------------------
 
@@ -210,3 +239,40 @@ class Engine:
 
     def explain_failure(self) -> str:
         return self.body.explain_failure()
+
+
+def _same_kind(a: Any, b: Any) -> bool:
+    """Same structure, and leaf by leaf the same dtype and rank (or the same spec)."""
+    try:
+        tf.nest.assert_same_structure(a, b)
+    except (TypeError, ValueError):
+        return False
+    return all(
+        _kind(x) == _kind(y) for x, y in zip(tf.nest.flatten(a), tf.nest.flatten(b), strict=True)
+    )
+
+
+def _widened(old: Any, new: Any, pinned: tuple[bool, ...]) -> Any:
+    """`old` with each dimension where `new` differs left free, unless `pinned`."""
+    if not isinstance(old, tf.TensorSpec):
+        return old
+    dims = [
+        a if a == b or (d < len(pinned) and pinned[d]) else None
+        for d, (a, b) in enumerate(zip(old.shape.as_list(), new.shape.as_list(), strict=True))
+    ]
+    return tf.TensorSpec(dims, old.dtype)
+
+
+def _kind(leaf: Any) -> Any:
+    if isinstance(leaf, tf.TensorSpec):
+        return ("tensor", leaf.dtype, leaf.shape.rank)
+    if isinstance(leaf, tf.__internal__.CompositeTensor):  # ragged, sparse: their exact spec
+        return ("composite", tf.type_spec_from_value(leaf))
+    return ("value", type(leaf), repr(leaf))
+
+
+def _covers(general: list[Any], specific: list[Any]) -> bool:
+    return all(
+        g.is_compatible_with(s) if isinstance(g, tf.TensorSpec) else True
+        for g, s in zip(general, specific, strict=True)
+    )

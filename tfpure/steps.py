@@ -17,8 +17,9 @@ from typing import Any, Protocol
 import numpy as np
 import tensorflow as tf
 
-from tfpure.batch import Batch, as_model_loss, check_batch_sizes, check_batch_values, unpack
+from tfpure.batch import Batch, as_model_loss, check_batch, check_batch_values, unpack
 from tfpure.builtin import EvalBody, Logs, TrainBody
+from tfpure.compat import model_input_structure
 from tfpure.custom import UserBody
 from tfpure.distribute import cluster_task, strategy_of
 from tfpure.graph import Engine
@@ -148,17 +149,17 @@ class Step:
         """
         check_batch_values(batch)
         engine = self.engine(state)
+        model = getattr(engine.body, "model", None)
         if self.spec.kind != "custom":
-            # Batch sizes vary between calls, so the graph cannot see them statically.
-            check_batch_sizes(*unpack(batch))
-        if not engine.relaxed:
-            engine.on_batch.get_concrete_function(_relaxed_signature(batch))
-            engine.relaxed = True
-        traces = self._traces
-        logs = self._run(engine, engine.on_batch, batch)
-        if self._traces != traces:  # A new batch structure: one trace for all its sizes.
-            engine.on_batch.get_concrete_function(_relaxed_signature(batch))
-        return state, logs
+            # On the real sizes: the graph is traced for free batch (and varying) sizes.
+            check_batch(model, *unpack(batch))
+        # Trace for the batch's signature widened to every one seen before: sizes that
+        # vary (batch, sequence length) are left free, so they trace once or twice in
+        # all; a feature size the model fixes is never widened.
+        signature = engine.widen(_relaxed_signature(batch), _pinned(model, batch))
+        if signature is not None:
+            engine.on_batch.get_concrete_function(signature)
+        return state, self._run(engine, engine.on_batch, batch)
 
     def run_on_iterator(
         self, state: Any, iterator: Any, *, max_steps: int | None = None
@@ -321,6 +322,29 @@ def _cause_first(err: tf.errors.OpError) -> tf.errors.OpError:
         return err
     message = f"{' '.join(cause)} (while running a step; the whole report follows)\n\n{err.message}"
     return type(err)(err.node_def, err.op, message)
+
+
+def _pinned(model: Any, batch: Batch) -> list[tuple[bool, ...]]:
+    """Per flat leaf of `batch`, which dimensions the model's declared inputs fix.
+
+    Only features of a model with declared inputs are pinned; targets,
+    weights and the inputs of subclassed models or user-written bodies are
+    free (their own layers and losses check them).
+    """
+    leaves = tf.nest.flatten(batch)
+    pinned = [()] * len(leaves)
+    inputs = model_input_structure(model) if model is not None else None
+    if inputs is None:
+        return pinned
+    x, _, _ = unpack(batch)
+    declared = tf.nest.flatten(inputs)
+    if len(declared) != len(tf.nest.flatten(x)):
+        return pinned  # the model's check names the mismatch
+    for i, spec in enumerate(declared):
+        shape = tf.TensorShape(spec.shape)
+        if shape.rank is not None:
+            pinned[i] = tuple(d is not None for d in shape.as_list())
+    return pinned
 
 
 def _relaxed_signature(batch: Batch) -> Any:
