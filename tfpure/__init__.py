@@ -15,6 +15,7 @@ from tfpure._version import __version__ as __version__
 from tfpure.batch import LossFn, ModelLossFn
 from tfpure.checkpoint import Checkpointer, CheckpointError
 from tfpure.loop import evaluate, fit_loop, fold
+from tfpure.predict import predict
 from tfpure.resume import Preempted
 from tfpure.schedule import Action, every, tensorboard_writer
 from tfpure.state import TrainState
@@ -60,6 +61,7 @@ __all__ = [
     "make_eval_step",
     "make_step",
     "make_train_step",
+    "predict",
     "tensorboard_writer",
     "bench",
     "distribute",

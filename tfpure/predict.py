@@ -1,0 +1,156 @@
+"""`predict`: a model's outputs on a dataset, batches pulled inside the graph.
+
+The forward pass (``model(x, training=False)``) is one `tf.function`, traced
+once per input signature; the loop over batches is another, running up to
+`steps_per_call` forward passes per call in a `tf.while_loop` over
+``iterator.get_next_as_optional()`` and concatenating their outputs in
+`tf.TensorArray`s. Both are kept per model, so calling `predict` again on
+data of the same element spec traces nothing.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tfpure.batch import unpack
+from tfpure.state import TrainState
+
+__all__ = ["predict"]
+
+
+class _Predictor:
+    """The two graph functions of one model and one `steps_per_call`."""
+
+    def __init__(self, model: keras.Model, steps_per_call: int):
+        self.steps_per_call = steps_per_call
+        self.forward = tf.function(
+            lambda x: model(x, training=False), reduce_retracing=True, autograph=False
+        )
+        self.loop = tf.function(self._loop, autograph=False)
+
+    def _loop(self, iterator: Any) -> tuple[tf.Tensor, list[tf.Tensor]]:
+        x_spec = tf.nest.map_structure(
+            lambda s: tf.TensorSpec(s.shape, s.dtype), unpack(iterator.element_spec)[0]
+        )
+        forward = self.forward.get_concrete_function(x_spec)
+        specs = tf.nest.flatten(forward.structured_outputs)
+        arrays = [
+            tf.TensorArray(s.dtype, size=0, dynamic_size=True, infer_shape=False) for s in specs
+        ]
+
+        def cond(i: tf.Tensor, more: tf.Tensor, *_: Any) -> tf.Tensor:
+            return tf.logical_and(i < self.steps_per_call, more)
+
+        def body(i: tf.Tensor, more: tf.Tensor, *arrays: tf.TensorArray) -> tuple:
+            optional = iterator.get_next_as_optional()
+
+            def step() -> tuple:
+                outputs = tf.nest.flatten(forward(unpack(optional.get_value())[0]))
+                return (
+                    i + 1,
+                    tf.constant(True),
+                    *(a.write(i, y) for a, y in zip(arrays, outputs, strict=True)),
+                )
+
+            return tf.cond(optional.has_value(), step, lambda: (i, tf.constant(False), *arrays))
+
+        i, _, *arrays = tf.while_loop(cond, body, (tf.constant(0), tf.constant(True), *arrays))
+        # No batch left (the data ended at a call boundary): nothing to concatenate.
+        return i, [
+            tf.cond(i > 0, a.concat, lambda s=s: tf.zeros([0], s.dtype))
+            for a, s in zip(arrays, specs, strict=True)
+        ]
+
+
+_PREDICTORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _predictor(model: keras.Model, steps_per_call: int) -> _Predictor:
+    per_model = _PREDICTORS.setdefault(model, {})
+    if steps_per_call not in per_model:
+        per_model[steps_per_call] = _Predictor(model, steps_per_call)
+    return per_model[steps_per_call]
+
+
+def predict(
+    state: TrainState | keras.Model,
+    data: tf.data.Dataset,
+    *,
+    steps_per_call: int = 1,
+    verbose: int = 0,
+) -> Any:
+    """The model's outputs on every batch of `data`, as Keras' `model.predict` gives them.
+
+    Each batch's features (``x`` of ``x``, ``(x,)``, ``(x, y)`` or
+    ``(x, y, sample_weight)``) go through ``model(x, training=False)``;
+    outputs are concatenated over batches. Batches are pulled inside the
+    graph, `steps_per_call` per call; the functions are kept per model, so
+    another call on data of the same element spec traces nothing.
+
+    Args:
+      state: a `TrainState` (its model predicts) or a Keras model.
+      data: a `tf.data.Dataset` of batches.
+      steps_per_call: batches per graph call.
+      verbose: 1 shows Keras' progress bar (one step per batch).
+
+    Returns:
+      NumPy arrays in the model's output structure: one array, or a dict or
+      list of them for a multi-output model.
+
+    Raises:
+      TypeError: `data` is not a `tf.data.Dataset`, or `state` holds no model.
+      ValueError: `steps_per_call` < 1, or `data` held no batch.
+
+    Example:
+      >>> import keras, numpy as np, tensorflow as tf, tfpure as tp
+      >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1, use_bias=False)])
+      >>> model.set_weights([np.array([[1.0], [2.0]], "float32")])
+      >>> state = tp.TrainState.create(model=model, optimizer=keras.optimizers.SGD())
+      >>> data = tf.data.Dataset.from_tensor_slices(np.eye(2, dtype="float32")).batch(1)
+      >>> tp.predict(state, data).tolist()
+      [[1.0], [2.0]]
+    """
+    model = state.model if isinstance(state, TrainState) else state
+    if not isinstance(model, keras.Model):
+        raise TypeError(f"predict takes a TrainState or a Keras model; got {type(state).__name__}.")
+    if not isinstance(data, tf.data.Dataset):
+        raise TypeError(
+            "predict takes `data` as a tf.data.Dataset of batches (e.g. "
+            "tf.data.Dataset.from_tensor_slices(x).batch(32)); got "
+            f"{type(data).__name__}."
+        )
+    if not isinstance(steps_per_call, int) or steps_per_call < 1:
+        raise ValueError(f"`steps_per_call` must be an int >= 1; got {steps_per_call!r}.")
+    predictor = _predictor(model, steps_per_call)
+    cardinality = int(data.cardinality())
+    progbar = (
+        keras.utils.Progbar(cardinality if cardinality >= 0 else None, verbose=verbose)
+        if verbose
+        else None
+    )
+    parts: list[list[np.ndarray]] = []
+    done = 0
+    iterator = iter(data)
+    while True:
+        steps, outputs = predictor.loop(iterator)
+        steps = int(steps)
+        if steps:
+            parts.append([o.numpy() for o in outputs])
+            done += steps
+            if progbar is not None:
+                progbar.update(done)
+        if steps < steps_per_call:
+            break
+    if not parts:
+        raise ValueError("`data` held no batch: there is nothing to predict.")
+    x_spec = tf.nest.map_structure(
+        lambda s: tf.TensorSpec(s.shape, s.dtype), unpack(data.element_spec)[0]
+    )
+    structure = predictor.forward.get_concrete_function(x_spec).structured_outputs
+    flat = [np.concatenate(leaf) for leaf in zip(*parts, strict=True)]
+    return tf.nest.pack_sequence_as(structure, flat)
