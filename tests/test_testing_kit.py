@@ -284,6 +284,29 @@ def test_eval_step_pure_catches_an_eval_that_trains_batchnorm():
     tpt.assert_eval_step_pure(tp.make_eval_step(SCCE), state, spec.batch(8, 0))
 
 
+def test_eval_step_pure_on_several_states_names_the_state_that_moved():
+    """A make_step body scoring two states, the second through training=True."""
+    spec = ModelSpec((4,), (("dense", 8), ("batchnorm", 0)), num_classes=3)
+    states = {
+        name: tp.TrainState.create(model=spec.build(i), optimizer=keras.optimizers.SGD())
+        for i, name in enumerate(("a", "b"))
+    }
+
+    def scores(leak):
+        def body(states, batch):
+            x, y = batch
+            return states, {
+                f"{name}_loss": SCCE(y, s.model(x, training=leak and name == "b"))
+                for name, s in states.items()
+            }
+
+        return tp.make_step(body)
+
+    tpt.assert_eval_step_pure(scores(leak=False), states, spec.batch(8, 0))
+    with pytest.raises(AssertionError, match=r"(?m)^  b model: \S*moving_mean"):
+        tpt.assert_eval_step_pure(scores(leak=True), states, spec.batch(8, 0))
+
+
 # -- a step that retraces on every batch size ------------------------------------------
 
 

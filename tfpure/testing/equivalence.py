@@ -19,7 +19,7 @@ import tensorflow as tf
 
 from tfpure.compat import LossFunctionWrapper
 from tfpure.state import TrainState
-from tfpure.testing.properties import snapshot, state_variables
+from tfpure.testing.properties import _state_groups, snapshot
 
 __all__ = [
     "assert_fused_matches_sequential",
@@ -46,16 +46,8 @@ def _eagerly() -> Iterator[None]:
         tf.config.run_functions_eagerly(previous)
 
 
-def _groups(states: Any) -> dict[str, list[Any]]:
-    """The variable groups of a state, or of several (keyed ``"<name> <group>"``)."""
-    if isinstance(states, TrainState):
-        return state_variables(states)
-    items = states.items() if isinstance(states, Mapping) else enumerate(states)
-    return {f"{key} {group}": vs for key, s in items for group, vs in state_variables(s).items()}
-
-
 def _snapshots(states: Any) -> dict[str, dict[str, np.ndarray]]:
-    return {group: snapshot(vs) for group, vs in _groups(states).items()}
+    return {group: snapshot(vs) for group, vs in _state_groups(states).items()}
 
 
 def _compare(

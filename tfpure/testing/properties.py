@@ -8,7 +8,7 @@ it found them unless the check itself is about changing them.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import keras
@@ -76,6 +76,18 @@ def state_variables(state: TrainState) -> dict[str, list[Any]]:
     }
 
 
+def _state_groups(states: Any) -> dict[str, list[Any]]:
+    """`state_variables` of a state, or of several (a dict, tuple or list of states).
+
+    Several states' groups are keyed ``"<key> <group>"``.
+
+    """
+    if isinstance(states, TrainState):
+        return state_variables(states)
+    items = states.items() if isinstance(states, Mapping) else enumerate(states)
+    return {f"{key} {group}": vs for key, s in items for group, vs in state_variables(s).items()}
+
+
 def _diff(before: dict[str, np.ndarray], after: dict[str, np.ndarray]) -> list[str]:
     changed = []
     for name, old in before.items():
@@ -95,10 +107,12 @@ def _restore(variables: Sequence[Any], values: dict[str, np.ndarray]) -> None:
         v.assign(value)
 
 
-def assert_eval_step_pure(eval_step: Callable[..., Any], state: TrainState, batch: Any) -> None:
+def assert_eval_step_pure(eval_step: Callable[..., Any], state: Any, batch: Any) -> None:
     """Asserts that `eval_step` changes no model, optimizer or training-metric variable.
 
     Only `state.eval_metrics` may change (they are the step's output).
+    `state` may be several states (a dict, tuple or list), for a `make_step`
+    body used to evaluate them.
 
     Raises:
       AssertionError: naming each variable that changed and by how much.
@@ -111,7 +125,7 @@ def assert_eval_step_pure(eval_step: Callable[..., Any], state: TrainState, batc
       >>> batch = (np.ones((4, 3), "float32"), np.zeros((4, 3), "float32"))
       >>> tpt.assert_eval_step_pure(tp.make_eval_step("mse"), state, batch)
     """
-    groups = state_variables(state)
+    groups = _state_groups(state)
     before = {g: snapshot(vs) for g, vs in groups.items()}
     eval_step(state, batch)
     changed = [
