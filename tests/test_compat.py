@@ -75,6 +75,13 @@ def test_model_input_structure_of_a_functional_dict_model():
     assert [tuple(t.shape) for t in compat.model_input_structure(sequential)] == [(None, 4)]
 
 
+def test_is_functional_tells_functional_models_from_sequential_and_subclassed_ones():
+    x = keras.Input((2,))
+    assert compat.is_functional(keras.Model(x, keras.layers.Dense(1)(x)))
+    assert not compat.is_functional(keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)]))
+    assert not compat.is_functional(keras.Model())  # subclassed (no graph)
+
+
 def test_flat_caller_calls_the_concrete_function_through_call_flat():
     @tf.function
     def total(iterator, limit):

@@ -39,6 +39,7 @@ __all__ = [
     "PrivateAPIChanged",
     "flat_caller",
     "flatten_layers",
+    "is_functional",
     "model_input_structure",
     "optimizer_built_for",
     "seed_generators",
@@ -126,6 +127,19 @@ def seed_generators(model: keras.layers.Layer) -> list[keras.random.SeedGenerato
     return generators
 
 
+def is_functional(model: keras.Model) -> bool:
+    """Whether `model` is a functional model (Keras' private `Functional` class).
+
+    Example:
+      >>> import keras
+      >>> from tfpure.compat import is_functional
+      >>> x = keras.Input((2,))
+      >>> is_functional(keras.Model(x, keras.layers.Dense(1)(x))), is_functional(keras.Model())
+      (True, False)
+    """
+    return any(cls.__name__ == "Functional" for cls in type(model).__mro__)
+
+
 def model_input_structure(model: keras.Model) -> Any:
     """The structure of a model's declared inputs (None for a subclassed model).
 
@@ -137,8 +151,7 @@ def model_input_structure(model: keras.Model) -> Any:
       >>> sorted(model_input_structure(model))
       ['a', 'b']
     """
-    functional = any(cls.__name__ == "Functional" for cls in type(model).__mro__)
-    if functional:
+    if is_functional(model):
         return _require(model, "_inputs_struct", "the model's input structure")
     try:
         return model.inputs  # Sequential models declare a list.

@@ -88,8 +88,9 @@ class Engine:
             one = tf.function(one, autograph=False)
         self.one = one
         # Exact signatures: `Step.__call__` traces a batch-size-free signature
-        # first, which every later batch size dispatches to. (Relaxing shapes
-        # by reduce_retracing would also relax feature sizes past the checks.)
+        # first, widened where later batches' sizes differ (`widen`), which
+        # every later batch dispatches to. (Relaxing shapes by reduce_retracing
+        # would also relax feature sizes past the checks.)
         self.on_batch = tf.function(self._on_batch, autograph=False)
         self.signatures: list[Any] = []  # the widest batch signature of each structure
         self.on_iterator = tf.function(self._on_iterator, reduce_retracing=True, autograph=False)

@@ -16,7 +16,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfpure.batch import as_model_loss, unpack
-from tfpure.compat import flatten_layers, seed_generators
+from tfpure.compat import flatten_layers, is_functional, seed_generators
 from tfpure.state import TrainState
 
 __all__ = [
@@ -284,7 +284,7 @@ def _float64_copy(model: keras.Model) -> keras.Model:
     try:
         # Sublayers a custom layer makes without a dtype are float64 too.
         with _default_dtype("float64"):
-            if isinstance(model, keras.Sequential) or hasattr(model, "_run_through_graph"):
+            if isinstance(model, keras.Sequential) or is_functional(model):
                 copy = keras.models.clone_model(model, clone_function=clone, recursive=True)
             else:  # a subclassed model: rebuilt from its config
                 copy = keras.models.clone_model(model)
