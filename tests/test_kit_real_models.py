@@ -10,6 +10,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from planted import WarmupStep, wrong_square
 
 import tfpure as tp
 from tfpure import testing as tpt
@@ -19,21 +20,11 @@ RNG = np.random.default_rng(0)
 LABELS = RNG.integers(0, 3, 8).astype("int32")
 
 
-@tf.custom_gradient
-def square_wrong_in_training(x):
-    """Bug: the gradient of x² is 3x. Used only on the training=True path."""
-
-    def grad(dy):
-        return dy * 3.0 * x
-
-    return x * x, grad
-
-
 class SquareInTraining(keras.layers.Layer):
     """x², through a wrong custom gradient when `training` (else plain autodiff)."""
 
     def call(self, x, training=None):
-        return square_wrong_in_training(x) if training else x * x
+        return wrong_square(x) if training else x * x
 
 
 class Block(keras.layers.Layer):
@@ -151,27 +142,12 @@ def test_graph_matches_eager_under_adam_on_a_numerically_zero_gradient():
     tpt.assert_step_matches_reference(adam_state(bn_cnn), step, SCCE, batches)
 
 
-class CountedWarmup:
-    """Bug: a warm-up factor counted in Python; the graph freezes it at its trace."""
-
-    def __init__(self):
-        self.calls = 0
-        self.step = tp.make_train_step(SCCE, grad_transform=self.warm_up)
-
-    def warm_up(self, grads, variables):
-        self.calls += 1
-        return [g * min(self.calls, 3) for g in grads]
-
-    def __call__(self, state, batch):
-        return self.step(state, batch)
-
-
 def test_the_rounding_band_does_not_hide_python_state_frozen_at_trace_time():
     """Each run of the buggy step ends elsewhere (the counter moved on), the nudged run
     too: its figures differ, so no band is applied and the bug is reported."""
     batches = [(IMAGES, LABELS)] * 4
     with pytest.raises(AssertionError, match=r"(?s)kernel: max \|graph - eager\|.*no rounding"):
-        tpt.assert_graph_matches_eager(adam_state(bn_cnn), CountedWarmup(), batches)
+        tpt.assert_graph_matches_eager(adam_state(bn_cnn), WarmupStep(), batches)
 
 
 def test_add_loss_and_a_full_control_loss_against_the_reference_step():

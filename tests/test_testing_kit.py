@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from hypothesis import find, given, settings
+from planted import WarmupStep, wrong_square
 
 import tfpure as tp
 from tfpure import testing as tpt
@@ -94,14 +95,6 @@ def test_training_flag_catches_a_batchnorm_stuck_in_inference():
 
 
 # -- a custom gradient that is wrong ---------------------------------------------------
-
-
-@tf.custom_gradient
-def wrong_square(x):
-    def grad(dy):
-        return dy * 3.0 * x  # bug: d(x^2)/dx is 2x
-
-    return x * x, grad
 
 
 @tf.custom_gradient
@@ -196,21 +189,6 @@ def test_gradients_refuse_a_copy_that_computes_another_function():
 
 
 # -- Python-side state frozen into the graph -------------------------------------------
-
-
-class WarmupStep:
-    """Bug: a learning-rate warm-up counted in Python, which the graph freezes at 1."""
-
-    def __init__(self):
-        self.calls = 0
-        self.step = tp.make_train_step(SCCE, grad_transform=self.warm_up)
-
-    def warm_up(self, grads, variables):
-        self.calls += 1  # runs once per trace in graph mode, once per step eagerly
-        return [g * min(self.calls, 4) for g in grads]
-
-    def __call__(self, state, batch):
-        return self.step(state, batch)
 
 
 def make_state():
