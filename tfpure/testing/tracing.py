@@ -104,12 +104,12 @@ def count_traces(step: Callable[..., Any]) -> Iterator[Callable[[], int]]:
       3
     """
     start = _counts(step)
+    yield lambda: sum(n for _, n in _traces_since(step, start))
 
-    def traces() -> int:
-        now = _counts(step)
-        return sum(n - start.get(key, (None, 0))[1] for key, (_, n) in now.items())
 
-    yield traces
+def _traces_since(step: Callable[..., Any], start: dict[int, tuple[Any, int]]) -> list:
+    """Each function `step` reaches now, with its traces since `start` (new ones from 0)."""
+    return [(f, count - start.get(key, (None, 0))[1]) for key, (f, count) in _counts(step).items()]
 
 
 def assert_no_retrace(
@@ -140,15 +140,12 @@ def assert_no_retrace(
     for batch in batches:
         state, _ = step(state, batch)
         n += 1
-    now = _counts(step)
-    if not now:
+    since = _traces_since(step, start)
+    if not since:
         raise TypeError(
             f"{step!r} reaches no tf.function: there is nothing whose traces could be counted."
         )
-    traced = {
-        getattr(f, "__name__", repr(f)): count - start.get(key, (None, 0))[1]
-        for key, (f, count) in now.items()
-    }
+    traced = {getattr(f, "__name__", repr(f)): n for f, n in since}
     seen = sum(traced.values())
     if seen > max_traces:
         raise AssertionError(
