@@ -30,8 +30,9 @@ from typing import TYPE_CHECKING, Any
 
 import tensorflow as tf
 
+from tfpure.batch import unpack
 from tfpure.builtin import Logs
-from tfpure.compat import flat_caller
+from tfpure.compat import flat_caller, model_input_structure
 from tfpure.distribute import cluster_task, replica_share
 from tfpure.guard import MARK, Rollback
 
@@ -93,28 +94,58 @@ class Engine:
         # would also relax feature sizes past the checks.)
         self.on_batch = tf.function(self._on_batch, autograph=False)
         self.signatures: list[Any] = []  # the widest batch signature of each structure
+        # Per flat model input, which dimensions its declaration fixes (None: no
+        # declared inputs: a subclassed model, or a user-written body).
+        model = getattr(body, "model", None)
+        inputs = model_input_structure(model) if model is not None else None
+        self.declared = (
+            None
+            if inputs is None
+            else [
+                tuple(d is not None for d in tf.TensorShape(i.shape).as_list())
+                if tf.TensorShape(i.shape).rank is not None
+                else ()
+                for i in tf.nest.flatten(inputs)
+            ]
+        )
         self.on_iterator = tf.function(self._on_iterator, reduce_retracing=True, autograph=False)
 
-    def widen(self, signature: Any, pinned: list[tuple[bool, ...]]) -> Any:
+    def widen(self, signature: Any) -> Any:
         """The signature to trace for a batch of `signature`, or None if one covers it.
 
         A batch of a structure seen before widens that structure's signature:
-        each dimension where the two differ becomes free (None) unless
-        `pinned` (per flat leaf, per dimension) fixes it, as
-        ``reduce_retracing`` would, but never past the model's declared inputs.
+        each dimension where the two differ becomes free (None), as
+        ``reduce_retracing`` would, but never a dimension the model's declared
+        inputs fix (`_pinned`).
         """
         new = tf.nest.flatten(signature)
         for index, known in enumerate(self.signatures):
             if not _same_kind(known, signature):
                 continue
             old = tf.nest.flatten(known)
+            if _covers(old, new):
+                return None
+            pinned = self._pinned(signature)
             widened = [_widened(o, n, fix) for o, n, fix in zip(old, new, pinned, strict=True)]
             if widened == old:
-                return None if _covers(old, new) else signature  # pinned: trace it exactly
+                return signature  # only pinned sizes differ: traced exactly, and checked
             self.signatures[index] = tf.nest.pack_sequence_as(known, widened)
             return self.signatures[index]
         self.signatures.append(signature)
         return signature
+
+    def _pinned(self, signature: Any) -> list[tuple[bool, ...]]:
+        """Per flat leaf of a batch signature, which dimensions the model fixes.
+
+        Only the features of a model with declared inputs are pinned; targets,
+        weights and other features are free (their layers and losses check them).
+        """
+        pinned: list[tuple[bool, ...]] = [()] * len(tf.nest.flatten(signature))
+        if self.declared is not None and len(self.declared) == len(
+            tf.nest.flatten(unpack(signature)[0])
+        ):
+            pinned[: len(self.declared)] = self.declared
+        return pinned
 
     # -- one step -----------------------------------------------------------------
 

@@ -19,7 +19,6 @@ import tensorflow as tf
 
 from tfpure.batch import Batch, as_model_loss, check_batch, check_batch_values, unpack
 from tfpure.builtin import EvalBody, Logs, TrainBody
-from tfpure.compat import model_input_structure
 from tfpure.custom import UserBody
 from tfpure.distribute import cluster_task, strategy_of
 from tfpure.graph import Engine
@@ -156,7 +155,7 @@ class Step:
         # Trace for the batch's signature widened to every one seen before: sizes that
         # vary (batch, sequence length) are left free, so they trace once or twice in
         # all; a feature size the model fixes is never widened.
-        signature = engine.widen(_relaxed_signature(batch), _pinned(model, batch))
+        signature = engine.widen(_relaxed_signature(batch))
         if signature is not None:
             engine.on_batch.get_concrete_function(signature)
         return state, self._run(engine, engine.on_batch, batch)
@@ -322,29 +321,6 @@ def _cause_first(err: tf.errors.OpError) -> tf.errors.OpError:
         return err
     message = f"{' '.join(cause)} (while running a step; the whole report follows)\n\n{err.message}"
     return type(err)(err.node_def, err.op, message)
-
-
-def _pinned(model: Any, batch: Batch) -> list[tuple[bool, ...]]:
-    """Per flat leaf of `batch`, which dimensions the model's declared inputs fix.
-
-    Only features of a model with declared inputs are pinned; targets,
-    weights and the inputs of subclassed models or user-written bodies are
-    free (their own layers and losses check them).
-    """
-    leaves = tf.nest.flatten(batch)
-    pinned = [()] * len(leaves)
-    inputs = model_input_structure(model) if model is not None else None
-    if inputs is None:
-        return pinned
-    x, _, _ = unpack(batch)
-    declared = tf.nest.flatten(inputs)
-    if len(declared) != len(tf.nest.flatten(x)):
-        return pinned  # the model's check names the mismatch
-    for i, spec in enumerate(declared):
-        shape = tf.TensorShape(spec.shape)
-        if shape.rank is not None:
-            pinned[i] = tuple(d is not None for d in shape.as_list())
-    return pinned
 
 
 def _relaxed_signature(batch: Batch) -> Any:
