@@ -33,11 +33,14 @@ class _Predictor:
         )
         self.loop = tf.function(self._loop, autograph=False)
 
+    def forward_for(self, element_spec: Any) -> Any:
+        """The forward pass's concrete function for batches of `element_spec`."""
+        features = unpack(element_spec)[0]
+        spec = tf.nest.map_structure(lambda s: tf.TensorSpec(s.shape, s.dtype), features)
+        return self.forward.get_concrete_function(spec)
+
     def _loop(self, iterator: Any) -> tuple[tf.Tensor, list[tf.Tensor]]:
-        x_spec = tf.nest.map_structure(
-            lambda s: tf.TensorSpec(s.shape, s.dtype), unpack(iterator.element_spec)[0]
-        )
-        forward = self.forward.get_concrete_function(x_spec)
+        forward = self.forward_for(iterator.element_spec)
         specs = tf.nest.flatten(forward.structured_outputs)
         arrays = [
             tf.TensorArray(s.dtype, size=0, dynamic_size=True, infer_shape=False) for s in specs
@@ -148,9 +151,6 @@ def predict(
             break
     if not parts:
         raise ValueError("`data` held no batch: there is nothing to predict.")
-    x_spec = tf.nest.map_structure(
-        lambda s: tf.TensorSpec(s.shape, s.dtype), unpack(data.element_spec)[0]
-    )
-    structure = predictor.forward.get_concrete_function(x_spec).structured_outputs
+    structure = predictor.forward_for(data.element_spec).structured_outputs
     flat = [np.concatenate(leaf) for leaf in zip(*parts, strict=True)]
     return tf.nest.pack_sequence_as(structure, flat)
