@@ -93,7 +93,9 @@ def predict(
     ``(x, y, sample_weight)``) go through ``model(x, training=False)``;
     outputs are concatenated over batches. Batches are pulled inside the
     graph, `steps_per_call` per call; the functions are kept per model, so
-    another call on data of the same element spec traces nothing.
+    another call on data of the same element spec traces nothing. One model
+    at a time (for several states, call it per state), on one device: under a
+    `tf.distribute` strategy the batches are not split across replicas.
 
     Args:
       state: a `TrainState` (its model predicts) or a Keras model.
