@@ -138,7 +138,10 @@ def test_sample_weights_match_keras_train_on_batch():
         keras.optimizers.Adam(0.01),
         weighted_metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
     )
-    state, step = make_state(model), tp.make_train_step(SCCE)
+    state = tp.TrainState.create(
+        model=model, optimizer=keras.optimizers.Adam(0.01), weighted_metrics=accuracy()
+    )
+    step = tp.make_train_step(SCCE)
     for i in range(3):
         x, y = SPEC.batch(6, i)
         w = np.random.default_rng(i).uniform(0, 2, size=6).astype("float32")

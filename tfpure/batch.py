@@ -37,6 +37,8 @@ __all__ = [
     "check_batch",
     "check_batch_sizes",
     "check_batch_values",
+    "required_positional",
+    "targets_loss",
     "unpack",
 ]
 
@@ -206,7 +208,8 @@ def check_batch_values(batch: Batch) -> None:
         )
 
 
-def _required_positional(fn: Callable[..., Any]) -> int | None:
+def required_positional(fn: Callable[..., Any]) -> int | None:
+    """How many positional arguments `fn` requires (None if it has no signature)."""
     try:
         params = inspect.signature(fn).parameters.values()
     except (TypeError, ValueError):
@@ -250,13 +253,13 @@ def as_model_loss(loss: Any, *, dtype: str | None = None) -> ModelLossFn:
     if isinstance(loss, keras.losses.Loss):
         if dtype is not None:
             loss = type(loss).from_config({**loss.get_config(), "dtype": dtype})
-        return _targets_loss(loss)
-    arity = _required_positional(loss)
+        return targets_loss(loss)
+    arity = required_positional(loss)
     if arity == 3:
         return loss
     if arity == 2:
         name = name or getattr(loss, "__name__", type(loss).__name__)
-        return _targets_loss(LossFunctionWrapper(loss, name=name, dtype=dtype))
+        return targets_loss(LossFunctionWrapper(loss, name=name, dtype=dtype))
     raise TypeError(
         f"`loss` {loss!r} takes {arity} required positional arguments; expected "
         "2 (y_true, y_pred) or 3 (model, batch, training)."
@@ -267,7 +270,9 @@ def as_model_loss(loss: Any, *, dtype: str | None = None) -> ModelLossFn:
 MEAN_REDUCTIONS = ("sum_over_batch_size", "mean", "mean_with_sample_weight")
 
 
-def _targets_loss(loss: keras.losses.Loss) -> ModelLossFn:
+def targets_loss(loss: keras.losses.Loss) -> ModelLossFn:
+    """A Keras loss of ``(y, model(x), sample_weight)`` as a full-control loss."""
+
     def model_loss(model: keras.Model, batch: Batch, training: bool) -> Any:
         x, y, sample_weight = unpack(batch)
         if y is None:

@@ -38,6 +38,7 @@ import tensorflow as tf
 
 from tfpure._version import __version__
 from tfpure.loop import fit_loop
+from tfpure.outputs import Route
 from tfpure.state import TrainState, leaves
 from tfpure.steps import Step, make_step, make_train_step
 
@@ -455,11 +456,14 @@ def _tfpure_runner(step: Step, variant: Variant, k: int, states: Any, data: Any)
 def _keras_runner(step: Step, variant: Variant, k: int, state: TrainState, data: Any) -> Callable:
     model = state.model
     scope = variant.strategy.scope() if variant.strategy is not None else contextlib.nullcontext()
+    named = [(m, state.routes.get(n, Route())) for n, m in state.metrics.items() if n != "loss"]
     with scope:
         model.compile(
             optimizer=state.optimizer,
             loss=step.spec.loss,
-            metrics=[m for name, m in state.metrics.items() if name != "loss"],
+            loss_weights=getattr(step.spec.model_loss, "loss_weights", None),
+            metrics=[m for m, route in named if not route.weighted],
+            weighted_metrics=[m for m, route in named if route.weighted],
             steps_per_execution=variant.steps_per_call or k,
             jit_compile=variant.jit_compile,
             run_eagerly=variant.eager,

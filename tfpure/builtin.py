@@ -28,6 +28,8 @@ import tensorflow as tf
 from tfpure.batch import Batch, batch_size, check_batch, unpack
 from tfpure.compat import supports_no_merge_call
 from tfpure.guard import finite_flags, variable
+from tfpure.losses import BoundLoss, bind
+from tfpure.outputs import Route, select
 from tfpure.scaling import replica_objective
 from tfpure.state import TrainState, variable_groups
 
@@ -67,13 +69,18 @@ class _Body:
 
     def __init__(self, spec: StepSpec, state: TrainState):
         self.spec = spec
-        self.model_loss = spec.model_loss
+        self.model_loss = bind(spec.model_loss, state.model)
+        # Each output's loss (Keras' `a_loss`, ...), tracked by the step for this state.
+        self.loss_trackers = (
+            self.model_loss.trackers if isinstance(self.model_loss, BoundLoss) else {}
+        )
         self.model = state.model
         self.optimizer = state.optimizer
         self.counter = state.step
         self.skipped = state.skipped
         self.strategy = state.strategy
         self.metrics = dict(state.metrics if self.train else state.eval_metrics)
+        self.routes = dict(state.routes)
         self.trainable = list(state.model.trainable_variables)
         # Under MirroredStrategy the optimizer's gradient all-reduce goes
         # through merge_call, which cannot sit inside a replica's tf.cond.
@@ -84,15 +91,29 @@ class _Body:
             self.model_loss, loss, self.model.losses, x, self.strategy is not None
         )
 
+    def _forward(self, batch: Batch, training: bool) -> tuple[Any, Any, list[Any]]:
+        """The loss, the predictions and each output's loss (empty for one output)."""
+        if self.loss_trackers:
+            return self.model_loss.split(self.model, batch, training)
+        loss, y_pred = self.model_loss(self.model, batch, training)
+        return loss, y_pred, []
+
     def _update_metrics(
-        self, loss: tf.Tensor, x: Any, y: Any, y_pred: Any, sample_weight: Any
+        self, loss: tf.Tensor, x: Any, y: Any, y_pred: Any, sample_weight: Any, parts: list[Any]
     ) -> None:
         # As Keras `fit`: the loss tracker is weighted by batch size, so an
         # epoch's loss is a per-example mean even with a ragged last batch.
         self.metrics["loss"].update_state(loss, sample_weight=batch_size(x))
         for name, metric in self.metrics.items():
-            if name != "loss":
-                metric.update_state(y, y_pred, sample_weight=sample_weight)
+            if name == "loss":
+                continue
+            route = self.routes.get(name)
+            if route is None:  # a metric of the whole targets, sample weights included
+                route = Route(weighted=True)
+            weights = select(sample_weight, route) if route.weighted else None
+            metric.update_state(select(y, route), select(y_pred, route), sample_weight=weights)
+        if parts:
+            self.model_loss.track(parts, y_pred)
 
     def _check_metrics(self, y_pred: Any) -> None:
         if y_pred is None and len(self.metrics) > 1:
@@ -108,7 +129,7 @@ class _Body:
         return ok, ok
 
     def logs(self) -> Logs:
-        logs = metric_results(self.metrics)
+        logs = {**metric_results(self.metrics), **metric_results(self.loss_trackers)}
         if self.train and self.spec.nonfinite == "skip":
             logs["skipped"] = tf.identity(self.skipped.value())
         return logs
@@ -143,7 +164,7 @@ class TrainBody(_Body):
             for group in ("model", "optimizer", "metrics", "counters")
             for v in groups[group]
             if id(v) not in own and id(v) not in moved
-        ]
+        ] + [v for tracker in self.loss_trackers.values() for v in tracker.variables]
         self.checked = [v for v in [*groups["model"], *groups["optimizer"]] if id(v) not in own]
         if spec.nonfinite is not None:
             # What the last failed step saw, per local replica; read only to explain it.
@@ -159,7 +180,7 @@ class TrainBody(_Body):
         x, y, sample_weight = unpack(batch)
         check_batch(self.model, x, y, sample_weight)
         with tf.GradientTape() as tape:
-            loss, y_pred = self.model_loss(self.model, batch, True)
+            loss, y_pred, parts = self._forward(batch, True)
             objective, reported = self._losses(loss, x)
             scaled = self.optimizer.scale_loss(objective)
         grads = tape.gradient(scaled, self.trainable)
@@ -172,13 +193,13 @@ class TrainBody(_Body):
             )
         self._check_metrics(y_pred)
         if self.spec.nonfinite is None:  # The hand-written loop: apply whatever came out.
-            return self._commit(grads, reported, x, y, y_pred, sample_weight)
+            return self._commit(grads, reported, x, y, y_pred, sample_weight, parts)
         # Nothing is written before the forward and backward passes ran whole: a run-time
         # error there (a label out of range) leaves the held variables as they were.
         scale = tf.identity(self.optimizer.dynamic_scale) if self.loss_scaled else None
         ran = [reported, *(g for g in grads if g is not None)] + ([] if scale is None else [scale])
         with tf.control_dependencies([tf.group(ran)]):  # one edge for each op below
-            self._commit(grads, reported, x, y, y_pred, sample_weight)
+            self._commit(grads, reported, x, y, y_pred, sample_weight, parts)
         # Reads after the update (automatic control dependencies order them).
         reported = tf.cast(reported, tf.float32)
         left = finite_flags(self.checked)
@@ -190,9 +211,9 @@ class TrainBody(_Body):
         failed = tf.cast(tf.logical_not(fine), tf.int32)
         return failed, overflow, reported, examples, left, grads
 
-    def _commit(self, grads, reported, x, y, y_pred, sample_weight) -> tf.Tensor:
+    def _commit(self, grads, reported, x, y, y_pred, sample_weight, parts) -> tf.Tensor:
         self.optimizer.apply_gradients(zip(grads, self.trainable, strict=True))
-        self._update_metrics(reported, x, y, y_pred, sample_weight)
+        self._update_metrics(reported, x, y, y_pred, sample_weight, parts)
         self.counter.assign_add(1)
         return tf.constant(True)
 
@@ -298,10 +319,10 @@ class EvalBody(_Body):
     def one(self, batch: Batch) -> tf.Tensor:
         x, y, sample_weight = unpack(batch)
         check_batch(self.model, x, y, sample_weight)
-        loss, y_pred = self.model_loss(self.model, batch, False)
+        loss, y_pred, parts = self._forward(batch, False)
         _, loss = self._losses(loss, x)
         self._check_metrics(y_pred)
         # Nothing is counted unless the whole batch was scored.
         with tf.control_dependencies([loss]):
-            self._update_metrics(loss, x, y, y_pred, sample_weight)
+            self._update_metrics(loss, x, y, y_pred, sample_weight, parts)
         return tf.constant(True)

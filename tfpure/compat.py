@@ -13,6 +13,8 @@ Private API                                        What for
                                                    loss exactly as ``compile`` does
 ``Optimizer._trainable_variables``                 refuse an optimizer built for
                                                    another model
+``MeanMetricWrapper._fn``, ``._fn_kwargs``          copy a metric that wraps a lambda
+                                                   (it has no config)
 ``Layer._flatten_layers``                          every layer of a model, nested
 ``Layer._seed_generators``                         reseed Dropout & co. from
                                                    ``TrainState.create(seed=)``
@@ -40,6 +42,7 @@ __all__ = [
     "flat_caller",
     "flatten_layers",
     "is_functional",
+    "metric_function",
     "model_input_structure",
     "optimizer_built_for",
     "seed_generators",
@@ -94,6 +97,20 @@ def optimizer_built_for(optimizer: keras.optimizers.Optimizer) -> list[Any]:
     if not optimizer.built:
         return []
     return list(_require(optimizer, "_trainable_variables", "which variables it was built for"))
+
+
+def metric_function(metric: keras.metrics.MeanMetricWrapper) -> tuple[Any, dict[str, Any]]:
+    """The function a `MeanMetricWrapper` averages, and the keyword arguments it passes.
+
+    Example:
+      >>> import keras
+      >>> from tfpure.compat import metric_function
+      >>> fn = lambda t, p: abs(t - p)
+      >>> metric_function(keras.metrics.MeanMetricWrapper(fn, name="gap"))[0] is fn
+      True
+    """
+    fn = _require(metric, "_fn", "copy a metric that wraps a function")
+    return fn, dict(_require(metric, "_fn_kwargs", "copy a metric that wraps a function"))
 
 
 def flatten_layers(model: keras.layers.Layer, *, include_self: bool = True) -> list[Any]:

@@ -24,57 +24,54 @@ import tensorflow as tf
 
 from tfpure.compat import optimizer_built_for, seed_generators
 from tfpure.guard import record_gradients
+from tfpure.metrics import clone_metric, resolve_metrics
+from tfpure.outputs import Route
 
 __all__ = ["TrainState", "leaves", "state_variables", "variable_groups"]
 
 LOSS = "loss"
 
 
-def _metric_dict(metrics: Any, argument: str) -> dict[str, keras.metrics.Metric]:
-    """Normalises `None`, a sequence or a mapping of metrics to a dict by name."""
-    if metrics is None:
-        return {}
-    if isinstance(metrics, keras.metrics.Metric):
-        metrics = [metrics]
-    if isinstance(metrics, Mapping):
-        items = list(metrics.items())
-    elif isinstance(metrics, Sequence) and not isinstance(metrics, str):
-        items = [(getattr(m, "name", None), m) for m in metrics]
+def _eval_copies(
+    train: dict[str, keras.metrics.Metric], eval_metrics: Any
+) -> dict[str, keras.metrics.Metric]:
+    """Evaluation metrics by the training metrics' names: copies, or the instances given."""
+    if eval_metrics is None:
+        evals = {}
+        for name, metric in train.items():
+            try:
+                evals[name] = clone_metric(metric)
+            except Exception as err:  # Keras raises many types from from_config.
+                raise ValueError(
+                    f"Could not make an evaluation copy of metric {name!r} "
+                    f"({type(metric).__name__}) from its config: {err}. Pass separate "
+                    "instances with TrainState.create(..., eval_metrics={...})."
+                ) from err
+        return evals
+    if isinstance(eval_metrics, keras.metrics.Metric):
+        eval_metrics = [eval_metrics]
+    if isinstance(eval_metrics, Mapping):
+        items = list(eval_metrics.items())
+    elif isinstance(eval_metrics, Sequence) and not isinstance(eval_metrics, str):
+        items = [(getattr(m, "name", None), m) for m in eval_metrics]
     else:
         raise TypeError(
-            f"`{argument}` must be a dict of name -> keras.metrics.Metric, a list "
-            f"of metrics, or None; got {type(metrics).__name__}."
+            "`eval_metrics` must be a dict of name -> keras.metrics.Metric, a list of "
+            f"metrics, or None; got {type(eval_metrics).__name__}."
         )
-    out: dict[str, keras.metrics.Metric] = {}
     for name, metric in items:
         if not isinstance(metric, keras.metrics.Metric):
             raise TypeError(
-                f"`{argument}[{name!r}]` must be a keras.metrics.Metric instance; "
-                f"got {type(metric).__name__}. Wrap a plain function with "
-                "keras.metrics.MeanMetricWrapper(fn)."
+                f"`eval_metrics[{name!r}]` must be a keras.metrics.Metric instance; got "
+                f"{type(metric).__name__}."
             )
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"`{argument}` has a metric without a name: {metric!r}.")
-        if name == LOSS:
-            raise ValueError(
-                f"`{argument}` may not use the name 'loss': tfpure adds its own "
-                "loss tracker under that name. Rename the metric."
-            )
-        if name in out:
-            raise ValueError(f"`{argument}` names two metrics {name!r}.")
-        out[name] = metric
-    return out
-
-
-def _clone_metric(name: str, metric: keras.metrics.Metric) -> keras.metrics.Metric:
-    try:
-        return type(metric).from_config(metric.get_config())
-    except Exception as err:  # Keras raises many types from from_config.
+    evals = dict(items)
+    if set(evals) != set(train) or len(evals) != len(items):
         raise ValueError(
-            f"Could not make an evaluation copy of metric {name!r} "
-            f"({type(metric).__name__}) from its config: {err}. Pass separate "
-            "instances with TrainState.create(..., eval_metrics={...})."
-        ) from err
+            "`eval_metrics` must have the same names as `metrics`; got "
+            f"{sorted(n for n, _ in items)} and {sorted(train)}."
+        )
+    return {name: evals[name] for name in train}
 
 
 def _check_optimizer_matches(model: keras.Model, optimizer: keras.optimizers.Optimizer) -> None:
@@ -155,6 +152,10 @@ class TrainState:
         ``nonfinite="skip"`` train step skipped.
       strategy: the `tf.distribute.Strategy` whose scope `create` ran in, or
         None. Steps and loops then split each batch across its replicas.
+      routes: by metric name, the output the metric reads and whether it
+        takes sample weights (`tfpure.outputs.Route`); the built-in steps
+        follow it for `metrics` and `eval_metrics`. A metric with no route
+        reads the whole targets and sample weights.
 
     Example:
       >>> import keras, tfpure as tp
@@ -180,6 +181,7 @@ class TrainState:
     rng: keras.random.SeedGenerator
     skipped: tf.Variable
     strategy: tf.distribute.Strategy | None = None
+    routes: Mapping[str, Route] = attrs.field(factory=dict)
 
     @classmethod
     def create(
@@ -187,7 +189,8 @@ class TrainState:
         *,
         model: keras.Model,
         optimizer: keras.optimizers.Optimizer,
-        metrics: Mapping[str, keras.metrics.Metric] | Sequence[keras.metrics.Metric] | None = None,
+        metrics: Any = None,
+        weighted_metrics: Any = None,
         eval_metrics: Mapping[str, keras.metrics.Metric]
         | Sequence[keras.metrics.Metric]
         | None = None,
@@ -200,10 +203,17 @@ class TrainState:
           optimizer: a Keras optimizer, unbuilt or built for exactly `model`'s
             trainable variables. `create` builds it, so no step creates
             variables while tracing.
-          metrics: training metrics, as a dict by name or a list (named by
-            `metric.name`). A `"loss"` tracker (`keras.metrics.Mean`) is added.
+          metrics: training metrics as `model.compile` takes them: Metric
+            instances, names (``"accuracy"``, ``"mae"``), functions
+            ``(y_true, y_pred)``, a list, or a dict by output name (one
+            entry or list per output) -- or tfpure's dict of name -> metric.
+            They ignore sample weights, as in Keras. A `"loss"` tracker
+            (`keras.metrics.Mean`) is added. Names are Keras' (``"b_mae"``
+            for output ``b``); see `tfpure.outputs`.
+          weighted_metrics: likewise, metrics that take the batch's sample
+            weights.
           eval_metrics: evaluation metrics with the same names; by default,
-            fresh copies of `metrics` made from their configs.
+            fresh copies of the training metrics.
           seed: if given, reseeds every `SeedGenerator` in `model` (Dropout's
             masks, for instance) and `rng` deterministically from it, so
             two runs with the same seed draw the same randomness.
@@ -214,7 +224,8 @@ class TrainState:
         Raises:
           TypeError: `model`, `optimizer` or a metric has the wrong type.
           ValueError: the model has no trainable variables, the optimizer was
-            built for another model, or metric names clash.
+            built for another model, metric names clash, or a per-output
+            structure names no output of the model.
 
         Example:
           >>> import keras, tfpure as tp
@@ -240,16 +251,8 @@ class TrainState:
                 f"`model` {model.name!r} has no trainable variables ({hint}). "
                 "A training step needs something to train."
             )
-        train = _metric_dict(metrics, "metrics")
-        if eval_metrics is None:
-            evals = {name: _clone_metric(name, m) for name, m in train.items()}
-        else:
-            evals = _metric_dict(eval_metrics, "eval_metrics")
-            if set(evals) != set(train):
-                raise ValueError(
-                    "`eval_metrics` must have the same names as `metrics`; got "
-                    f"{sorted(evals)} and {sorted(train)}."
-                )
+        train, routes = resolve_metrics(model, metrics, weighted_metrics)
+        evals = _eval_copies(train, eval_metrics)
         shared = {n for n in train if train[n] is evals[n]}
         if shared:
             raise ValueError(
@@ -275,6 +278,7 @@ class TrainState:
             rng=rng,
             skipped=_counter("skipped"),
             strategy=strategy,
+            routes=routes,
         )
 
     def apply_gradients(self, grads: Sequence[Any]) -> TrainState:

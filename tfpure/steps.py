@@ -17,12 +17,13 @@ from typing import Any, Protocol
 import numpy as np
 import tensorflow as tf
 
-from tfpure.batch import Batch, as_model_loss, check_batch, check_batch_values, unpack
+from tfpure.batch import Batch, check_batch, check_batch_values, unpack
 from tfpure.builtin import EvalBody, Logs, TrainBody
 from tfpure.custom import UserBody
 from tfpure.distribute import cluster_task, strategy_of
 from tfpure.graph import Engine
 from tfpure.guard import MARK, NonFiniteError
+from tfpure.losses import step_loss
 from tfpure.spec import GradTransform, Nonfinite, StepSpec
 from tfpure.state import leaves
 
@@ -192,16 +193,30 @@ class Step:
         return state, logs, n
 
     def reset_logs(self, state: Any) -> None:
-        """Starts the running means of a `make_step` body's logs afresh (the loops do this
-        each epoch, with the states' metrics). A no-op for built-in steps, whose logs are
-        their states' metrics.
+        """Starts the running figures the step keeps itself afresh (the loops do this each
+        epoch, with the states' metrics): a `make_step` body's log means, or a built-in
+        step's per-output losses (``a_loss``, ...). A built-in step's other logs are its
+        state's metrics.
 
         Example:
-          >>> import tensorflow as tf, tfpure as tp
-          >>> tp.make_eval_step("mse").reset_logs(None)
+          >>> import keras, numpy as np, tfpure as tp
+          >>> x = keras.Input((2,))
+          >>> model = keras.Model(x, [keras.layers.Dense(1, name="a")(x),
+          ...                         keras.layers.Dense(1, name="b")(x)])
+          >>> state = tp.TrainState.create(model=model, optimizer=keras.optimizers.SGD())
+          >>> step = tp.make_eval_step("mse")
+          >>> ones = np.ones((4, 1), "float32")
+          >>> state, logs = step(state, (np.ones((4, 2), "float32"), [ones, ones]))
+          >>> step.reset_logs(state)
+          >>> float(step.results(state)["a_loss"])
+          0.0
         """
+        body = self.engine(state).body
         if self.spec.kind == "custom":
-            self.engine(state).body.means.reset()
+            body.means.reset()
+        else:
+            for tracker in body.loss_trackers.values():
+                tracker.reset_state()
 
     def results(self, state: Any) -> Logs:
         """The logs the step would report for `state` now (running figures), without a step.
@@ -216,17 +231,20 @@ class Step:
         return self.engine(state).body.logs()
 
     def log_variables(self, state: Any) -> list[tf.Variable]:
-        """The variables holding a `make_step` body's running log means (empty for built-in
-        steps); a checkpoint saves them with the run.
+        """The variables of the running figures the step keeps itself (see `reset_logs`);
+        a checkpoint saves them with the run.
 
         Example:
-          >>> import tfpure as tp
-          >>> tp.make_eval_step("mse").log_variables(None)
+          >>> import keras, tfpure as tp
+          >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+          >>> state = tp.TrainState.create(model=model, optimizer=keras.optimizers.SGD())
+          >>> tp.make_train_step("mse").log_variables(state)  # one output: none
           []
         """
-        if self.spec.kind != "custom":
-            return []
-        return self.engine(state).body.means.variables
+        body = self.engine(state).body
+        if self.spec.kind == "custom":
+            return body.means.variables
+        return [v for tracker in body.loss_trackers.values() for v in tracker.variables]
 
     def _examples(self, state: Any) -> int:
         """Examples that have run through the step for `state` (the loops' throughput)."""
@@ -412,6 +430,7 @@ def make_step(
 def make_train_step(
     loss: Any,
     *,
+    loss_weights: Any = None,
     jit_compile: bool = False,
     steps_per_call: int = 1,
     nonfinite: Nonfinite = "raise",
@@ -427,9 +446,14 @@ def make_train_step(
 
     Args:
       loss: a `keras.losses.Loss` or Keras loss name, a callable
-        ``(y_true, y_pred) -> loss``, or a full-control callable
+        ``(y_true, y_pred) -> loss``, a list or dict of those per output (as
+        `model.compile` takes them), or a full-control callable
         ``(model, batch, training) -> (loss, y_pred)``. In every case tfpure
-        adds ``model.losses`` (regularization) to the loss.
+        adds ``model.losses`` (regularization) to the loss. A model with
+        several outputs reports each output's loss as ``{output}_loss``.
+      loss_weights: with a per-output loss, the weight of each output's
+        loss in the total: a list in output order or a dict by output name
+        (a number for a single output), as in `model.compile`.
       jit_compile: compile the step with XLA.
       steps_per_call: steps fused into one graph call when the step is driven
         from an iterator (by `fold`, `fit_loop`, `run_on_iterator`); a plain
@@ -449,7 +473,9 @@ def make_train_step(
 
     Raises:
       TypeError: `loss` is not a loss.
-      ValueError: an option has an invalid value.
+      ValueError: an option has an invalid value. A per-output `loss` or
+        `loss_weights` that names no output of the model raises when the
+        step first meets the state, before any variable changes.
 
     Example:
       >>> import keras, numpy as np, tfpure as tp
@@ -466,7 +492,7 @@ def make_train_step(
       >>> losses[-1] < losses[0] / 10
       True
     """
-    model_loss = as_model_loss(loss)
+    model_loss = step_loss(loss, loss_weights)
     return Step(
         StepSpec(
             "train",
@@ -480,7 +506,9 @@ def make_train_step(
     )
 
 
-def make_eval_step(loss: Any, *, jit_compile: bool = False, steps_per_call: int = 1) -> Step:
+def make_eval_step(
+    loss: Any, *, loss_weights: Any = None, jit_compile: bool = False, steps_per_call: int = 1
+) -> Step:
     """Returns a compiled evaluation step ``state, logs = step(state, batch)``.
 
     It calls ``model(x, training=False)``, computes the loss plus
@@ -489,6 +517,7 @@ def make_eval_step(loss: Any, *, jit_compile: bool = False, steps_per_call: int 
 
     Args:
       loss: as for `make_train_step`.
+      loss_weights: as for `make_train_step`.
       jit_compile: compile the step with XLA.
       steps_per_call: steps fused into one graph call when driven from an
         iterator (by `evaluate` or `fit_loop`).
@@ -503,7 +532,7 @@ def make_eval_step(loss: Any, *, jit_compile: bool = False, steps_per_call: int 
       >>> float(logs["loss"])  # (1 + 1)^2
       4.0
     """
-    model_loss = as_model_loss(loss)
+    model_loss = step_loss(loss, loss_weights)
     return Step(
         StepSpec(
             "eval",

@@ -18,6 +18,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfpure.compat import LossFunctionWrapper
+from tfpure.outputs import Route, select
 from tfpure.state import TrainState
 from tfpure.testing.properties import _state_groups, snapshot
 
@@ -322,8 +323,11 @@ def _reference_step(state: TrainState, loss: Any, batch: Any) -> None:
     for name, metric in state.metrics.items():
         if name == "loss":  # weighted by batch size, as Keras fit does
             metric.update_state(value, sample_weight=examples)
-        else:
-            metric.update_state(y, y_pred, sample_weight=sample_weight)
+            continue
+        # The output it reads; `metrics` ignore sample weights, `weighted_metrics` take them.
+        route = state.routes.get(name, Route(weighted=True))
+        weights = select(sample_weight, route) if route.weighted else None
+        metric.update_state(select(y, route), select(y_pred, route), sample_weight=weights)
     state.step.assign_add(1)
 
 
@@ -343,7 +347,8 @@ def assert_step_matches_reference(
     otherwise). One is trained by `step` over `batches`; another by an
     independent reference, run eagerly: ``model(x, training=True)``, `loss`
     plus ``model.losses``, one ``apply_gradients``, each metric of
-    ``state.metrics`` updated once with ``(y, y_pred, sample_weight)`` and the
+    ``state.metrics`` updated once with ``(y, y_pred)`` of its output (and
+    ``sample_weight`` for a weighted metric, see ``state.routes``) and the
     ``"loss"`` tracker with the batch loss weighted by the batch size (as
     Keras `fit` does), ``state.step`` counted. Every model, optimizer and
     metric *variable* is compared, so a metric updated twice is caught even
