@@ -2,6 +2,7 @@
 
     python tests/distributed_worker.py MODE OUT [--epochs E] [--steps-per-call K]
                                                [--checkpoint DIR] [--nan-batch I] [--gan]
+                                               [--two-outputs]
     python tests/distributed_worker.py MODE --jobs JOBS.json
     python tests/distributed_worker.py --fork MODE:JOBS.json [MODE:JOBS.json ...]
 
@@ -17,7 +18,9 @@ logical CPU devices) or ``multiworker`` (MultiWorkerMirroredStrategy; the
 cluster comes from TF_CONFIG). Writes the final variables and history to OUT
 (.npz) — in ``multiworker`` mode, only the chief (worker 0) writes.
 
-``--gan`` trains a two-state GAN written with `tp.make_step` instead.
+``--gan`` trains a two-state GAN written with `tp.make_step` instead;
+``--two-outputs`` a two-output model with compile-style losses, loss weights,
+metrics and weighted metrics, on sample-weighted batches.
 
 The model has no Dropout (each replica would draw its own masks) and a
 synchronized BatchNorm (statistics over the global batch), so every mode
@@ -134,6 +137,45 @@ def run_gan(args, strategy):
     )
 
 
+def run_two_outputs(args, strategy):
+    keras.utils.set_random_seed(0)
+    with strategy.scope():
+        x = keras.Input((6,))
+        h = keras.layers.Dense(16, "relu")(x)
+        model = keras.Model(x, {"kind": keras.layers.Dense(3)(h), "size": keras.layers.Dense(1)(h)})
+        state = tp.TrainState.create(
+            model=model,
+            optimizer=keras.optimizers.Adam(0.01),
+            metrics={"kind": "accuracy"},
+            weighted_metrics={"size": ["mae"]},
+        )
+    rng = np.random.default_rng(2)
+    features = rng.normal(size=(61, 6)).astype("float32")
+    targets = {"kind": rng.integers(0, 3, 61), "size": features[:, :1] * 2.0}
+    weights = rng.uniform(0.5, 1.5, 61).astype("float32")
+    data = tf.data.Dataset.from_tensor_slices((features, targets, weights)).batch(8)
+    loss = {"kind": SCCE, "size": "mse"}
+    weighting = {"kind": 1.0, "size": 0.5}
+    state, history = tp.fit_loop(
+        state,
+        data,
+        tp.make_train_step(loss, loss_weights=weighting),
+        epochs=args.epochs,
+        eval_step=tp.make_eval_step(loss, loss_weights=weighting),
+        val_data=data,
+        verbose=0,
+    )
+    np.savez(
+        args.out,
+        replicas=strategy.num_replicas_in_sync,
+        step=int(state.step.numpy()),
+        skipped=0,
+        keys=np.array(sorted(history)),
+        history=np.array([history[k] for k in sorted(history)]),
+        **{f"v{i}": v.numpy() for i, v in enumerate(state.model.variables)},
+    )
+
+
 def strategy_for(mode):
     if mode == "single":
         return tf.distribute.get_strategy()
@@ -156,6 +198,7 @@ def parser():
     p.add_argument("--nan-batch", type=int)
     p.add_argument("--gan", action="store_true")
     p.add_argument("--diagnose", action="store_true")
+    p.add_argument("--two-outputs", action="store_true")
     return p
 
 
@@ -204,6 +247,9 @@ def diagnose(args, strategy):
 def run(args, strategy):
     if args.diagnose:
         diagnose(args, strategy)
+        return
+    if args.two_outputs:
+        run_two_outputs(args, strategy)
         return
     if args.gan:
         TRACED_REPLICAS.clear()

@@ -92,6 +92,7 @@ def runs(tmp_path_factory):
             (base / "single.npz", []),
             (base / "single-nan.npz", ["--nan-batch", "2"]),
             (base / "single-gan.npz", ["--gan"]),
+            (base / "single-two.npz", ["--two-outputs", "--epochs", "2"]),
         ],
         base,
     )
@@ -101,6 +102,7 @@ def runs(tmp_path_factory):
             (base / "mirrored-nan.npz", ["--nan-batch", "2", "--steps-per-call", "3"]),
             (base / "mirrored-gan.npz", ["--gan", "--steps-per-call", "3"]),
             (base / "mirrored-diagnose.npz", ["--diagnose"]),
+            (base / "mirrored-two.npz", ["--two-outputs", "--epochs", "2"]),
             (base / "mirrored-first.npz", ["--epochs", "2", "--checkpoint", ckpt]),
             (base / "mirrored-resumed.npz", ["--epochs", "3", "--checkpoint", ckpt]),
         ],
@@ -116,6 +118,18 @@ def test_mirrored_equals_one_device_with_fused_calls_and_a_skipped_batch(runs):
     expected = load(runs / "single-nan.npz")
     assert int(expected["skipped"]) == 3  # one per epoch
     assert_same_run(load(runs / "mirrored-nan.npz"), expected, replicas=2)
+
+
+def test_compile_style_losses_and_metrics_on_two_replicas_equal_one_device(runs):
+    """Per-output losses (each output's, reported), loss weights, metrics and weighted metrics
+    on sample-weighted batches; the ragged last batch splits 3/2 and counts once."""
+    expected, got = load(runs / "single-two.npz"), load(runs / "mirrored-two.npz")
+    assert list(expected["keys"]) == [
+        "kind_accuracy", "kind_loss", "loss", "size_loss", "size_mae",
+        "val_kind_accuracy", "val_kind_loss", "val_loss", "val_size_loss", "val_size_mae",
+    ]  # fmt: skip
+    assert list(got.pop("keys")) == list(expected.pop("keys"))
+    assert_same_run(got, expected, replicas=2)
 
 
 def test_a_two_state_make_step_body_on_two_replicas_equals_one_device(runs):

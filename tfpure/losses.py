@@ -207,18 +207,29 @@ class BoundLoss:
         return total, y_pred, values
 
     def track(self, values: list[Any], y_pred: Any) -> list[Any]:
-        """Updates each output's loss tracker as Keras does (unweighted, per batch)."""
+        """Updates each output's loss tracker with its unweighted loss, as Keras does.
+
+        Keras weighs a batch by its static size, so a batch of unknown size
+        (a dataset's ragged last batch) counts once. Under a strategy, a
+        global batch of unknown size counts once too, however it splits:
+        each replica's share of it weighs its replica's mean.
+        """
         if not self.trackers:
             return []
         context = tf.distribute.get_replica_context()
         replicas = context.num_replicas_in_sync if context is not None else 1
-        ops = []
+        ops, share = [], None
         for (route, _, _), value, tracker in zip(
             self.terms, values, self.trackers.values(), strict=True
         ):
-            # Keras weighs these by the static batch size: a batch of unknown size counts once.
-            n = tf.nest.flatten(select(y_pred, route))[0].shape[0]
-            ops.append(tracker.update_state(value * replicas, sample_weight=n))
+            first = tf.nest.flatten(select(y_pred, route))[0]
+            weight = first.shape[0]
+            if weight is None and replicas > 1:
+                if share is None:
+                    n = tf.cast(tf.shape(first)[0], tf.float32)
+                    share = n / context.all_reduce("sum", n)
+                weight = share
+            ops.append(tracker.update_state(value * replicas, sample_weight=weight))
         return ops
 
 
