@@ -209,7 +209,9 @@ def test_structures_that_name_no_output_are_refused_naming_the_outputs():
     model = two_in_two_out()
     sgd = keras.optimizers.SGD
     with pytest.raises(ValueError, match=r"\['colour'\] name no output.*\['kind', 'size'\]"):
-        tp.TrainState.create(model=model, optimizer=sgd(), metrics={"colour": "accuracy"})
+        tp.TrainState.create(
+            model=model, optimizer=sgd(), metrics={"kind": "accuracy", "colour": "mae"}
+        )
     with pytest.raises(ValueError, match=r"list of 3 entries.*\['kind', 'size'\]"):
         tp.TrainState.create(model=model, optimizer=sgd(), metrics=["mae", "mae", "mae"])
     with pytest.raises(ValueError, match="not a Keras metric"):
@@ -293,3 +295,15 @@ def test_repeated_metric_names_are_numbered_as_keras_numbers_them():
     ).batch(4)  # fmt: skip
     state, _, _ = compare(build, dict(loss="mse", **args), data, data, epochs=1)
     assert list(state.metrics) == ["loss", "mae", "mae_1", "mse", "weighted_mae", "weighted_mse"]
+
+
+def test_a_metric_of_every_output_at_once_that_fails_says_to_key_it_by_output():
+    model = two_in_two_out()
+    state = tp.TrainState.create(
+        model=model,
+        optimizer=keras.optimizers.SGD(),
+        metrics={"acc": keras.metrics.SparseCategoricalAccuracy()},  # whole y: a dict
+    )
+    with pytest.raises((TypeError, ValueError), match=r"got every output.*keyed by output name"):
+        tp.make_train_step({"kind": "mse", "size": "mse"})(state, next(iter(two_in_two_out_data())))
+    assert int(state.step) == 0

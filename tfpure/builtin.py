@@ -111,7 +111,16 @@ class _Body:
             if route is None:  # a metric of the whole targets, sample weights included
                 route = Route(weighted=True)
             weights = select(sample_weight, route) if route.weighted else None
-            metric.update_state(select(y, route), select(y_pred, route), sample_weight=weights)
+            try:
+                metric.update_state(select(y, route), select(y_pred, route), sample_weight=weights)
+            except (TypeError, ValueError) as err:
+                if route.output is not None or not isinstance(y_pred, dict | list | tuple):
+                    raise
+                raise type(err)(
+                    f"Metric {name!r} got every output of model {self.model.name!r} at once "
+                    f"and failed: {err}. Give it one output, keyed by output name: "
+                    f"TrainState.create(metrics={{'<output>': ...}})."
+                ) from err
         if parts:
             self.model_loss.track(parts, y_pred)
 

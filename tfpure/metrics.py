@@ -156,7 +156,7 @@ def resolve_metrics(
                 f"`{argument}` must be a list of metrics, a dict by output name or by metric "
                 f"name, or None; got {type(value).__name__}."
             )
-        split = per_output(value, outputs, argument)
+        split = per_output(value, outputs, argument, by_name=True)
         if split is None and isinstance(value, Mapping):  # name -> metric (tfpure's form)
             for name, entry in value.items():
                 if not isinstance(name, str) or not name:

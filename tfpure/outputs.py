@@ -151,14 +151,26 @@ def as_list(entry: Any) -> list[Any]:
     return list(entry) if isinstance(entry, list | tuple) else [entry]
 
 
-def per_output(value: Any, outputs: Outputs, argument: str) -> list[list[Any]] | None:
-    """`value` split per output (a list of lists), or None if it applies to the whole y."""
+def per_output(
+    value: Any, outputs: Outputs, argument: str, *, by_name: bool = False
+) -> list[list[Any]] | None:
+    """`value` split per output (a list of lists), or None if it applies to the whole y.
+
+    A dict keyed by output names is per output. With `by_name` (metrics), a
+    dict none of whose keys is an output name is tfpure's name -> metric
+    form (None); a dict mixing output names and other keys is refused.
+
+    Example:
+      >>> from tfpure.outputs import Outputs, per_output
+      >>> per_output({"b": "mae"}, Outputs(("a", "b")), "metrics")
+      [[], ['mae']]
+    """
     names = outputs.names
     if isinstance(value, Mapping):
         unknown = [k for k in value if names is None or k not in names]
         if not unknown:
             return [as_list(value.get(n)) for n in names or ()]
-        if names is not None:
+        if names is not None and not (by_name and len(unknown) == len(value)):
             raise ValueError(
                 f"`{argument}` is keyed {sorted(value)}, but {sorted(unknown)} name no output "
                 f"of the model; its {outputs.describe()}. Key it by output name."
