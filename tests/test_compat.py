@@ -8,6 +8,7 @@ import tensorflow as tf
 
 import tfpure as tp
 from tfpure import compat
+from tfpure.testing.strategies import ModelSpec
 
 
 def test_loss_function_wrapper_scores_a_plain_function_as_compile_does():
@@ -116,3 +117,61 @@ def test_a_missing_private_api_fails_loudly_instead_of_skipping():
         compat.seed_generators(NotALayer())
     with pytest.raises(compat.PrivateAPIChanged, match="_as_serialized_graph"):
         compat.serialized_dataset_graph(NotALayer())
+
+
+def test_keras_random_algorithm_draws_keras_random_ops_with_threefry_and_puts_them_back():
+    import keras.src.backend.tensorflow.random as backend_random
+
+    x = tf.ones((16, 32))
+
+    a, b = keras.random.SeedGenerator(7), keras.random.SeedGenerator(7)
+
+    @tf.function(jit_compile=True)
+    def draws():
+        with compat.keras_random_algorithm("threefry"):
+            got = keras.random.dropout(x, 0.5, seed=a), keras.random.normal((5,), seed=a)
+        seed = backend_random._cast_seed(backend_random.draw_seed(b))
+        expected = tf.nn.experimental.stateless_dropout(x, 0.5, seed=seed, rng_alg="threefry")
+        seed = backend_random._cast_seed(backend_random.draw_seed(b))
+        return got, (expected, tf.random.stateless_normal((5,), seed, alg="threefry"))
+
+    (mask, normal), (expected_mask, expected_normal) = draws()
+    np.testing.assert_array_equal(mask.numpy(), expected_mask.numpy())
+    np.testing.assert_array_equal(normal.numpy(), expected_normal.numpy())
+    assert 0.3 < float(np.mean(mask.numpy() == 0)) < 0.7
+    assert backend_random.dropout.__module__ == backend_random.__name__  # put back
+
+
+def test_xla_steps_draw_dropout_with_threefry_reproducibly():
+    """The XLA step equals a hand-written XLA step whose Dropout draws with threefry, and
+    two states with one seed train alike (the masks are functions of the seed state)."""
+    spec = ModelSpec((5,), (("dense", 16), ("dropout", 50)), 3)
+    x, y = spec.batch(8, 0)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+    def state():
+        return tp.TrainState.create(
+            model=spec.build(0), optimizer=keras.optimizers.SGD(0.1), seed=3
+        )
+
+    mine, again, reference = state(), state(), state()
+    step = tp.make_train_step(loss, jit_compile=True, nonfinite=None)
+
+    @tf.function(jit_compile=True)
+    def hand_written(x, y):
+        with compat.keras_random_algorithm("threefry"), tf.GradientTape() as tape:
+            value = loss(y, reference.model(x, training=True))
+        variables = reference.model.trainable_variables
+        reference.optimizer.apply_gradients(
+            zip(tape.gradient(value, variables), variables, strict=True)
+        )
+
+    for _ in range(3):
+        mine, _ = step(mine, (x, y))
+        again, _ = step(again, (x, y))
+        hand_written(x, y)
+    for a, b, c in zip(
+        mine.model.weights, again.model.weights, reference.model.weights, strict=True
+    ):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+        np.testing.assert_allclose(a.numpy(), c.numpy(), rtol=1e-6, atol=1e-7)

@@ -15,6 +15,8 @@ Private API                                        What for
                                                    another model
 ``MeanMetricWrapper._fn``, ``._fn_kwargs``          copy a metric that wraps a lambda
                                                    (it has no config)
+``keras.src.backend.tensorflow.random``            draw Keras' random ops (Dropout & co.)
+                                                   with threefry inside XLA steps
 ``Layer._flatten_layers``                          every layer of a model, nested
 ``Layer._seed_generators``                         reseed Dropout & co. from
                                                    ``TrainState.create(seed=)``
@@ -30,7 +32,9 @@ Private API                                        What for
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import keras
@@ -42,6 +46,7 @@ __all__ = [
     "flat_caller",
     "flatten_layers",
     "is_functional",
+    "keras_random_algorithm",
     "metric_function",
     "model_input_structure",
     "optimizer_built_for",
@@ -97,6 +102,79 @@ def optimizer_built_for(optimizer: keras.optimizers.Optimizer) -> list[Any]:
     if not optimizer.built:
         return []
     return list(_require(optimizer, "_trainable_variables", "which variables it was built for"))
+
+
+_RANDOM_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def keras_random_algorithm(alg: str) -> Iterator[None]:
+    """Keras' random ops draw with TensorFlow's stateless algorithm `alg` inside the block.
+
+    Keras' TensorFlow backend draws Dropout's masks (and `keras.random.*`)
+    with ``alg="auto_select"``, which XLA on CPU compiles to a slow
+    generator. tfpure traces its XLA step bodies inside this block with
+    ``"threefry"``; the draws stay functions of the same seeds, so a run
+    is reproducible and resumes exactly.
+
+    Example:
+      >>> import keras, tensorflow as tf
+      >>> from tfpure.compat import keras_random_algorithm
+      >>> with keras_random_algorithm("threefry"):
+      ...     a = keras.random.uniform((3,), seed=keras.random.SeedGenerator(1))
+      >>> b = tf.random.stateless_uniform((3,), seed=[0, 1], alg="threefry")
+      >>> a.shape == b.shape
+      True
+    """
+    import keras.src.backend.tensorflow.random as module
+
+    cast = _require(module, "_cast_seed", "draw Keras' random ops with another algorithm")
+    draw = _require(module, "draw_seed", "draw Keras' random ops with another algorithm")
+    noise = _require(module, "_get_concrete_noise_shape", "draw Dropout's masks")
+
+    def floats(dtype: Any) -> Any:
+        return dtype or keras.config.floatx()
+
+    def uniform(shape, minval=0.0, maxval=1.0, dtype=None, seed=None):  # type: ignore[no-untyped-def]
+        dtype = floats(dtype)
+        return tf.random.stateless_uniform(
+            shape, cast(draw(seed)), tf.cast(minval, dtype), tf.cast(maxval, dtype), dtype, alg=alg
+        )
+
+    def normal(shape, mean=0.0, stddev=1.0, dtype=None, seed=None):  # type: ignore[no-untyped-def]
+        return tf.random.stateless_normal(
+            shape, cast(draw(seed)), mean, stddev, floats(dtype), alg=alg
+        )
+
+    def truncated_normal(shape, mean=0.0, stddev=1.0, dtype=None, seed=None):  # type: ignore[no-untyped-def]
+        return tf.random.stateless_truncated_normal(
+            shape, cast(draw(seed)), mean, stddev, floats(dtype), alg=alg
+        )
+
+    def dropout(inputs, rate, noise_shape=None, seed=None):  # type: ignore[no-untyped-def]
+        if rate == 1.0:
+            return tf.zeros_like(inputs)
+        if rate == 0.0:
+            return inputs
+        return tf.nn.experimental.stateless_dropout(
+            inputs,
+            rate=rate,
+            seed=cast(draw(seed)),
+            rng_alg=alg,
+            noise_shape=noise(inputs, noise_shape),
+        )
+
+    mine = {"uniform": uniform, "normal": normal, "truncated_normal": truncated_normal,
+            "dropout": dropout}  # fmt: skip
+    with _RANDOM_LOCK:
+        theirs = {name: _require(module, name, "draw Keras' random ops") for name in mine}
+        for name, fn in mine.items():
+            setattr(module, name, fn)
+        try:
+            yield
+        finally:
+            for name, fn in theirs.items():
+                setattr(module, name, fn)
 
 
 def metric_function(metric: keras.metrics.MeanMetricWrapper) -> tuple[Any, dict[str, Any]]:

@@ -25,6 +25,7 @@ both passes ran whole; a user-written body's every variable has a shadow.)
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -32,7 +33,7 @@ import tensorflow as tf
 
 from tfpure.batch import unpack
 from tfpure.builtin import Logs
-from tfpure.compat import flat_caller, model_input_structure
+from tfpure.compat import flat_caller, keras_random_algorithm, model_input_structure
 from tfpure.distribute import cluster_task, replica_share
 from tfpure.guard import MARK, Rollback
 
@@ -78,7 +79,9 @@ class Engine:
             )
         one = body.one
         if spec.jit_compile:
-            one = tf.function(one, jit_compile=True, reduce_retracing=True)
+            # Keras' random ops (Dropout's masks) drawn with threefry: XLA on CPU compiles
+            # the default algorithm to a generator ~100x slower than the plain graph's.
+            one = tf.function(_threefry(one), jit_compile=True, reduce_retracing=True)
         elif self.strategy is None:
             # A function of its own, as Keras' `one_step_on_data`: the step's graph is
             # then optimised alike whether one call runs it once or in a loop, so
@@ -271,6 +274,17 @@ class Engine:
 
     def explain_failure(self) -> str:
         return self.body.explain_failure()
+
+
+def _threefry(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`fn`, traced with Keras' random ops drawing with the threefry algorithm."""
+
+    @functools.wraps(fn)
+    def traced(*args: Any) -> Any:
+        with keras_random_algorithm("threefry"):
+            return fn(*args)
+
+    return traced
 
 
 def _same_kind(a: Any, b: Any) -> bool:
