@@ -175,3 +175,15 @@ def test_xla_steps_draw_dropout_with_threefry_reproducibly():
     ):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
         np.testing.assert_allclose(a.numpy(), c.numpy(), rtol=1e-6, atol=1e-7)
+
+
+def test_an_xla_step_run_eagerly_draws_as_the_eager_step_does():
+    spec = ModelSpec((5,), (("dense", 16), ("dropout", 50)), 3)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    state = tp.TrainState.create(model=spec.build(0), optimizer=keras.optimizers.SGD(), seed=1)
+    tf.config.run_functions_eagerly(True)
+    try:  # threefry has no eager CPU kernel: the step must not ask for it
+        state, logs = tp.make_train_step(loss, jit_compile=True)(state, spec.batch(4, 0))
+    finally:
+        tf.config.run_functions_eagerly(False)
+    assert np.isfinite(float(logs["loss"])) and int(state.step) == 1

@@ -117,14 +117,19 @@ def keras_random_algorithm(alg: str) -> Iterator[None]:
     ``"threefry"``; the draws stay functions of the same seeds, so a run
     is reproducible and resumes exactly.
 
+    TensorFlow has no plain-graph CPU kernel for threefry: use the block
+    only where XLA compiles what is traced in it.
+
     Example:
       >>> import keras, tensorflow as tf
       >>> from tfpure.compat import keras_random_algorithm
-      >>> with keras_random_algorithm("threefry"):
-      ...     a = keras.random.uniform((3,), seed=keras.random.SeedGenerator(1))
-      >>> b = tf.random.stateless_uniform((3,), seed=[0, 1], alg="threefry")
-      >>> a.shape == b.shape
-      True
+      >>> seed = keras.random.SeedGenerator(1)
+      >>> @tf.function(jit_compile=True)
+      ... def masked(x):
+      ...     with keras_random_algorithm("threefry"):
+      ...         return keras.random.dropout(x, 0.5, seed=seed)
+      >>> masked(tf.ones((2, 4))).shape
+      TensorShape([2, 4])
     """
     import keras.src.backend.tensorflow.random as module
 

@@ -281,6 +281,8 @@ def _threefry(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def traced(*args: Any) -> Any:
+        if tf.executing_eagerly():  # run_functions_eagerly: no XLA, and no threefry kernel
+            return fn(*args)
         with keras_random_algorithm("threefry"):
             return fn(*args)
 
