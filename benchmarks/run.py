@@ -38,6 +38,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras
 import numpy as np
 import tensorflow as tf
+from jax_reference import available as jax_available
+from jax_reference import jax_scan_loop
 
 import tfpure as tp
 from tfpure.bench import VARIANTS, BenchResult, Variant, compare, machine, plot
@@ -45,6 +47,8 @@ from tfpure.bench import VARIANTS, BenchResult, Variant, compare, machine, plot
 HERE = Path(__file__).resolve().parent
 SCCE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 Runner = Callable[[int], None]
+JAX = "JAX + optax jit(lax.scan) x16"
+jax_missing = jax_available()
 
 
 # -- workloads --------------------------------------------------------------------
@@ -186,9 +190,10 @@ def tutorial_range_loop(k: int) -> Callable[[tp.TrainState, tf.data.Dataset], Ru
     return make
 
 
-def mlp_variants(slow_xla: bool) -> dict[str, Variant]:
-    """The rows of the MLP workloads: `tfpure.bench` variants and the hand-written loops."""
-    return {
+def mlp_variants(slow_xla: bool, jax: bool = False) -> dict[str, Variant]:
+    """The rows of the MLP workloads: `tfpure.bench` variants and the hand-written loops
+    (and, with `jax`, JAX + optax if installed)."""
+    variants = {
         "tutorial eager": Variant(custom=tutorial_loop(compiled=False), slow=True),
         "tutorial tf.function": Variant(custom=tutorial_loop(compiled=True)),
         "tutorial tf.range x16": Variant(steps_per_call=16, custom=tutorial_range_loop(16)),
@@ -196,7 +201,8 @@ def mlp_variants(slow_xla: bool) -> dict[str, Variant]:
         "keras fit spe=16": VARIANTS["keras_fit_fused"],
         "tfpure k=1": VARIANTS["graph"],
         "tfpure k=16": VARIANTS["fused"],
-        "tfpure XLA k=1": Variant(steps_per_call=1, jit_compile=True, slow=slow_xla),
+        "tfpure XLA k=1": Variant(steps_per_call=1, jit_compile=True),
+        "tfpure XLA k=16": Variant(steps_per_call=16, jit_compile=True),
         "tfpure k=1 no guard": Variant(steps_per_call=1, nonfinite=None),
         "tfpure k=16 no guard": Variant(nonfinite=None),
         "keras fit XLA": Variant(steps_per_call=1, keras=True, jit_compile=True, slow=slow_xla),
@@ -204,6 +210,9 @@ def mlp_variants(slow_xla: bool) -> dict[str, Variant]:
             steps_per_call=1, strategy=tf.distribute.MirroredStrategy(["/cpu:0"])
         ),
     }
+    if jax_missing is None and jax:
+        variants[JAX] = Variant(steps_per_call=16, custom=jax_scan_loop(16))
+    return variants
 
 
 def mlp_state(build: Callable[[], keras.Model]) -> Callable[[], tp.TrainState]:
@@ -223,7 +232,7 @@ def measure_tutorial(rounds: int) -> BenchResult:
         mlp_state(spec["build"]),
         SCCE,
         make_dataset(spec["features"], spec["batch"], spec["steps"]),
-        variants=mlp_variants(slow_xla=True),
+        variants=mlp_variants(slow_xla=True, jax=True),
         rounds=rounds,
         steps=spec["steps"],
         title="tutorial MLP",
@@ -423,6 +432,16 @@ RATIOS = [
         1.05,
     ),
     ("guard cost, tutorial MLP", "tutorial_mlp", "tfpure k=1", "tfpure k=1 no guard", 1.03),
+    (
+        "XLA k=1 / graph k=1, tutorial MLP (Dropout)",
+        "tutorial_mlp",
+        "tfpure XLA k=1",
+        "tfpure k=1",
+        1.0,
+    ),
+    ("XLA k=1 / graph k=1, compute MLP", "compute_mlp", "tfpure XLA k=1", "tfpure k=1", 1.0),
+    ("tfpure XLA k=16 / JAX + optax x16", "tutorial_mlp", "tfpure XLA k=16", JAX, 1.5),
+    ("tfpure k=16 / JAX + optax x16", "tutorial_mlp", "tfpure k=16", JAX, 1.5),
     ("guard cost, compute MLP", "compute_mlp", "tfpure k=16", "tfpure k=16 no guard", 1.03),
     (
         "distributed path, 1 replica / plain",
@@ -466,6 +485,8 @@ def ratios(results: dict[str, BenchResult]) -> dict[str, dict]:
     out = {}
     for name, workload, num, den, goal in RATIOS:
         r = results[workload]
+        if num not in r.variants or den not in r.variants:  # JAX not installed
+            continue
         paired = r.paired(num, den)
         out[name] = {
             "paired": round(paired, 3),
@@ -507,6 +528,8 @@ def markdown(report: dict, results: dict[str, BenchResult]) -> str:
             f"| {med / g['median']['matmul']:.0%} | {best:.1f} | {best / g['min']['matmul']:.0%} |"
         )
     lines += [
+        "",
+        f"JAX reference: {report['jax']}",
         "",
         "Traces and memory: " + ", ".join(f"{k} = {v:.4g}" for k, v in report["memory"].items()),
         "",
@@ -555,6 +578,7 @@ def main() -> None:
     }
     report = {
         "machine": machine(),
+        "jax": jax_missing or "JAX + optax, jit(lax.scan) over 16 pre-stacked batches",
         "rounds": {name: len(r.rounds[r.variants[0]]) for name, r in results.items()},
         "steps": {name: dict(r.steps) for name, r in results.items()},
         "per_step_seconds": {
