@@ -24,7 +24,7 @@ from tfpure.batch import (
     unpack,
 )
 from tfpure.compat import LossFunctionWrapper
-from tfpure.outputs import Outputs, Route, per_output, select, shape_kind
+from tfpure.outputs import Outputs, Route, by_shape, per_output, select
 
 __all__ = ["BoundLoss", "OutputLoss", "bind", "step_loss"]
 
@@ -59,12 +59,13 @@ def _loss(identifier: Any, argument: str) -> Any:
 
 
 def _crossentropy(y_true: Any, y_pred: Any) -> keras.losses.Loss:
-    kind = shape_kind(y_true, y_pred)
-    fn = {
-        "binary": keras.losses.binary_crossentropy,
-        "sparse": keras.losses.sparse_categorical_crossentropy,
-        "categorical": keras.losses.categorical_crossentropy,
-    }[kind]
+    fn = by_shape(
+        y_true,
+        y_pred,
+        binary=keras.losses.binary_crossentropy,
+        sparse=keras.losses.sparse_categorical_crossentropy,
+        categorical=keras.losses.categorical_crossentropy,
+    )
     return LossFunctionWrapper(fn, name=fn.__name__)
 
 

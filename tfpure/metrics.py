@@ -15,7 +15,7 @@ import keras
 import tensorflow as tf
 
 from tfpure.compat import metric_function
-from tfpure.outputs import Outputs, Route, as_list, per_output, shape_kind
+from tfpure.outputs import Outputs, Route, as_list, by_shape, per_output
 
 __all__ = ["Accuracy", "clone_metric", "resolve_metrics"]
 
@@ -23,12 +23,13 @@ _ACCURACY = ("accuracy", "acc")
 
 
 def _accuracy(y_true: Any, y_pred: Any) -> tf.Tensor:
-    kind = shape_kind(y_true, y_pred)
-    fn = {
-        "binary": keras.metrics.binary_accuracy,
-        "sparse": keras.metrics.sparse_categorical_accuracy,
-        "categorical": keras.metrics.categorical_accuracy,
-    }[kind]
+    fn = by_shape(
+        y_true,
+        y_pred,
+        binary=keras.metrics.binary_accuracy,
+        sparse=keras.metrics.sparse_categorical_accuracy,
+        categorical=keras.metrics.categorical_accuracy,
+    )
     return fn(y_true, y_pred)
 
 

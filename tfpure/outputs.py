@@ -145,6 +145,20 @@ def shape_kind(y_true: Any, y_pred: Any) -> str:
     return "categorical"
 
 
+def by_shape(y_true: Any, y_pred: Any, *, binary: Any, sparse: Any, categorical: Any) -> Any:
+    """The binary, sparse or categorical choice for these shapes, by Keras' rule.
+
+    Example:
+      >>> import numpy as np
+      >>> from tfpure.outputs import by_shape
+      >>> by_shape(np.zeros(4), np.zeros((4, 3)), binary="b", sparse="s", categorical="c")
+      's'
+    """
+    return {"binary": binary, "sparse": sparse, "categorical": categorical}[
+        shape_kind(y_true, y_pred)
+    ]
+
+
 def as_list(entry: Any) -> list[Any]:
     if entry is None:
         return []
