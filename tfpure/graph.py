@@ -80,7 +80,8 @@ class Engine:
         one = body.one
         if spec.jit_compile:
             # Keras' random ops (Dropout's masks) drawn with threefry: XLA on CPU compiles
-            # the default algorithm to a generator ~100x slower than the plain graph's.
+            # the default algorithm to a draw several times slower than the plain graph's
+            # (`benchmarks/xla_random.py`).
             one = tf.function(_threefry(one), jit_compile=True, reduce_retracing=True)
         elif self.strategy is None:
             # A function of its own, as Keras' `one_step_on_data`: the step's graph is
