@@ -12,6 +12,7 @@ import pytest
 import tensorflow as tf
 
 import tfpure as tp
+import tfpure.testing as tpt
 
 RNG = np.random.default_rng(0)
 
@@ -307,3 +308,30 @@ def test_a_metric_of_every_output_at_once_that_fails_says_to_key_it_by_output():
     with pytest.raises((TypeError, ValueError), match=r"got every output.*keyed by output name"):
         tp.make_train_step({"kind": "mse", "size": "mse"})(state, next(iter(two_in_two_out_data())))
     assert int(state.step) == 0
+
+
+def test_the_default_eval_step_keeps_the_loss_weights_and_fused_calls_change_nothing():
+    data = two_in_two_out_data()
+    loss = {"kind": keras.losses.SparseCategoricalCrossentropy(from_logits=True), "size": "mse"}
+    weights = {"kind": 1.0, "size": 0.25}
+
+    def make_state():
+        return tp.TrainState.create(
+            model=two_in_two_out(), optimizer=keras.optimizers.Adam(1e-2), metrics={"kind": "acc"}
+        )
+
+    # fit_loop's own eval step (no eval_step=) scores validation as Keras evaluate does.
+    state, history = tp.fit_loop(
+        make_state(), data, tp.make_train_step(loss, loss_weights=weights), val_data=data, verbose=0
+    )
+    state.model.compile(loss=loss, loss_weights=weights, metrics={"kind": "acc"})
+    scores = state.model.evaluate(data, return_dict=True, verbose=0)
+    for key in ("loss", "kind_loss", "size_loss", "kind_acc"):
+        np.testing.assert_allclose(history[f"val_{key}"][-1], scores[key], atol=1e-6, err_msg=key)
+    # Each output's loss tracker, fused: bit for bit the history of single steps.
+    tpt.assert_fused_matches_sequential(
+        make_state,
+        lambda k: tp.make_train_step(loss, loss_weights=weights, steps_per_call=k),
+        data,
+        steps_per_call=3,
+    )

@@ -461,7 +461,7 @@ def _keras_runner(step: Step, variant: Variant, k: int, state: TrainState, data:
         model.compile(
             optimizer=state.optimizer,
             loss=step.spec.loss,
-            loss_weights=getattr(step.spec.model_loss, "loss_weights", None),
+            loss_weights=step.spec.loss_weights,
             metrics=[m for m, route in named if not route.weighted],
             weighted_metrics=[m for m, route in named if route.weighted],
             steps_per_execution=variant.steps_per_call or k,

@@ -73,6 +73,7 @@ def _eval_step_for(eval_step: StepFn | None, train_step: StepFn) -> StepFn:
     if isinstance(train_step, Step) and train_step.kind == "train":
         return make_eval_step(
             train_step.loss,
+            loss_weights=train_step.spec.loss_weights,
             jit_compile=train_step.jit_compile,
             steps_per_call=train_step.steps_per_call,
         )

@@ -93,7 +93,9 @@ class StepSpec:
       steps_per_call: steps fused into one graph call when driven from an iterator.
       nonfinite: ``"raise"``, ``"skip"`` or None (no guard).
       grad_transform: built-in train steps: ``(grads, variables) -> grads``.
-      loss: built-in steps: the loss as given; `model_loss` its full-control form.
+      loss: built-in steps: the loss as given; `model_loss` its full-control form
+        (or an `OutputLoss`, bound to each model the step meets).
+      loss_weights: built-in steps: the per-output loss weights as given, or None.
       fn: custom steps: the body ``fn(states, batch) -> (states, logs)``.
 
     Example:
@@ -108,5 +110,6 @@ class StepSpec:
     nonfinite: Nonfinite = attrs.field(default="raise", converter=_check_nonfinite)
     grad_transform: GradTransform | None = attrs.field(default=None, converter=_chain)
     loss: Any = None
+    loss_weights: Any = None
     model_loss: Any = None
     fn: Callable[..., Any] | None = None

@@ -501,6 +501,7 @@ def make_train_step(
             nonfinite=nonfinite,
             grad_transform=grad_transform,
             loss=loss,
+            loss_weights=loss_weights,
             model_loss=model_loss,
         )
     )
@@ -540,6 +541,7 @@ def make_eval_step(
             steps_per_call=steps_per_call,
             nonfinite=None,
             loss=loss,
+            loss_weights=loss_weights,
             model_loss=model_loss,
         )
     )
