@@ -98,13 +98,15 @@ class OutputLoss:
     without weights is scored exactly as a single loss is.
 
     Example:
+      >>> import keras
       >>> from tfpure.losses import OutputLoss
-      >>> OutputLoss({"a": "mse", "b": "mae"}, {"a": 1.0, "b": 0.5}).given
-      {'a': 'mse', 'b': 'mae'}
+      >>> x = keras.Input((3,))
+      >>> model = keras.Model(x, {"a": keras.layers.Dense(2)(x), "b": keras.layers.Dense(1)(x)})
+      >>> list(OutputLoss({"a": "mse", "b": "mae"}, {"a": 1.0, "b": 0.5}).bind(model).trackers)
+      ['a_loss', 'b_loss']
     """
 
     def __init__(self, loss: Any, loss_weights: Any = None):
-        self.given = loss
         self.loss_weights = loss_weights
         if isinstance(loss, Mapping):
             self.losses: Any = {k: _loss(v, f"loss[{k!r}]") for k, v in loss.items()}

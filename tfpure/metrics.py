@@ -185,7 +185,5 @@ def resolve_metrics(
                         taken[name] += 1
                         name = f"{name}_{taken[name] - 1}"
                 taken.setdefault(name, 1)
-                if not isinstance(metric, keras.metrics.Metric):
-                    raise TypeError(f"`{argument}` has {entry!r}, which is not a metric.")
                 add(name, metric, Route(output, index, weighted), argument)
     return found, routes
