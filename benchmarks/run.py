@@ -15,10 +15,12 @@ teardown reported apart). It measures
   non-finite guard, and under a one-replica ``MirroredStrategy``;
 
 for (a) the tutorial-sized MLP (64-128-10, batch 64, Dropout, L2), which is
-bound by per-step overhead, (b) a compute-bound MLP (3 x 1024, batch 512),
-whose GFLOP/s are compared with those of a bare ``tf.matmul`` loop measured
-in the same rounds, and (c) a user-written GAN step (two states) against the
-two-call composition. It also counts traces over a multi-epoch run with a
+bound by per-step overhead, (b) the same MLP fed batches stacked in memory
+beforehand (one tensor slice per batch, no per-example pipeline), against
+JAX + optax given the same batches, (c) a compute-bound MLP (3 x 1024, batch
+512), whose GFLOP/s are compared with those of a bare ``tf.matmul`` loop
+measured in the same rounds, and (d) a user-written GAN step (two states)
+against the two-call composition. It also counts traces over a multi-epoch run with a
 ragged last batch and the RSS growth over 20,000 steps. Results: JSON, a
 Markdown table and PNG charts (with matplotlib).
 """
@@ -79,6 +81,14 @@ WORKLOADS = {
     "tutorial_mlp": {"build": tutorial_mlp, "features": 64, "batch": 64, "steps": 320},
     "compute_mlp": {"build": compute_mlp, "features": 1024, "batch": 512, "steps": 16},
 }
+
+
+def batches_in_memory(features: int, batch: int, steps: int) -> tf.data.Dataset:
+    """`steps` batches stacked beforehand: a batch is one slice (no per-example pipeline)."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(steps, batch, features)).astype("float32")
+    y = rng.integers(0, 10, size=(steps, batch)).astype("int32")
+    return tf.data.Dataset.from_tensor_slices((x, y))
 
 
 def make_dataset(features: int, batch: int, steps: int, extra: int = 0) -> tf.data.Dataset:
@@ -190,9 +200,8 @@ def tutorial_range_loop(k: int) -> Callable[[tp.TrainState, tf.data.Dataset], Ru
     return make
 
 
-def mlp_variants(slow_xla: bool, jax: bool = False) -> dict[str, Variant]:
-    """The rows of the MLP workloads: `tfpure.bench` variants and the hand-written loops
-    (and, with `jax`, JAX + optax if installed)."""
+def mlp_variants(slow_xla: bool) -> dict[str, Variant]:
+    """The rows of the MLP workloads: `tfpure.bench` variants and the hand-written loops."""
     variants = {
         "tutorial eager": Variant(custom=tutorial_loop(compiled=False), slow=True),
         "tutorial tf.function": Variant(custom=tutorial_loop(compiled=True)),
@@ -205,13 +214,12 @@ def mlp_variants(slow_xla: bool, jax: bool = False) -> dict[str, Variant]:
         "tfpure XLA k=16": Variant(steps_per_call=16, jit_compile=True),
         "tfpure k=1 no guard": Variant(steps_per_call=1, nonfinite=None),
         "tfpure k=16 no guard": Variant(nonfinite=None),
+        "tfpure XLA k=16 no guard": Variant(steps_per_call=16, jit_compile=True, nonfinite=None),
         "keras fit XLA": Variant(steps_per_call=1, keras=True, jit_compile=True, slow=slow_xla),
         "tfpure k=1 Mirrored, 1 replica": Variant(
             steps_per_call=1, strategy=tf.distribute.MirroredStrategy(["/cpu:0"])
         ),
     }
-    if jax_missing is None and jax:
-        variants[JAX] = Variant(steps_per_call=16, custom=jax_scan_loop(16))
     return variants
 
 
@@ -232,10 +240,31 @@ def measure_tutorial(rounds: int) -> BenchResult:
         mlp_state(spec["build"]),
         SCCE,
         make_dataset(spec["features"], spec["batch"], spec["steps"]),
-        variants=mlp_variants(slow_xla=True, jax=True),
+        variants=mlp_variants(slow_xla=True),
         rounds=rounds,
         steps=spec["steps"],
         title="tutorial MLP",
+    )
+
+
+def measure_in_memory(rounds: int) -> BenchResult:
+    """The fused paths against JAX + optax, all fed the same batches stacked in memory."""
+    spec = WORKLOADS["tutorial_mlp"]
+    variants = {
+        "tfpure k=16": VARIANTS["fused"],
+        "tfpure XLA k=16": Variant(steps_per_call=16, jit_compile=True),
+        "tfpure XLA k=16 no guard": Variant(steps_per_call=16, jit_compile=True, nonfinite=None),
+    }
+    if jax_missing is None:
+        variants[JAX] = Variant(steps_per_call=16, custom=jax_scan_loop(16))
+    return compare(
+        mlp_state(spec["build"]),
+        SCCE,
+        batches_in_memory(spec["features"], spec["batch"], spec["steps"]),
+        variants=variants,
+        rounds=rounds,
+        steps=spec["steps"],
+        title="tutorial MLP, batches in memory",
     )
 
 
@@ -413,6 +442,7 @@ def gflops(result: BenchResult) -> dict:
 # -- report -----------------------------------------------------------------------------
 
 
+MEM = "in_memory_mlp"
 # Each ratio: (name, workload, numerator, denominator, goal).
 RATIOS = [
     ("tfpure k=1 / keras fit spe=1", "tutorial_mlp", "tfpure k=1", "keras fit spe=1", 0.8),
@@ -440,9 +470,37 @@ RATIOS = [
         1.0,
     ),
     ("XLA k=1 / graph k=1, compute MLP", "compute_mlp", "tfpure XLA k=1", "tfpure k=1", 1.0),
-    ("tfpure XLA k=16 / JAX + optax x16", "tutorial_mlp", "tfpure XLA k=16", JAX, 1.5),
-    ("tfpure k=16 / JAX + optax x16", "tutorial_mlp", "tfpure k=16", JAX, 1.5),
+    ("tfpure XLA k=16 / JAX + optax x16, batches in memory", MEM, "tfpure XLA k=16", JAX, 1.5),
+    (
+        "tfpure XLA k=16 no guard / JAX + optax x16, batches in memory",
+        MEM,
+        "tfpure XLA k=16 no guard",
+        JAX,
+        1.2,
+    ),
+    ("tfpure k=16 / JAX + optax x16, batches in memory", MEM, "tfpure k=16", JAX, None),
+    (
+        "guard cost, XLA k=16, batches in memory",
+        MEM,
+        "tfpure XLA k=16",
+        "tfpure XLA k=16 no guard",
+        1.03,
+    ),
+    (
+        "guard cost, XLA k=16, tutorial MLP",
+        "tutorial_mlp",
+        "tfpure XLA k=16",
+        "tfpure XLA k=16 no guard",
+        1.03,
+    ),
     ("guard cost, compute MLP", "compute_mlp", "tfpure k=16", "tfpure k=16 no guard", 1.03),
+    (
+        "guard cost, XLA k=16, compute MLP",
+        "compute_mlp",
+        "tfpure XLA k=16",
+        "tfpure XLA k=16 no guard",
+        1.03,
+    ),
     (
         "distributed path, 1 replica / plain",
         "tutorial_mlp",
@@ -499,7 +557,7 @@ def ratios(results: dict[str, BenchResult]) -> dict[str, dict]:
 
 
 def markdown(report: dict, results: dict[str, BenchResult]) -> str:
-    references = {"tutorial_mlp": "tfpure k=1", "compute_mlp": "tfpure k=1", "gan": None}
+    references = {"tutorial_mlp": "tfpure k=1", MEM: None, "compute_mlp": "tfpure k=1", "gan": None}
     lines = [results[w].to_markdown(reference=references[w]) for w in results]
     lines += [
         "| ratio (one run) | paired: median of per-round ratios | goal "
@@ -573,12 +631,14 @@ def main() -> None:
     results = {
         # Overhead-bound rounds are short and their ratios are small differences: twice as many.
         "tutorial_mlp": measure_tutorial(2 * args.rounds),
+        MEM: measure_in_memory(2 * args.rounds),
         "compute_mlp": measure_compute(args.rounds),
         "gan": measure_gan(2 * args.rounds),
     }
     report = {
         "machine": machine(),
-        "jax": jax_missing or "JAX + optax, jit(lax.scan) over 16 pre-stacked batches",
+        "jax": jax_missing
+        or "JAX + optax, jit(lax.scan) over 16 pre-stacked batches (workload in_memory_mlp)",
         "rounds": {name: len(r.rounds[r.variants[0]]) for name, r in results.items()},
         "steps": {name: dict(r.steps) for name, r in results.items()},
         "per_step_seconds": {
@@ -602,7 +662,11 @@ def main() -> None:
     print(table)
     try:
         plot(
-            {"tutorial MLP": results["tutorial_mlp"], "compute MLP": results["compute_mlp"]},
+            {
+                "tutorial MLP": results["tutorial_mlp"],
+                "tutorial MLP, batches in memory": results[MEM],
+                "compute MLP": results["compute_mlp"],
+            },
             out / "chart.png",
         )
         plot({results["gan"].title: results["gan"]}, out / "chart_gan.png")

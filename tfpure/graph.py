@@ -92,6 +92,15 @@ class Engine:
             # cross-replica synchronisation.)
             one = tf.function(one, autograph=False)
         self.one = one
+        # XLA with several steps per call: a call's batches run in one XLA loop
+        # (`_run_group`), as JAX runs a `lax.scan`, fed a group of batches by the data
+        # (`on_groups`) or stacked from the ones pulled (`_on_pulled`).
+        self.groups = spec.jit_compile and spec.steps_per_call > 1 and self.strategy is None
+        if self.groups:
+            self.run_group = tf.function(
+                _threefry(self._run_group), jit_compile=True, reduce_retracing=True
+            )
+            self.on_groups = tf.function(self._on_groups, reduce_retracing=True, autograph=False)
         # Exact signatures: `Step.__call__` traces a batch-size-free signature
         # first, widened where later batches' sizes differ (`widen`), which
         # every later batch dispatches to. (Relaxing shapes by reduce_retracing
@@ -153,15 +162,17 @@ class Engine:
 
     # -- one step -----------------------------------------------------------------
 
-    def _run_one(self, batch: Any) -> tf.Tensor:
+    def _run_one(self, batch: Any, one: Callable[[Any], Any] | None = None) -> tf.Tensor:
         """One step, on the one device or on every replica; returns whether it did not fail.
 
         The body's `merge` says whether to keep the step and whether it failed:
         a step a `LossScaleOptimizer` skipped is put back, yet no failure.
+        `one` replaces the compiled body (inside an XLA loop, the body itself).
         """
         saves, held = self.rollback.save() if self.rollback else ([], [])
         with tf.control_dependencies(saves + held):
-            keep, ok = self.body.merge(self._dispatch(batch))
+            out = self._dispatch(batch) if one is None else one(batch)
+            keep, ok = self.body.merge(out)
         with tf.control_dependencies([keep, ok]):
             counted = self.examples.assign_add(self._examples_in(batch))
         if self.rollback is None:
@@ -178,6 +189,27 @@ class Engine:
         with tf.control_dependencies([kept, counted]):
             disarm = self.rollback.disarm()
         with tf.control_dependencies([disarm]):
+            return tf.identity(ok)
+
+    def _run_one_in_xla(self, batch: Any) -> tf.Tensor:
+        """`_run_one` inside an XLA loop: a failed step's variables are put back by selects."""
+        if self.rollback is None:
+            return self._run_one(batch, self.body.one)
+        before = self.rollback.values()
+        with tf.control_dependencies(before):
+            keep, ok = self.body.merge(self.body.one(batch))
+        with tf.control_dependencies([keep, ok]):
+            done = [self.examples.assign_add(self._examples_in(batch))]
+            done += self.rollback.select(keep, before)
+        if self.spec.nonfinite == "skip":
+
+            def skip() -> tf.Tensor:
+                with tf.control_dependencies(self.body.on_skip()):
+                    return tf.constant(False)
+
+            with tf.control_dependencies(done):
+                done = [tf.cond(keep, lambda: tf.constant(True), skip)]
+        with tf.control_dependencies(done):
             return tf.identity(ok)
 
     def _examples_in(self, batch: Any) -> tf.Tensor:
@@ -228,7 +260,26 @@ class Engine:
 
     def _on_iterator(self, iterator: Any, k: tf.Tensor) -> tuple[tf.Tensor, Logs]:
         self.count_trace()
-        stop_on_failure = self.guarded and self.spec.nonfinite == "raise"
+        if self.groups and all(
+            isinstance(s, tf.TensorSpec) for s in tf.nest.flatten(iterator.element_spec)
+        ):
+            i, ok = tf.cond(
+                tf.equal(k, self.spec.steps_per_call),
+                lambda: self._on_pulled(iterator),
+                lambda: self._step_loop(iterator, k),
+            )
+        else:
+            i, ok = self._step_loop(iterator, k)
+        with tf.control_dependencies(self._assert_kept(ok)):
+            return tf.identity(i), self.body.logs()
+
+    @property
+    def _stops_on_failure(self) -> bool:
+        return self.guarded and self.spec.nonfinite == "raise"
+
+    def _step_loop(self, iterator: Any, k: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """Up to `k` steps, each on a batch pulled from `iterator`: (steps run, no failure)."""
+        stop_on_failure = self._stops_on_failure
 
         def cond(i: tf.Tensor, ok: tf.Tensor, more: tf.Tensor) -> tf.Tensor:
             keep = tf.logical_and(i < k, more)
@@ -247,10 +298,119 @@ class Engine:
             i, ok, _ = body(*start)
         else:
             i, ok, _ = tf.while_loop(cond, body, start)
+        return i, ok
+
+    def _on_groups(self, iterator: Any, k: tf.Tensor) -> tuple[tf.Tensor, Logs]:
+        """A call on one group of batches from `iterator` (of `group_batches(data, k)`).
+
+        Batches alike in shape (every group, but perhaps the last) are
+        stacked and run in one XLA loop; a group of unlike ones (a ragged last
+        batch) runs one step at a time. At most `k` steps run: a loop calls
+        with `k` equal to the group's size (the last group may be shorter).
+        """
+        self.count_trace()
+        optional = iterator.get_next_as_optional()
+
+        def present() -> tuple[tf.Tensor, tf.Tensor]:
+            group = optional.get_value()
+            leaves = tf.nest.flatten(group)
+            n = _rows(leaves[0])
+            ragged = [t for t in leaves if isinstance(t, tf.RaggedTensor)]
+            lengths = [t.row_lengths() for t in ragged]
+            alike = tf.reduce_all(
+                [tf.reduce_all(tf.equal(r, r[0])) for r in lengths] or [tf.constant(True)]
+            )
+
+            def stacked() -> tuple[tf.Tensor, tf.Tensor]:
+                dense = [_stacked(t, n) for t in leaves]
+                return self.run_group(tf.nest.pack_sequence_as(group, dense))
+
+            def each() -> tuple[tf.Tensor, tf.Tensor]:
+                return self._run_rows(group, tf.minimum(n, k))
+
+            return tf.cond(tf.logical_and(alike, n <= k), stacked, each)
+
+        i, ok = tf.cond(optional.has_value(), present, lambda: (tf.constant(0), tf.constant(True)))
         with tf.control_dependencies(self._assert_kept(ok)):
             return tf.identity(i), self.body.logs()
 
-    def epoch_runner(self, iterator: Any) -> Callable[[tf.Tensor], tuple[tf.Tensor, Logs]]:
+    def _run_rows(self, group: Any, n: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """The first `n` batches of `group`, one step each: (steps run, no failure)."""
+        stop_on_failure = self._stops_on_failure
+
+        def cond(i: tf.Tensor, ok: tf.Tensor) -> tf.Tensor:
+            return tf.logical_and(i < n, ok) if stop_on_failure else i < n
+
+        def body(i: tf.Tensor, ok: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+            batch = tf.nest.map_structure(lambda t: _row(t, i), group)
+            return i + 1, self._run_one(batch)
+
+        return tf.while_loop(cond, body, (tf.constant(0), tf.constant(True)))
+
+    def _on_pulled(self, iterator: Any) -> tuple[tf.Tensor, tf.Tensor]:
+        """A full call under XLA: `steps_per_call` batches pulled, stacked, run in one XLA loop.
+
+        For an iterator of single batches (`on_groups` is cheaper: the data
+        groups them). Batches of different shapes (a ragged last batch), or
+        fewer than a call's (the end of the data), run one at a time instead
+        (`_run_pulled`). A failed step in "raise" mode stops the call; the
+        batches pulled after it are consumed unrun.
+        """
+        pulled = [iterator.get_next_as_optional() for _ in range(self.spec.steps_per_call)]
+        present = tf.add_n([tf.cast(o.has_value(), tf.int32) for o in pulled])
+
+        def full() -> tuple[tf.Tensor, tf.Tensor]:
+            batches = [tf.nest.flatten(o.get_value()) for o in pulled]
+            same = tf.reduce_all(
+                [
+                    tf.reduce_all(tf.equal(tf.shape(a), tf.shape(b)))
+                    for other in batches[1:]
+                    for a, b in zip(batches[0], other, strict=True)
+                    if a.shape.rank  # (scalars are alike)
+                ]
+                or [tf.constant(True)]
+            )
+
+            def stacked() -> tuple[tf.Tensor, tf.Tensor]:
+                leaves = [tf.stack(group) for group in zip(*batches, strict=True)]
+                return self.run_group(tf.nest.pack_sequence_as(iterator.element_spec, leaves))
+
+            return tf.cond(same, stacked, lambda: self._run_pulled(pulled, present))
+
+        return tf.cond(
+            tf.equal(present, len(pulled)), full, lambda: self._run_pulled(pulled, present)
+        )
+
+    def _run_group(self, stacked: Any) -> tuple[tf.Tensor, tf.Tensor]:
+        """The steps of one XLA call, over the leading axis of `stacked`: (steps, no failure)."""
+        steps = tf.shape(tf.nest.flatten(stacked)[0])[0]
+        stop_on_failure = self._stops_on_failure
+
+        def cond(i: tf.Tensor, ok: tf.Tensor) -> tf.Tensor:
+            return tf.logical_and(i < steps, ok) if stop_on_failure else i < steps
+
+        def body(i: tf.Tensor, ok: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+            batch = tf.nest.map_structure(lambda t: t[i], stacked)
+            return i + 1, self._run_one_in_xla(batch)
+
+        return tf.while_loop(cond, body, (tf.constant(0), tf.constant(True)))
+
+    def _run_pulled(self, pulled: list[Any], present: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """The `present` batches of `pulled` (optionals), one step each: (steps run, no failure)."""
+        stop_on_failure = self._stops_on_failure
+
+        def cond(i: tf.Tensor, ok: tf.Tensor) -> tf.Tensor:
+            return tf.logical_and(i < present, ok) if stop_on_failure else i < present
+
+        def body(i: tf.Tensor, ok: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+            batch = tf.switch_case(i, [o.get_value for o in pulled])
+            return i + 1, self._run_one(batch)
+
+        return tf.while_loop(cond, body, (tf.constant(0), tf.constant(True)))
+
+    def epoch_runner(
+        self, iterator: Any, grouped: bool = False
+    ) -> Callable[[tf.Tensor], tuple[tf.Tensor, Logs]]:
         """A caller of the iterator function bound to one iterator (one epoch).
 
         A `tf.function` call spends most of its time on dispatch when the
@@ -261,9 +421,10 @@ class Engine:
         `run_functions_eagerly`, or inside another graph, it falls back to
         the ordinary call.
         """
+        fn = self.on_groups if grouped else self.on_iterator
         if tf.config.functions_run_eagerly() or not tf.executing_eagerly():
-            return lambda limit: self.on_iterator(iterator, limit)
-        concrete = self.on_iterator.get_concrete_function(iterator, tf.TensorSpec([], tf.int32))
+            return lambda limit: fn(iterator, limit)
+        concrete = fn.get_concrete_function(iterator, tf.TensorSpec([], tf.int32))
         return flat_caller(concrete, iterator)
 
     # -- recovery -------------------------------------------------------------------
@@ -275,6 +436,58 @@ class Engine:
 
     def explain_failure(self) -> str:
         return self.body.explain_failure()
+
+
+def can_group(element_spec: Any) -> bool:
+    """Whether batches of `element_spec` can be grouped: dense, only their first size free."""
+    return all(
+        isinstance(s, tf.TensorSpec)
+        and s.shape.rank is not None
+        and all(d is not None for d in s.shape.as_list()[1:])
+        for s in tf.nest.flatten(element_spec)
+    )
+
+
+def group_batches(data: tf.data.Dataset, k: int) -> tf.data.Dataset:
+    """`data`'s batches, `k` to an element: a leaf of batches alike in shape comes stacked,
+    of unlike ones ragged (`Engine.on_groups` runs either). For `can_group` data.
+
+    Example:
+      >>> import tensorflow as tf
+      >>> from tfpure.graph import group_batches
+      >>> data = tf.data.Dataset.range(10).batch(4)  # batches of 4, 4 and 2
+      >>> [g.row_lengths().numpy().tolist() for g in group_batches(data, 2)]
+      [[4, 4], [2]]
+    """
+    return data.ragged_batch(k)
+
+
+def _rows(leaf: Any) -> tf.Tensor:
+    """The number of batches in a group's leaf."""
+    return tf.cast(
+        leaf.nrows() if isinstance(leaf, tf.RaggedTensor) else tf.shape(leaf)[0], tf.int32
+    )
+
+
+def _stacked(leaf: Any, n: tf.Tensor) -> tf.Tensor:
+    """A group's leaf of batches alike in shape as one dense tensor, batches first."""
+    if not isinstance(leaf, tf.RaggedTensor):
+        return leaf
+    values = leaf.flat_values
+    size = tf.cast(leaf.row_splits[1], tf.int32)  # (every batch has the first's size)
+    dense = tf.reshape(values, tf.concat([[n, size], tf.shape(values)[1:]], 0))
+    dense.set_shape([None, None, *values.shape[1:]])
+    return dense
+
+
+def _row(leaf: Any, i: tf.Tensor) -> tf.Tensor:
+    """Batch `i` of a group's leaf."""
+    if not isinstance(leaf, tf.RaggedTensor):
+        return leaf[i]
+    splits = leaf.row_splits
+    row = leaf.flat_values[splits[i] : splits[i + 1]]
+    row.set_shape([None, *leaf.flat_values.shape[1:]])
+    return row
 
 
 def _threefry(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -138,6 +138,7 @@ def run_pass(
     stop: Callable[[], bool] = never,
     cap: Callable[[int], int | None] | None = None,
     endless: bool = False,
+    grouped: bool = False,
 ) -> tuple[Any, Logs | None, int]:
     """Runs `step` over `data` (or `iterator`); returns state, last logs, steps done.
 
@@ -148,7 +149,9 @@ def run_pass(
     when it is not known beforehand (unknown cardinality, an iterator that
     may run out), so a known-size epoch needs no per-call host read.
     After each call's end hook, ``on_call(state, done, logs)`` runs (the
-    training loop's position, actions and saves).
+    training loop's position, actions and saves). When no call is cut short
+    (no `cap`, the whole epoch), an XLA step's data is fed a call's batches
+    at a time (`Step._grouped`); a given `iterator` is `grouped` if it is so.
     """
     begin, end = hooks
     logs: Logs | None = None
@@ -163,8 +166,11 @@ def run_pass(
         known = num_batches(data) if iterator is None else None
         limit = known if max_steps is None else max_steps
         if iterator is None:
-            iterator = data_iterator(step, state, data)
-        run = step._epoch(state, iterator)
+            whole = max_steps in (None, known) and (cap is None or cap(start) is None)
+            groups = step._grouped(state, data) if whole and start == 0 else None
+            grouped = groups is not None
+            iterator = data_iterator(step, state, data if groups is None else groups)
+        run = step._epoch(state, iterator, grouped)
         while limit is None or done < limit:
             begin(done)
             want = step.steps_per_call

@@ -21,7 +21,7 @@ from tfpure.batch import Batch, check_batch, check_batch_values, unpack
 from tfpure.builtin import EvalBody, Logs, TrainBody
 from tfpure.custom import UserBody
 from tfpure.distribute import cluster_task, strategy_of
-from tfpure.graph import Engine
+from tfpure.graph import Engine, can_group, group_batches
 from tfpure.guard import MARK, NonFiniteError
 from tfpure.losses import step_loss
 from tfpure.spec import GradTransform, Nonfinite, StepSpec
@@ -269,10 +269,32 @@ class Step:
             limit = self._limits[k] = tf.constant(k, tf.int32)
         return limit
 
-    def _epoch(self, state: Any, iterator: Any) -> Callable[[int | None], tuple[Logs, tf.Tensor]]:
-        """Like `run_on_iterator`, but bound to one iterator: `fold`'s fast path."""
+    def _grouped(self, state: Any, data: Any) -> tf.data.Dataset | None:
+        """`data` grouped for this step's calls (`group_batches`), or None if they cannot be.
+
+        Groups feed an XLA step's calls (``jit_compile=True``, ``steps_per_call``
+        k > 1, no strategy) k batches in one element, so a call pulls one
+        element instead of k. The caller must call with k steps each time
+        (fewer only at the end of the data): a loop whose calls are all whole.
+        """
+        if (
+            not isinstance(data, tf.data.Dataset)
+            or tf.config.functions_run_eagerly()
+            or not can_group(data.element_spec)
+            or not self.engine(state).groups
+        ):
+            return None
+        return group_batches(data, self.spec.steps_per_call)
+
+    def _epoch(
+        self, state: Any, iterator: Any, grouped: bool = False
+    ) -> Callable[[int | None], tuple[Logs, tf.Tensor]]:
+        """Like `run_on_iterator`, but bound to one iterator: `fold`'s fast path.
+
+        A `grouped` iterator is over `_grouped` data.
+        """
         engine = self.engine(state)
-        runner = self._run(engine, engine.epoch_runner, iterator)
+        runner = self._run(engine, engine.epoch_runner, iterator, grouped)
 
         def run(max_steps: int | None) -> tuple[Logs, tf.Tensor]:
             n, logs = self._run(engine, runner, self._limit(max_steps))

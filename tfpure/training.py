@@ -183,6 +183,7 @@ class Loop:
                 cb for cb in self.cbs.callbacks if isinstance(cb, keras.callbacks.History)
             )
             self._stream: Any = None
+            self._grouped = False  # whether the stream is over grouped data
             self._window_end: int | None = None  # the step the current window ends at
         except BaseException:  # e.g. a bad callback: the run's lock and handler go back
             if self.run is not None:
@@ -225,12 +226,30 @@ class Loop:
                 budget = self.schedule.budget is not None
                 if budget and int(source.cardinality()) != tf.data.INFINITE_CARDINALITY:
                     source = source.repeat()
-                self._stream = data_iterator(self.step, self.state, source)
+                groups = self._groups(source)
+                self._grouped = groups is not None
+                self._stream = data_iterator(
+                    self.step, self.state, source if groups is None else groups
+                )
             elif self.schedule.budget is not None:
                 self._stream = _cycle(source)
             else:
                 self._stream = iter(source)
         return self._stream
+
+    def _groups(self, source: tf.data.Dataset) -> tf.data.Dataset | None:
+        """The stream's data grouped for an XLA step's calls, if every call is whole.
+
+        Whole: no step-periodic action cuts a call short, and every window's
+        steps are a multiple of the step's `steps_per_call`.
+        """
+        if not isinstance(self.step, Step) or any(a.n is not None for a in self.actions):
+            return None
+        k, schedule = self.step.steps_per_call, self.schedule
+        lengths = {schedule.steps_in(w) for w in range(schedule.windows)}
+        if any(n is not None and n % k for n in lengths):
+            return None
+        return self.step._grouped(self.state, source)
 
     def _retire_stream(self) -> None:
         """Hands the run's one data iterator (a step budget's) to the background deleter."""
@@ -351,6 +370,7 @@ class Loop:
                     stop=lambda: bool(model.stop_training),
                     cap=self._steps_to_next_action,
                     endless=self._endless(),
+                    grouped=self._grouped and iterator is self._stream,
                 )
             if logs is None and start:  # Resumed right at the end of the window's steps.
                 logs = current_logs(self.step, self.state)

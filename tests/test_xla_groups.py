@@ -1,0 +1,120 @@
+"""XLA with several steps per call: a call's batches run in one XLA loop.
+
+Fed by the data in groups of k batches (`fit_loop` and `fold` when every call
+is whole), or stacked from k batches pulled in the graph (calls cut short by
+an action, checkpointed runs, `run_on_iterator`); a group of unlike batches (a
+ragged last batch) runs one step at a time.
+"""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tfpure as tp
+from tfpure.graph import group_batches
+from tfpure.testing.strategies import ModelSpec
+
+SCCE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+SPEC = ModelSpec((5,), (("dense", 6), ("dropout", 50), ("batchnorm", 0)), num_classes=3, l2=0.01)
+
+
+def make_state(seed=0):
+    return tp.TrainState.create(
+        model=SPEC.build(seed),
+        optimizer=keras.optimizers.Adam(0.01),
+        metrics={"accuracy": keras.metrics.SparseCategoricalAccuracy()},
+    )
+
+
+def data(n=45, batch=8, x=None):
+    x_, y = SPEC.batch(n, 0)
+    return tf.data.Dataset.from_tensor_slices((x_ if x is None else x, y)).batch(batch)
+
+
+def xla_step(**kwargs):
+    return tp.make_train_step(SCCE, jit_compile=True, steps_per_call=4, **kwargs)
+
+
+def traces(step, state, name):
+    return getattr(step.engine(state), name).experimental_get_tracing_count()
+
+
+def test_groups_from_the_data_equal_batches_stacked_in_the_graph_bit_for_bit():
+    """45 examples in batches of 8: 6 batches, the last of 5. Grouped by the data
+    (the epoch's calls are whole): a group of 4 alike, then [8, 5] one by one. Stacked
+    in the graph (an action every 4 steps cuts the calls): a call of 4 stacked, then
+    the epoch's last 2, the next epoch's first 2 steps one by one, then 4 stacked. Both run the same
+    XLA loop on the stacked batches, so the same bits."""
+    grouped, pulled = make_state(), make_state()
+    step_g, step_p = xla_step(), xla_step()
+    _, history_g = tp.fit_loop(grouped, data(), step_g, epochs=2, verbose=0)
+    seen = []
+    _, history_p = tp.fit_loop(
+        pulled,
+        data(),
+        step_p,
+        epochs=2,
+        verbose=0,
+        actions=[tp.every(4, lambda state, step, logs: seen.append(step))],
+    )
+    assert seen == [4, 8, 12]
+    assert history_g == history_p
+    for a, b in zip(grouped.model.variables, pulled.model.variables, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
+    assert int(grouped.step) == int(pulled.step) == 12
+    # Each run took its path: data groups once traced, or none.
+    assert traces(step_g, grouped, "on_groups") == 1
+    assert traces(step_p, pulled, "on_groups") == 0
+
+
+@pytest.mark.parametrize("n, batch", [(45, 8), (3, 8)])
+def test_xla_groups_equal_single_xla_steps(n, batch):
+    """A short last group with a ragged last batch; one batch in all."""
+    fused, single = make_state(), make_state()
+    _, history_f = tp.fit_loop(fused, data(n, batch), xla_step(), epochs=1, verbose=0)
+    single_step = tp.make_train_step(SCCE, jit_compile=True)
+    _, history_s = tp.fit_loop(single, data(n, batch), single_step, epochs=1, verbose=0)
+    for name in history_s:
+        np.testing.assert_allclose(history_f[name], history_s[name], rtol=1e-6, err_msg=name)
+    for a, b in zip(fused.model.variables, single.model.variables, strict=True):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6, err_msg=a.path)
+    assert int(fused.step) == int(single.step)
+
+
+def test_a_nonfinite_batch_inside_an_xla_group_stops_at_that_step_and_changes_nothing():
+    x, _ = SPEC.batch(64, 0)
+    x[21] = np.nan  # batch 2 (0-based) of 8-example batches: inside the first group of 4
+    state, reference = make_state(), make_state()
+    with pytest.raises(tp.NonFiniteError, match=r"at step 2 \(0-based\)"):
+        tp.fold(xla_step(), state, data(64, 8, x))
+    assert int(state.step) == 2
+    tp.fold(tp.make_train_step(SCCE, jit_compile=True), reference, data(64, 8, x).take(2))
+    for a, b in zip(state.model.variables, reference.model.variables, strict=True):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-6, atol=1e-7, err_msg=a.path)
+    for a, b in zip(state.optimizer.variables, reference.optimizer.variables, strict=True):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-6, atol=1e-7, err_msg=a.path)
+
+
+def test_a_skipped_batch_inside_an_xla_group_is_put_back_and_counted():
+    """Skipping batch 2 equals training on the other seven batches (Dropout's seed put
+    back too), except for the step counter."""
+    x, y = SPEC.batch(64, 0)
+    x[21] = np.nan
+    skipping, reference = make_state(), make_state()
+    skipping, logs = tp.fold(xla_step(nonfinite="skip"), skipping, data(64, 8, x))
+    assert int(skipping.step) == 8 and int(logs["skipped"]) == 1
+    keep = np.r_[0:16, 24:64]
+    clean = tf.data.Dataset.from_tensor_slices((x[keep], y[keep])).batch(8)
+    tp.fold(tp.make_train_step(SCCE, jit_compile=True), reference, clean)
+    for a, b in zip(skipping.model.variables, reference.model.variables, strict=True):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6, err_msg=a.path)
+
+
+def test_group_batches_stacks_alike_batches_and_keeps_a_ragged_last_one():
+    groups = list(group_batches(data(45, 8), 4))
+    x, y = groups[0]
+    assert [g[0].row_lengths().numpy().tolist() for g in groups] == [[8, 8, 8, 8], [8, 5]]
+    assert x.flat_values.shape == (32, 5) and y.flat_values.shape == (32,)
+    fixed = list(group_batches(data(48, 8).unbatch().batch(8, drop_remainder=True), 4))
+    assert fixed[0][0].shape == (4, 8, 5)  # static batch sizes: dense
