@@ -19,8 +19,10 @@ bound by per-step overhead, (b) the same MLP fed batches stacked in memory
 beforehand (one tensor slice per batch, no per-example pipeline), against
 JAX + optax given the same batches, (c) a compute-bound MLP (3 x 1024, batch
 512), whose GFLOP/s are compared with those of a bare ``tf.matmul`` loop
-measured in the same rounds, and (d) a user-written GAN step (two states)
-against the two-call composition. It also counts traces over a multi-epoch run with a
+measured in the same rounds, (d) a user-written GAN step (two states)
+against the two-call composition, and (e) MobileNetV3Small (32 x 32,
+weights=None) and a Transformer block against Keras ``fit``, in graph and
+XLA. It also counts traces over a multi-epoch run with a
 ragged last batch and the RSS growth over 20,000 steps. Results: JSON, a
 Markdown table and PNG charts (with matplotlib).
 """
@@ -283,6 +285,77 @@ def measure_compute(rounds: int) -> BenchResult:
     )
 
 
+# -- real models: MobileNetV3Small, a Transformer block ----------------------------------
+
+
+def mobilenet(seed: int = 0) -> keras.Model:
+    keras.utils.set_random_seed(seed)
+    return keras.applications.MobileNetV3Small(
+        input_shape=(32, 32, 3),
+        weights=None,
+        classes=10,
+        include_preprocessing=False,
+        classifier_activation=None,
+    )
+
+
+def transformer_block(seed: int = 0) -> keras.Model:
+    """Token embedding, one encoder block (4-head attention with dropout, a 256-wide
+    feed-forward layer), pooled into 10 classes."""
+    keras.utils.set_random_seed(seed)
+    tokens = keras.Input((32,), dtype="int32")
+    h = keras.layers.Embedding(1000, 64)(tokens)
+    h = keras.layers.LayerNormalization()(
+        h + keras.layers.MultiHeadAttention(4, 16, dropout=0.1)(h, h)
+    )
+    ffn = keras.layers.Dense(64)(keras.layers.Dense(256, "relu")(h))
+    h = keras.layers.LayerNormalization()(h + keras.layers.Dropout(0.1)(ffn))
+    return keras.Model(tokens, keras.layers.Dense(10)(keras.layers.GlobalAveragePooling1D()(h)))
+
+
+def real_model_data(name: str, batch: int, steps: int) -> tf.data.Dataset:
+    rng = np.random.default_rng(0)
+    n = batch * steps
+    if name == "mobilenet":
+        x = rng.uniform(0, 1, (n, 32, 32, 3)).astype("float32")
+    else:
+        x = rng.integers(0, 1000, (n, 32)).astype("int32")
+    y = rng.integers(0, 10, n).astype("int32")
+    return tf.data.Dataset.from_tensor_slices((x, y)).batch(batch).prefetch(tf.data.AUTOTUNE)
+
+
+REAL_MODELS = {
+    "mobilenet": {"build": mobilenet, "batch": 32, "steps": 16, "title": "MobileNetV3Small 32x32"},
+    "transformer": {
+        "build": transformer_block,
+        "batch": 64,
+        "steps": 32,
+        "title": "Transformer block, 32 tokens",
+    },
+}
+
+
+def measure_real_model(name: str, rounds: int) -> BenchResult:
+    """tfpure (graph, XLA, XLA fused x8) against Keras `fit` (and with XLA) on a real model."""
+    spec = REAL_MODELS[name]
+    return compare(
+        mlp_state(spec["build"]),
+        SCCE,
+        real_model_data(name, spec["batch"], spec["steps"]),
+        variants={
+            "tfpure k=1": VARIANTS["graph"],
+            "tfpure k=1 no guard": Variant(steps_per_call=1, nonfinite=None),
+            "tfpure XLA k=1": Variant(steps_per_call=1, jit_compile=True),
+            "tfpure XLA k=8": Variant(steps_per_call=8, jit_compile=True),
+            "keras fit spe=1": VARIANTS["keras_fit"],
+            "keras fit XLA": Variant(steps_per_call=1, keras=True, jit_compile=True),
+        },
+        rounds=rounds,
+        steps=spec["steps"],
+        title=spec["title"],
+    )
+
+
 # -- a user-written two-state step: a GAN --------------------------------------------
 
 GAN_BATCH, GAN_STEPS, GAN_NOISE = 64, 64, 8
@@ -508,6 +581,40 @@ RATIOS = [
         "tfpure k=1",
         1.2,
     ),
+    ("XLA k=1 / graph k=1, MobileNetV3Small", "mobilenet", "tfpure XLA k=1", "tfpure k=1", 1.0),
+    ("XLA k=8 / graph k=1, MobileNetV3Small", "mobilenet", "tfpure XLA k=8", "tfpure k=1", 1.0),
+    (
+        "MobileNetV3Small: tfpure k=1 / keras fit spe=1",
+        "mobilenet",
+        "tfpure k=1",
+        "keras fit spe=1",
+        1.0,
+    ),
+    (
+        "MobileNetV3Small: tfpure XLA / keras fit XLA",
+        "mobilenet",
+        "tfpure XLA k=1",
+        "keras fit XLA",
+        1.0,
+    ),
+    ("guard cost, MobileNetV3Small", "mobilenet", "tfpure k=1", "tfpure k=1 no guard", 1.03),
+    ("guard cost, Transformer", "transformer", "tfpure k=1", "tfpure k=1 no guard", 1.03),
+    ("XLA k=1 / graph k=1, Transformer", "transformer", "tfpure XLA k=1", "tfpure k=1", 1.0),
+    ("XLA k=8 / graph k=1, Transformer", "transformer", "tfpure XLA k=8", "tfpure k=1", 1.0),
+    (
+        "Transformer: tfpure k=1 / keras fit spe=1",
+        "transformer",
+        "tfpure k=1",
+        "keras fit spe=1",
+        1.0,
+    ),
+    (
+        "Transformer: tfpure XLA / keras fit XLA",
+        "transformer",
+        "tfpure XLA k=1",
+        "keras fit XLA",
+        1.0,
+    ),
     (
         "compute MLP: tfpure k=1 / tutorial tf.function",
         "compute_mlp",
@@ -557,7 +664,14 @@ def ratios(results: dict[str, BenchResult]) -> dict[str, dict]:
 
 
 def markdown(report: dict, results: dict[str, BenchResult]) -> str:
-    references = {"tutorial_mlp": "tfpure k=1", MEM: None, "compute_mlp": "tfpure k=1", "gan": None}
+    references = {
+        "tutorial_mlp": "tfpure k=1",
+        MEM: None,
+        "compute_mlp": "tfpure k=1",
+        "mobilenet": "tfpure k=1",
+        "transformer": "tfpure k=1",
+        "gan": None,
+    }
     lines = [results[w].to_markdown(reference=references[w]) for w in results]
     lines += [
         "| ratio (one run) | paired: median of per-round ratios | goal "
@@ -634,6 +748,9 @@ def main() -> None:
         MEM: measure_in_memory(2 * args.rounds),
         "compute_mlp": measure_compute(args.rounds),
         "gan": measure_gan(2 * args.rounds),
+        # Real models: long steps, long traces (each variant traces its own step).
+        "mobilenet": measure_real_model("mobilenet", max(3, args.rounds // 3)),
+        "transformer": measure_real_model("transformer", max(3, args.rounds // 3)),
     }
     report = {
         "machine": machine(),
@@ -670,7 +787,8 @@ def main() -> None:
             out / "chart.png",
         )
         plot({results["gan"].title: results["gan"]}, out / "chart_gan.png")
-        print(f"charts: {out / 'chart.png'}, {out / 'chart_gan.png'}")
+        plot({results[w].title: results[w] for w in REAL_MODELS}, out / "chart_models.png")
+        print(f"charts: {out / 'chart.png'}, {out / 'chart_gan.png'}, {out / 'chart_models.png'}")
     except ImportError as e:
         print(f"no chart: {e}")
     print(f"results: {out}")
