@@ -118,3 +118,53 @@ def test_group_batches_stacks_alike_batches_and_keeps_a_ragged_last_one():
     assert x.flat_values.shape == (32, 5) and y.flat_values.shape == (32,)
     fixed = list(group_batches(data(48, 8).unbatch().batch(8, drop_remainder=True), 4))
     assert fixed[0][0].shape == (4, 8, 5)  # static batch sizes: dense
+
+
+def two_models(seed=0):
+    keras.utils.set_random_seed(seed)
+    a = keras.Sequential([keras.Input((5,)), keras.layers.Dense(4, "tanh"), keras.layers.Dense(1)])
+    b = keras.Sequential([keras.Input((5,)), keras.layers.Dropout(0.5), keras.layers.Dense(1)])
+    return {
+        "a": tp.TrainState.create(model=a, optimizer=keras.optimizers.Adam(0.01), seed=seed),
+        "b": tp.TrainState.create(model=b, optimizer=keras.optimizers.Adam(0.01), seed=seed + 1),
+    }
+
+
+def two_model_body(states, batch):
+    """`b` learns `a`'s prediction plus noise from `a`'s seed generator."""
+    a, b = states["a"], states["b"]
+    x, y = batch
+    y = tf.cast(y[:, None], tf.float32)
+    with tf.GradientTape() as tape:
+        a_loss = tf.reduce_mean((a.model(x, training=True) - y) ** 2)
+    a = a.apply_gradients(tape.gradient(a_loss, a.model.trainable_variables))
+    target = a.model(x) + keras.random.normal((tf.shape(x)[0], 1), seed=a.rng)
+    with tf.GradientTape() as tape:
+        b_loss = tf.reduce_mean((b.model(x, training=True) - target) ** 2)
+    b = b.apply_gradients(tape.gradient(b_loss, b.model.trainable_variables))
+    return {"a": a, "b": b}, {"a_loss": a_loss, "b_loss": b_loss}
+
+
+def test_a_user_written_body_in_xla_groups_equals_single_xla_steps_and_skips_alike():
+    """Two states in one `make_step` body; a NaN batch in the first group is skipped
+    (both states put back, the seed generators too) as by single XLA steps."""
+    x, _ = SPEC.batch(64, 0)
+    x[21] = np.nan
+    fused, single = two_models(), two_models()
+    fused, logs_f = tp.fold(
+        tp.make_step(two_model_body, jit_compile=True, steps_per_call=4, nonfinite="skip"),
+        fused,
+        data(64, 8, x),
+    )
+    single, logs_s = tp.fold(
+        tp.make_step(two_model_body, jit_compile=True, nonfinite="skip"), single, data(64, 8, x)
+    )
+    assert float(logs_f["skipped"]) == float(logs_s["skipped"]) == 1
+    for name in logs_s:
+        np.testing.assert_allclose(float(logs_f[name]), float(logs_s[name]), rtol=1e-6)
+    for key in ("a", "b"):
+        # (a body's state counts the updates it applied: the skipped batch is undone)
+        assert int(fused[key].step) == int(single[key].step) == 7
+        np.testing.assert_array_equal(fused[key].rng.state.numpy(), single[key].rng.state.numpy())
+        for u, v in zip(fused[key].model.variables, single[key].model.variables, strict=True):
+            np.testing.assert_allclose(u.numpy(), v.numpy(), rtol=1e-5, atol=1e-6, err_msg=u.path)

@@ -172,7 +172,9 @@ class Step:
 
         All the steps run in one graph call (a `tf.while_loop` over
         ``iterator.get_next_as_optional()``), so the end of the data needs no
-        special case: fewer steps run, and the count says how many.
+        special case: fewer steps run, and the count says how many. With
+        ``jit_compile=True`` a call of `steps_per_call` steps pulls its batches
+        first and runs them in one XLA loop (stacked, if alike in shape).
 
         Returns:
           ``(state, logs, steps_run)``, with `steps_run` a scalar int32 tensor
