@@ -325,12 +325,19 @@ def real_model_data(name: str, batch: int, steps: int) -> tf.data.Dataset:
 
 
 REAL_MODELS = {
-    "mobilenet": {"build": mobilenet, "batch": 32, "steps": 16, "title": "MobileNetV3Small 32x32"},
+    "mobilenet": {
+        "build": mobilenet,
+        "batch": 32,
+        "steps": 16,
+        "title": "MobileNetV3Small 32x32",
+        "short": "MobileNetV3Small",
+    },
     "transformer": {
         "build": transformer_block,
         "batch": 64,
         "steps": 32,
         "title": "Transformer block, 32 tokens",
+        "short": "Transformer",
     },
 }
 
@@ -354,6 +361,18 @@ def measure_real_model(name: str, rounds: int) -> BenchResult:
         steps=spec["steps"],
         title=spec["title"],
     )
+
+
+def real_model_ratios(model: str) -> list[tuple[str, str, str, str, float]]:
+    """The ratios of a real model's rows: XLA against the graph, tfpure against Keras, guard."""
+    name = REAL_MODELS[model]["short"]
+    return [
+        (f"XLA k=1 / graph k=1, {name}", model, "tfpure XLA k=1", "tfpure k=1", 1.0),
+        (f"XLA k=8 / graph k=1, {name}", model, "tfpure XLA k=8", "tfpure k=1", 1.0),
+        (f"{name}: tfpure k=1 / keras fit spe=1", model, "tfpure k=1", "keras fit spe=1", 1.0),
+        (f"{name}: tfpure XLA / keras fit XLA", model, "tfpure XLA k=1", "keras fit XLA", 1.0),
+        (f"guard cost, {name}", model, "tfpure k=1", "tfpure k=1 no guard", 1.03),
+    ]
 
 
 # -- a user-written two-state step: a GAN --------------------------------------------
@@ -581,40 +600,7 @@ RATIOS = [
         "tfpure k=1",
         1.2,
     ),
-    ("XLA k=1 / graph k=1, MobileNetV3Small", "mobilenet", "tfpure XLA k=1", "tfpure k=1", 1.0),
-    ("XLA k=8 / graph k=1, MobileNetV3Small", "mobilenet", "tfpure XLA k=8", "tfpure k=1", 1.0),
-    (
-        "MobileNetV3Small: tfpure k=1 / keras fit spe=1",
-        "mobilenet",
-        "tfpure k=1",
-        "keras fit spe=1",
-        1.0,
-    ),
-    (
-        "MobileNetV3Small: tfpure XLA / keras fit XLA",
-        "mobilenet",
-        "tfpure XLA k=1",
-        "keras fit XLA",
-        1.0,
-    ),
-    ("guard cost, MobileNetV3Small", "mobilenet", "tfpure k=1", "tfpure k=1 no guard", 1.03),
-    ("guard cost, Transformer", "transformer", "tfpure k=1", "tfpure k=1 no guard", 1.03),
-    ("XLA k=1 / graph k=1, Transformer", "transformer", "tfpure XLA k=1", "tfpure k=1", 1.0),
-    ("XLA k=8 / graph k=1, Transformer", "transformer", "tfpure XLA k=8", "tfpure k=1", 1.0),
-    (
-        "Transformer: tfpure k=1 / keras fit spe=1",
-        "transformer",
-        "tfpure k=1",
-        "keras fit spe=1",
-        1.0,
-    ),
-    (
-        "Transformer: tfpure XLA / keras fit XLA",
-        "transformer",
-        "tfpure XLA k=1",
-        "keras fit XLA",
-        1.0,
-    ),
+    *(row for model in REAL_MODELS for row in real_model_ratios(model)),
     (
         "compute MLP: tfpure k=1 / tutorial tf.function",
         "compute_mlp",

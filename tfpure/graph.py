@@ -326,7 +326,10 @@ class Engine:
                 return self.run_group(tf.nest.pack_sequence_as(group, dense))
 
             def each() -> tuple[tf.Tensor, tf.Tensor]:
-                return self._run_rows(group, tf.minimum(n, k))
+                def row(i: tf.Tensor) -> Any:
+                    return tf.nest.map_structure(lambda t: _row(t, i), group)
+
+                return self._steps(tf.minimum(n, k), row, self._run_one)
 
             return tf.cond(tf.logical_and(alike, n <= k), stacked, each)
 
@@ -334,16 +337,18 @@ class Engine:
         with tf.control_dependencies(self._assert_kept(ok)):
             return tf.identity(i), self.body.logs()
 
-    def _run_rows(self, group: Any, n: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        """The first `n` batches of `group`, one step each: (steps run, no failure)."""
+    def _steps(
+        self, n: tf.Tensor, batch: Callable[[tf.Tensor], Any], run: Callable[[Any], tf.Tensor]
+    ) -> tuple[tf.Tensor, tf.Tensor]:
+        """``run(batch(i))`` for each i < `n` (in "raise" mode, up to the first failure):
+        (steps run, no failure)."""
         stop_on_failure = self._stops_on_failure
 
         def cond(i: tf.Tensor, ok: tf.Tensor) -> tf.Tensor:
             return tf.logical_and(i < n, ok) if stop_on_failure else i < n
 
         def body(i: tf.Tensor, ok: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-            batch = tf.nest.map_structure(lambda t: _row(t, i), group)
-            return i + 1, self._run_one(batch)
+            return i + 1, run(batch(i))
 
         return tf.while_loop(cond, body, (tf.constant(0), tf.constant(True)))
 
@@ -384,29 +389,14 @@ class Engine:
     def _run_group(self, stacked: Any) -> tuple[tf.Tensor, tf.Tensor]:
         """The steps of one XLA call, over the leading axis of `stacked`: (steps, no failure)."""
         steps = tf.shape(tf.nest.flatten(stacked)[0])[0]
-        stop_on_failure = self._stops_on_failure
-
-        def cond(i: tf.Tensor, ok: tf.Tensor) -> tf.Tensor:
-            return tf.logical_and(i < steps, ok) if stop_on_failure else i < steps
-
-        def body(i: tf.Tensor, ok: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-            batch = tf.nest.map_structure(lambda t: t[i], stacked)
-            return i + 1, self._run_one_in_xla(batch)
-
-        return tf.while_loop(cond, body, (tf.constant(0), tf.constant(True)))
+        return self._steps(
+            steps, lambda i: tf.nest.map_structure(lambda t: t[i], stacked), self._run_one_in_xla
+        )
 
     def _run_pulled(self, pulled: list[Any], present: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         """The `present` batches of `pulled` (optionals), one step each: (steps run, no failure)."""
-        stop_on_failure = self._stops_on_failure
-
-        def cond(i: tf.Tensor, ok: tf.Tensor) -> tf.Tensor:
-            return tf.logical_and(i < present, ok) if stop_on_failure else i < present
-
-        def body(i: tf.Tensor, ok: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-            batch = tf.switch_case(i, [o.get_value for o in pulled])
-            return i + 1, self._run_one(batch)
-
-        return tf.while_loop(cond, body, (tf.constant(0), tf.constant(True)))
+        getters = [o.get_value for o in pulled]
+        return self._steps(present, lambda i: tf.switch_case(i, getters), self._run_one)
 
     def epoch_runner(
         self, iterator: Any, grouped: bool = False
@@ -419,7 +409,8 @@ class Engine:
         epoch, so the runner resolves the concrete function once and then
         feeds it flat tensors (`tfpure.compat.flat_caller`). Under
         `run_functions_eagerly`, or inside another graph, it falls back to
-        the ordinary call.
+        the ordinary call. A `grouped` iterator is over `group_batches` data
+        (run by `on_groups`).
         """
         fn = self.on_groups if grouped else self.on_iterator
         if tf.config.functions_run_eagerly() or not tf.executing_eagerly():
