@@ -168,3 +168,13 @@ def test_a_user_written_body_in_xla_groups_equals_single_xla_steps_and_skips_ali
         np.testing.assert_array_equal(fused[key].rng.state.numpy(), single[key].rng.state.numpy())
         for u, v in zip(fused[key].model.variables, single[key].model.variables, strict=True):
             np.testing.assert_allclose(u.numpy(), v.numpy(), rtol=1e-5, atol=1e-6, err_msg=u.path)
+
+
+@pytest.mark.parametrize("eval_every, grouped", [(8, True), (6, False)])
+def test_a_step_budget_is_grouped_only_when_every_window_is_whole_calls(eval_every, grouped):
+    """Windows of 8 steps are 2 whole calls of 4: the stream is grouped. Windows of 6 end
+    in the middle of a call: the batches are pulled instead. Both run the budget exactly."""
+    state, step = make_state(), xla_step()
+    _, history = tp.fit_loop(state, data(), step, steps=24, eval_every=eval_every, verbose=0)
+    assert int(state.step) == 24 and len(history["loss"]) == 24 // eval_every
+    assert traces(step, state, "on_groups") == int(grouped)

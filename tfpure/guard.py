@@ -153,6 +153,7 @@ class Rollback:
                 parts, copies = [v], [s]
             self.pairs.extend(zip(copies, parts, strict=True))
         self.held = [part for v in held for part in components(v)]
+        self.covered = [v for _, v in self.pairs] + self.held  # every variable put back
         self.armed = variable(False, "tfpure_armed")
 
     def save(self) -> tuple[list[Any], list[tf.Tensor]]:
@@ -166,7 +167,7 @@ class Rollback:
 
     def values(self) -> list[tf.Tensor]:
         """The values of every variable it covers, read before a step inside XLA."""
-        return [_read(v) for _, v in self.pairs] + [_read(v) for v in self.held]
+        return [_read(v) for v in self.covered]
 
     def select(self, keep: tf.Tensor, before: Sequence[tf.Tensor]) -> list[Any]:
         """Inside XLA: each variable keeps its new value if `keep`, else gets `before` back.
@@ -174,9 +175,9 @@ class Rollback:
         An XLA cluster writes its variables only once it ran whole, so the step
         needs no shadows there; a select fuses with the update that wrote the value.
         """
-        covered = [v for _, v in self.pairs] + self.held
         return [
-            v.assign(tf.where(keep, _read(v), old)) for v, old in zip(covered, before, strict=True)
+            v.assign(tf.where(keep, _read(v), old))
+            for v, old in zip(self.covered, before, strict=True)
         ]
 
     def disarm(self) -> Any:
