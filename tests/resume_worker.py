@@ -1,6 +1,6 @@
 """Checkpointed training runs that tests kill and restart, as separate processes.
 
-    python tests/resume_worker.py DIR OUT [--kill KIND:N] [--steps-per-call K] [--gan]
+    python tests/resume_worker.py DIR OUT [--kill KIND:N] [--steps-per-call K] [--jit] [--gan]
                                   [--steps N --eval-every M]
     python tests/resume_worker.py --jobs JOBS.json
     python tests/resume_worker.py --fork KILLS.json RESULTS.json [JOBS.json]
@@ -162,6 +162,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--every", type=int, default=5)
     p.add_argument("--steps-per-call", type=int, default=1)
+    p.add_argument("--jit", action="store_true")  # jit_compile=True
     p.add_argument("--gan", action="store_true")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--eval-every", type=int, default=None)
@@ -176,7 +177,7 @@ def run(args: argparse.Namespace) -> None:
     if args.gan:
         state = gan_states()
         counter = state["g"].step
-        step = tp.make_step(gan_step, steps_per_call=args.steps_per_call)
+        step = tp.make_step(gan_step, steps_per_call=args.steps_per_call, jit_compile=args.jit)
         val = None
     else:
         state = tp.TrainState.create(
@@ -186,7 +187,7 @@ def run(args: argparse.Namespace) -> None:
             seed=0,
         )
         counter = state.step
-        step = tp.make_train_step(SCCE, steps_per_call=args.steps_per_call)
+        step = tp.make_train_step(SCCE, steps_per_call=args.steps_per_call, jit_compile=args.jit)
     callbacks = []
     if args.kill:
         kind, n = args.kill.split(":")

@@ -23,6 +23,7 @@ SPEC = ModelSpec((5,), (("dense", 6), ("dropout", 50), ("batchnorm", 0)), num_cl
 # Each case: (kill point, options). Every kill point runs in a process of its own;
 # one more process then resumes them all, and runs the uninterrupted references.
 BUDGET = ["--steps", "45", "--eval-every", "20"]  # windows of 20, 20 and 5 steps
+XLA = ["--jit", "--steps-per-call", "4"]
 KILLS = {
     "after-epoch-boundary": ("epoch:2", []),
     "right-after-a-save": ("after_save:3", []),
@@ -31,12 +32,19 @@ KILLS = {
     "sigterm-preemption": ("sigterm2:13", []),
     "two-states-fused-calls": ("step:14", ["--gan", "--steps-per-call", "4"]),
     "step-budget-fused-mid-window": ("step:39", [*BUDGET, "--steps-per-call", "4"]),
+    # XLA, 4 steps per call in one XLA loop: calls cut by the saves every 5 steps and by
+    # the ragged last batch of each epoch.
+    "xla-loop-fused-calls": ("step:14", XLA),
 }
-# The uninterrupted run each case must equal (one step per call).
-REFERENCES = {"reference": [], "reference-gan": ["--gan"], "reference-budget": BUDGET}
+# The uninterrupted run each case must equal (one step per call; XLA: as the killed run,
+# since an XLA loop of 4 steps may round otherwise than single steps).
+REFERENCES = {"reference": [], "reference-gan": ["--gan"], "reference-budget": BUDGET,
+              "reference-xla": XLA}  # fmt: skip
 
 
 def reference_of(options):
+    if "--jit" in options:
+        return "reference-xla"
     if "--gan" in options:
         return "reference-gan"
     return "reference-budget" if "--steps" in options else "reference"
