@@ -18,9 +18,12 @@ gives the verdict in cross-replica context; a failed step puts them back
 with ``jit_compile=True``.
 
 Invariant of every guarded step: when a check fails, or the graph fails at
-run time in the forward or backward pass (a label out of range, say), no
-variable the guard covers changes. (A built-in step writes nothing before
-both passes ran whole; a user-written body's every variable has a shadow.)
+run time in the forward pass (a label out of range, say), no variable the
+guard covers changes. (A built-in step writes nothing before its forward pass
+ran whole; a user-written body's every variable has a shadow.) A built-in
+step's updates do not wait for its whole backward pass: an error raised by a
+backward op alone (an assertion in a user's custom gradient) may leave part
+of the update written, as in the unguarded step.
 """
 
 from __future__ import annotations

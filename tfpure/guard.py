@@ -133,8 +133,8 @@ class Rollback:
     held as the values read before the step, in its graph (an update in place
     then writes a copy instead of overwriting them: no separate copy op); put
     back in the graph alone. A built-in step's run-time errors come from its
-    forward or backward pass (a label out of range), which its update waits
-    for, so only the variables the forward pass moves need shadows.
+    forward pass (a label out of range), which its update waits for, so only
+    the variables the forward pass moves need shadows.
 
     Create it under the strategy's scope (the shadows are mirrored like the
     variables). Under a strategy each replica's copy is saved and put back on
