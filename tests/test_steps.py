@@ -440,6 +440,42 @@ def test_bad_batches_raise_before_any_variable_changes(batch, error, match):
     assert_unchanged(before, state)
 
 
+class FailsBackward(keras.layers.Layer):
+    """The identity forward; its gradient fails a run-time assertion."""
+
+    def call(self, x):
+        @tf.custom_gradient
+        def identity(t):
+            def grad(dy):
+                failed = tf.debugging.Assert(tf.reduce_all(dy > 1e30), ["backward check failed"])
+                with tf.control_dependencies([failed]):
+                    return tf.identity(dy)
+
+            return tf.identity(t), grad
+
+        return identity(x)
+
+
+def test_an_error_of_the_backward_pass_alone_is_raised_and_the_layers_below_it_keep_their_values():
+    """The documented limit of the guard's barrier: the updates wait for the forward pass,
+    not every gradient, so an error raised by a backward op alone may leave the updates
+    of the layers above it written; the layers whose gradients pass it are unchanged."""
+    keras.utils.set_random_seed(0)
+    below = keras.layers.Dense(6, name="below")
+    model = keras.Sequential([keras.Input((5,)), below, FailsBackward(), keras.layers.Dense(3)])
+    state = make_state(model)
+    step = tp.make_train_step(SCCE)
+    state.optimizer.build(model.trainable_variables)
+    slots = [v for v in state.optimizer.variables if "below" in v.path]
+    watched = tpt.snapshot([*below.variables, *slots])
+    assert len(watched) == 2 + 4  # kernel, bias and their two Adam slots each
+    with pytest.raises(tf.errors.InvalidArgumentError, match="backward check failed"):
+        step(state, SPEC.batch(4, 0))
+    after = tpt.snapshot([*below.variables, *slots])
+    for name, value in watched.items():
+        np.testing.assert_array_equal(after[name], value, err_msg=name)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
