@@ -112,8 +112,8 @@ def test_a_skipped_batch_inside_an_xla_group_is_put_back_and_counted():
 
 
 def test_loss_scale_overflows_inside_an_xla_group_equal_single_xla_steps():
-    """Steps a LossScaleOptimizer skips (its scale overflows the gradients) inside a
-    group: the group is run again from its start, the scale and its counter too."""
+    """Steps a LossScaleOptimizer skips (its scale overflowing the gradients) inside an
+    XLA group are put back as single XLA steps put them back, the lowered scale kept."""
     states = []
     for k in (4, 1):
         keras.utils.set_random_seed(0)
