@@ -172,17 +172,111 @@ def test_xla_with_fused_steps_matches_the_plain_graph():
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6, err_msg=a.path)
 
 
-def test_nonfinite_batch_inside_a_fused_call_stops_at_that_step():
-    x, y = SPEC.batch(40, 0)
-    x[21] = np.nan  # batch 2 (0-based) of 8-example batches
-    data = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
-    state = state_maker(SPEC, 0)()
-    with pytest.raises(tp.NonFiniteError, match=r"at step 2 \(0-based\)"):
-        tp.fold(tp.make_train_step(SCCE, steps_per_call=4), state, data)
-    assert int(state.step) == 2  # the two good steps stay; the bad one changed nothing
+def values(state):
+    """Every variable a step may write, in a fixed order."""
+    held = [state.step, state.skipped, *state.model.variables, *state.optimizer.variables]
+    return [v.numpy() for v in held + [v for m in state.metrics.values() for v in m.variables]]
 
-    skipping = state_maker(SPEC, 0)()
-    skipping, logs = tp.fold(
-        tp.make_train_step(SCCE, steps_per_call=4, nonfinite="skip"), skipping, data
-    )
-    assert int(skipping.step) == 5 and int(logs["skipped"]) == 1
+
+def run(step, state, data):
+    """`fold` of `step`: (the error it raised or None, the state's values, the logs)."""
+    try:
+        _, logs = tp.fold(step, state, data)
+    except (tp.NonFiniteError, tf.errors.InvalidArgumentError) as err:
+        return type(err), values(state), None
+    return None, values(state), {k: float(v) for k, v in logs.items()}
+
+
+@pytest.mark.parametrize(
+    "nonfinite, bad",
+    [
+        ("raise", {"nan": [21]}),  # batch 2 (0-based) of 8-example batches
+        ("skip", {"nan": [13, 21, 38]}),  # batches 1 and 2 in the first call, 4 in the second
+        ("raise", {"label": [21]}),  # a run-time error of the forward pass in batch 2
+    ],
+)
+def test_a_failed_step_inside_a_fused_call_ends_as_single_steps_end_bit_for_bit(nonfinite, bad):
+    """A fused call judges its steps at once, and runs them again one by one under the
+    whole guard when one is not kept: every variable, count and log ends as with k=1."""
+    x, y = SPEC.batch(48, 0)
+    x[bad.get("nan", [])] = np.nan
+    y[bad.get("label", [])] = 99
+    data = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
+    results, examples = [], []
+    for k in (4, 1):
+        state, step = (
+            state_maker(SPEC, 0)(),
+            tp.make_train_step(SCCE, steps_per_call=k, nonfinite=nonfinite),
+        )
+        results.append(run(step, state, data))
+        examples.append(step._examples(state))
+    (error, fused, fused_logs), (single_error, single, single_logs) = results
+    assert error is single_error is (None if nonfinite == "skip" else error)
+    assert error is not None or fused_logs["skipped"] == 3
+    assert fused_logs == single_logs
+    assert examples[0] == examples[1]
+    for a, b in zip(fused, single, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert int(fused[0]) == (6 if nonfinite == "skip" else 2)  # state.step
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_loss_scale_overflows_inside_a_fused_call_equal_single_steps(jit_compile):
+    """Steps a LossScaleOptimizer skips (its scale overflowing the gradients) are not kept:
+    a plain fused call runs again one step at a time, an XLA group puts them back by
+    selects; either ends as single steps end, the lowered scale and its counter kept
+    (the plain graph bit for bit; XLA k=4 loops round otherwise than single XLA steps)."""
+    states = []
+    for k in (4, 1):
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential(
+            [keras.Input((5,)), keras.layers.Dense(6, "tanh"), keras.layers.Dense(3)]
+        )
+        state = tp.TrainState.create(
+            model=model,
+            optimizer=keras.optimizers.LossScaleOptimizer(
+                keras.optimizers.Adam(0.01), initial_scale=2.0**127
+            ),
+        )
+        x, y = SPEC.batch(64, 0)
+        big = x * 1e3  # first-layer gradients overflow at scales over ~1e36
+        data = tf.data.Dataset.from_tensor_slices((big, y)).batch(8)
+        tp.fold(tp.make_train_step(SCCE, jit_compile=jit_compile, steps_per_call=k), state, data)
+        states.append(state)
+    fused, single = states
+    scale = fused.optimizer
+    assert float(single.optimizer.dynamic_scale) < 2.0**127  # some steps overflowed
+    assert float(scale.dynamic_scale) == float(single.optimizer.dynamic_scale)
+    assert int(scale.step_counter) == int(single.optimizer.step_counter)
+    assert int(scale.iterations) == int(single.optimizer.iterations) == int(single.step) < 8
+    assert int(fused.step) == int(single.step)  # the overflowed steps were put back
+    tolerance = {"rtol": 1e-5, "atol": 1e-6} if jit_compile else {"rtol": 0, "atol": 0}
+    for a, b in zip(
+        [*fused.optimizer.variables, *fused.model.variables],
+        [*single.optimizer.variables, *single.model.variables],
+        strict=True,
+    ):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), **tolerance, err_msg=a.name)
+
+
+def test_a_user_written_body_skips_inside_a_fused_call_as_in_single_steps():
+    """The log means a fused call moved before its failed step are put back with the rest."""
+
+    def body(state, batch):
+        x, y = batch
+        with tf.GradientTape() as tape:
+            loss = SCCE(y, state.model(x, training=True))
+        grads = tape.gradient(loss, state.model.trainable_variables)
+        return state.apply_gradients(grads), {"loss": loss}
+
+    x, y = SPEC.batch(48, 0)
+    x[[13, 21]] = np.nan
+    data = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
+    results = [
+        run(tp.make_step(body, steps_per_call=k, nonfinite="skip"), state_maker(SPEC, 0)(), data)
+        for k in (4, 1)
+    ]
+    (_, fused, fused_logs), (_, single, single_logs) = results
+    assert fused_logs == single_logs and fused_logs["skipped"] == 2
+    for a, b in zip(fused, single, strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -111,34 +111,6 @@ def test_a_skipped_batch_inside_an_xla_group_is_put_back_and_counted():
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6, err_msg=a.path)
 
 
-def test_loss_scale_overflows_inside_an_xla_group_equal_single_xla_steps():
-    """Steps a LossScaleOptimizer skips (its scale overflowing the gradients) inside an
-    XLA group are put back as single XLA steps put them back, the lowered scale kept."""
-    states = []
-    for k in (4, 1):
-        keras.utils.set_random_seed(0)
-        model = keras.Sequential(
-            [keras.Input((5,)), keras.layers.Dense(6, "tanh"), keras.layers.Dense(3)]
-        )
-        state = tp.TrainState.create(
-            model=model,
-            optimizer=keras.optimizers.LossScaleOptimizer(
-                keras.optimizers.Adam(0.01), initial_scale=2.0**127
-            ),
-        )
-        big = SPEC.batch(64, 0)[0] * 1e3  # first-layer gradients overflow at scales over ~1e36
-        step = tp.make_train_step(SCCE, jit_compile=True, steps_per_call=k)
-        tp.fold(step, state, data(64, 8, big))
-        states.append(state)
-    grouped, single = states
-    assert float(single.optimizer.dynamic_scale) < 2.0**127  # some steps overflowed
-    assert float(grouped.optimizer.dynamic_scale) == float(single.optimizer.dynamic_scale)
-    assert int(grouped.optimizer.step_counter) == int(single.optimizer.step_counter)
-    assert int(grouped.optimizer.iterations) == int(single.optimizer.iterations)
-    for a, b in zip(grouped.model.variables, single.model.variables, strict=True):
-        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6, err_msg=a.path)
-
-
 def test_group_batches_stacks_alike_batches_and_keeps_a_ragged_last_one():
     groups = list(group_batches(data(45, 8), 4))
     x, y = groups[0]

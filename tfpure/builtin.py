@@ -132,7 +132,7 @@ class _Body:
                 "return (loss, y_pred)."
             )
 
-    def merge(self, out: Any) -> tuple[tf.Tensor, tf.Tensor]:
+    def merge(self, out: Any, record: bool = True) -> tuple[tf.Tensor, tf.Tensor]:
         """The verdict in cross-replica context, the same on every replica: (keep, no failure)."""
         ok = out if self.strategy is None else self.strategy.experimental_local_results(out)[0]
         return ok, ok
@@ -175,6 +175,10 @@ class TrainBody(_Body):
             if id(v) not in own and id(v) not in moved
         ] + [v for tracker in self.loss_trackers.values() for v in tracker.variables]
         self.checked = [v for v in [*groups["model"], *groups["optimizer"]] if id(v) not in own]
+        # What a step writes beyond what `Rollback` covers: put back when a call is replayed.
+        self.also_written = (
+            [optimizer.dynamic_scale, optimizer.step_counter] if self.loss_scaled else []
+        )
         if spec.nonfinite is not None:
             # What the last failed step saw, per local replica; read only to explain it.
             s = self.strategy
@@ -230,8 +234,12 @@ class TrainBody(_Body):
         self.counter.assign_add(1)
         return tf.constant(True)
 
-    def merge(self, out: Any) -> tuple[tf.Tensor, tf.Tensor]:
-        """The verdict in cross-replica context: (keep the step, no failure)."""
+    def merge(self, out: Any, record: bool = True) -> tuple[tf.Tensor, tf.Tensor]:
+        """The verdict in cross-replica context: (keep the step, no failure).
+
+        A failure is recorded to explain it, unless `record` is False (a step
+        that is replayed if it is not kept).
+        """
         if self.spec.nonfinite is None:
             return super().merge(out)
         failures, overflow, loss, examples, left, grads = out
@@ -241,7 +249,7 @@ class TrainBody(_Body):
             failures = s.reduce(tf.distribute.ReduceOp.SUM, failures, axis=None)
         no_failure = tf.equal(failures, 0)
 
-        def record() -> tf.Tensor:
+        def record_failure() -> tf.Tensor:
             per_replica = [local(g) if g is not None else [None] * self.replicas for g in grads]
             gradient_flags = [
                 finite_flags([g[r] for g in per_replica]) for r in range(self.replicas)
@@ -252,7 +260,8 @@ class TrainBody(_Body):
             self.bad_vars.assign(tf.stack(local(left)))
             return tf.constant(False)
 
-        no_failure = tf.cond(no_failure, lambda: tf.constant(True), record)
+        if record:
+            no_failure = tf.cond(no_failure, lambda: tf.constant(True), record_failure)
         return tf.logical_and(no_failure, tf.logical_not(local(overflow)[0])), no_failure
 
     def on_skip(self) -> list[Any]:
@@ -328,6 +337,7 @@ class EvalBody(_Body):
     def __init__(self, spec: StepSpec, state: TrainState):
         super().__init__(spec, state)
         self.rollback_variables: list[Any] = []
+        self.also_written: list[Any] = []
 
     def one(self, batch: Batch) -> tf.Tensor:
         x, y, sample_weight = unpack(batch)

@@ -146,6 +146,7 @@ class UserBody:
         self.means = LogMeans()
         # The log means move only when a step is kept (`merge`): no need to save them.
         self.rollback_variables = [v for s in given for v in state_variables(s)]
+        self.also_written = self.means.variables  # put back when a call is replayed
 
     def _states(self) -> tuple[Any, list[TrainState]]:
         rebuilt = [TrainState(**fields) for fields in self._fields]
@@ -169,8 +170,12 @@ class UserBody:
         failed = tf.cast(tf.logical_not(self.checks.settle(collected)), tf.int32)
         return failed, logs, batch_size(batch)
 
-    def merge(self, out: Any) -> tuple[tf.Tensor, tf.Tensor]:
-        """Sums the replicas' logs and examples; updates the means if every check passed."""
+    def merge(self, out: Any, record: bool = True) -> tuple[tf.Tensor, tf.Tensor]:
+        """Sums the replicas' logs and examples; updates the means if every check passed.
+
+        Unless `record`: then the means are updated in any case (a step that is
+        replayed if it is not kept), and no failure is recorded.
+        """
         failed, logs, n = out
         if self.strategy is not None:
             s, total = self.strategy, tf.distribute.ReduceOp.SUM
@@ -184,11 +189,17 @@ class UserBody:
             with tf.control_dependencies(self.means.update(logs, n)):
                 return tf.constant(True)
 
-        def record() -> tf.Tensor:
+        def record_failure() -> tf.Tensor:
             with tf.control_dependencies([self.checks.record.assign(flags)]):
                 return tf.constant(False)
 
-        kept = commit() if self.spec.nonfinite is None else tf.cond(ok, commit, record)
+        if self.spec.nonfinite is None:
+            kept = commit()
+        elif not record:
+            with tf.control_dependencies([commit()]):
+                kept = tf.identity(ok)
+        else:
+            kept = tf.cond(ok, commit, record_failure)
         return kept, kept
 
     def on_skip(self) -> list[Any]:

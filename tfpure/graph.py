@@ -17,6 +17,14 @@ gives the verdict in cross-replica context; a failed step puts them back
 (and, with ``nonfinite="skip"``, is counted). The body alone runs under XLA
 with ``jit_compile=True``.
 
+A guarded call of several steps on one device pulled from an iterator
+judges them at once instead (`Engine._deferred_loop`): its steps run with
+nothing put back, the call holding the values from before it and the
+batches it pulled; if a step is not kept, the call puts everything back and
+runs its steps again one at a time as above. Its results equal the per-step
+path's bit for bit (the same body, on the same batches, from the same
+seeds); a failure costs the call twice.
+
 Invariant of every guarded step: when a check fails, or the graph fails at
 run time in the forward pass (a label out of range, say), no variable the
 guard covers changes. (A built-in step writes nothing before its forward pass
@@ -38,7 +46,7 @@ from tfpure.batch import unpack
 from tfpure.builtin import Logs
 from tfpure.compat import flat_caller, keras_random_algorithm, model_input_structure
 from tfpure.distribute import cluster_task, replica_share
-from tfpure.guard import MARK, Rollback
+from tfpure.guard import MARK, Rollback, components
 
 if TYPE_CHECKING:
     from tfpure.spec import StepSpec
@@ -67,6 +75,9 @@ class Engine:
         # Several processes: the loops hand over per-replica batches (see _run_one).
         self.sharded = cluster_task(self.strategy) is not None
         self.guarded = body.train and spec.nonfinite is not None
+        # A guarded call of several steps on one device judges its steps at once
+        # (`_deferred_loop`).
+        self.deferred = self.guarded and self.strategy is None and spec.steps_per_call > 1
         # Examples run through the step (kept or skipped): the loops' throughput.
         self.examples = examples
         # Built by `Step.engine` under the strategy's scope, like the body's variables.
@@ -269,16 +280,109 @@ class Engine:
             i, ok = tf.cond(
                 tf.equal(k, self.spec.steps_per_call),
                 lambda: self._on_pulled(iterator),
-                lambda: self._step_loop(iterator, k),
+                lambda: self._loop(iterator, k),
             )
         else:
-            i, ok = self._step_loop(iterator, k)
+            i, ok = self._loop(iterator, k)
         with tf.control_dependencies(self._assert_kept(ok)):
             return tf.identity(i), self.body.logs()
 
     @property
     def _stops_on_failure(self) -> bool:
         return self.guarded and self.spec.nonfinite == "raise"
+
+    def _loop(self, iterator: Any, k: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """Up to `k` steps pulled from `iterator`: (steps run, no failure)."""
+        if self.deferred and all(
+            isinstance(s, tf.TensorSpec) for s in tf.nest.flatten(iterator.element_spec)
+        ):
+            return self._deferred_loop(iterator, k)
+        return self._step_loop(iterator, k)
+
+    def _deferred_loop(self, iterator: Any, k: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """`_step_loop` with one verdict for the call, unless a step is not kept.
+
+        The steps run without putting anything back (`_run_deferred`); the
+        call holds the values of every variable its steps may write, and the
+        batches it pulled. At the first step not kept the loop stops, every
+        variable gets its value from before the call back, and the call's
+        steps run again one at a time under the whole guard (`_run_one`: the
+        kept ones alike, their seeds being in the states), then the rest of
+        the call. What a guarded step costs per step (the put-back branch and
+        its reads, the failure record) is then paid once per call, and only
+        when a step fails.
+        """
+        written = [
+            *self.rollback.covered,
+            *(part for v in self.body.also_written for part in components(v)),
+            self.examples,
+        ]
+        before = [tf.convert_to_tensor(v) for v in written]
+        specs = tf.nest.flatten(iterator.element_spec)
+        start = [
+            tf.TensorArray(s.dtype, size=k, element_shape=s.shape, infer_shape=False) for s in specs
+        ]
+
+        def cond(i: tf.Tensor, keep: tf.Tensor, more: tf.Tensor, *pulled: Any) -> tf.Tensor:
+            return tf.logical_and(tf.logical_and(i < k, keep), more)
+
+        def body(i: tf.Tensor, keep: tf.Tensor, more: tf.Tensor, *pulled: Any) -> tuple:
+            optional = iterator.get_next_as_optional()
+
+            def present() -> tuple:
+                batch = optional.get_value()
+                kept = [a.write(i, t) for a, t in zip(pulled, tf.nest.flatten(batch), strict=True)]
+                return (i + 1, self._run_deferred(batch), tf.constant(True), *kept)
+
+            return tf.cond(
+                optional.has_value(), present, lambda: (i, keep, tf.constant(False), *pulled)
+            )
+
+        with tf.control_dependencies([self.rollback.arm()]):
+            i, keep, more, *pulled = tf.while_loop(
+                cond, body, (tf.constant(0), tf.constant(True), tf.constant(True), *start)
+            )
+
+        def batch(j: tf.Tensor) -> Any:
+            leaves = []
+            for array, spec in zip(pulled, specs, strict=True):
+                leaf = array.read(j)
+                leaf.set_shape(spec.shape)
+                leaves.append(leaf)
+            return tf.nest.pack_sequence_as(iterator.element_spec, leaves)
+
+        def replay() -> tuple[tf.Tensor, tf.Tensor]:
+            restored = [v.assign(b) for v, b in zip(written, before, strict=True)]
+            with tf.control_dependencies(restored):
+                n, ok = self._steps(i, batch, self._run_one)
+            go_on = tf.logical_and(more, n < k)
+            if self._stops_on_failure:
+                go_on = tf.logical_and(go_on, ok)
+
+            def rest() -> tuple[tf.Tensor, tf.Tensor]:
+                m, rest_ok = self._step_loop(iterator, k - n)
+                return n + m, tf.logical_and(ok, rest_ok)
+
+            return tf.cond(go_on, rest, lambda: (n, ok))
+
+        i, ok = tf.cond(keep, lambda: (i, tf.constant(True)), replay)
+        with tf.control_dependencies([i, ok]):
+            disarm = self.rollback.disarm()
+        with tf.control_dependencies([disarm]):
+            return tf.identity(i), tf.identity(ok)
+
+    def _run_deferred(self, batch: Any) -> tf.Tensor:
+        """One step of `_deferred_loop`: nothing put back; returns whether to keep it.
+
+        Its shadows are saved still: `recover` puts them back if the call
+        fails at run time in this step's forward pass.
+        """
+        with tf.control_dependencies(self.rollback.save_shadows()):
+            keep, _ = self.body.merge(self._dispatch(batch), record=False)
+        with tf.control_dependencies([keep]):  # (not counted if the step fails at run time)
+            counted = self.examples.assign_add(self._examples_in(batch))
+        with tf.control_dependencies([counted]):
+            return tf.identity(keep)
 
     def _step_loop(self, iterator: Any, k: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         """Up to `k` steps, each on a batch pulled from `iterator`: (steps run, no failure)."""
