@@ -305,12 +305,15 @@ class Engine:
         The steps run without putting anything back (`_run_deferred`); the
         call holds the values of every variable its steps may write, and the
         batches it pulled. At the first step not kept the loop stops, every
-        variable gets its value from before the call back, and the call's
-        steps run again one at a time under the whole guard (`_run_one`: the
-        kept ones alike, their seeds being in the states), then the rest of
-        the call. What a guarded step costs per step (the put-back branch and
-        its reads, the failure record) is then paid once per call, and only
-        when a step fails.
+        variable gets its value from before the call back, and the call runs
+        again one step at a time under the whole guard (`_run_one`), on the
+        batches it pulled (the kept ones alike, their seeds being in the
+        states), then on new ones. What a guarded step costs per step (the
+        put-back branch and its reads, the failure record) is then paid once
+        per call, and only when a step fails.
+
+        One loop for each way keeps the trace short: every loop or branch
+        holding a step captures every variable the step touches.
         """
         written = [
             *self.rollback.covered,
@@ -339,33 +342,57 @@ class Engine:
             )
 
         with tf.control_dependencies([self.rollback.arm()]):
-            i, keep, more, *pulled = tf.while_loop(
+            i, keep, _, *pulled = tf.while_loop(
                 cond, body, (tf.constant(0), tf.constant(True), tf.constant(True), *start)
             )
 
-        def batch(j: tf.Tensor) -> Any:
+        def batch(arrays: Any, j: tf.Tensor) -> Any:
             leaves = []
-            for array, spec in zip(pulled, specs, strict=True):
+            for array, spec in zip(arrays, specs, strict=True):
                 leaf = array.read(j)
                 leaf.set_shape(spec.shape)
                 leaves.append(leaf)
             return tf.nest.pack_sequence_as(iterator.element_spec, leaves)
 
-        def replay() -> tuple[tf.Tensor, tf.Tensor]:
-            restored = [v.assign(b) for v, b in zip(written, before, strict=True)]
-            with tf.control_dependencies(restored):
-                n, ok = self._steps(i, batch, self._run_one)
-            go_on = tf.logical_and(more, n < k)
-            if self._stops_on_failure:
-                go_on = tf.logical_and(go_on, ok)
+        # Not kept: everything back, then the call again one step at a time, its
+        # batches first read back, then pulled (a loop of no trips if kept).
+        restored = tf.cond(
+            keep,
+            lambda: tf.constant(True),
+            lambda: _after([v.assign(b) for v, b in zip(written, before, strict=True)]),
+        )
+        stop_on_failure = self._stops_on_failure
 
-            def rest() -> tuple[tf.Tensor, tf.Tensor]:
-                m, rest_ok = self._step_loop(iterator, k - n)
-                return n + m, tf.logical_and(ok, rest_ok)
+        def again(j: tf.Tensor, ok: tf.Tensor, more: tf.Tensor, *arrays: Any) -> tf.Tensor:
+            go_on = tf.logical_and(tf.logical_and(tf.logical_not(keep), j < k), more)
+            return tf.logical_and(go_on, ok) if stop_on_failure else go_on
 
-            return tf.cond(go_on, rest, lambda: (n, ok))
+        def step_again(j: tf.Tensor, ok: tf.Tensor, more: tf.Tensor, *arrays: Any) -> tuple:
+            def pull() -> tuple:
+                optional = iterator.get_next_as_optional()
 
-        i, ok = tf.cond(keep, lambda: (i, tf.constant(True)), replay)
+                def present() -> tuple:
+                    value = tf.nest.flatten(optional.get_value())
+                    return (
+                        tf.constant(True),
+                        *(a.write(j, t) for a, t in zip(arrays, value, strict=True)),
+                    )
+
+                return tf.cond(optional.has_value(), present, lambda: (tf.constant(False), *arrays))
+
+            has, *arrays = tf.cond(j < i, lambda: (tf.constant(True), *arrays), pull)
+            j, ok, more = tf.cond(
+                has,
+                lambda: (j + 1, self._run_one(batch(arrays, j)), tf.constant(True)),
+                lambda: (j, ok, tf.constant(False)),
+            )
+            return (j, ok, more, *arrays)
+
+        with tf.control_dependencies([restored]):
+            j, ok, *_ = tf.while_loop(
+                again, step_again, (tf.constant(0), tf.constant(True), tf.constant(True), *pulled)
+            )
+        i, ok = tf.cond(keep, lambda: (i, tf.constant(True)), lambda: (j, ok))
         with tf.control_dependencies([i, ok]):
             disarm = self.rollback.disarm()
         with tf.control_dependencies([disarm]):
@@ -534,6 +561,12 @@ class Engine:
 
     def explain_failure(self) -> str:
         return self.body.explain_failure()
+
+
+def _after(ops: list) -> tf.Tensor:
+    """True, once `ops` ran."""
+    with tf.control_dependencies(ops):
+        return tf.constant(True)
 
 
 def can_group(element_spec: Any) -> bool:
