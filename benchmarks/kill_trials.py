@@ -84,7 +84,7 @@ def arm(kill: str) -> None:
     import tensorflow as tf
     from tensorflow.python.checkpoint import checkpoint_management
 
-    import tfpure.resume
+    import tfpure.stream
 
     point, n = kill.split(":")
     count = [0]
@@ -112,7 +112,7 @@ def arm(kill: str) -> None:
         tf.train.CheckpointManager.save = counted
         index.update_checkpoint_state_internal = recording
     elif point == "in-replay":
-        skip = tfpure.resume._skip
+        skip = tfpure.stream._skip
 
         def replaying(iterator, k):
             if int(k) > 1:  # half-way: replay half, then die
@@ -120,7 +120,7 @@ def arm(kill: str) -> None:
                 os.kill(os.getpid(), signal.SIGKILL)
             return skip(iterator, k)
 
-        tfpure.resume._skip = replaying
+        tfpure.stream._skip = replaying
 
 
 def launch(directory: str, out: str, kill: str = "") -> subprocess.Popen:

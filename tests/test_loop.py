@@ -14,7 +14,7 @@ import pytest
 import tensorflow as tf
 
 import tfpure as tp
-from tfpure import passes, training
+from tfpure import stream
 from tfpure import testing as tpt
 from tfpure.testing.strategies import ModelSpec
 
@@ -357,7 +357,7 @@ def iterators_deleted_by_thread(monkeypatch):
     """Records, for every iterator the loops retire, the thread that deletes it."""
 
     deleted_by: list[str] = []
-    retire = passes.retire
+    retire = stream.retire
 
     def recording(refs):
         for ref in refs:
@@ -365,8 +365,7 @@ def iterators_deleted_by_thread(monkeypatch):
                 weakref.finalize(ref, lambda: deleted_by.append(threading.current_thread().name))
         retire(refs)
 
-    monkeypatch.setattr(passes, "retire", recording)
-    monkeypatch.setattr(training, "retire", recording)
+    monkeypatch.setattr(stream, "retire", recording)
     return deleted_by
 
 
@@ -388,7 +387,7 @@ def test_finished_epoch_iterators_are_deleted_off_the_training_thread(
         checkpoint=tp.Checkpointer(tmp_path / "ckpt") if checkpoint else None,
     )
     tp.fold(tp.make_train_step(SCCE), make_state(SPEC.build(1)), train)
-    assert passes.drain_retired(timeout=60)
+    assert stream.drain_retired(timeout=60)
     # Three training and three validation epochs, then the fold's pass.
     assert deleted_by == ["tfpure-iterator-reaper"] * 7
 
@@ -397,7 +396,7 @@ def test_a_python_step_over_a_dataset_retires_its_iterator_too(monkeypatch):
     deleted_by = iterators_deleted_by_thread(monkeypatch)
     step = tp.make_train_step(SCCE)
     _, logs = tp.fold(lambda s, b: step(s, b), make_state(SPEC.build(0)), dataset())
-    assert passes.drain_retired(timeout=60)
+    assert stream.drain_retired(timeout=60)
     assert deleted_by == ["tfpure-iterator-reaper"]
     assert logs is not None
 
@@ -409,14 +408,14 @@ def test_the_process_waits_at_exit_for_iterators_being_deleted(tmp_path):
         f"""
         import time
         import tensorflow as tf
-        from tfpure import passes
+        from tfpure import stream
 
         class SlowToDelete:
             def __del__(self):
                 time.sleep(2)
                 open({str(done)!r}, "w").close()
 
-        passes.retire([iter(tf.data.Dataset.range(3)), SlowToDelete()])
+        stream.retire([iter(tf.data.Dataset.range(3)), SlowToDelete()])
         """
     )
     result = subprocess.run(

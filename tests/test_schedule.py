@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 
 import tfpure as tp
-from tfpure import passes, resume, training
+from tfpure import resume, stream
 from tfpure.schedule import THROUGHPUT
 
 SCCE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -140,11 +140,12 @@ def test_a_budget_of_whole_epochs_equals_the_epoch_run(monkeypatch):
     """eval_every = the epoch length: each window is an epoch (the data repeated in order)."""
     retired = []
 
-    def retire(refs):  # The budget's one iterator goes to the background deleter at the end.
-        retired.extend(type(r) for r in refs)
-        passes.retire(refs)
+    def retire(refs):  # Every finished iterator goes to the background deleter.
+        retired.extend(r for r in refs if isinstance(r, tf.data.Iterator))
+        retire_now(refs)
 
-    monkeypatch.setattr(training, "retire", retire)
+    retire_now = stream.retire
+    monkeypatch.setattr(stream, "retire", retire)
     epochs_state, epochs_history = tp.fit_loop(
         make_state(),
         dataset(),
@@ -153,6 +154,7 @@ def test_a_budget_of_whole_epochs_equals_the_epoch_run(monkeypatch):
         val_data=dataset(n=20),
         verbose=0,
     )
+    retired.clear()
     steps_state, steps_history = tp.fit_loop(
         make_state(),
         dataset(),
@@ -164,7 +166,9 @@ def test_a_budget_of_whole_epochs_equals_the_epoch_run(monkeypatch):
     )
     assert_identical(variables(epochs_state), variables(steps_state))
     assert epochs_history == steps_history
-    assert len(retired) == 1 and issubclass(retired[0], tf.data.Iterator)
+    # One iterator a validation, then the budget's one iterator (over the repeated data).
+    assert len(retired) == 4
+    assert retired[-1].element_spec == dataset().element_spec
 
 
 def test_window_figures_are_running_means_over_the_window():

@@ -12,7 +12,9 @@ import pytest
 import tensorflow as tf
 
 import tfpure as tp
+from tfpure import resume
 from tfpure.graph import group_batches
+from tfpure.state import state_variables
 from tfpure.testing.strategies import ModelSpec
 
 SCCE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -178,3 +180,47 @@ def test_a_step_budget_is_grouped_only_when_every_window_is_whole_calls(eval_eve
     _, history = tp.fit_loop(state, data(), step, steps=24, eval_every=eval_every, verbose=0)
     assert int(state.step) == 24 and len(history["loss"]) == 24 // eval_every
     assert traces(step, state, "on_groups") == int(grouped)
+
+
+@pytest.mark.parametrize("run", ["epochs", "budget"])
+def test_a_checkpointed_run_is_fed_groups_and_resumes_on_them_bit_for_bit(
+    tmp_path, monkeypatch, run
+):
+    """A Checkpointer leaves the grouped feed on. Epochs: preempted after the first call (4
+    steps into an epoch of 6 batches), resumed by replaying one group. Budget: 8 steps, then
+    extended to 16 by replaying two groups of the repeated data. Both runs of each take the
+    grouped path and end as the uninterrupted run, bit for bit."""
+    kwargs = {"epochs": 2} if run == "epochs" else {"steps": 16, "eval_every": 8}
+    reference = make_state()
+    _, history_r = tp.fit_loop(reference, data(), xla_step(), verbose=0, **kwargs)
+    first, step = make_state(), xla_step()
+    if run == "epochs":
+        calls = []
+
+        class Preempt(keras.callbacks.Callback):
+            def on_train_batch_end(self, batch, logs=None):
+                calls.append(batch)
+
+        # SIGTERM as the run sees it, after its first call (no signal is sent).
+        preempted = property(lambda self: bool(calls), lambda self, value: None)
+        monkeypatch.setattr(resume.Run, "preempted", preempted, raising=False)
+        with pytest.raises(tp.Preempted):
+            tp.fit_loop(
+                first, data(), step, verbose=0, callbacks=[Preempt()],
+                checkpoint=tp.Checkpointer(tmp_path), **kwargs,
+            )  # fmt: skip
+        monkeypatch.undo()
+    else:
+        tp.fit_loop(first, data(), step, steps=8, eval_every=8, verbose=0,
+                    checkpoint=tp.Checkpointer(tmp_path))  # fmt: skip
+    assert int(first.step) == 4 * (1 + (run == "budget"))
+    assert traces(step, first, "on_groups") == 1
+    resumed, step = make_state(), xla_step()
+    _, history = tp.fit_loop(
+        resumed, data(), step, verbose=0, checkpoint=tp.Checkpointer(tmp_path), **kwargs
+    )
+    assert traces(step, resumed, "on_groups") == 1
+    assert history == history_r
+    mine, theirs = state_variables(resumed), state_variables(reference)
+    for a, b in zip(mine, theirs, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.name)

@@ -41,6 +41,7 @@ from tfpure.loop import fit_loop
 from tfpure.outputs import Route
 from tfpure.state import TrainState, leaves
 from tfpure.steps import Step, make_step, make_train_step
+from tfpure.types import check_count
 
 __all__ = ["VARIANTS", "BenchResult", "Variant", "compare", "machine", "main", "plot"]
 
@@ -522,12 +523,6 @@ def _variants(variants: Sequence[str] | Mapping[str, Variant]) -> dict[str, Vari
     return chosen
 
 
-def _positive(name: str, value: Any, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"`{name}` must be an int >= {minimum}; got {value!r}.")
-    return value
-
-
 def compare(
     make_state: Callable[[], Any],
     loss_or_fn: Any,
@@ -596,18 +591,18 @@ def compare(
       ...                           steps_per_call=4, rounds=2)
       >>> result.steps, len(result.rounds["fused"])
       ({'graph': 8, 'fused': 8}, 2)
-      >>> result.paired("fused", "graph") > 0
-      True
+      >>> result.paired("fused", "fused")  # each round against itself
+      1.0
     """
     if not callable(make_state):
         raise TypeError(f"`make_state` must be a function making new states; got {make_state!r}.")
     if not isinstance(data, tf.data.Dataset):
         raise TypeError(f"`data` must be a tf.data.Dataset of batches; got {type(data).__name__}.")
     chosen = _variants(variants)
-    k = _positive("steps_per_call", steps_per_call)
-    rounds = _positive("rounds", rounds)
-    warmup = _positive("warmup", warmup)
-    steps = _default_steps(data, k) if steps is None else _positive("steps", steps)
+    k = check_count("steps_per_call", steps_per_call)
+    rounds = check_count("rounds", rounds)
+    warmup = check_count("warmup", warmup)
+    steps = _default_steps(data, k) if steps is None else check_count("steps", steps)
 
     runners: dict[str, Callable[[int], float | None]] = {}
     counts: dict[str, int] = {}

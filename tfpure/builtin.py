@@ -32,14 +32,12 @@ from tfpure.losses import BoundLoss, bind
 from tfpure.outputs import Route, select
 from tfpure.scaling import replica_objective
 from tfpure.state import TrainState, variable_groups
+from tfpure.types import Logs
 
 if TYPE_CHECKING:
     from tfpure.spec import StepSpec
 
-__all__ = ["EvalBody", "Logs", "TrainBody", "metric_results"]
-
-Logs = dict[str, tf.Tensor]
-"""What a step returns beside the state: log name -> scalar tensor (``tp.Logs``)."""
+__all__ = ["EvalBody", "TrainBody", "metric_results"]
 
 
 def metric_results(metrics: dict[str, keras.metrics.Metric]) -> Logs:

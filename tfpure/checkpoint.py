@@ -38,6 +38,7 @@ import tensorflow as tf
 
 from tfpure.distribute import cluster_task, strategy_of
 from tfpure.state import TrainState, leaves, variable_groups
+from tfpure.types import check_count
 
 __all__ = ["CheckpointError", "Checkpointer"]
 
@@ -182,17 +183,9 @@ class Checkpointer:
         save_every_steps: int | None = None,
         save_every_epochs: int | None = 1,
     ):
-        for name, value, optional in (
-            ("max_to_keep", max_to_keep, False),
-            ("save_every_steps", save_every_steps, True),
-            ("save_every_epochs", save_every_epochs, True),
-        ):
-            if value is None and optional:
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(
-                    f"`{name}` must be an int >= 1{' or None' * optional}; got {value!r}."
-                )
+        check_count("max_to_keep", max_to_keep)
+        check_count("save_every_steps", save_every_steps, optional=True)
+        check_count("save_every_epochs", save_every_epochs, optional=True)
         self.directory = os.fspath(directory)
         self.max_to_keep = max_to_keep
         self.save_every_steps = save_every_steps

@@ -31,13 +31,12 @@ from tfpure.compat import supports_no_merge_call
 from tfpure.distribute import strategy_of
 from tfpure.guard import Checks, Collected, all_finite, collecting, variable
 from tfpure.state import TrainState, leaves, rebuild, same_structure, state_variables
+from tfpure.types import Logs
 
 if TYPE_CHECKING:
     from tfpure.spec import StepSpec
 
 __all__ = ["LogMeans", "UserBody"]
-
-Logs = dict[str, tf.Tensor]
 
 
 class LogMeans:

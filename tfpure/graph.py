@@ -43,10 +43,10 @@ from typing import TYPE_CHECKING, Any
 import tensorflow as tf
 
 from tfpure.batch import unpack
-from tfpure.builtin import Logs
 from tfpure.compat import flat_caller, keras_random_algorithm, model_input_structure
 from tfpure.distribute import cluster_task, replica_share
 from tfpure.guard import MARK, Rollback, components
+from tfpure.types import Logs
 
 if TYPE_CHECKING:
     from tfpure.spec import StepSpec

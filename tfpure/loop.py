@@ -20,13 +20,13 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from tfpure.builtin import Logs
 from tfpure.checkpoint import Checkpointer
 from tfpure.passes import callback_list, check_data, num_batches, prepare, run_pass
-from tfpure.schedule import Action, check_period
+from tfpure.schedule import Action
 from tfpure.state import leaves
 from tfpure.steps import Step, StepFn, make_eval_step
 from tfpure.training import Loop, Schedule, evaluate_pass
+from tfpure.types import Logs, check_count
 
 __all__ = ["evaluate", "fit_loop", "fold"]
 
@@ -297,7 +297,7 @@ def _schedule(
         ("eval_every", eval_every),
         ("steps_per_epoch", steps_per_epoch),
     ):
-        check_period(name, value, integer=True)
+        check_count(name, value, optional=True)
     if steps is not None:
         if epochs is not None:
             raise ValueError(

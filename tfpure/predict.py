@@ -19,6 +19,7 @@ import tensorflow as tf
 
 from tfpure.batch import unpack
 from tfpure.state import TrainState
+from tfpure.types import check_count
 
 __all__ = ["predict"]
 
@@ -129,8 +130,7 @@ def predict(
             "tf.data.Dataset.from_tensor_slices(x).batch(32)); got "
             f"{type(data).__name__}."
         )
-    if not isinstance(steps_per_call, int) or steps_per_call < 1:
-        raise ValueError(f"`steps_per_call` must be an int >= 1; got {steps_per_call!r}.")
+    check_count("steps_per_call", steps_per_call)
     predictor = _predictor(model, steps_per_call)
     cardinality = int(data.cardinality())
     progbar = (

@@ -1,9 +1,10 @@
-"""Resuming a checkpointed `fit_loop` run exactly: position, replay, save points, SIGTERM.
+"""Resuming a checkpointed `fit_loop` run exactly: restore, data checks, saves, SIGTERM.
 
 `fit_loop(..., checkpoint=ckpt)` links its loop to the checkpointer through
-a `Run`: it restores the newest good checkpoint, rebuilds the data iterator
-at the saved position by replay, saves the positions the loop hands it, and
-turns SIGTERM into a save followed by `Preempted`.
+a `Run`: it checks that the data can be replayed, restores the newest good
+checkpoint (the loop's `tfpure.stream.DataStream` replays the data to its
+position), saves the positions the loop hands it, and turns SIGTERM into a
+save followed by `Preempted`.
 """
 
 from __future__ import annotations
@@ -166,40 +167,23 @@ def describe_data(data: tf.data.Dataset) -> str:
     return "; ".join(parts)
 
 
-@tf.function(autograph=False)
-def _skip(iterator: Any, n: tf.Tensor) -> tf.Tensor:
-    """Pulls up to `n` batches from `iterator` in one graph call; returns how many there were.
-
-    Stops at the first missing batch: data shorter than the saved position
-    ends the replay (and `Run` names the mismatch) instead of spinning.
-    """
-
-    def body(i: tf.Tensor, more: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        more = iterator.get_next_as_optional().has_value()
-        return i + tf.cast(more, tf.int32), more
-
-    return tf.while_loop(
-        lambda i, more: tf.logical_and(more, i < n), body, (tf.constant(0), tf.constant(True))
-    )[0]
-
-
 class Run:
-    """A checkpointed run's link to its `Checkpointer`: restore, replay, save, SIGTERM.
+    """A checkpointed run's link to its `Checkpointer`: restore, save, SIGTERM.
 
     The loop (`tfpure.training.Loop`) owns the position; a `Run` restores the
     one saved last (``epoch`` windows finished, ``epoch_step`` steps into
-    the current one, ``step`` steps in all), rebuilds the data iterator
-    there, and saves positions the loop hands it.
+    the current one, ``step`` steps in all) and saves positions the loop
+    hands it.
 
     The data iterator is not saved: TensorFlow's iterator checkpoints do not
-    restore reshuffle seeds exactly near the end of an epoch. The run
-    rebuilds the iterator by replay: it creates the past epochs' iterators
-    (which draws their reshuffle seeds, as the interrupted run did) without
-    reading them, then pulls the current epoch's finished batches in-graph
-    without training on them. With one iterator over the repeated data (a
-    step budget, or ``steps_per_epoch``) the replay pulls every batch of the
-    run so far. This needs a pipeline that is a pure function of its seeds,
-    which `_unreplayable` checks up front.
+    restore reshuffle seeds exactly near the end of an epoch. The loop's
+    `tfpure.stream.DataStream` rebuilds it by replay: it creates the past
+    epochs' iterators (which draws their reshuffle seeds, as the interrupted
+    run did) without reading them, then pulls the current epoch's finished
+    batches in-graph without training on them. With one iterator over the
+    repeated data (a step budget, or ``steps_per_epoch``) the replay pulls
+    every batch of the run so far. This needs a pipeline that is a pure
+    function of its seeds, which `_unreplayable` checks here, up front.
     """
 
     def __init__(
@@ -210,7 +194,6 @@ class Run:
         *,
         stream: bool,
         schedule: str,
-        iterate: Callable[[tf.data.Dataset], Any] = iter,
         extra: Sequence[Any] = (),
     ):
         if not isinstance(data, tf.data.Dataset):
@@ -232,9 +215,7 @@ class Run:
                 "it resumes. Build it from seeded TensorFlow ops, or train without a "
                 "Checkpointer."
             )
-        self.ckpt, self.state, self.data, self.iterate = ckpt, state, data, iterate
-        self.extra = list(extra)
-        self.stream = stream
+        self.ckpt, self.state, self.extra = ckpt, state, list(extra)
         task = cluster_task(strategy_of(leaves(state)))
         # One writer per directory: the chief (or the only process) holds its lock file.
         self._lock = _lock(ckpt.directory) if task is None or task.chief else None
@@ -256,7 +237,6 @@ class Run:
         self.prior = ckpt.recorded_history()
         #: Why the restored run ended early ("" if it did not): then nothing is left to do.
         self.ended = ckpt.ended.numpy().decode()
-        self._stream: Any = None
         self._saved: tuple[tuple[int, int, int], str] | None = None
         self.preempted = False
         self._previous_handler: Any = None
@@ -270,32 +250,6 @@ class Run:
     def _on_sigterm(self, signum: int, frame: Any) -> None:
         del signum, frame
         self.preempted = True
-
-    def iterator(self, epoch: int) -> Any:
-        """The data iterator for `epoch`, positioned where the run resumes."""
-        first_epoch, first_step, steps = self.position
-        if self.stream:
-            if self._stream is None:
-                source = self.data
-                if int(source.cardinality()) != tf.data.INFINITE_CARDINALITY:
-                    source = source.repeat()
-                self._stream = self.iterate(source)
-                self._replay(self._stream, steps)
-            return self._stream
-        if epoch == first_epoch:
-            for _ in range(epoch):
-                self.iterate(self.data)  # draws that epoch's reshuffle seeds
-        iterator = self.iterate(self.data)
-        self._replay(iterator, first_step if epoch == first_epoch else 0)
-        return iterator
-
-    @staticmethod
-    def _replay(iterator: Any, n: int) -> None:
-        if n and int(_skip(iterator, tf.constant(n, tf.int32))) != n:
-            raise CheckpointError(
-                f"The training data ran out while replaying {n} batches to the saved "
-                "position: it is not the data the checkpointed run was trained on."
-            )
 
     def save(
         self,

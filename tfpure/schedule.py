@@ -27,21 +27,12 @@ import tensorflow as tf
 
 from tfpure.distribute import cluster_task, strategy_of
 from tfpure.state import leaves
+from tfpure.types import check_count
 
 __all__ = ["THROUGHPUT", "Action", "Meter", "every", "tensorboard_writer"]
 
 # The log names of throughput figures (reported, never part of `history`).
 THROUGHPUT = ("steps_per_second", "examples_per_second")
-
-
-def check_period(name: str, value: Any, *, integer: bool) -> None:
-    """Raises ValueError unless `value` is None or a count >= 1 (`integer`) or a number > 0."""
-    if value is None:
-        return
-    kinds = int if integer else int | float
-    if isinstance(value, bool) or not isinstance(value, kinds) or not value > 0:
-        expected = "an int >= 1" if integer else "a number > 0"
-        raise ValueError(f"`{name}` must be None or {expected}; got {value!r}.")
 
 
 @attrs.frozen
@@ -72,8 +63,8 @@ class Action:
     def __attrs_post_init__(self) -> None:
         if not callable(self.fn):
             raise TypeError(f"An action's `fn` must be callable; got {self.fn!r}.")
-        check_period("n", self.n, integer=True)
-        check_period("seconds", self.seconds, integer=False)
+        check_count("n", self.n, optional=True)
+        check_count("seconds", self.seconds, optional=True, integer=False)
         if self.n is None and self.seconds is None:
             raise ValueError("An action needs `n` (steps) or `seconds`; both are None.")
 

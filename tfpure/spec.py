@@ -14,6 +14,8 @@ from typing import Any, Literal, Protocol
 import attrs
 import tensorflow as tf
 
+from tfpure.types import check_count
+
 __all__ = ["GradTransform", "Nonfinite", "StepSpec"]
 
 Nonfinite = Literal["raise", "skip"] | None
@@ -47,11 +49,7 @@ def _check_jit_compile(value: Any) -> bool:
 
 
 def _check_steps_per_call(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(
-            f"`steps_per_call` must be an int >= 1 (steps fused in one graph call); got {value!r}."
-        )
-    return value
+    return check_count("steps_per_call", value, meaning=" (steps fused in one graph call)")
 
 
 def _check_nonfinite(value: Any) -> Nonfinite:

@@ -18,7 +18,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfpure.batch import Batch, check_batch, check_batch_values, unpack
-from tfpure.builtin import EvalBody, Logs, TrainBody
+from tfpure.builtin import EvalBody, TrainBody
 from tfpure.custom import UserBody
 from tfpure.distribute import cluster_task, strategy_of
 from tfpure.graph import Engine, can_group, group_batches
@@ -26,6 +26,7 @@ from tfpure.guard import MARK, NonFiniteError
 from tfpure.losses import step_loss
 from tfpure.spec import GradTransform, Nonfinite, StepSpec
 from tfpure.state import leaves
+from tfpure.types import Logs
 
 __all__ = [
     "GradTransform",

@@ -15,27 +15,22 @@ Data flows loop → pass → step → graph and back once per call.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import attrs
 import keras
 import tensorflow as tf
 
-from tfpure.builtin import Logs, metric_results
+from tfpure.builtin import metric_results
 from tfpure.checkpoint import Checkpointer
-from tfpure.passes import (
-    batch_hooks,
-    callback_list,
-    data_iterator,
-    no_end,
-    retire,
-    run_pass,
-)
+from tfpure.passes import batch_hooks, callback_list, run_pass
 from tfpure.resume import Run
 from tfpure.schedule import THROUGHPUT, Action, Meter
 from tfpure.state import leaves
 from tfpure.steps import Step, StepFn
+from tfpure.stream import DataStream, no_end, run_calls
+from tfpure.types import Logs
 
 __all__ = ["Loop", "Schedule", "current_logs", "floats", "reset"]
 
@@ -64,17 +59,6 @@ def batch_examples(batch: Any) -> int:
     first = next(iter(tf.nest.flatten(batch)), None)
     shape = getattr(first, "shape", None)
     return int(shape[0]) if shape is not None and len(shape) and shape[0] is not None else 1
-
-
-def _cycle(data: Iterable[Any]) -> Iterator[Any]:
-    """`data` over and over (each pass a new iteration); ends if a pass yields nothing."""
-    while True:
-        empty = True
-        for batch in data:
-            empty = False
-            yield batch
-        if empty:
-            return
 
 
 @attrs.frozen
@@ -154,7 +138,6 @@ class Loop:
                 data,
                 stream=schedule.stream,
                 schedule=schedule.describe(),
-                iterate=lambda d: data_iterator(step, state, d),
                 extra=step.log_variables(state) if isinstance(step, Step) else [],
             )
             self.position = Position(*self.run.position)
@@ -182,8 +165,18 @@ class Loop:
             self.history = next(
                 cb for cb in self.cbs.callbacks if isinstance(cb, keras.callbacks.History)
             )
-            self._stream: Any = None
-            self._grouped = False  # whether the stream is over grouped data
+            p = self.position
+            self.stream = DataStream(
+                self.step,
+                state,
+                data,
+                run_wide=schedule.stream,
+                # A budget, or a checkpointed run (its replay needs the data to last).
+                repeat=schedule.budget is not None or self.run is not None,
+                whole_calls=not any(a.n is not None for a in self.actions),
+                lengths=(schedule.steps_in(0), schedule.steps_in(schedule.windows - 1)),
+                at=(p.window, p.done, p.step),
+            )
             self._window_end: int | None = None  # the step the current window ends at
         except BaseException:  # e.g. a bad callback: the run's lock and handler go back
             if self.run is not None:
@@ -212,63 +205,6 @@ class Loop:
         mine = self.history.history
         names = [n for n in dict.fromkeys([*prior, *mine]) if n not in THROUGHPUT]
         return {n: [*prior.get(n, []), *mine.get(n, [])] for n in names}
-
-    # -- data -----------------------------------------------------------------------
-
-    def _iterator(self, window: int) -> Any:
-        if self.run is not None:
-            return self.run.iterator(window)
-        if not self.schedule.stream:
-            return None  # run_pass makes (and retires) each epoch's iterator
-        if self._stream is None:
-            source = self.data
-            if isinstance(source, tf.data.Dataset):
-                budget = self.schedule.budget is not None
-                if budget and int(source.cardinality()) != tf.data.INFINITE_CARDINALITY:
-                    source = source.repeat()
-                groups = self._groups(source)
-                self._grouped = groups is not None
-                self._stream = data_iterator(
-                    self.step, self.state, source if groups is None else groups
-                )
-            elif self.schedule.budget is not None:
-                self._stream = _cycle(source)
-            else:
-                self._stream = iter(source)
-        return self._stream
-
-    def _groups(self, source: tf.data.Dataset) -> tf.data.Dataset | None:
-        """The stream's data grouped for an XLA step's calls, if every call is whole.
-
-        Whole: no step-periodic action cuts a call short (`run_pass`'s test),
-        and every window's steps are a multiple of the step's `steps_per_call`
-        (the windows are alike but the last).
-        """
-        if not isinstance(self.step, Step) or self._steps_to_next_action(0) is not None:
-            return None
-        k, schedule = self.step.steps_per_call, self.schedule
-        lengths = (schedule.steps_in(0), schedule.steps_in(schedule.windows - 1))
-        if any(n is not None and n % k for n in lengths):
-            return None
-        return self.step._grouped(self.state, source)
-
-    def _retire_stream(self) -> None:
-        """Hands the run's one data iterator (a step budget's) to the background deleter."""
-        theirs = None
-        if self.run is not None:
-            theirs, self.run._stream = self.run._stream, None
-        refs = [r for r in (self._stream, theirs) if r is not None]
-        self._stream = theirs = None  # The deleter must hold the last references.
-        retire(refs)
-
-    def _endless(self) -> bool:
-        """Whether the iterator cannot run out (no step count needs reading back)."""
-        if self.run is not None:
-            return True
-        if not self.schedule.stream or not isinstance(self.data, tf.data.Dataset):
-            return False
-        n = int(self.data.cardinality())
-        return n == tf.data.INFINITE_CARDINALITY or (self.schedule.budget is not None and n > 0)
 
     # -- actions --------------------------------------------------------------------
 
@@ -308,7 +244,7 @@ class Loop:
         )
 
     def _after_call(self, state: Any, done: int, logs: Logs) -> None:
-        """After every graph call: Keras batch hooks, due actions, SIGTERM."""
+        """After every call: the position, Keras batch hooks, due actions, SIGTERM."""
         p = self.position
         p.step += done - p.done
         p.done = done
@@ -357,22 +293,19 @@ class Loop:
             meter = Meter(p.step, self.examples())
             logs: Logs | None = None
             done = start
-            iterator = self._iterator(window)
-            if length is None or start < length:
-                self.state, logs, done = run_pass(
-                    self.step,
-                    self.state,
-                    self.data,
-                    iterator=iterator,
-                    start=start,
-                    max_steps=length,
-                    hooks=(begin, no_end),
-                    on_call=self._after_call,
-                    stop=lambda: bool(model.stop_training),
-                    cap=self._steps_to_next_action,
-                    endless=self._endless(),
-                    grouped=self._grouped and iterator is self._stream,
-                )
+            feed = self.stream.feed(window, self.state)  # (made even if no step is left)
+            calls = run_calls(
+                feed,
+                start=start,
+                limit=length,
+                cap=self._steps_to_next_action,
+                hooks=(begin, no_end),
+            )
+            for done, logs in calls:
+                self._after_call(feed.state, done, logs)
+                if model.stop_training:
+                    break
+            del feed, calls
             if logs is None and start:  # Resumed right at the end of the window's steps.
                 logs = current_logs(self.step, self.state)
             if not done or logs is None:
@@ -406,13 +339,10 @@ class Loop:
                         self.full_history(),
                         f"at the end of epoch {window + 1}",
                     )
-            if self.run is not None and not schedule.stream:
-                refs, iterator = [iterator], None  # One iterator per epoch: this one is done.
-                retire(refs)
+            self.stream.end_window()
             if model.stop_training:
                 break
-        iterator = None
-        self._retire_stream()
+        self.stream.close()
         # As Keras `fit` does: e.g. an optimizer with use_ema=True swaps in its averages.
         for s in leaves(self.state):
             s.optimizer.finalize_variable_values(s.model.trainable_variables)
