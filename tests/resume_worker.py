@@ -24,7 +24,8 @@ action every 3 steps records the steps it saw (in OUT's ``fired``).
 
 ``--jobs`` runs several uninterrupted runs one after the other in this one
 process (a JSON list of ``[DIR, OUT, [options...]]``): the tests resume many
-killed runs with one interpreter start. Every run rebuilds its models from
+killed runs with one interpreter start. A run that fails writes its traceback
+to ``OUT.error`` and the others go on. Every run rebuilds its models from
 fixed seeds, so a run in a shared process computes what it would alone.
 
 ``--fork`` runs each of KILLS.json's ``[NAME, DIR, OUT, [options...]]`` in a
@@ -226,10 +227,16 @@ def run(args: argparse.Namespace) -> None:
 
 
 def run_jobs(path: str) -> None:
+    """Runs each job; a job that fails writes its traceback to OUT.error, and the rest go on
+    (so that each test reading a job's OUT fails on its own, with that job's error)."""
     with open(path) as f:
         jobs = json.load(f)
     for directory, out, options in jobs:
-        run(parser().parse_args([directory, out, *options]))
+        try:
+            run(parser().parse_args([directory, out, *options]))
+        except Exception:
+            with open(f"{out}.error", "w") as f:
+                f.write(traceback.format_exc())
 
 
 def child(directory: str, out: str, options: list[str], stderr: str) -> None:

@@ -64,6 +64,14 @@ def load(path):
         return {k: f[k] for k in f.files}
 
 
+def output(base, name):
+    """What the run `name` saved; the test fails with that run's error if it failed."""
+    error = base / f"{name}.npz.error"
+    if error.exists():
+        pytest.fail(f"the run {name!r} failed:\n{error.read_text()[-3000:]}")
+    return load(base / f"{name}.npz")
+
+
 @pytest.fixture(scope="session")  # session: never torn down between a worker's modules
 def runs(tmp_path_factory):
     """Kills every case, then resumes them all (and runs the references), in one process.
@@ -90,11 +98,8 @@ def runs(tmp_path_factory):
     return base, killed
 
 
-# One worker runs every test that shares the `runs` fixture (pytest -n ... --dist loadgroup).
-resume_group = pytest.mark.xdist_group("resume")
-
-
-@resume_group
+# `--dist loadfile` (pyproject.toml) runs a file's tests on one worker: the `runs`
+# fixture runs once.
 @pytest.mark.parametrize("name", list(KILLS))
 def test_killed_and_restarted_run_equals_uninterrupted_run(runs, name):
     """Bit-identical variables, optimizer slots, seeds, step counts and history."""
@@ -108,8 +113,8 @@ def test_killed_and_restarted_run_equals_uninterrupted_run(runs, name):
     else:
         assert code == -signal.SIGKILL, err[-2000:]
     assert not (base / f"{name}.first.npz").exists()
-    resumed = load(base / f"{name}.npz")
-    uninterrupted = load(base / f"{reference_of(options)}.npz")
+    resumed = output(base, name)
+    uninterrupted = output(base, reference_of(options))
     steps = [k for k in uninterrupted if k.endswith("step")]
     assert steps and all(int(uninterrupted[k]) == (45 if "--steps" in options else 4 * 8)
                          for k in steps)  # fmt: skip
@@ -126,10 +131,9 @@ def test_killed_and_restarted_run_equals_uninterrupted_run(runs, name):
         np.testing.assert_array_equal(resumed[key], value, err_msg=key)
 
 
-@resume_group
 def test_a_finished_run_does_nothing_when_run_again(runs):
     base, _ = runs
-    first, later = load(base / "reference.npz"), load(base / "reference.again.npz")
+    first, later = output(base, "reference"), output(base, "reference.again")
     assert sorted(first) == sorted(later)
     for key, value in first.items():
         np.testing.assert_array_equal(later[key], value, err_msg=key)

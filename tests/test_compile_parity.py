@@ -14,7 +14,10 @@ import tensorflow as tf
 import tfpure as tp
 import tfpure.testing as tpt
 
-RNG = np.random.default_rng(0)
+
+def rng(*seed):
+    """A generator of its own for each data set: a test's data do not depend on test order."""
+    return np.random.default_rng(list(seed))
 
 
 def compare(build, compile_args, data, val, *, epochs=2, lr=1e-2, predict_data=None):
@@ -78,11 +81,12 @@ def two_in_two_out():
 
 
 def two_in_two_out_data(n=70, batch=16, *, one_hot=False):  # 70 = 4 x 16 + 6: ragged
-    x = {"word": RNG.choice(WORDS, n), "num": RNG.normal(size=(n, 3)).astype("float32")}
-    kind = RNG.integers(0, 3, n)
+    r = rng(n, batch)
+    x = {"word": r.choice(WORDS, n), "num": r.normal(size=(n, 3)).astype("float32")}
+    kind = r.integers(0, 3, n)
     kind = np.eye(3, dtype="float32")[kind] if one_hot else kind
-    y = {"kind": kind, "size": RNG.normal(size=(n, 1)).astype("float32")}
-    w = RNG.uniform(0.0, 2.0, n).astype("float32")
+    y = {"kind": kind, "size": r.normal(size=(n, 1)).astype("float32")}
+    w = r.uniform(0.0, 2.0, n).astype("float32")
     return tf.data.Dataset.from_tensor_slices((x, y, w)).batch(batch)
 
 
@@ -135,9 +139,10 @@ def transformer():
 
 def test_transformer_block_with_sample_weights_equals_keras():
     def data(n):
-        x = RNG.integers(0, 20, (n, 8)).astype("int32")
+        r = rng(n)
+        x = r.integers(0, 20, (n, 8)).astype("int32")
         y = (x[:, 0] > 9).astype("int32")
-        return tf.data.Dataset.from_tensor_slices((x, y, RNG.uniform(0, 3, n).astype("float32")))
+        return tf.data.Dataset.from_tensor_slices((x, y, r.uniform(0, 3, n).astype("float32")))
 
     args = dict(
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -190,8 +195,9 @@ def mobilenet():
 
 def test_mobilenet_v3_small_equals_keras():
     def data(n):
-        x = RNG.uniform(0, 1, (n, 32, 32, 3)).astype("float32")
-        return tf.data.Dataset.from_tensor_slices((x, RNG.integers(0, 10, n))).batch(8)
+        r = rng(n)
+        x = r.uniform(0, 1, (n, 32, 32, 3)).astype("float32")
+        return tf.data.Dataset.from_tensor_slices((x, r.integers(0, 10, n))).batch(8)
 
     compare(
         mobilenet,
@@ -290,9 +296,10 @@ def test_repeated_metric_names_are_numbered_as_keras_numbers_them():
 
     args = dict(metrics=["mae", "mae", keras.metrics.MeanSquaredError(name="mse")],
                 weighted_metrics=["mae", "mse"])  # fmt: skip
+    r = rng(12)
     data = tf.data.Dataset.from_tensor_slices(
-        (RNG.normal(size=(12, 3)).astype("float32"), RNG.normal(size=(12, 1)).astype("float32"),
-         RNG.uniform(0, 2, 12).astype("float32"))
+        (r.normal(size=(12, 3)).astype("float32"), r.normal(size=(12, 1)).astype("float32"),
+         r.uniform(0, 2, 12).astype("float32"))
     ).batch(4)  # fmt: skip
     state, _, _ = compare(build, dict(loss="mse", **args), data, data, epochs=1)
     assert list(state.metrics) == ["loss", "mae", "mae_1", "mse", "weighted_mae", "weighted_mse"]
