@@ -187,3 +187,68 @@ def test_an_xla_step_run_eagerly_draws_as_the_eager_step_does():
     finally:
         tf.config.run_functions_eagerly(False)
     assert np.isfinite(float(logs["loss"])) and int(state.step) == 1
+
+
+def test_dataset_op_inputs_reads_seeds_and_batch_size_by_name():
+    from tfpure.resume import _dataset_graph
+
+    data = tf.data.Dataset.range(10).shuffle(4, seed=3).batch(5)
+    graph, const = _dataset_graph(data)
+    ops = {node.op.rstrip("V0123456789"): node for node in graph}
+    shuffle = compat.dataset_op_inputs(ops["ShuffleDataset"])
+    batch = compat.dataset_op_inputs(ops["BatchDataset"])
+    assert const(batch["batch_size"]) == 5
+    # tf.data derives the op's seeds from the global seed and the one given: not both 0.
+    assert (const(shuffle["seed"]), const(shuffle["seed2"])) != (0, 0)
+    unknown = tf.compat.v1.NodeDef(op="NoSuchDataset", input=["a"])
+    short = tf.compat.v1.NodeDef(op=ops["ShuffleDataset"].op, input=["a", "b"])
+    assert compat.dataset_op_inputs(unknown) is None
+    assert compat.dataset_op_inputs(short) is None
+
+
+def test_the_replay_check_fails_closed_on_a_shuffle_it_cannot_read(tmp_path, monkeypatch):
+    from tfpure import resume
+
+    monkeypatch.setattr(resume, "dataset_op_inputs", lambda node: None)
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    state = tp.TrainState.create(model=model, optimizer=keras.optimizers.SGD())
+    data = tf.data.Dataset.from_tensor_slices((tf.ones((8, 2)), tf.ones((8, 1))))
+    data = data.shuffle(8, seed=1).batch(4)
+    before = [v.numpy() for v in model.variables]
+    with pytest.raises(tp.CheckpointError, match=r"cannot read the seeds of its ShuffleDataset"):
+        tp.fit_loop(state, data, tp.make_train_step("mse"), verbose=0,
+                    checkpoint=tp.Checkpointer(tmp_path))  # fmt: skip
+    for a, b in zip(model.variables, before, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b)
+    monkeypatch.undo()  # read by name, the same pipeline is replayable
+    tp.fit_loop(state, data, tp.make_train_step("mse"), verbose=0,
+                checkpoint=tp.Checkpointer(tmp_path))  # fmt: skip
+    assert int(state.step) == 2
+
+
+def test_checkpoint_value_key_is_where_a_checkpoint_keeps_a_variable(tmp_path):
+    path = tf.train.Checkpoint(layout=tf.Variable("saved text")).write(str(tmp_path / "c"))
+    reader = tf.train.load_checkpoint(path)
+    assert reader.get_tensor(compat.checkpoint_value_key("layout")) == b"saved text"
+
+
+def test_keras_losses_in_float64_computes_the_loss_in_float64_and_puts_call_back():
+    y, p = np.zeros((2, 1)), np.full((2, 1), 1e-5)
+    loss = keras.losses.MeanSquaredError()
+    with compat.keras_losses_in_float64():
+        inside = loss(tf.constant(y), tf.constant(p))
+    # float32 would round the square (1e-10) to about 7 digits
+    assert inside.dtype == tf.float64
+    assert float(inside) == pytest.approx(np.mean((y - p) ** 2), rel=1e-12)
+    assert loss(tf.constant(y), tf.constant(p)).dtype == tf.float32
+
+
+def test_the_random_swap_refuses_a_keras_function_of_other_parameters(monkeypatch):
+    import keras.src.backend.tensorflow.random as backend_random
+
+    uniform = backend_random.uniform
+    monkeypatch.setattr(backend_random, "normal", lambda shape, seed=None: None)
+    with pytest.raises(compat.PrivateAPIChanged, match=r"random\.normal .*\['shape', 'seed'\]"):  # noqa: SIM117
+        with compat.keras_random_algorithm("threefry"):
+            pass
+    assert backend_random.uniform is uniform  # nothing was swapped

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from tfpure.compat import checkpoint_value_key
 from tfpure.distribute import cluster_task, strategy_of
 from tfpure.state import TrainState, leaves, variable_groups
 from tfpure.types import check_count
@@ -317,7 +318,7 @@ class Checkpointer:
         reader = tf.train.load_checkpoint(path)
         for key in reader.get_variable_to_dtype_map():
             reader.get_tensor(key)
-        saved = reader.get_tensor("layout/.ATTRIBUTES/VARIABLE_VALUE")
+        saved = reader.get_tensor(checkpoint_value_key("layout"))
         problem = _mismatch(json.loads(saved), _layout(_groups(state, extra)))
         if problem:
             raise CheckpointError(

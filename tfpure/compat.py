@@ -25,14 +25,23 @@ Private API                                        What for
 ``ConcreteFunction._call_flat``                    call an epoch's concrete function
                                                    with flat tensors (speed only)
 ``Dataset._as_serialized_graph``                   refuse data a resume cannot replay
+a dataset op's inputs, by name (`tf.raw_ops`)      read its seeds and batch size; an
+                                                   op read otherwise is not replayable
 ``tf.__internal__.distribute.``                    pick the guard's branch per replica
 ``strategy_supports_no_merge_call``                or in cross-replica context
+``tf.__internal__.CompositeTensor``                tell ragged / sparse batch leaves
+                                                   from dense ones (trace signatures)
+a checkpoint's key for an object's value           read the saved layout before a
+(``NAME/.ATTRIBUTES/VARIABLE_VALUE``)              restore changes anything
+``Loss.__call__``, ``Loss._dtype``                 compute Keras losses in float64
+                                                   (``tfpure.testing`` finite differences)
 =================================================  ==================================
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -43,9 +52,13 @@ import tensorflow as tf
 __all__ = [
     "LossFunctionWrapper",
     "PrivateAPIChanged",
+    "checkpoint_value_key",
+    "dataset_op_inputs",
     "flat_caller",
     "flatten_layers",
+    "is_composite",
     "is_functional",
+    "keras_losses_in_float64",
     "keras_random_algorithm",
     "metric_function",
     "model_input_structure",
@@ -173,6 +186,8 @@ def keras_random_algorithm(alg: str) -> Iterator[None]:
             "dropout": dropout}  # fmt: skip
     with _RANDOM_LOCK:
         theirs = {name: _require(module, name, "draw Keras' random ops") for name in mine}
+        for name, fn in theirs.items():
+            _same_parameters(fn, mine[name], f"keras.src.backend.tensorflow.random.{name}")
         for name, fn in mine.items():
             setattr(module, name, fn)
         try:
@@ -180,6 +195,22 @@ def keras_random_algorithm(alg: str) -> Iterator[None]:
         finally:
             for name, fn in theirs.items():
                 setattr(module, name, fn)
+
+
+def _same_parameters(theirs: Any, mine: Any, what: str) -> None:
+    """Raises `PrivateAPIChanged` unless `mine` takes the parameters `theirs` takes (a
+    replacement called as the original is called)."""
+    try:
+        names = list(inspect.signature(theirs).parameters)
+    except (TypeError, ValueError):
+        names = None
+    wanted = list(inspect.signature(mine).parameters)
+    if names != wanted:
+        raise PrivateAPIChanged(
+            f"tfpure replaces {what} with a function taking {wanted}; this version of "
+            f"TensorFlow {tf.__version__} / Keras {keras.__version__} takes {names}. "
+            "Install a version in tfpure's tested range (see its README)."
+        )
 
 
 def metric_function(metric: keras.metrics.MeanMetricWrapper) -> tuple[Any, dict[str, Any]]:
@@ -298,3 +329,90 @@ def supports_no_merge_call() -> bool:
     distribute = _require(internal, "distribute", "distribution internals")
     check = _require(distribute, "strategy_supports_no_merge_call", "the guard under strategies")
     return bool(check())
+
+
+def dataset_op_inputs(node: Any) -> dict[str, str] | None:
+    """The inputs of a dataset op in a serialized dataset graph, by the op's argument names.
+
+    The names and their order come from the op's own wrapper in `tf.raw_ops`
+    (its parameters that are neither attributes of the node nor ``name``).
+    None if the op has no such wrapper or the node's inputs do not match its
+    arguments one for one: a caller must then treat the op as unknown.
+
+    Example:
+      >>> import tensorflow as tf
+      >>> from tfpure.compat import dataset_op_inputs
+      >>> node = tf.compat.v1.NodeDef(op="BatchDatasetV2", input=["d", "size", "drop"])
+      >>> for attr in ("output_types", "output_shapes", "parallel_copy", "metadata"):
+      ...     _ = node.attr[attr]
+      >>> dataset_op_inputs(node)
+      {'input_dataset': 'd', 'batch_size': 'size', 'drop_remainder': 'drop'}
+    """
+    wrapper = getattr(tf.raw_ops, node.op, None)
+    if wrapper is None:
+        return None
+    names = [p for p in inspect.signature(wrapper).parameters if p != "name" and p not in node.attr]
+    inputs = [i for i in node.input if not i.startswith("^")]
+    if len(names) != len(inputs):
+        return None
+    return dict(zip(names, inputs, strict=True))
+
+
+def is_composite(value: Any) -> bool:
+    """Whether `value` is a composite tensor (ragged, sparse, ...), not a dense one.
+
+    Example:
+      >>> import tensorflow as tf
+      >>> from tfpure.compat import is_composite
+      >>> is_composite(tf.ragged.constant([[1], [2, 3]])), is_composite(tf.ones(2))
+      (True, False)
+    """
+    internal = _require(tf, "__internal__", "composite tensors")
+    return isinstance(value, _require(internal, "CompositeTensor", "ragged and sparse batches"))
+
+
+def checkpoint_value_key(name: str) -> str:
+    """The key under which `tf.train.Checkpoint(name=variable)` saves the variable's value.
+
+    Example:
+      >>> from tfpure.compat import checkpoint_value_key
+      >>> checkpoint_value_key("layout")
+      'layout/.ATTRIBUTES/VARIABLE_VALUE'
+    """
+    return f"{name}/.ATTRIBUTES/VARIABLE_VALUE"
+
+
+@contextlib.contextmanager
+def keras_losses_in_float64() -> Iterator[None]:
+    """Every `keras.losses.Loss` computes in float64 while the context lasts.
+
+    A loss object fixes its dtype (float32) when made; a full-control loss
+    calling one would round a float64 model's predictions to float32, and
+    finite differences of a float32 loss are noise.
+
+    Example:
+      >>> import keras, tensorflow as tf
+      >>> from tfpure.compat import keras_losses_in_float64
+      >>> y = tf.constant([[1.0]], tf.float64)
+      >>> with keras_losses_in_float64():
+      ...     keras.losses.MeanSquaredError()(y, y + 1e-10).dtype
+      tf.float64
+    """
+    _require(keras.losses.MeanSquaredError(), "_dtype", "compute a loss in float64")
+    call = keras.losses.Loss.__call__
+
+    def in_float64(self: keras.losses.Loss, *args: Any, **kwargs: Any) -> Any:
+        kept = getattr(self, "_dtype", None)
+        if kept is None:
+            return call(self, *args, **kwargs)
+        self._dtype = "float64"
+        try:
+            return call(self, *args, **kwargs)
+        finally:
+            self._dtype = kept
+
+    keras.losses.Loss.__call__ = in_float64
+    try:
+        yield
+    finally:
+        keras.losses.Loss.__call__ = call

@@ -43,7 +43,12 @@ from typing import TYPE_CHECKING, Any
 import tensorflow as tf
 
 from tfpure.batch import unpack
-from tfpure.compat import flat_caller, keras_random_algorithm, model_input_structure
+from tfpure.compat import (
+    flat_caller,
+    is_composite,
+    keras_random_algorithm,
+    model_input_structure,
+)
 from tfpure.distribute import cluster_task, replica_share
 from tfpure.guard import MARK, Rollback, components
 from tfpure.types import Logs
@@ -659,7 +664,7 @@ def _widened(old: Any, new: Any, pinned: tuple[bool, ...]) -> Any:
 def _kind(leaf: Any) -> Any:
     if isinstance(leaf, tf.TensorSpec):
         return ("tensor", leaf.dtype, leaf.shape.rank)
-    if isinstance(leaf, tf.__internal__.CompositeTensor):  # ragged, sparse: their exact spec
+    if is_composite(leaf):  # ragged, sparse: their exact spec
         return ("composite", tf.type_spec_from_value(leaf))
     return ("value", type(leaf), repr(leaf))
 

@@ -19,7 +19,7 @@ from typing import IO, Any
 import tensorflow as tf
 
 from tfpure.checkpoint import Checkpointer, CheckpointError
-from tfpure.compat import serialized_dataset_graph
+from tfpure.compat import dataset_op_inputs, serialized_dataset_graph
 from tfpure.distribute import cluster_task, strategy_of
 from tfpure.state import leaves
 
@@ -77,19 +77,22 @@ def _unreplayable(data: tf.data.Dataset) -> str | None:
             "or stateful random ops such as tf.random.uniform inside map)"
         )
     for node in graph:
-        if (
-            node.op.startswith("ShuffleDataset")
-            and const(node.input[2]) == const(node.input[3]) == 0
-        ):
-            return "it shuffles without a seed (pass shuffle(..., seed=...))"
-        if (
-            node.op.startswith("RandomDataset")
-            and const(node.input[0]) == const(node.input[1]) == 0
-        ):
+        if not node.op.startswith(("ShuffleDataset", "RandomDataset", "ShuffleAndRepeatDataset")):
+            continue
+        inputs = dataset_op_inputs(node)
+        if inputs is None or "seed" not in inputs or "seed2" not in inputs:
+            # Fails closed: seeds tfpure cannot find might be unset.
             return (
-                "it draws from an unseeded random dataset (pass seed=... to "
-                "Dataset.random or Dataset.sample_from_datasets)"
+                f"tfpure cannot read the seeds of its {node.op} op in this TensorFlow "
+                f"({tf.__version__})"
             )
+        if const(inputs["seed"]) == const(inputs["seed2"]) == 0:
+            if node.op.startswith("RandomDataset"):
+                return (
+                    "it draws from an unseeded random dataset (pass seed=... to "
+                    "Dataset.random or Dataset.sample_from_datasets)"
+                )
+            return "it shuffles without a seed (pass shuffle(..., seed=...))"
     return None
 
 
@@ -157,11 +160,12 @@ def describe_data(data: tf.data.Dataset) -> str:
     if n >= 0:
         parts.append(f"{n} batches")
     graph, const = _dataset_graph(data)
-    sizes = [
-        str(const(node.input[1]))
-        for node in graph
-        if "BatchDataset" in node.op and len(node.input) > 1 and const(node.input[1]) is not None
-    ]
+    sizes = []
+    for node in graph:
+        inputs = dataset_op_inputs(node) if "BatchDataset" in node.op else None
+        size = const(inputs["batch_size"]) if inputs and "batch_size" in inputs else None
+        if size is not None:
+            sizes.append(str(size))
     if sizes:
         parts.append("batch size " + ", ".join(sizes))
     return "; ".join(parts)

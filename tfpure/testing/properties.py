@@ -16,7 +16,12 @@ import numpy as np
 import tensorflow as tf
 
 from tfpure.batch import as_model_loss, unpack
-from tfpure.compat import flatten_layers, is_functional, seed_generators
+from tfpure.compat import (
+    flatten_layers,
+    is_functional,
+    keras_losses_in_float64,
+    seed_generators,
+)
 from tfpure.state import TrainState
 
 __all__ = [
@@ -308,33 +313,6 @@ def _float64_copy(model: keras.Model) -> keras.Model:
     return copy
 
 
-@contextlib.contextmanager
-def _keras_losses_in_float64() -> Iterator[None]:
-    """Every `keras.losses.Loss` computes in float64 while the context lasts.
-
-    A loss object fixes its dtype (float32) when made; a full-control loss
-    calling one would round the float64 copy's predictions to float32, and
-    finite differences of a float32 loss are noise.
-    """
-    call = keras.losses.Loss.__call__
-
-    def in_float64(self: keras.losses.Loss, *args: Any, **kwargs: Any) -> Any:
-        kept = getattr(self, "_dtype", None)
-        if kept is None:
-            return call(self, *args, **kwargs)
-        self._dtype = "float64"
-        try:
-            return call(self, *args, **kwargs)
-        finally:
-            self._dtype = kept
-
-    keras.losses.Loss.__call__ = in_float64
-    try:
-        yield
-    finally:
-        keras.losses.Loss.__call__ = call
-
-
 def _float64(structure: Any) -> Any:
     """`structure` with its floating leaves cast to float64 (integers kept)."""
     return tf.nest.map_structure(
@@ -420,7 +398,7 @@ def assert_gradients_match_numeric(
     def total() -> tf.Tensor:
         for state, value in zip(seeds, held, strict=True):
             state.assign(value)
-        with _keras_losses_in_float64():
+        with keras_losses_in_float64():
             value, _ = model_loss(copy, batch, training)
         extra = copy.losses
         return tf.cast(value, tf.float64) + (tf.add_n(extra) if extra else 0.0)
