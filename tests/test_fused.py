@@ -209,7 +209,7 @@ def test_a_failed_step_inside_a_fused_call_ends_as_single_steps_end_bit_for_bit(
             tp.make_train_step(SCCE, steps_per_call=k, nonfinite=nonfinite),
         )
         results.append(run(step, state, data))
-        examples.append(step._examples(state))
+        examples.append(step.examples(state))
     (error, fused, fused_logs), (single_error, single, single_logs) = results
     assert error is single_error is (None if nonfinite == "skip" else error)
     assert error is not None or fused_logs["skipped"] == 3

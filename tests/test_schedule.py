@@ -335,9 +335,9 @@ def test_sigterm_right_after_a_step_save_does_not_write_that_step_again(tmp_path
         numbers.append(int(state.step))
         return save(self, state, **kwargs)
 
-    def then_sigterm(self, position, history, where):
-        path = run_save(self, position, history, where)
-        if position[2] == 10:  # SIGTERM lands just after the step save at 10 returned
+    def then_sigterm(self, record, history, where):
+        path = run_save(self, record, history, where)
+        if record.step == 10:  # SIGTERM lands just after the step save at 10 returned
             self._on_sigterm(signal.SIGTERM, None)
         return path
 

@@ -14,7 +14,7 @@ import tensorflow as tf
 import tfpure as tp
 from tfpure import resume
 from tfpure.graph import group_batches
-from tfpure.state import state_variables
+from tfpure.state import owned_variables
 from tfpure.testing.strategies import ModelSpec
 
 SCCE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -221,6 +221,6 @@ def test_a_checkpointed_run_is_fed_groups_and_resumes_on_them_bit_for_bit(
     )
     assert traces(step, resumed, "on_groups") == 1
     assert history == history_r
-    mine, theirs = state_variables(resumed), state_variables(reference)
+    mine, theirs = owned_variables(resumed), owned_variables(reference)
     for a, b in zip(mine, theirs, strict=True):
         np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.name)

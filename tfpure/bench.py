@@ -270,6 +270,59 @@ def _family(variant: Variant) -> str:
 _COLOURS = {"tfpure": "#d62728", "Keras fit": "#7f7f7f", "hand-written": "#1f77b4"}
 
 
+def _panel(ax: Any, title: str, result: BenchResult, rows: list[str]) -> set[str]:
+    """Draws one result on `ax` (a row for each of `rows`); returns the families drawn."""
+    from matplotlib.ticker import FuncFormatter, LogLocator
+
+    seen: set[str] = set()
+    names = [n for n in rows if n in result.rounds]
+    ys = [rows.index(n) for n in names]
+    med = [result.median[n] * 1e3 for n in names]
+    low = [m - result.minimum[n] * 1e3 for m, n in zip(med, names, strict=True)]
+    high = [max(result.rounds[n]) * 1e3 - m for m, n in zip(med, names, strict=True)]
+    colours = []
+    for n in names:
+        family = result.families.get(n, "tfpure")
+        seen.add(family)
+        colours.append(_COLOURS.get(family, "#2ca02c"))
+    log = max(med) / max(min(med), 1e-12) > 20
+    if log:
+        ax.scatter(med, ys, color=colours, zorder=3)
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.grid(axis="x", which="major", alpha=0.3)
+    else:
+        ax.barh(ys, med, color=colours, zorder=2)
+        ax.set_xlim(0, max(m + h for m, h in zip(med, high, strict=True)) * 1.3)
+    ax.errorbar(med, ys, xerr=[low, high], fmt="none", ecolor="black", capsize=3, zorder=4)
+    for y, m, h in zip(ys, med, high, strict=True):
+        x = (m + h) * (1.08 if log else 1.0)
+        ax.annotate(f" {m:.3g}", (x, y), va="center", fontsize=8)
+    if log:  # Room for the last label inside the frame.
+        lo, hi = ax.get_xlim()
+        ax.set_xlim(lo, hi * 3)
+    for y, n in enumerate(rows):
+        if n not in result.rounds:
+            ax.annotate(
+                " not measured",
+                (0, y),
+                xycoords=("axes fraction", "data"),
+                va="center",
+                fontsize=8,
+                color="#555555",
+            )
+    ax.set_ylim(len(rows) - 0.5, -0.5)
+    ax.set_yticks(range(len(rows)), rows)
+    n = len(next(iter(result.rounds.values())))
+    scale = ", log scale" if log else ""
+    ax.set_xlabel(
+        f"ms per step{scale} (lower is better)\nmedian of {n} rounds; whiskers: min to max"
+    )
+    ax.set_title(title)
+    return seen
+
+
 def plot(results: Mapping[str, BenchResult], path: str | os.PathLike[str]) -> None:
     """Writes one chart panel per result: median ms per step, whiskers from min to max.
 
@@ -299,7 +352,6 @@ def plot(results: Mapping[str, BenchResult], path: str | os.PathLike[str]) -> No
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
-    from matplotlib.ticker import FuncFormatter, LogLocator
 
     # Every panel lists the same rows (the union, in order), so panels read across.
     rows = list(dict.fromkeys(name for r in results.values() for name in r.rounds))
@@ -308,51 +360,7 @@ def plot(results: Mapping[str, BenchResult], path: str | os.PathLike[str]) -> No
     )
     seen: set[str] = set()
     for ax, (title, result) in zip(axes[0], results.items(), strict=True):
-        names = [n for n in rows if n in result.rounds]
-        ys = [rows.index(n) for n in names]
-        med = [result.median[n] * 1e3 for n in names]
-        low = [m - result.minimum[n] * 1e3 for m, n in zip(med, names, strict=True)]
-        high = [max(result.rounds[n]) * 1e3 - m for m, n in zip(med, names, strict=True)]
-        colours = []
-        for n in names:
-            family = result.families.get(n, "tfpure")
-            seen.add(family)
-            colours.append(_COLOURS.get(family, "#2ca02c"))
-        log = max(med) / max(min(med), 1e-12) > 20
-        if log:
-            ax.scatter(med, ys, color=colours, zorder=3)
-            ax.set_xscale("log")
-            ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
-            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-            ax.grid(axis="x", which="major", alpha=0.3)
-        else:
-            ax.barh(ys, med, color=colours, zorder=2)
-            ax.set_xlim(0, max(m + h for m, h in zip(med, high, strict=True)) * 1.3)
-        ax.errorbar(med, ys, xerr=[low, high], fmt="none", ecolor="black", capsize=3, zorder=4)
-        for y, m, h in zip(ys, med, high, strict=True):
-            x = (m + h) * (1.08 if log else 1.0)
-            ax.annotate(f" {m:.3g}", (x, y), va="center", fontsize=8)
-        if log:  # Room for the last label inside the frame.
-            lo, hi = ax.get_xlim()
-            ax.set_xlim(lo, hi * 3)
-        for y, n in enumerate(rows):
-            if n not in result.rounds:
-                ax.annotate(
-                    " not measured",
-                    (0, y),
-                    xycoords=("axes fraction", "data"),
-                    va="center",
-                    fontsize=8,
-                    color="#555555",
-                )
-        ax.set_ylim(len(rows) - 0.5, -0.5)
-        ax.set_yticks(range(len(rows)), rows)
-        n = len(next(iter(result.rounds.values())))
-        scale = ", log scale" if log else ""
-        ax.set_xlabel(
-            f"ms per step{scale} (lower is better)\nmedian of {n} rounds; whiskers: min to max"
-        )
-        ax.set_title(title)
+        seen |= _panel(ax, title, result, rows)
     handles = [
         Line2D([], [], marker="s", linestyle="", color=_COLOURS.get(f, "#2ca02c"), label=f)
         for f in _COLOURS
@@ -604,6 +612,37 @@ def compare(
     warmup = check_count("warmup", warmup)
     steps = _default_steps(data, k) if steps is None else check_count("steps", steps)
 
+    runners, counts, skipped = _runners(chosen, make_state, loss_or_fn, data, k, steps)
+    if not runners:
+        raise ValueError(
+            "No variant could run: "
+            + "; ".join(f"{name}: {why}" for name, why in skipped.items())
+            + "."
+        )
+    times, outside = _rounds(runners, counts, warmup, rounds)
+    return BenchResult(
+        rounds={name: tuple(t) for name, t in times.items()},
+        steps=counts,
+        outside={name: tuple(o) for name, o in outside.items() if o},
+        skipped=skipped,
+        steps_per_call=k,
+        warmup=warmup,
+        machine=machine(),
+        title=title,
+        families={name: _family(chosen[name]) for name in runners},
+    )
+
+
+def _runners(
+    chosen: Mapping[str, Variant],
+    make_state: Callable[[], Any],
+    loss_or_fn: Any,
+    data: tf.data.Dataset,
+    k: int,
+    steps: int,
+) -> tuple[dict[str, Callable[[int], float | None]], dict[str, int], dict[str, str]]:
+    """Each chosen variant's runner on fresh states, its steps a round, and the variants
+    that cannot run (and why)."""
     runners: dict[str, Callable[[int], float | None]] = {}
     counts: dict[str, int] = {}
     skipped: dict[str, str] = {}
@@ -626,13 +665,17 @@ def compare(
             else:
                 runners[name] = _tfpure_runner(step, variant, k, states, data)
         counts[name] = _steps_for(variant, steps, k)
+    return runners, counts, skipped
 
-    if not runners:
-        raise ValueError(
-            "No variant could run: "
-            + "; ".join(f"{name}: {why}" for name, why in skipped.items())
-            + "."
-        )
+
+def _rounds(
+    runners: Mapping[str, Callable[[int], float | None]],
+    counts: Mapping[str, int],
+    warmup: int,
+    rounds: int,
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Runs every variant once a round, side by side: (seconds per step of each measured
+    round, seconds of each round outside the steps)."""
     times: dict[str, list[float]] = {name: [] for name in runners}
     outside: dict[str, list[float]] = {name: [] for name in runners}
     for r in range(warmup + rounds):
@@ -645,17 +688,7 @@ def compare(
             times[name].append((total if inside is None else inside) / counts[name])
             if inside is not None:
                 outside[name].append(total - inside)
-    return BenchResult(
-        rounds={name: tuple(t) for name, t in times.items()},
-        steps=counts,
-        outside={name: tuple(o) for name, o in outside.items() if o},
-        skipped=skipped,
-        steps_per_call=k,
-        warmup=warmup,
-        machine=machine(),
-        title=title,
-        families={name: _family(chosen[name]) for name in runners},
-    )
+    return times, outside
 
 
 # -- command line ----------------------------------------------------------------------

@@ -19,6 +19,7 @@ seed, shadowed) and the values of the rest (`held_variables`).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import keras
@@ -27,10 +28,10 @@ import tensorflow as tf
 
 from tfpure.batch import Batch, batch_size, check_batch, unpack
 from tfpure.compat import supports_no_merge_call
+from tfpure.distribute import replica_objective
 from tfpure.guard import finite_flags, variable
 from tfpure.losses import BoundLoss, bind
 from tfpure.outputs import Route, select
-from tfpure.scaling import replica_objective
 from tfpure.state import TrainState, variable_groups
 from tfpure.types import Logs
 
@@ -64,6 +65,10 @@ class _Body:
     """What both built-in bodies share: one state, one loss, its metrics."""
 
     train: bool
+    # What a step may write, for the guard (a training body sets them).
+    rollback_variables: Sequence[Any] = ()
+    held_variables: Sequence[Any] = ()
+    also_written: Sequence[Any] = ()
 
     def __init__(self, spec: StepSpec, state: TrainState):
         self.spec = spec
@@ -331,11 +336,6 @@ class EvalBody(_Body):
     """One evaluation step, on one replica: only `state.eval_metrics` change."""
 
     train = False
-
-    def __init__(self, spec: StepSpec, state: TrainState):
-        super().__init__(spec, state)
-        self.rollback_variables: list[Any] = []
-        self.also_written: list[Any] = []
 
     def one(self, batch: Batch) -> tf.Tensor:
         x, y, sample_weight = unpack(batch)

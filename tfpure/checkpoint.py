@@ -30,7 +30,7 @@ import os
 import re
 import shutil
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -38,10 +38,11 @@ import tensorflow as tf
 
 from tfpure.compat import checkpoint_value_key
 from tfpure.distribute import cluster_task, strategy_of
+from tfpure.record import Record
 from tfpure.state import TrainState, leaves, variable_groups
 from tfpure.types import check_count
 
-__all__ = ["CheckpointError", "Checkpointer"]
+__all__ = ["CheckpointError", "Checkpointer", "read_record", "write_record"]
 
 
 class CheckpointError(RuntimeError):
@@ -370,43 +371,11 @@ class Checkpointer:
             # An index of the files found, so the manager can start (rewritten below).
             self._write_index(paths[0], paths[::-1])
             self._managed = None
-        variables = [v for vs in _groups(state, extra).values() for v in vs]
-        variables += [self.epoch, self.epoch_step, self.loop_step, self.history]
-        variables += [self.schedule, self.ended, self.data_spec]
         failures = []
         for path in paths:
-            try:
-                self._check(path, state, extra)
-            except CheckpointError:
-                raise
-            except Exception as err:  # the reader raises OpError, IndexError, ...
-                failures.append(f"{path}: {type(err).__name__}: {str(err).splitlines()[0]}")
-                warnings.warn(
-                    f"Checkpoint {path} does not read back ({failures[-1]}); trying the "
-                    "previous one.",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-                continue
-            backup = [np.array(v.numpy(), copy=True) for v in variables]
-
-            def put_back(backup: list[np.ndarray] = backup) -> None:
-                for v, value in zip(variables, backup, strict=True):
-                    v.assign(value)
-
-            try:
-                self._manager(state, extra).checkpoint.restore(
-                    path
-                ).assert_existing_objects_matched()
-            except (tf.errors.OpError, AssertionError, ValueError) as err:
-                put_back()
-                failures.append(f"{path}: {type(err).__name__}: {str(err).splitlines()[0]}")
-                warnings.warn(
-                    f"Checkpoint {path} failed to restore ({failures[-1]}); nothing was "
-                    "changed; trying the previous one.",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
+            failure, put_back = self._restore_from(path, state, extra)
+            if failure is not None:
+                failures.append(f"{path}: {failure}")
                 continue
             refusal = self._refusal(path, schedule, data_spec)
             if refusal is not None:
@@ -421,6 +390,50 @@ class Checkpointer:
             f"No checkpoint in {self.directory} can be restored; nothing was changed:\n  "
             + "\n  ".join(failures)
         )
+
+    def _restore_from(
+        self, path: str, state: Any, extra: Sequence[Any]
+    ) -> tuple[str | None, Callable[[], None]]:
+        """Restores `path` all or nothing: (why it failed, with a warning; or None, and a
+        function putting back what it changed).
+
+        Raises `CheckpointError` (nothing changed) if it holds another architecture.
+        """
+        try:
+            self._check(path, state, extra)
+        except CheckpointError:
+            raise
+        except Exception as err:  # the reader raises OpError, IndexError, ...
+            failure = f"{type(err).__name__}: {str(err).splitlines()[0]}"
+            warnings.warn(
+                f"Checkpoint {path} does not read back ({path}: {failure}); trying the "
+                "previous one.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return failure, _nothing
+        variables = [v for vs in _groups(state, extra).values() for v in vs]
+        variables += [self.epoch, self.epoch_step, self.loop_step, self.history]
+        variables += [self.schedule, self.ended, self.data_spec]
+        backup = [np.array(v.numpy(), copy=True) for v in variables]
+
+        def put_back() -> None:
+            for v, value in zip(variables, backup, strict=True):
+                v.assign(value)
+
+        try:
+            self._manager(state, extra).checkpoint.restore(path).assert_existing_objects_matched()
+        except (tf.errors.OpError, AssertionError, ValueError) as err:
+            put_back()
+            failure = f"{type(err).__name__}: {str(err).splitlines()[0]}"
+            warnings.warn(
+                f"Checkpoint {path} failed to restore ({path}: {failure}); nothing was "
+                "changed; trying the previous one.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return failure, _nothing
+        return None, put_back
 
     def _refusal(self, path: str, schedule: str | None, data_spec: str | None) -> str | None:
         """Why the just-restored run at `path` cannot go on as this one, or None."""
@@ -473,3 +486,34 @@ class Checkpointer:
             f"save_every_steps={self.save_every_steps}, "
             f"save_every_epochs={self.save_every_epochs})"
         )
+
+
+def _nothing() -> None:
+    """Nothing to put back."""
+
+
+def read_record(ckpt: Checkpointer) -> Record:
+    """The run record `ckpt` holds (as restored, or as `write_record` set it).
+
+    Example:
+      >>> import tempfile, tfpure as tp
+      >>> from tfpure.checkpoint import read_record, write_record
+      >>> from tfpure.record import Record
+      >>> ckpt = tp.Checkpointer(tempfile.mkdtemp())
+      >>> write_record(ckpt, Record(window=2, done=3, step=19))
+      >>> read_record(ckpt)
+      Record(window=2, done=3, step=19, ended='')
+    """
+    window, done, step = (int(v.numpy()) for v in (ckpt.epoch, ckpt.epoch_step, ckpt.loop_step))
+    return Record(window, done, step, ckpt.ended.numpy().decode())
+
+
+def write_record(ckpt: Checkpointer, record: Record) -> None:
+    """Sets the run record the next save of `ckpt` writes."""
+    for variable, value in zip(
+        (ckpt.epoch, ckpt.epoch_step, ckpt.loop_step),
+        (record.window, record.done, record.step),
+        strict=True,
+    ):
+        variable.assign(value)
+    ckpt.ended.assign(record.ended)

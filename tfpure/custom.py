@@ -20,7 +20,7 @@ of them. `UserBody` adapts `fn` to the engine (`tfpure.graph`):
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -30,7 +30,7 @@ from tfpure.batch import Batch, batch_size
 from tfpure.compat import supports_no_merge_call
 from tfpure.distribute import strategy_of
 from tfpure.guard import Checks, Collected, all_finite, collecting, variable
-from tfpure.state import TrainState, leaves, rebuild, same_structure, state_variables
+from tfpure.state import TrainState, leaves, owned_variables, rebuild, same_structure
 from tfpure.types import Logs
 
 if TYPE_CHECKING:
@@ -133,6 +133,8 @@ class UserBody:
     """
 
     train = True
+    model = None  # no declared inputs: batch signatures are widened freely
+    held_variables: Sequence[Any] = ()  # every variable it may write has a shadow
 
     def __init__(self, spec: StepSpec, fn: Callable[[Any, Batch], Any], states: Any):
         self.spec, self.fn = spec, fn
@@ -144,7 +146,7 @@ class UserBody:
         self.checks = Checks()
         self.means = LogMeans()
         # The log means move only when a step is kept (`merge`): no need to save them.
-        self.rollback_variables = [v for s in given for v in state_variables(s)]
+        self.rollback_variables = [v for s in given for v in owned_variables(s)]
         self.also_written = self.means.variables  # put back when a call is replayed
 
     def _states(self) -> tuple[Any, list[TrainState]]:

@@ -3,7 +3,8 @@
 Steps, loops and checkpoints ask the same questions of a `tf.distribute`
 strategy: does it span several processes (`cluster_task`), which strategy do
 all the states of a step share (`strategy_of`), which share of a global batch
-does this replica train on (`replica_share`).
+does this replica train on (`replica_share`), and what loss it differentiates
+so that the replicas' gradients sum to the one device's (`replica_objective`).
 
 Inside a user-written step body (`tp.make_step`), each replica sees its share
 of the global batch. Logs and losses follow Keras' convention: a replica
@@ -22,7 +23,14 @@ import tensorflow as tf
 
 from tfpure.batch import batch_size
 
-__all__ = ["Task", "cluster_task", "replica_mean", "replica_share", "strategy_of"]
+__all__ = [
+    "Task",
+    "cluster_task",
+    "replica_mean",
+    "replica_objective",
+    "replica_share",
+    "strategy_of",
+]
 
 
 @attrs.frozen
@@ -137,3 +145,56 @@ def replica_mean(values: tf.Tensor) -> tf.Tensor:
     if context is not None and context.num_replicas_in_sync > 1:
         n = context.all_reduce("sum", n)
     return total / n
+
+
+# -- per-replica loss scaling: what each replica differentiates so the sum is exact ---
+#
+# Under a `tf.distribute` strategy each replica computes gradients on its share of
+# the global batch, and the optimizer sums them. For that sum to equal the
+# single-device gradient, each replica must differentiate its *contribution* to the
+# global loss, not its own mean. `replica_objective` computes that contribution for
+# a built-in step's loss.
+
+
+def replica_objective(
+    model_loss: Any, loss: tf.Tensor, extra: list[tf.Tensor], x: Any, distributed: bool
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """The loss to differentiate, and the loss to report, from a model loss.
+
+    Args:
+      model_loss: the full-control loss function (its `replica_scaled` and
+        `per_example_mean` attributes say how Keras reduced it).
+      loss: its value on this replica's share.
+      extra: the model's regularization losses (``model.losses``).
+      x: this replica's features (to count its examples).
+      distributed: whether the step runs under a strategy.
+
+    On one device both are ``loss + sum(model.losses)``, as in the tutorial
+    and Keras `fit`. On R replicas: Keras losses arrive divided by R; a
+    per-example mean is instead weighted by the replica's share of the
+    examples (exact when the last batch splits unevenly), and regularization
+    is divided by R (counted once). The reported loss is the replica's own
+    mean plus the regularization, which the batch-size-weighted tracker
+    averages.
+
+    Example:
+      >>> import tensorflow as tf
+      >>> from tfpure.distribute import replica_objective
+      >>> objective, reported = replica_objective(None, tf.constant(2.0), [tf.constant(0.5)],
+      ...                                         tf.ones((4, 1)), distributed=False)
+      >>> float(objective), float(reported)
+      (2.5, 2.5)
+    """
+    context = tf.distribute.get_replica_context()
+    replicas = context.num_replicas_in_sync if distributed else 1
+    if replicas == 1:
+        total = loss + sum(extra) if extra else loss
+        return total, total
+    regularization = sum(extra) if extra else tf.zeros_like(loss)
+    mean = loss * replicas if getattr(model_loss, "replica_scaled", True) else loss
+    if getattr(model_loss, "per_example_mean", False):
+        n = tf.cast(batch_size(x), loss.dtype)
+        objective = mean * n / context.all_reduce("sum", n)
+    else:
+        objective = loss
+    return objective + regularization / replicas, mean + regularization

@@ -37,26 +37,58 @@ of the update written, as in the unguarded step.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
+import keras
 import tensorflow as tf
 
-from tfpure.batch import unpack
-from tfpure.compat import (
-    flat_caller,
-    is_composite,
-    keras_random_algorithm,
-    model_input_structure,
-)
+from tfpure.compat import flat_caller, keras_random_algorithm
 from tfpure.distribute import cluster_task, replica_share
 from tfpure.guard import MARK, Rollback, components
+from tfpure.signature import Signatures
 from tfpure.types import Logs
 
 if TYPE_CHECKING:
     from tfpure.spec import StepSpec
 
-__all__ = ["Engine"]
+__all__ = ["Body", "Engine"]
+
+PutBack = Literal["cond", "select", "defer"]
+
+
+class Body(Protocol):
+    """What the engine asks of a step body: a built-in one (`tfpure.builtin`) or a
+    user-written one (`tfpure.custom`). A body runs on one replica."""
+
+    #: Whether the body trains (only a training body is guarded).
+    train: bool
+    strategy: tf.distribute.Strategy | None
+    #: Whether the strategy all-reduces gradients without `merge_call` (XLA needs it).
+    merge_free: bool
+    #: The model whose declared inputs pin batch signatures (None: a user-written body).
+    model: keras.Model | None
+    #: What a step's forward pass may move: shadowed before each step.
+    rollback_variables: Sequence[Any]
+    #: What else a step may write: its values held before each step.
+    held_variables: Sequence[Any]
+    #: What a step writes beyond the guard's cover (a deferred call puts it back too).
+    also_written: Sequence[Any]
+
+    def one(self, batch: Any) -> Any:
+        """The step on one replica's batch (traced; inside XLA under ``jit_compile``)."""
+
+    def merge(self, out: Any, record: bool = True) -> tuple[tf.Tensor, tf.Tensor]:
+        """(keep the step, no failure), in cross-replica context; `record`: note a failure."""
+
+    def on_skip(self) -> list[Any]:
+        """The ops that count a skipped step."""
+
+    def logs(self) -> Logs:
+        """The running figures the step reports."""
+
+    def explain_failure(self) -> str:
+        """What the last failed step met, for `NonFiniteError`."""
 
 
 class Engine:
@@ -69,7 +101,7 @@ class Engine:
     def __init__(
         self,
         spec: StepSpec,
-        body: Any,
+        body: Body,
         count_trace: Callable[[], None],
         examples: tf.Variable,
     ):
@@ -87,9 +119,7 @@ class Engine:
         self.examples = examples
         # Built by `Step.engine` under the strategy's scope, like the body's variables.
         self.rollback = (
-            Rollback(body.rollback_variables, getattr(body, "held_variables", ()))
-            if self.guarded
-            else None
+            Rollback(body.rollback_variables, body.held_variables) if self.guarded else None
         )
         if spec.jit_compile and self.strategy is not None and not body.merge_free:
             raise ValueError(
@@ -121,115 +151,66 @@ class Engine:
             )
             self.on_groups = tf.function(self._on_groups, reduce_retracing=True, autograph=False)
         # Exact signatures: `Step.__call__` traces a batch-size-free signature
-        # first, widened where later batches' sizes differ (`widen`), which
-        # every later batch dispatches to. (Relaxing shapes by reduce_retracing
-        # would also relax feature sizes past the checks.)
+        # first, widened where later batches' sizes differ (`tfpure.signature`),
+        # which every later batch dispatches to. (Relaxing shapes by
+        # reduce_retracing would also relax feature sizes past the checks.)
         self.on_batch = tf.function(self._on_batch, autograph=False)
-        self.signatures: list[Any] = []  # the widest batch signature of each structure
-        # Per flat model input, which dimensions its declaration fixes (None: no
-        # declared inputs: a subclassed model, or a user-written body).
-        model = getattr(body, "model", None)
-        inputs = model_input_structure(model) if model is not None else None
-        self.declared = (
-            None
-            if inputs is None
-            else [
-                tuple(d is not None for d in tf.TensorShape(i.shape).as_list())
-                if tf.TensorShape(i.shape).rank is not None
-                else ()
-                for i in tf.nest.flatten(inputs)
-            ]
-        )
+        self.signatures = Signatures(body.model)
         self.on_iterator = tf.function(self._on_iterator, reduce_retracing=True, autograph=False)
-
-    def widen(self, signature: Any) -> Any:
-        """The signature to trace for a batch of `signature`, or None if one covers it.
-
-        A batch of a structure seen before widens that structure's signature:
-        each dimension where the two differ becomes free (None), as
-        ``reduce_retracing`` would, but never a dimension the model's declared
-        inputs fix (`_pinned`).
-        """
-        new = tf.nest.flatten(signature)
-        for index, known in enumerate(self.signatures):
-            if not _same_kind(known, signature):
-                continue
-            old = tf.nest.flatten(known)
-            if _covers(old, new):
-                return None
-            pinned = self._pinned(signature)
-            widened = [_widened(o, n, fix) for o, n, fix in zip(old, new, pinned, strict=True)]
-            if widened == old:
-                return signature  # only pinned sizes differ: traced exactly, and checked
-            self.signatures[index] = tf.nest.pack_sequence_as(known, widened)
-            return self.signatures[index]
-        self.signatures.append(signature)
-        return signature
-
-    def _pinned(self, signature: Any) -> list[tuple[bool, ...]]:
-        """Per flat leaf of a batch signature, which dimensions the model fixes.
-
-        Only the features of a model with declared inputs are pinned; targets,
-        weights and other features are free (their layers and losses check them).
-        """
-        pinned: list[tuple[bool, ...]] = [()] * len(tf.nest.flatten(signature))
-        if self.declared is not None and len(self.declared) == len(
-            tf.nest.flatten(unpack(signature)[0])
-        ):
-            pinned[: len(self.declared)] = self.declared
-        return pinned
 
     # -- one step -----------------------------------------------------------------
 
-    def _run_one(self, batch: Any, one: Callable[[Any], Any] | None = None) -> tf.Tensor:
-        """One step, on the one device or on every replica; returns whether it did not fail.
+    def _run_one(self, batch: Any, put_back: PutBack = "cond") -> tf.Tensor:
+        """One guarded step, on the one device or on every replica.
 
-        The body's `merge` says whether to keep the step and whether it failed:
-        a step a `LossScaleOptimizer` skipped is put back, yet no failure.
-        `one` replaces the compiled body (inside an XLA loop, the body itself).
+        The body's `merge` says whether to keep the step and whether it failed
+        (a step a `LossScaleOptimizer` skipped is put back, yet no failure).
+        `put_back` says how a step not kept is undone:
+
+          * ``"cond"``: its shadows are saved before it and restored in a
+            `tf.cond` (then, in "skip" mode, counted); returns "no failure";
+          * ``"select"``: inside an XLA loop, where the body runs inline: each
+            variable gets its value from before by a select; returns "no failure";
+          * ``"defer"``: not here: the caller judges a whole call (`_deferred_loop`);
+            the shadows are saved still, for `recover` after a run-time error in
+            the forward pass; returns "keep".
         """
-        saves, held = self.rollback.save() if self.rollback else ([], [])
-        with tf.control_dependencies(saves + held):
-            out = self._dispatch(batch) if one is None else one(batch)
-            keep, ok = self.body.merge(out)
-        with tf.control_dependencies([keep, ok]):
-            counted = self.examples.assign_add(self._examples_in(batch))
-        if self.rollback is None:
-            with tf.control_dependencies([counted]):
-                return tf.identity(ok)
-
-        def put_back() -> tf.Tensor:
-            with tf.control_dependencies(self.rollback.restore(held)):
-                skips = self.body.on_skip() if self.spec.nonfinite == "skip" else []
-            with tf.control_dependencies(skips):
-                return tf.constant(False)
-
-        kept = tf.cond(keep, lambda: tf.constant(True), put_back)
-        with tf.control_dependencies([kept, counted]):
-            disarm = self.rollback.disarm()
-        with tf.control_dependencies([disarm]):
-            return tf.identity(ok)
-
-    def _run_one_in_xla(self, batch: Any) -> tf.Tensor:
-        """`_run_one` inside an XLA loop: a failed step's variables are put back by selects."""
-        if self.rollback is None:
-            return self._run_one(batch, self.body.one)
-        before = self.rollback.values()
-        with tf.control_dependencies(before):
-            keep, ok = self.body.merge(self.body.one(batch))
+        rollback = self.rollback
+        if rollback is None:
+            first, held, before = [], [], []
+        elif put_back == "cond":
+            first, held = rollback.save()
+            first, before = first + held, []
+        elif put_back == "select":
+            first = before = rollback.values()
+        else:
+            first, held, before = rollback.save_shadows(), [], []
+        with tf.control_dependencies(first):
+            out = self.body.one(batch) if put_back == "select" else self._dispatch(batch)
+            keep, ok = self.body.merge(out, record=put_back != "defer")
         with tf.control_dependencies([keep, ok]):
             done = [self.examples.assign_add(self._examples_in(batch))]
-            done += self.rollback.select(keep, before)
-        if self.spec.nonfinite == "skip":
-
-            def skip() -> tf.Tensor:
-                with tf.control_dependencies(self.body.on_skip()):
-                    return tf.constant(False)
-
+            if rollback is not None and put_back == "select":
+                done += rollback.select(keep, before)
+        if rollback is not None and put_back == "cond":
+            kept = tf.cond(keep, lambda: tf.constant(True), lambda: self._undo(held))
+            with tf.control_dependencies([kept, *done]):
+                done = [rollback.disarm()]
+        elif rollback is not None and put_back == "select" and self.spec.nonfinite == "skip":
             with tf.control_dependencies(done):
-                done = [tf.cond(keep, lambda: tf.constant(True), skip)]
+                done = [tf.cond(keep, lambda: tf.constant(True), self._undo)]
         with tf.control_dependencies(done):
-            return tf.identity(ok)
+            return tf.identity(keep if put_back == "defer" else ok)
+
+    def _undo(self, held: list[tf.Tensor] | None = None) -> tf.Tensor:
+        """The branch of a step not kept: its shadows (and `held` values) put back, unless
+        selects did it; then, in "skip" mode, the body counts the skip. False."""
+        assert self.rollback is not None
+        undo = [] if held is None else self.rollback.restore(held)
+        with tf.control_dependencies(undo):
+            skips = self.body.on_skip() if self.spec.nonfinite == "skip" else []
+        with tf.control_dependencies(skips):
+            return tf.constant(False)
 
     def _examples_in(self, batch: Any) -> tf.Tensor:
         """The number of examples in `batch`: the leading size of its first leaf."""
@@ -301,120 +282,8 @@ class Engine:
         if self.deferred and all(
             isinstance(s, tf.TensorSpec) for s in tf.nest.flatten(iterator.element_spec)
         ):
-            return self._deferred_loop(iterator, k)
+            return _deferred_loop(self, iterator, k)
         return self._step_loop(iterator, k)
-
-    def _deferred_loop(self, iterator: Any, k: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        """`_step_loop` with one verdict for the call, unless a step is not kept.
-
-        The steps run without putting anything back (`_run_deferred`); the
-        call holds the values of every variable its steps may write, and the
-        batches it pulled. At the first step not kept the loop stops, every
-        variable gets its value from before the call back, and the call runs
-        again one step at a time under the whole guard (`_run_one`), on the
-        batches it pulled (the kept ones alike, their seeds being in the
-        states), then on new ones. What a guarded step costs per step (the
-        put-back branch and its reads, the failure record) is then paid once
-        per call, and only when a step fails.
-
-        One loop for each way keeps the trace short: every loop or branch
-        holding a step captures every variable the step touches.
-        """
-        written = [
-            *self.rollback.covered,
-            *(part for v in self.body.also_written for part in components(v)),
-            self.examples,
-        ]
-        before = [tf.convert_to_tensor(v) for v in written]
-        specs = tf.nest.flatten(iterator.element_spec)
-        start = [
-            tf.TensorArray(s.dtype, size=k, element_shape=s.shape, infer_shape=False) for s in specs
-        ]
-
-        def cond(i: tf.Tensor, keep: tf.Tensor, more: tf.Tensor, *pulled: Any) -> tf.Tensor:
-            return tf.logical_and(tf.logical_and(i < k, keep), more)
-
-        def body(i: tf.Tensor, keep: tf.Tensor, more: tf.Tensor, *pulled: Any) -> tuple:
-            optional = iterator.get_next_as_optional()
-
-            def present() -> tuple:
-                batch = optional.get_value()
-                kept = [a.write(i, t) for a, t in zip(pulled, tf.nest.flatten(batch), strict=True)]
-                return (i + 1, self._run_deferred(batch), tf.constant(True), *kept)
-
-            return tf.cond(
-                optional.has_value(), present, lambda: (i, keep, tf.constant(False), *pulled)
-            )
-
-        with tf.control_dependencies([self.rollback.arm()]):
-            i, keep, _, *pulled = tf.while_loop(
-                cond, body, (tf.constant(0), tf.constant(True), tf.constant(True), *start)
-            )
-
-        def batch(arrays: Any, j: tf.Tensor) -> Any:
-            leaves = []
-            for array, spec in zip(arrays, specs, strict=True):
-                leaf = array.read(j)
-                leaf.set_shape(spec.shape)
-                leaves.append(leaf)
-            return tf.nest.pack_sequence_as(iterator.element_spec, leaves)
-
-        # Not kept: everything back, then the call again one step at a time, its
-        # batches first read back, then pulled (a loop of no trips if kept).
-        restored = tf.cond(
-            keep,
-            lambda: tf.constant(True),
-            lambda: _after([v.assign(b) for v, b in zip(written, before, strict=True)]),
-        )
-        stop_on_failure = self._stops_on_failure
-
-        def again(j: tf.Tensor, ok: tf.Tensor, more: tf.Tensor, *arrays: Any) -> tf.Tensor:
-            go_on = tf.logical_and(tf.logical_and(tf.logical_not(keep), j < k), more)
-            return tf.logical_and(go_on, ok) if stop_on_failure else go_on
-
-        def step_again(j: tf.Tensor, ok: tf.Tensor, more: tf.Tensor, *arrays: Any) -> tuple:
-            def pull() -> tuple:
-                optional = iterator.get_next_as_optional()
-
-                def present() -> tuple:
-                    value = tf.nest.flatten(optional.get_value())
-                    return (
-                        tf.constant(True),
-                        *(a.write(j, t) for a, t in zip(arrays, value, strict=True)),
-                    )
-
-                return tf.cond(optional.has_value(), present, lambda: (tf.constant(False), *arrays))
-
-            has, *arrays = tf.cond(j < i, lambda: (tf.constant(True), *arrays), pull)
-            j, ok, more = tf.cond(
-                has,
-                lambda: (j + 1, self._run_one(batch(arrays, j)), tf.constant(True)),
-                lambda: (j, ok, tf.constant(False)),
-            )
-            return (j, ok, more, *arrays)
-
-        with tf.control_dependencies([restored]):
-            j, ok, *_ = tf.while_loop(
-                again, step_again, (tf.constant(0), tf.constant(True), tf.constant(True), *pulled)
-            )
-        i, ok = tf.cond(keep, lambda: (i, tf.constant(True)), lambda: (j, ok))
-        with tf.control_dependencies([i, ok]):
-            disarm = self.rollback.disarm()
-        with tf.control_dependencies([disarm]):
-            return tf.identity(i), tf.identity(ok)
-
-    def _run_deferred(self, batch: Any) -> tf.Tensor:
-        """One step of `_deferred_loop`: nothing put back; returns whether to keep it.
-
-        Its shadows are saved still: `recover` puts them back if the call
-        fails at run time in this step's forward pass.
-        """
-        with tf.control_dependencies(self.rollback.save_shadows()):
-            keep, _ = self.body.merge(self._dispatch(batch), record=False)
-        with tf.control_dependencies([keep]):  # (not counted if the step fails at run time)
-            counted = self.examples.assign_add(self._examples_in(batch))
-        with tf.control_dependencies([counted]):
-            return tf.identity(keep)
 
     def _step_loop(self, iterator: Any, k: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         """Up to `k` steps, each on a batch pulled from `iterator`: (steps run, no failure)."""
@@ -529,7 +398,9 @@ class Engine:
         """The steps of one XLA call, over the leading axis of `stacked`: (steps, no failure)."""
         steps = tf.shape(tf.nest.flatten(stacked)[0])[0]
         return self._steps(
-            steps, lambda i: tf.nest.map_structure(lambda t: t[i], stacked), self._run_one_in_xla
+            steps,
+            lambda i: tf.nest.map_structure(lambda t: t[i], stacked),
+            functools.partial(self._run_one, put_back="select"),
         )
 
     def _run_pulled(self, pulled: list[Any], present: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
@@ -566,6 +437,116 @@ class Engine:
 
     def explain_failure(self) -> str:
         return self.body.explain_failure()
+
+
+def _deferred_loop(engine: Engine, iterator: Any, k: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """`Engine._step_loop` with one verdict for the call, unless a step is not kept.
+
+    The steps run without putting anything back (``put_back="defer"``); the
+    call holds the values of every variable its steps may write, and the
+    batches it pulled. At the first step not kept the loop stops, every
+    variable gets its value from before the call back, and the call runs
+    again one step at a time under the whole guard (`_run_one`), on the
+    batches it pulled (the kept ones alike, their seeds being in the
+    states), then on new ones (`_again`). What a guarded step costs per step
+    (the put-back branch and its reads, the failure record) is then paid once
+    per call, and only when a step fails.
+
+    One loop for each way keeps the trace short: every loop or branch
+    holding a step captures every variable the step touches.
+    """
+    rollback = engine.rollback
+    assert rollback is not None
+    written = [
+        *rollback.covered,
+        *(part for v in engine.body.also_written for part in components(v)),
+        engine.examples,
+    ]
+    before = [tf.convert_to_tensor(v) for v in written]
+    specs = tf.nest.flatten(iterator.element_spec)
+    start = [
+        tf.TensorArray(s.dtype, size=k, element_shape=s.shape, infer_shape=False) for s in specs
+    ]
+
+    def cond(i: tf.Tensor, keep: tf.Tensor, more: tf.Tensor, *pulled: Any) -> tf.Tensor:
+        return tf.logical_and(tf.logical_and(i < k, keep), more)
+
+    def body(i: tf.Tensor, keep: tf.Tensor, more: tf.Tensor, *pulled: Any) -> tuple:
+        optional = iterator.get_next_as_optional()
+
+        def present() -> tuple:
+            batch = optional.get_value()
+            kept = [a.write(i, t) for a, t in zip(pulled, tf.nest.flatten(batch), strict=True)]
+            return (i + 1, engine._run_one(batch, "defer"), tf.constant(True), *kept)
+
+        return tf.cond(
+            optional.has_value(), present, lambda: (i, keep, tf.constant(False), *pulled)
+        )
+
+    with tf.control_dependencies([rollback.arm()]):
+        i, keep, _, *pulled = tf.while_loop(
+            cond, body, (tf.constant(0), tf.constant(True), tf.constant(True), *start)
+        )
+    # Not kept: everything back, then the call again one step at a time.
+    restored = tf.cond(
+        keep,
+        lambda: tf.constant(True),
+        lambda: _after([v.assign(b) for v, b in zip(written, before, strict=True)]),
+    )
+    with tf.control_dependencies([restored]):
+        j, ok = _again(engine, iterator, k, i, keep, pulled)
+    i, ok = tf.cond(keep, lambda: (i, tf.constant(True)), lambda: (j, ok))
+    with tf.control_dependencies([i, ok]):
+        disarm = rollback.disarm()
+    with tf.control_dependencies([disarm]):
+        return tf.identity(i), tf.identity(ok)
+
+
+def _again(
+    engine: Engine, iterator: Any, k: tf.Tensor, pulled: tf.Tensor, keep: tf.Tensor, arrays: list
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """A deferred call not kept, again one step at a time under the whole guard: its
+    `pulled` batches read back from `arrays` first, then new ones pulled (a loop of no
+    trips if the call was kept). Returns (steps run, no failure)."""
+    specs = tf.nest.flatten(iterator.element_spec)
+    stop_on_failure = engine._stops_on_failure
+
+    def batch(arrays: Any, j: tf.Tensor) -> Any:
+        leaves = []
+        for array, spec in zip(arrays, specs, strict=True):
+            leaf = array.read(j)
+            leaf.set_shape(spec.shape)
+            leaves.append(leaf)
+        return tf.nest.pack_sequence_as(iterator.element_spec, leaves)
+
+    def again(j: tf.Tensor, ok: tf.Tensor, more: tf.Tensor, *arrays: Any) -> tf.Tensor:
+        go_on = tf.logical_and(tf.logical_and(tf.logical_not(keep), j < k), more)
+        return tf.logical_and(go_on, ok) if stop_on_failure else go_on
+
+    def step_again(j: tf.Tensor, ok: tf.Tensor, more: tf.Tensor, *arrays: Any) -> tuple:
+        def pull() -> tuple:
+            optional = iterator.get_next_as_optional()
+
+            def present() -> tuple:
+                value = tf.nest.flatten(optional.get_value())
+                return (
+                    tf.constant(True),
+                    *(a.write(j, t) for a, t in zip(arrays, value, strict=True)),
+                )
+
+            return tf.cond(optional.has_value(), present, lambda: (tf.constant(False), *arrays))
+
+        has, *arrays = tf.cond(j < pulled, lambda: (tf.constant(True), *arrays), pull)
+        j, ok, more = tf.cond(
+            has,
+            lambda: (j + 1, engine._run_one(batch(arrays, j)), tf.constant(True)),
+            lambda: (j, ok, tf.constant(False)),
+        )
+        return (j, ok, more, *arrays)
+
+    start = (tf.constant(0), tf.constant(True), tf.constant(True), *arrays)
+    j, ok, *_ = tf.while_loop(again, step_again, start)
+    return j, ok
 
 
 def _after(ops: list) -> tf.Tensor:
@@ -637,40 +618,3 @@ def _threefry(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(*args)
 
     return traced
-
-
-def _same_kind(a: Any, b: Any) -> bool:
-    """Same structure, and leaf by leaf the same dtype and rank (or the same spec)."""
-    try:
-        tf.nest.assert_same_structure(a, b)
-    except (TypeError, ValueError):
-        return False
-    return all(
-        _kind(x) == _kind(y) for x, y in zip(tf.nest.flatten(a), tf.nest.flatten(b), strict=True)
-    )
-
-
-def _widened(old: Any, new: Any, pinned: tuple[bool, ...]) -> Any:
-    """`old` with each dimension where `new` differs left free, unless `pinned`."""
-    if not isinstance(old, tf.TensorSpec):
-        return old
-    dims = [
-        a if a == b or (d < len(pinned) and pinned[d]) else None
-        for d, (a, b) in enumerate(zip(old.shape.as_list(), new.shape.as_list(), strict=True))
-    ]
-    return tf.TensorSpec(dims, old.dtype)
-
-
-def _kind(leaf: Any) -> Any:
-    if isinstance(leaf, tf.TensorSpec):
-        return ("tensor", leaf.dtype, leaf.shape.rank)
-    if is_composite(leaf):  # ragged, sparse: their exact spec
-        return ("composite", tf.type_spec_from_value(leaf))
-    return ("value", type(leaf), repr(leaf))
-
-
-def _covers(general: list[Any], specific: list[Any]) -> bool:
-    return all(
-        g.is_compatible_with(s) if isinstance(g, tf.TensorSpec) else True
-        for g, s in zip(general, specific, strict=True)
-    )

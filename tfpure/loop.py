@@ -20,12 +20,15 @@ from typing import Any
 import keras
 import tensorflow as tf
 
+from tfpure.builtin import metric_results
+from tfpure.callbacks import batch_hooks, callback_list, no_end
 from tfpure.checkpoint import Checkpointer
-from tfpure.passes import callback_list, check_data, num_batches, prepare, run_pass
-from tfpure.schedule import Action
+from tfpure.record import Record, Windows, call_size
+from tfpure.resume import Run
+from tfpure.schedule import THROUGHPUT, Action, Actions, Meter
 from tfpure.state import leaves
 from tfpure.steps import Step, StepFn, make_eval_step
-from tfpure.training import Loop, Schedule, evaluate_pass
+from tfpure.stream import DataStream, check_data, num_batches, run_calls, run_pass
 from tfpure.types import Logs, check_count
 
 __all__ = ["evaluate", "fit_loop", "fold"]
@@ -124,7 +127,7 @@ def evaluate(
     check_data(data, "data")
     if isinstance(eval_step, Step) and eval_step.kind == "train":
         raise ValueError("`eval_step` is a training step; build it with make_eval_step.")
-    prepare(eval_step, state, data)
+    DataStream(eval_step, state, data).prepare()
     cbs = callback_list(
         callbacks,
         leaves(state)[0].model,
@@ -249,7 +252,7 @@ def fit_loop(
       True
     """
     leaves(state)  # a TrainState or a structure of them, or a TypeError
-    schedule = _schedule(data, epochs, steps, eval_every, steps_per_epoch)
+    windows = _windows(data, epochs, steps, eval_every, steps_per_epoch)
     if isinstance(train_step, Step) and train_step.kind == "eval":
         raise ValueError("`train_step` is an evaluation step; build it with make_train_step(loss).")
     if not callable(train_step):
@@ -265,14 +268,13 @@ def fit_loop(
         eval_step = _eval_step_for(eval_step, train_step)
     if checkpoint is not None and not isinstance(checkpoint, Checkpointer):
         raise TypeError(f"`checkpoint` must be a tp.Checkpointer; got {type(checkpoint).__name__}.")
-    prepare(train_step, state, data)
     if val_data is not None:
-        prepare(eval_step, state, val_data)
+        DataStream(eval_step, state, val_data).prepare()
     loop = Loop(
         state,
         data,
         train_step,
-        schedule,
+        windows,
         eval_step=eval_step,
         val_data=val_data,
         callbacks=callbacks,
@@ -283,13 +285,13 @@ def fit_loop(
     return loop()
 
 
-def _schedule(
+def _windows(
     data: Any,
     epochs: int | None,
     steps: int | None,
     eval_every: int | None,
     steps_per_epoch: int | None,
-) -> Schedule:
+) -> Windows:
     """The run's windows, from `fit_loop`'s arguments (checked here)."""
     for name, value in (
         ("epochs", epochs),
@@ -312,7 +314,7 @@ def _schedule(
             raise ValueError("`data` held no batch: the dataset is empty.")
         if not isinstance(data, tf.data.Dataset):
             check_data(data, "data")
-        return Schedule.of_steps(steps, eval_every)
+        return Windows.of_steps(steps, eval_every)
     if eval_every is not None:
         raise ValueError(
             "`eval_every` counts steps of a step budget: pass steps= with it (epoch runs "
@@ -320,8 +322,259 @@ def _schedule(
         )
     if steps_per_epoch is None:
         check_data(data, "data")
-    return Schedule(
-        windows=1 if epochs is None else epochs,
+    return Windows(
+        count=1 if epochs is None else epochs,
         length=steps_per_epoch or num_batches(data),
-        stream=steps_per_epoch is not None,
+        run_wide=steps_per_epoch is not None,
     )
+
+
+# -- the loop behind fit_loop ---------------------------------------------------------
+
+
+def floats(logs: Logs) -> dict[str, float]:
+    return {name: float(value) for name, value in logs.items()}
+
+
+def current_logs(step: StepFn, state: Any) -> Logs:
+    """The running figures a step would report now, without running it."""
+    if isinstance(step, Step):
+        return step.results(state)
+    return metric_results(leaves(state)[0].metrics)
+
+
+def reset(step: StepFn, state: Any, *, train: bool) -> None:
+    """Starts an epoch's (or an evaluation's) running figures afresh, for every state."""
+    for s in leaves(state):
+        s.reset_metrics() if train else s.reset_eval_metrics()
+    if isinstance(step, Step):
+        step.reset_logs(state)
+
+
+def batch_examples(batch: Any) -> int:
+    """Examples in a batch handed to a Python step: the leading size of its first leaf."""
+    first = next(iter(tf.nest.flatten(batch)), None)
+    shape = getattr(first, "shape", None)
+    return int(shape[0]) if shape is not None and len(shape) and shape[0] is not None else 1
+
+
+class Loop:
+    """`fit_loop`'s engine: the run's `Record`, its windows, and the hooks it calls.
+
+    Each call of the step is planned from the record (`call_size`); after it
+    the loop advances the record and calls its hooks with it: Keras batch
+    hooks, the due actions, and the `Run`'s saves (step saves, window ends,
+    SIGTERM). The data comes from one `DataStream`. Built with checked
+    arguments; ``loop()`` trains.
+    """
+
+    def __init__(
+        self,
+        state: Any,
+        data: Any,
+        step: StepFn,
+        windows: Windows,
+        *,
+        eval_step: StepFn | None,
+        val_data: Any,
+        callbacks: Sequence[keras.callbacks.Callback],
+        verbose: int,
+        actions: Sequence[Action],
+        checkpoint: Checkpointer | None,
+    ):
+        self.state, self.windows = state, windows
+        self.eval_step, self.val_data = eval_step, val_data
+        self.python_examples = 0
+        self.step = step if isinstance(step, Step) else self._counting(step)
+        self.actions = Actions(actions, checkpoint.save_every_steps if checkpoint else None)
+        self.stream = DataStream(
+            self.step,
+            state,
+            data,
+            run_wide=windows.run_wide,
+            # A budget, or a checkpointed run (its replay needs the data to last).
+            repeat=windows.budget is not None or checkpoint is not None,
+            whole_calls=not self.actions.periods,
+            lengths=(windows.steps_in(0), windows.steps_in(windows.count - 1)),
+        )
+        self.stream.prepare()  # before anything changes (a restore included)
+        self.record = Record()
+        self.run: Run | None = None
+        if checkpoint is not None:
+            extra = step.log_variables(state) if isinstance(step, Step) else []
+            self.run = Run(
+                checkpoint, state, data, stream=windows.run_wide, schedule=windows.describe(),
+                extra=extra,
+            )  # fmt: skip
+            self.record = self.run.record
+        self.stream.start_at(self.record.window, self.record.done, self.record.step)
+        try:
+            self.model = leaves(state)[0].model  # the model Keras callbacks see
+            self.cbs = callback_list(
+                callbacks,
+                self.model,
+                add_history=True,
+                add_progbar=verbose != 0,
+                verbose=verbose,
+                epochs=windows.count,
+                steps=windows.steps_in(0),  # the progress bar's target
+            )
+            self.history = next(
+                cb for cb in self.cbs.callbacks if isinstance(cb, keras.callbacks.History)
+            )
+        except BaseException:  # e.g. a bad callback: the run's lock and handler go back
+            if self.run is not None:
+                self.run.close()
+            raise
+
+    def _counting(self, step: StepFn) -> StepFn:
+        def counted(state: Any, batch: Any) -> tuple[Any, Logs]:
+            self.python_examples += batch_examples(batch)
+            return step(state, batch)
+
+        return counted
+
+    def examples(self) -> int:
+        if isinstance(self.step, Step):
+            return self.step.examples(self.state)
+        return self.python_examples
+
+    def full_history(self) -> dict[str, list[float]]:
+        """The run's history (restored epochs first), without throughput figures."""
+        prior = self.run.prior if self.run is not None else {}
+        mine = self.history.history
+        names = [n for n in dict.fromkeys([*prior, *mine]) if n not in THROUGHPUT]
+        return {n: [*prior.get(n, []), *mine.get(n, [])] for n in names}
+
+    def _save(self, where: str) -> None:
+        """Saves the run at its record (`where`: what a person reads of that position)."""
+        assert self.run is not None
+        self.run.save(self.record, self.full_history(), where)
+
+    # -- the run --------------------------------------------------------------------
+
+    def __call__(self) -> tuple[Any, dict[str, list[float]]]:
+        try:
+            return self._train()
+        finally:
+            if self.run is not None:
+                self.run.close()
+
+    def _train(self) -> tuple[Any, dict[str, list[float]]]:
+        model = self.model
+        if getattr(model, "optimizer", None) is None:
+            model.optimizer = leaves(self.state)[0].optimizer
+        model.stop_training = False
+        self.actions.start(self.record.step, self.examples())
+        self._batch_meter = Meter(self.record.step, self.examples())
+        self._begin, self._end = batch_hooks(self.cbs, "train")
+        self.cbs.on_train_begin()
+        epoch_logs: dict[str, float] = {}
+        first = self.record.window if not self.record.ended else self.windows.count
+        for window in range(first, self.windows.count):
+            epoch_logs = self._window(window)
+            if model.stop_training:
+                break
+        self.stream.close()
+        # As Keras `fit` does: e.g. an optimizer with use_ema=True swaps in its averages.
+        for s in leaves(self.state):
+            s.optimizer.finalize_variable_values(s.model.trainable_variables)
+        self.cbs.on_train_end(epoch_logs)
+        return self.state, self.full_history()
+
+    def _window(self, window: int) -> dict[str, float]:
+        """One window: its steps, validation, the epoch hooks and the window's save."""
+        cbs, windows, start = self.cbs, self.windows, self.record.done
+        length = windows.steps_in(window)
+        if start == 0:  # A resumed window keeps its restored running figures.
+            reset(self.step, self.state, train=True)
+        if length != cbs.params.get("steps"):  # a budget's shorter last window
+            cbs.set_params({**cbs.params, "steps": length})
+        cbs.on_epoch_begin(window)
+        meter = Meter(self.record.step, self.examples())
+        logs = self._steps(window, length)
+        if logs is None and start:  # Resumed right at the end of the window's steps.
+            logs = current_logs(self.step, self.state)
+        done = self.record.done
+        if not done or logs is None:
+            ran_out = " (the iterator ran out)" if windows.run_wide else ""
+            raise ValueError(f"The training data held no batch in epoch {window}{ran_out}.")
+        if windows.budget is not None and done < length and not self.model.stop_training:
+            raise ValueError(
+                f"The training data ran out after {self.record.step} of the {windows.budget} "
+                "steps of the budget: give a tf.data.Dataset (repeated as needed) or "
+                "an iterable that can be iterated again."
+            )
+        epoch_logs = {**floats(logs), **meter.read(self.record.step, self.examples())}
+        if self.val_data is not None:
+            val = evaluate_pass(self.state, self.val_data, self.eval_step, cbs)
+            epoch_logs.update({f"val_{name}": value for name, value in val.items()})
+        cbs.on_epoch_end(window, epoch_logs)
+        figures = {k: v for k, v in epoch_logs.items() if k not in THROUGHPUT}
+        save_due = self.actions.fire(self.state, self.record.step, figures, self.examples)
+        self._end_window(window, save_due)
+        return epoch_logs
+
+    def _steps(self, window: int, length: int | None) -> Logs | None:
+        """The window's steps from the record on; returns the last call's logs."""
+        feed = self.stream.feed(window, self.state)  # (made even if no step is left)
+        k, periods = feed.steps_per_call, self.actions.periods
+        calls = run_calls(
+            feed,
+            start=self.record.done,
+            limit=length,
+            cap=lambda done: call_size(self.record, k, length, periods),
+            hooks=(self._begin, no_end),
+        )
+        logs: Logs | None = None
+        for done, logs in calls:
+            self.record = self.record.ran(done - self.record.done)
+            self.state = feed.state
+            if self._end is not no_end:
+                rates = self._batch_meter.read(self.record.step, self.examples())
+                self._end(done - 1, {**logs, **rates})
+            # (At a window's end the actions run after validation.)
+            fired = done != length and self.actions.fire(
+                self.state, self.record.step, logs, self.examples
+            )
+            if fired:  # a step save was due
+                self._save(self.record.where())
+            if self.run is not None and self.run.preempted:
+                self._save(self.record.where())
+            if self.model.stop_training:
+                break
+        return logs
+
+    def _end_window(self, window: int, save_due: bool) -> None:
+        """The record moves to the next window; the run saves there if it is due."""
+        stopped = bool(self.model.stop_training)
+        self.record = self.record.next_window()
+        if stopped:
+            self.record = self.record.ending(
+                f"stopped early after {self.record.step} steps (epoch {window + 1}): a "
+                "callback set model.stop_training"
+            )
+        self.stream.end_window()
+        if self.run is None:
+            return
+        every = self.run.ckpt.save_every_epochs
+        last = window == self.windows.count - 1 or stopped
+        if last or save_due or self.run.preempted or (every and (window + 1) % every == 0):
+            self._save(f"at the end of epoch {window + 1}")
+
+
+def evaluate_pass(
+    state: Any,
+    data: Any,
+    eval_step: StepFn,
+    cbs: keras.callbacks.CallbackList,
+) -> dict[str, float]:
+    """One evaluation: reset the eval figures, run `eval_step` over `data`, report floats."""
+    reset(eval_step, state, train=False)
+    cbs.on_test_begin()
+    state, logs, done = run_pass(eval_step, state, data, hooks=batch_hooks(cbs, "test"))
+    if not done or logs is None:
+        raise ValueError("The evaluation data held no batch.")
+    result = floats(logs)
+    cbs.on_test_end(result)
+    return result

@@ -18,9 +18,10 @@ from typing import IO, Any
 
 import tensorflow as tf
 
-from tfpure.checkpoint import Checkpointer, CheckpointError
+from tfpure.checkpoint import Checkpointer, CheckpointError, read_record, write_record
 from tfpure.compat import dataset_op_inputs, serialized_dataset_graph
 from tfpure.distribute import cluster_task, strategy_of
+from tfpure.record import Record
 from tfpure.state import leaves
 
 __all__ = ["Preempted", "Run"]
@@ -174,7 +175,7 @@ def describe_data(data: tf.data.Dataset) -> str:
 class Run:
     """A checkpointed run's link to its `Checkpointer`: restore, save, SIGTERM.
 
-    The loop (`tfpure.training.Loop`) owns the position; a `Run` restores the
+    The loop (`tfpure.loop.Loop`) owns the run record; a `Run` restores the
     one saved last (``epoch`` windows finished, ``epoch_step`` steps into
     the current one, ``step`` steps in all) and saves positions the loop
     hands it.
@@ -230,18 +231,15 @@ class Run:
             self.close()
             raise
         if self.path is None:
-            for variable in (ckpt.epoch, ckpt.epoch_step, ckpt.loop_step):
-                variable.assign(0)
-            ckpt.ended.assign("")
+            write_record(ckpt, Record())
             ckpt.record({})
         ckpt.schedule.assign(schedule)
         ckpt.data_spec.assign(spec)
-        #: The restored position: (windows finished, steps into the next, steps in all).
-        self.position = tuple(int(v.numpy()) for v in (ckpt.epoch, ckpt.epoch_step, ckpt.loop_step))
+        #: The restored record (a new run's at its start). A run that `ended` early
+        #: has nothing left to do.
+        self.record = read_record(ckpt)
         self.prior = ckpt.recorded_history()
-        #: Why the restored run ended early ("" if it did not): then nothing is left to do.
-        self.ended = ckpt.ended.numpy().decode()
-        self._saved: tuple[tuple[int, int, int], str] | None = None
+        self._saved: tuple[Record, str] | None = None
         self.preempted = False
         self._previous_handler: Any = None
         # Across several processes a save is a collective: one worker saving on
@@ -255,21 +253,16 @@ class Run:
         del signum, frame
         self.preempted = True
 
-    def save(
-        self,
-        position: tuple[int, int, int],
-        history: dict[str, list[float]],
-        where: str,
-    ) -> str:
-        """Saves the state at `position` with `history`; after SIGTERM, raises `Preempted`.
+    def save(self, record: Record, history: dict[str, list[float]], where: str) -> str:
+        """Saves the state at `record` with `history`; after SIGTERM, raises `Preempted`.
 
-        A position saved already (a SIGTERM right after a step save) is not
+        A record saved already (a SIGTERM right after a step save) is not
         written again: a listed checkpoint is never rewritten in place.
         """
-        if self._saved is not None and self._saved[0] == position:
+        if self._saved is not None and self._saved[0] == record:
             path = self._saved[1]
         else:
-            path = self._write(position, history)
+            path = self._write(record, history)
         if self.preempted:
             print(
                 f"tfpure: SIGTERM received; saved {path} {where}. Run the same command "
@@ -279,14 +272,11 @@ class Run:
             raise Preempted(path)
         return path
 
-    def _write(self, position: tuple[int, int, int], history: dict[str, list[float]]) -> str:
-        for variable, value in zip(
-            (self.ckpt.epoch, self.ckpt.epoch_step, self.ckpt.loop_step), position, strict=True
-        ):
-            variable.assign(value)
+    def _write(self, record: Record, history: dict[str, list[float]]) -> str:
+        write_record(self.ckpt, record)
         self.ckpt.record(history)
         path = self.ckpt.save(self.state, extra=self.extra)
-        self._saved = (position, path)
+        self._saved = (record, path)
         return path
 
     def close(self) -> None:

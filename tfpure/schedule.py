@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -29,7 +29,7 @@ from tfpure.distribute import cluster_task, strategy_of
 from tfpure.state import leaves
 from tfpure.types import check_count
 
-__all__ = ["THROUGHPUT", "Action", "Meter", "every", "tensorboard_writer"]
+__all__ = ["THROUGHPUT", "Action", "Actions", "Meter", "every", "tensorboard_writer"]
 
 # The log names of throughput figures (reported, never part of `history`).
 THROUGHPUT = ("steps_per_second", "examples_per_second")
@@ -160,6 +160,62 @@ class Meter:
         }
         self.reset(step, examples, now)
         return rates
+
+
+class Actions:
+    """The actions of one run and when each last ran: `fire` runs the ones due.
+
+    A checkpoint's step saves (every `save_every` steps) are due as an
+    action's steps are, but `fire` only reports them: the loop saves.
+
+    Example:
+      >>> import tfpure as tp
+      >>> from tfpure.schedule import Actions
+      >>> seen = []
+      >>> actions = Actions([tp.every(2, lambda state, step, logs: seen.append(step))], 3)
+      >>> actions.start(step=0, examples=0, now=0.0)
+      >>> [actions.fire(None, s, {}, lambda: 0, now=1.0) for s in (1, 2, 3, 4)], seen
+      ([False, False, True, False], [2, 4])
+    """
+
+    def __init__(self, actions: Sequence[Action], save_every: int | None = None):
+        self.actions = list(actions)
+        self.save_every = save_every
+        #: The steps between two calls' ends that an action or a save needs.
+        self.periods = [a.n for a in self.actions if a.n is not None]
+        if save_every is not None:
+            self.periods.append(save_every)
+        self.start(0, 0)
+
+    def start(self, step: int, examples: int, now: float | None = None) -> None:
+        """The run starts (or resumes) at `step`, `examples` seen: no action ran yet."""
+        now = time.perf_counter() if now is None else now
+        self._last = [now] * len(self.actions)
+        self._meters = [Meter(step, examples, now) for _ in self.actions]
+
+    def fire(
+        self,
+        state: Any,
+        step: int,
+        logs: Mapping[str, Any],
+        examples: Callable[[], int],
+        now: float | None = None,
+    ) -> bool:
+        """Runs the actions due after `step`; returns whether a step save is due there.
+
+        The logs are read back (and the examples counted) only if an action runs.
+        """
+        now = time.perf_counter() if now is None else now
+        figures: dict[str, float] | None = None
+        seen = 0
+        for i, action in enumerate(self.actions):
+            if not action.due(step, now, self._last[i]):
+                continue
+            if figures is None:
+                figures, seen = {k: float(v) for k, v in logs.items()}, examples()
+            action.fn(state, step, {**figures, **self._meters[i].read(step, seen, now)})
+            self._last[i] = now
+        return self.save_every is not None and step % self.save_every == 0
 
 
 def tensorboard_writer(

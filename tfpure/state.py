@@ -24,10 +24,9 @@ import tensorflow as tf
 
 from tfpure.compat import optimizer_built_for, seed_generators
 from tfpure.guard import record_gradients
-from tfpure.metrics import clone_metric, resolve_metrics
-from tfpure.outputs import Route
+from tfpure.outputs import Route, clone_metric, resolve_metrics
 
-__all__ = ["TrainState", "leaves", "state_variables", "variable_groups"]
+__all__ = ["TrainState", "leaves", "owned_variables", "variable_groups"]
 
 LOSS = "loss"
 
@@ -478,6 +477,6 @@ def variable_groups(state: TrainState) -> dict[str, list[Any]]:
     }
 
 
-def state_variables(state: TrainState) -> list[Any]:
+def owned_variables(state: TrainState) -> list[Any]:
     """Every variable a state owns, in `variable_groups` order."""
     return [v for vs in variable_groups(state).values() for v in vs]

@@ -12,9 +12,8 @@ from __future__ import annotations
 import contextlib
 import weakref
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Any
 
-import numpy as np
 import tensorflow as tf
 
 from tfpure.batch import Batch, check_batch, check_batch_values, unpack
@@ -24,9 +23,10 @@ from tfpure.distribute import cluster_task, strategy_of
 from tfpure.graph import Engine, can_group, group_batches
 from tfpure.guard import MARK, NonFiniteError
 from tfpure.losses import step_loss
+from tfpure.signature import relaxed
 from tfpure.spec import GradTransform, Nonfinite, StepSpec
 from tfpure.state import leaves
-from tfpure.types import Logs
+from tfpure.types import Logs, StepFn
 
 __all__ = [
     "GradTransform",
@@ -39,23 +39,6 @@ __all__ = [
     "make_step",
     "make_train_step",
 ]
-
-
-class StepFn(Protocol):
-    """Anything a loop can drive: ``state, logs = step(state, batch)``.
-
-    A tfpure `Step` is one; so is any plain Python function of that shape.
-
-    Example:
-      >>> import keras, tensorflow as tf, tfpure as tp
-      >>> def count_examples(state, batch):  # a StepFn that trains nothing
-      ...     return state, {"n": tf.shape(batch)[0]}
-      >>> state, logs = tp.fold(count_examples, None, [tf.ones((3, 2)), tf.ones((5, 2))])
-      >>> int(logs["n"])
-      5
-    """
-
-    def __call__(self, state: Any, batch: Batch, /) -> tuple[Any, Logs]: ...
 
 
 class Step:
@@ -150,14 +133,14 @@ class Step:
         """
         check_batch_values(batch)
         engine = self.engine(state)
-        model = getattr(engine.body, "model", None)
+        model = engine.body.model
         if self.spec.kind != "custom":
             # On the real sizes: the graph is traced for free batch (and varying) sizes.
             check_batch(model, *unpack(batch))
         # Trace for the batch's signature widened to every one seen before: sizes that
         # vary (batch, sequence length) are left free, so they trace once or twice in
         # all; a feature size the model fixes is never widened.
-        signature = engine.widen(_relaxed_signature(batch))
+        signature = engine.signatures.widen(relaxed(batch))
         if signature is not None:
             engine.on_batch.get_concrete_function(signature)
         return state, self._run(engine, engine.on_batch, batch)
@@ -249,19 +232,44 @@ class Step:
             return body.means.variables
         return [v for tracker in body.loss_trackers.values() for v in tracker.variables]
 
-    def _examples(self, state: Any) -> int:
-        """Examples that have run through the step for `state` (the loops' throughput)."""
+    def examples(self, state: Any) -> int:
+        """Examples that have run through the step for `state` (the loops' throughput).
+
+        Example:
+          >>> import keras, numpy as np, tfpure as tp
+          >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+          >>> state = tp.TrainState.create(model=model, optimizer=keras.optimizers.SGD())
+          >>> step = tp.make_train_step("mse")
+          >>> state, _ = step(state, (np.ones((5, 2), "float32"), np.ones((5, 1), "float32")))
+          >>> step.examples(state)
+          5
+        """
         return int(self.engine(state).examples.numpy())
 
-    def _prepare(self, state: Any, element_spec: Any) -> None:
-        """Traces the iterator function for batches of `element_spec`, once.
+    def check_data(self, state: Any, element_spec: Any, *, grouped: bool = False) -> None:
+        """Traces the function that runs batches of `element_spec` from an iterator, once.
 
         The structure, shape and dtype checks run while tracing, so data that
         does not fit the model fails here, before a loop changes anything.
+        `grouped`: the elements are groups of batches (`grouped`). (Eagerly, or
+        under a multi-worker strategy, the checks run at the first step.)
+
+        Example:
+          >>> import keras, tensorflow as tf, tfpure as tp
+          >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+          >>> state = tp.TrainState.create(model=model, optimizer=keras.optimizers.SGD())
+          >>> data = tf.data.Dataset.from_tensor_slices((tf.ones((4, 2)), tf.ones((4, 1))))
+          >>> try:
+          ...     tp.make_train_step("mse").check_data(state, data.batch(2).element_spec)
+          ... except ValueError as err:
+          ...     print("refused:", "(None, 3)" in str(err))
+          refused: True
         """
         strategy = strategy_of(leaves(state))
         if not tf.config.functions_run_eagerly() and cluster_task(strategy) is None:
-            self.engine(state).on_iterator.get_concrete_function(
+            engine = self.engine(state)
+            fn = engine.on_groups if grouped else engine.on_iterator
+            fn.get_concrete_function(
                 tf.data.IteratorSpec(element_spec), tf.TensorSpec([], tf.int32)
             )
 
@@ -272,13 +280,25 @@ class Step:
             limit = self._limits[k] = tf.constant(k, tf.int32)
         return limit
 
-    def _grouped(self, state: Any, data: Any) -> tf.data.Dataset | None:
+    def grouped(self, state: Any, data: Any) -> tf.data.Dataset | None:
         """`data` grouped for this step's calls (`group_batches`), or None if they cannot be.
 
         Groups feed an XLA step's calls (``jit_compile=True``, ``steps_per_call``
         k > 1, no strategy) k batches in one element, so a call pulls one
         element instead of k. The caller must call with k steps each time
         (fewer only at the end of the data): a loop whose calls are all whole.
+
+        Example:
+          >>> import keras, tensorflow as tf, tfpure as tp
+          >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+          >>> state = tp.TrainState.create(model=model, optimizer=keras.optimizers.SGD())
+          >>> data = tf.data.Dataset.from_tensor_slices((tf.ones((10, 2)), tf.ones((10, 1))))
+          >>> xla = tp.make_train_step("mse", jit_compile=True, steps_per_call=2)
+          >>> groups = xla.grouped(state, data.batch(4))  # batches of 4, 4 and 2
+          >>> [int(x.nrows()) for x, y in groups]
+          [2, 1]
+          >>> print(tp.make_train_step("mse").grouped(state, data.batch(4)))
+          None
         """
         if (
             not isinstance(data, tf.data.Dataset)
@@ -289,12 +309,24 @@ class Step:
             return None
         return group_batches(data, self.spec.steps_per_call)
 
-    def _epoch(
-        self, state: Any, iterator: Any, grouped: bool = False
+    def runner(
+        self, state: Any, iterator: Any, *, grouped: bool = False
     ) -> Callable[[int | None], tuple[Logs, tf.Tensor]]:
-        """Like `run_on_iterator`, but bound to one iterator: `fold`'s fast path.
+        """Like `run_on_iterator`, but bound to one iterator: the loops' fast path.
 
-        A `grouped` iterator is over `_grouped` data.
+        ``logs, steps_run = run(max_steps)`` runs up to `max_steps` steps (None:
+        `steps_per_call`) on the iterator's next batches. A `grouped` iterator
+        is over `grouped` data.
+
+        Example:
+          >>> import keras, tensorflow as tf, tfpure as tp
+          >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+          >>> state = tp.TrainState.create(model=model, optimizer=keras.optimizers.SGD())
+          >>> step = tp.make_train_step("mse", steps_per_call=4)
+          >>> data = tf.data.Dataset.from_tensors((tf.ones((2, 3)), tf.ones((2, 1)))).repeat(6)
+          >>> run = step.runner(state, iter(data))
+          >>> [int(run(None)[1]) for _ in range(3)]
+          [4, 2, 0]
         """
         engine = self.engine(state)
         runner = self._run(engine, engine.epoch_runner, iterator, grouped)
@@ -364,18 +396,6 @@ def _cause_first(err: tf.errors.OpError) -> tf.errors.OpError:
         return err
     message = f"{' '.join(cause)} (while running a step; the whole report follows)\n\n{err.message}"
     return type(err)(err.node_def, err.op, message)
-
-
-def _relaxed_signature(batch: Batch) -> Any:
-    """The batch's signature with the batch dimension left free."""
-
-    def relax(leaf: Any) -> Any:
-        if isinstance(leaf, tf.Tensor | np.ndarray):
-            shape = tuple(leaf.shape)
-            return tf.TensorSpec((None, *shape[1:]) if shape else (), tf.as_dtype(leaf.dtype))
-        return leaf
-
-    return tf.nest.map_structure(relax, batch)
 
 
 def make_step(

@@ -1,12 +1,13 @@
 """The data a loop reads: one `DataStream` owns every iterator of a pass or a run.
 
-A stream makes the iterators (one per epoch, or one over the repeated data
-for a step budget or ``steps_per_epoch``), groups a call's batches for an
-XLA step when every call is whole (`tfpure.graph.group_batches`), replays
-them to a resumed run's position, and hands finished iterators to a
-background deleter (`retire`). A `Feed` is one iterator bound to a step:
-``feed.call(n)`` runs up to `n` steps on its next batches. `run_calls` is
-the loop over calls that `fold`, `evaluate` and `fit_loop` share.
+A stream checks the data against the step before anything runs (`prepare`),
+makes the iterators (one per epoch, or one over the repeated data for a
+step budget or ``steps_per_epoch``), groups a call's batches for an XLA
+step when every call is whole (`Step.grouped`), replays them to a resumed
+run's position, and hands finished iterators to a background deleter
+(`retire`). A `Feed` is one iterator bound to a step: ``feed.call(n)`` runs
+up to `n` steps on its next batches. `run_calls` is the loop over calls
+that `fold`, `evaluate` and `fit_loop` share; `run_pass` is one pass.
 """
 
 from __future__ import annotations
@@ -19,24 +20,53 @@ from typing import Any
 
 import tensorflow as tf
 
+from tfpure.callbacks import BatchHook, LogsHook, no_begin, no_end
 from tfpure.checkpoint import CheckpointError
 from tfpure.distribute import cluster_task, strategy_of
 from tfpure.state import leaves
-from tfpure.steps import Step, StepFn
-from tfpure.types import Logs
+from tfpure.types import Logs, LoopStep, StepFn
 
-__all__ = ["DataStream", "Feed", "drain_retired", "retire", "run_calls"]
+__all__ = [
+    "DataStream",
+    "Feed",
+    "check_data",
+    "drain_retired",
+    "num_batches",
+    "retire",
+    "run_calls",
+    "run_pass",
+]
 
-BatchHook = Callable[[int], None]
-LogsHook = Callable[[int, Any], None]
+
+def check_data(data: Any, argument: str) -> None:
+    """Raises unless `data` is a finite, non-empty dataset or an iterable of batches."""
+    if isinstance(data, tf.data.Dataset):
+        if int(data.cardinality()) == 0:
+            raise ValueError(f"`{argument}` held no batch: the dataset is empty.")
+        if int(data.cardinality()) == tf.data.INFINITE_CARDINALITY:
+            raise ValueError(
+                f"`{argument}` is an infinite dataset (it repeats forever); pass "
+                "`steps_per_epoch=` to fit_loop, or take a finite part with "
+                "dataset.take(n)."
+            )
+        return
+    if isinstance(data, tuple) or not isinstance(data, Iterable):
+        raise TypeError(
+            f"`{argument}` must be a tf.data.Dataset or an iterable of batches; got "
+            f"{type(data).__name__}. For arrays, use "
+            "tf.data.Dataset.from_tensor_slices((x, y)).batch(32)."
+        )
 
 
-def no_begin(index: int) -> None:
-    del index
-
-
-def no_end(index: int, logs: Any) -> None:
-    del index, logs
+def num_batches(data: Any) -> int | None:
+    """The batches in a pass over `data`, if known."""
+    if isinstance(data, tf.data.Dataset):
+        n = int(data.cardinality())
+        return n if n >= 0 else None
+    try:
+        return len(data)
+    except TypeError:
+        return None
 
 
 # -- retiring finished iterators ------------------------------------------------------
@@ -109,7 +139,7 @@ def data_iterator(step: StepFn, state: Any, data: tf.data.Dataset) -> Any:
     example). In one process tfpure steps split the global batch in-graph
     (see `tfpure.graph`), so the iterator is an ordinary one.
     """
-    if isinstance(step, Step):
+    if isinstance(step, LoopStep):
         strategy = strategy_of(leaves(state))
         if cluster_task(strategy) is not None:
             return iter(strategy.experimental_distribute_dataset(data))
@@ -151,7 +181,7 @@ class Feed:
     """One iterator bound to a step: ``logs, ran = feed.call(n, begin)`` runs up to n steps.
 
     A tfpure `Step` on a `tf.data` iterator runs a call's steps in one graph
-    call (`Step._epoch`); any other step is called once per batch in Python,
+    call (`Step.runner`); any other step is called once per batch in Python,
     and `state` follows what it returns. `ran` is 0 once the data ran out;
     it is read back from the graph only where the data may run out
     (`counted`), so a call over data known to last needs no host read.
@@ -160,9 +190,9 @@ class Feed:
     def __init__(self, step: StepFn, state: Any, iterator: Any, *, grouped: bool, counted: bool):
         self.step, self.state, self.iterator = step, state, iterator
         self.grouped, self.counted = grouped, counted
-        self.in_graph = isinstance(step, Step) and hasattr(iterator, "get_next_as_optional")
+        self.in_graph = isinstance(step, LoopStep) and hasattr(iterator, "get_next_as_optional")
         self.steps_per_call = step.steps_per_call if self.in_graph else 1
-        self._run = step._epoch(state, iterator, grouped) if self.in_graph else None
+        self._run = step.runner(state, iterator, grouped=grouped) if self.in_graph else None
 
     def call(self, n: int, begin: Callable[[], None]) -> tuple[Logs | None, int]:
         """Runs up to `n` steps (`begin` first, unless the data has run out)."""
@@ -217,7 +247,7 @@ def run_calls(
 
 
 class DataStream:
-    """Every iterator of one pass or one run over `data`, made, positioned and retired here.
+    """Every iterator of one pass or one run over `data`, checked, made, positioned, retired.
 
     Args:
       step, state: the step and state the feeds run.
@@ -226,11 +256,9 @@ class DataStream:
         instead of one per window.
       repeat: a run-wide iterator goes over the data repeated as needed.
       whole_calls: no action cuts a call short, so an XLA step may be fed a
-        call's batches in one element (`Step._grouped`).
+        call's batches in one element (`Step.grouped`).
       lengths: the first and last windows' steps (a run-wide iterator is
         grouped only if both are whole calls); None: until the data ends.
-      at: the resumed position ``(window, steps into it, steps in all)``: the
-        feeds start there (the data replayed to it).
     """
 
     def __init__(
@@ -243,11 +271,10 @@ class DataStream:
         repeat: bool = False,
         whole_calls: bool = True,
         lengths: Sequence[int | None] = (),
-        at: tuple[int, int, int] = (0, 0, 0),
     ):
-        self.step, self.state, self.at = step, state, at
+        self.step, self.state, self.source = step, state, data
         self.run_wide = run_wide
-        self.source = data
+        self.at = (0, 0, 0)
         dataset = isinstance(data, tf.data.Dataset)
         n = int(data.cardinality()) if dataset else tf.data.UNKNOWN_CARDINALITY
         endless = n == tf.data.INFINITE_CARDINALITY
@@ -258,13 +285,28 @@ class DataStream:
         lasting = (endless or (repeat and n > 0)) if run_wide else n >= 0
         self.counted = not (dataset and lasting)
         self.groups: tf.data.Dataset | None = None
-        if dataset and whole_calls and isinstance(step, Step):
+        if dataset and whole_calls and isinstance(step, LoopStep):
             k = step.steps_per_call
             if not (run_wide and any(n is not None and n % k for n in lengths)):
-                self.groups = step._grouped(state, self.source)
+                self.groups = step.grouped(state, self.source)
         self.repeat = repeat and not dataset  # a Python iterable cycled for a budget
         self._wide: Feed | None = None
         self._window: Feed | None = None
+
+    def prepare(self) -> None:
+        """Runs the step's trace-time checks on the data's batches, before anything changes,
+        by tracing the graph function the feeds will run (grouped or not).
+
+        (Under a multi-worker strategy the checks run at the first step instead.)
+        """
+        if isinstance(self.step, LoopStep) and isinstance(self.source, tf.data.Dataset):
+            data = self.source if self.groups is None else self.groups
+            self.step.check_data(self.state, data.element_spec, grouped=self.groups is not None)
+
+    def start_at(self, window: int, done: int, step: int) -> None:
+        """The position the feeds start at: `done` steps into `window`, `step` in all (a
+        resumed run's; its data is replayed there)."""
+        self.at = (window, done, step)
 
     def _aligned(self, steps: int) -> bool:
         """Whether a position `steps` into an iterator falls between two groups."""
@@ -319,3 +361,28 @@ class DataStream:
             if feed is not None:
                 feed.retire()
         self._window = self._wide = None
+
+
+def run_pass(
+    step: StepFn,
+    state: Any,
+    data: Any,
+    *,
+    hooks: tuple[BatchHook, LogsHook] = (no_begin, no_end),
+) -> tuple[Any, Logs | None, int]:
+    """Runs `step` over one pass of `data`; returns state, last logs, steps done.
+
+    With a tfpure `Step` and a dataset, batches are pulled in-graph,
+    `steps_per_call` per call (an XLA step's calls fed a call's batches at
+    a time, `Step.grouped`); the number of steps a call ran is read back
+    only when the dataset's length is unknown. Any other step is called
+    once per batch in Python. `hooks` are Keras batch hooks.
+    """
+    stream = DataStream(step, state, data)
+    feed = stream.feed(0, state)
+    logs: Logs | None = None
+    done = 0
+    for done, logs in run_calls(feed, limit=num_batches(data), hooks=hooks):  # noqa: B007
+        pass
+    stream.close()
+    return feed.state, logs, done

@@ -1,15 +1,60 @@
-"""Names every module shares: the `Logs` alias and the one check of a count argument."""
+"""Names every module shares: `Logs`, the `LoopStep` protocol, the one check of a count."""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol, runtime_checkable
 
 import tensorflow as tf
 
-__all__ = ["Logs", "check_count"]
+__all__ = ["LoopStep", "Logs", "StepFn", "check_count"]
 
 Logs = dict[str, tf.Tensor]
 """What a step returns beside the state: log name -> scalar tensor (``tp.Logs``)."""
+
+
+class StepFn(Protocol):
+    """Anything a loop can drive: ``state, logs = step(state, batch)``.
+
+    A tfpure `Step` is one; so is any plain Python function of that shape.
+
+    Example:
+      >>> import keras, tensorflow as tf, tfpure as tp
+      >>> def count_examples(state, batch):  # a StepFn that trains nothing
+      ...     return state, {"n": tf.shape(batch)[0]}
+      >>> state, logs = tp.fold(count_examples, None, [tf.ones((3, 2)), tf.ones((5, 2))])
+      >>> int(logs["n"])
+      5
+    """
+
+    def __call__(self, state: Any, batch: Any, /) -> tuple[Any, Logs]: ...
+
+
+@runtime_checkable
+class LoopStep(Protocol):
+    """What the loops ask of a compiled step beside ``step(state, batch)``: a `tp.Step`.
+
+    A loop runs such a step's calls on a `tf.data` iterator inside the graph
+    (`runner`), `steps_per_call` steps a call; any other step is called once
+    per batch in Python.
+
+    Example:
+      >>> import tfpure as tp
+      >>> from tfpure.types import LoopStep
+      >>> isinstance(tp.make_train_step("mse"), LoopStep), isinstance(print, LoopStep)
+      (True, False)
+    """
+
+    @property
+    def steps_per_call(self) -> int: ...
+
+    def runner(
+        self, state: Any, iterator: Any, *, grouped: bool = False
+    ) -> Callable[[int | None], tuple[Logs, tf.Tensor]]: ...
+
+    def grouped(self, state: Any, data: Any) -> Any: ...
+
+    def check_data(self, state: Any, element_spec: Any, *, grouped: bool = False) -> None: ...
 
 
 def check_count(

@@ -10,7 +10,7 @@ Assertions take your model, loss, steps and batches and raise
   * `tracing`: how often a step compiles.
 
 Hypothesis strategies (`strategies`) draw small models and ragged batches to
-feed them. Requires the ``test`` extra (``pip install "tfpure[test]"``).
+feed them. Requires the ``testing`` extra (``pip install "tfpure[testing]"``).
 """
 
 from tfpure.testing import strategies

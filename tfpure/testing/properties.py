@@ -213,55 +213,62 @@ def assert_training_flag_respected(model: keras.Model, batch: Any) -> None:
         if changed:
             raise AssertionError("training=False changed variables:\n  " + "\n  ".join(changed))
         layers = _layers(model)
-        # Enough examples that two independent Dropout masks cannot coincide.
-        wide = tf.nest.map_structure(lambda t: np.concatenate([np.asarray(t)] * 64), x)
-        droppers = [
-            layer
-            for layer in layers
-            if isinstance(layer, _DROPOUT_LIKE) and getattr(layer, "rate", 1) > 0
-        ]
-        if droppers:
-            with _spying(droppers) as seen:
-                a = keras.ops.convert_to_numpy(model(wide, training=True))
-            deaf = [
-                layer.name
-                for layer in droppers
-                if layer.name in seen and np.array_equal(*seen[layer.name])
-            ]
-            if deaf:
-                raise AssertionError(
-                    f"training=True: {deaf} passed their inputs through unchanged (each "
-                    "ignores training=True), while the model has "
-                    f"{[layer.name for layer in droppers]} to draw masks."
-                )
-            b = keras.ops.convert_to_numpy(model(wide, training=True))
-            if np.array_equal(a, b):
-                raise AssertionError(
-                    "training=True gave identical outputs on two calls although the "
-                    "model has Dropout-like layers: masks are not drawn anew (a "
-                    "layer ignores training=True, or its seed does not advance)."
-                )
-        norms = [layer for layer in layers if isinstance(layer, keras.layers.BatchNormalization)]
-        if norms:
-            stats = [v for n in norms for v in (n.moving_mean, n.moving_variance)]
-            before = snapshot(stats)
-            model(x, training=True)
-            after = snapshot(stats)
-            stuck = [
-                n.name
-                for n in norms
-                if not _diff(
-                    {k: before[k] for k in snapshot([n.moving_mean, n.moving_variance])},
-                    after,
-                )
-            ]
-            if stuck:
-                raise AssertionError(
-                    f"training=True left the BatchNormalization moving statistics of {stuck} "
-                    f"unchanged (of {[n.name for n in norms]}): not in training mode."
-                )
+        _assert_masks_drawn(model, layers, x)
+        _assert_statistics_move(model, layers, x)
     finally:
         _restore(variables, original)
+
+
+def _assert_masks_drawn(model: keras.Model, layers: list[Any], x: Any) -> None:
+    """``training=True`` draws new masks in every Dropout-like layer (if any)."""
+    # Enough examples that two independent Dropout masks cannot coincide.
+    wide = tf.nest.map_structure(lambda t: np.concatenate([np.asarray(t)] * 64), x)
+    droppers = [
+        layer
+        for layer in layers
+        if isinstance(layer, _DROPOUT_LIKE) and getattr(layer, "rate", 1) > 0
+    ]
+    if not droppers:
+        return
+    with _spying(droppers) as seen:
+        a = keras.ops.convert_to_numpy(model(wide, training=True))
+    deaf = [
+        layer.name for layer in droppers if layer.name in seen and np.array_equal(*seen[layer.name])
+    ]
+    if deaf:
+        raise AssertionError(
+            f"training=True: {deaf} passed their inputs through unchanged (each "
+            "ignores training=True), while the model has "
+            f"{[layer.name for layer in droppers]} to draw masks."
+        )
+    b = keras.ops.convert_to_numpy(model(wide, training=True))
+    if np.array_equal(a, b):
+        raise AssertionError(
+            "training=True gave identical outputs on two calls although the "
+            "model has Dropout-like layers: masks are not drawn anew (a "
+            "layer ignores training=True, or its seed does not advance)."
+        )
+
+
+def _assert_statistics_move(model: keras.Model, layers: list[Any], x: Any) -> None:
+    """``training=True`` moves the statistics of every BatchNormalization layer (if any)."""
+    norms = [layer for layer in layers if isinstance(layer, keras.layers.BatchNormalization)]
+    if not norms:
+        return
+    stats = [v for n in norms for v in (n.moving_mean, n.moving_variance)]
+    before = snapshot(stats)
+    model(x, training=True)
+    after = snapshot(stats)
+    stuck = [
+        n.name
+        for n in norms
+        if not _diff({k: before[k] for k in snapshot([n.moving_mean, n.moving_variance])}, after)
+    ]
+    if stuck:
+        raise AssertionError(
+            f"training=True left the BatchNormalization moving statistics of {stuck} "
+            f"unchanged (of {[n.name for n in norms]}): not in training mode."
+        )
 
 
 @contextlib.contextmanager
