@@ -42,7 +42,7 @@ def child(directory: str, out: str, kill: str) -> None:
     import tensorflow as tf
 
     import tfpure as tp
-    from tfpure.state import state_variables
+    from tfpure.state import owned_variables
 
     if kill:
         arm(kill)
@@ -75,7 +75,7 @@ def child(directory: str, out: str, kill: str) -> None:
         checkpoint=tp.Checkpointer(directory, save_every_steps=SAVE_EVERY, max_to_keep=2),
         verbose=0,
     )
-    arrays = {f"v{i}": v.numpy() for i, v in enumerate(state_variables(state))}
+    arrays = {f"v{i}": v.numpy() for i, v in enumerate(owned_variables(state))}
     np.savez(out, history=np.array([history[k] for k in sorted(history)]), **arrays)
 
 

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tfpure as tp
-from tfpure.state import state_variables
+from tfpure.state import owned_variables
 from tfpure.testing import strategies as tps
 
 from reference import twin
@@ -68,7 +68,7 @@ def test_mixed_precision_trains_and_skips_overflowing_steps():
         step = tp.make_train_step(SCCE)  # nonfinite="raise": an overflow is no error
         x, y = spec.batch(32, 0)
         untrained = float(SCCE(y, model(x)))
-        kept = [v for v in state_variables(state) if v is not optimizer.dynamic_scale]
+        kept = [v for v in owned_variables(state) if v is not optimizer.dynamic_scale]
         before = [v.numpy() for v in kept]
         state, _ = step(state, (x, y))
         assert float(optimizer.dynamic_scale) == 2.0**39  # halved, and kept
