@@ -9,11 +9,11 @@ import pytest
 
 import tfpure as tp
 import tfpure.testing as tpt
-from tfpure import bench, distribute, outputs, transforms
+from tfpure import bench, distribute, metrics, outputs, transforms
 from tfpure.testing import strategies
 
 README = (Path(__file__).parents[1] / "README.md").read_text()
-MODULES = (tp, tpt, transforms, distribute, strategies, bench, outputs)
+MODULES = (tp, tpt, transforms, distribute, strategies, bench, outputs, metrics)
 PUBLIC = [
     (module.__name__, name, getattr(module, name))
     for module in MODULES
