@@ -378,6 +378,22 @@ def test_a_budget_extended_with_the_same_windows_resumes_exactly(tmp_path):
     assert_identical(variables(resumed), variables(whole))
 
 
+@pytest.mark.parametrize("longer", [60, 70])
+def test_a_budget_whose_last_window_was_short_extended_equals_the_longer_run(tmp_path, longer):
+    """steps=45 (windows 20, 20, 5), then steps=60 or 70: the short window goes on where it
+    stopped; the state, and the history (each window once), are the longer run's."""
+    step = tp.make_train_step(SCCE)
+    kwargs = {"eval_every": 20, "val_data": dataset(n=20, seed=1), "verbose": 0}
+    tp.fit_loop(make_state(), dataset(), step, steps=45, checkpoint=tp.Checkpointer(tmp_path),
+                **kwargs)  # fmt: skip
+    resumed, history = tp.fit_loop(make_state(1), dataset(), step, steps=longer,
+                                   checkpoint=tp.Checkpointer(tmp_path), **kwargs)  # fmt: skip
+    whole, expected = tp.fit_loop(make_state(), dataset(), step, steps=longer, **kwargs)
+    assert int(resumed.step) == int(whole.step) == longer  # (was 45 for 60: 15 steps lost)
+    assert history == expected and len(history["loss"]) == -(-longer // 20)
+    assert_identical(variables(resumed), variables(whole))
+
+
 def test_a_replay_that_runs_out_of_data_is_a_clear_error(tmp_path):
     """Data of unknown length (a filter) holding fewer batches than the saved position."""
     step = tp.make_train_step(SCCE)

@@ -400,13 +400,14 @@ class Loop:
         self.stream.prepare()  # before anything changes (a restore included)
         self.record = Record()
         self.run: Run | None = None
+        self.prior: dict[str, list[float]] = {}  # the history of a resumed run's windows
         if checkpoint is not None:
             extra = step.log_variables(state) if isinstance(step, Step) else []
             self.run = Run(
                 checkpoint, state, data, stream=windows.run_wide, schedule=windows.describe(),
                 extra=extra,
             )  # fmt: skip
-            self.record = self.run.record
+            self.record, self.prior = windows.resumed(self.run.record, self.run.prior)
         self.stream.start_at(self.record.window, self.record.done, self.record.step)
         try:
             self.model = leaves(state)[0].model  # the model Keras callbacks see
@@ -441,8 +442,7 @@ class Loop:
 
     def full_history(self) -> dict[str, list[float]]:
         """The run's history (restored epochs first), without throughput figures."""
-        prior = self.run.prior if self.run is not None else {}
-        mine = self.history.history
+        prior, mine = self.prior, self.history.history
         names = [n for n in dict.fromkeys([*prior, *mine]) if n not in THROUGHPUT]
         return {n: [*prior.get(n, []), *mine.get(n, [])] for n in names}
 

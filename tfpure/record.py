@@ -64,6 +64,31 @@ class Windows:
             return self.length
         return min(self.length, self.budget - window * self.length)
 
+    def resumed(
+        self, record: Record, history: dict[str, list[float]]
+    ) -> tuple[Record, dict[str, list[float]]]:
+        """A restored `record` and its run's `history`, read under these windows.
+
+        A step budget's windows are alike but the last: its position is its step
+        count. A finished budget whose last window was short (45 steps in windows
+        of 20: 20, 20, 5), extended (to 60), goes on inside that window, 5 steps
+        into it, as if the longer budget had been run at once; the short
+        window's history entry goes, the window reports once, whole.
+
+        Example:
+          >>> from tfpure.record import Record, Windows
+          >>> done = Record(window=3, done=0, step=45)
+          >>> Windows.of_steps(60, 20).resumed(done, {"loss": [0.9, 0.7, 0.6]})
+          (Record(window=2, done=5, step=45, ended=''), {'loss': [0.9, 0.7]})
+        """
+        if self.budget is None or self.length is None or record.ended:
+            return record, history
+        window, done = divmod(record.step, self.length)
+        if record.step >= self.budget or (window, done) == (record.window, record.done):
+            return record, history
+        continued = attrs.evolve(record, window=window, done=done)
+        return continued, {name: values[:window] for name, values in history.items()}
+
 
 @attrs.frozen
 class Record:
