@@ -28,7 +28,7 @@ from tfpure.resume import Run
 from tfpure.schedule import THROUGHPUT, Action, Actions, Meter
 from tfpure.state import leaves
 from tfpure.steps import Step, StepFn, make_eval_step
-from tfpure.stream import DataStream, check_data, num_batches, run_calls, run_pass
+from tfpure.stream import DataStream, check_argument, num_batches, run_calls, run_pass
 from tfpure.types import Logs, check_count
 
 __all__ = ["evaluate", "fit_loop", "fold"]
@@ -61,7 +61,7 @@ def fold(step: StepFn, state: Any, batches: Any) -> tuple[Any, Logs]:
       >>> int(state.step), sorted(logs)
       (3, ['loss'])
     """
-    check_data(batches, "batches")
+    check_argument(batches, "batches")
     state, logs, done = run_pass(step, state, batches)
     if not done or logs is None:
         raise ValueError("`batches` held no batch: there was nothing to fold over.")
@@ -124,7 +124,7 @@ def evaluate(
       >>> tp.evaluate(state, data, tp.make_eval_step("mse"))
       {'loss': 4.0}
     """
-    check_data(data, "data")
+    check_argument(data, "data")
     if isinstance(eval_step, Step) and eval_step.kind == "train":
         raise ValueError("`eval_step` is a training step; build it with make_eval_step.")
     DataStream(eval_step, state, data).prepare()
@@ -264,7 +264,7 @@ def fit_loop(
                 f"tp.tensorboard_writer); got {type(action).__name__}."
             )
     if val_data is not None:
-        check_data(val_data, "val_data")
+        check_argument(val_data, "val_data")
         eval_step = _eval_step_for(eval_step, train_step)
     if checkpoint is not None and not isinstance(checkpoint, Checkpointer):
         raise TypeError(f"`checkpoint` must be a tp.Checkpointer; got {type(checkpoint).__name__}.")
@@ -313,7 +313,7 @@ def _windows(
         if isinstance(data, tf.data.Dataset) and int(data.cardinality()) == 0:
             raise ValueError("`data` held no batch: the dataset is empty.")
         if not isinstance(data, tf.data.Dataset):
-            check_data(data, "data")
+            check_argument(data, "data")
         return Windows.of_steps(steps, eval_every)
     if eval_every is not None:
         raise ValueError(
@@ -321,7 +321,7 @@ def _windows(
             "validate after every epoch)."
         )
     if steps_per_epoch is None:
-        check_data(data, "data")
+        check_argument(data, "data")
     return Windows(
         count=1 if epochs is None else epochs,
         length=steps_per_epoch or num_batches(data),

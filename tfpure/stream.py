@@ -29,7 +29,7 @@ from tfpure.types import Logs, LoopStep, StepFn
 __all__ = [
     "DataStream",
     "Feed",
-    "check_data",
+    "check_argument",
     "drain_retired",
     "num_batches",
     "retire",
@@ -38,7 +38,7 @@ __all__ = [
 ]
 
 
-def check_data(data: Any, argument: str) -> None:
+def check_argument(data: Any, argument: str) -> None:
     """Raises unless `data` is a finite, non-empty dataset or an iterable of batches."""
     if isinstance(data, tf.data.Dataset):
         if int(data.cardinality()) == 0:
@@ -287,7 +287,7 @@ class DataStream:
         self.groups: tf.data.Dataset | None = None
         if dataset and whole_calls and isinstance(step, LoopStep):
             k = step.steps_per_call
-            if not (run_wide and any(n is not None and n % k for n in lengths)):
+            if not (run_wide and any(steps is not None and steps % k for steps in lengths)):
                 self.groups = step.grouped(state, self.source)
         self.repeat = repeat and not dataset  # a Python iterable cycled for a budget
         self._wide: Feed | None = None
