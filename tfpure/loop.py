@@ -394,7 +394,7 @@ class Loop:
             run_wide=windows.run_wide,
             # A budget, or a checkpointed run (its replay needs the data to last).
             repeat=windows.budget is not None or checkpoint is not None,
-            whole_calls=not self.actions.periods,
+            whole_calls=self.actions.steps_to_next(0) is None,
             lengths=(windows.steps_in(0), windows.steps_in(windows.count - 1)),
         )
         self.stream.prepare()  # before anything changes (a restore included)
@@ -518,12 +518,14 @@ class Loop:
     def _steps(self, window: int, length: int | None) -> Logs | None:
         """The window's steps from the record on; returns the last call's logs."""
         feed = self.stream.feed(window, self.state)  # (made even if no step is left)
-        k, periods = feed.steps_per_call, self.actions.periods
+        k, actions = feed.steps_per_call, self.actions
         calls = run_calls(
             feed,
             start=self.record.done,
             limit=length,
-            cap=lambda done: call_size(self.record, k, length, periods),
+            cap=lambda done: call_size(
+                self.record, k, length, actions.steps_to_next(self.record.step)
+            ),
             hooks=(self._begin, no_end),
         )
         logs: Logs | None = None

@@ -15,8 +15,6 @@ to end the window and to land on the next step a periodic action is due.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import attrs
 
 __all__ = ["Record", "Windows", "call_size"]
@@ -124,16 +122,14 @@ class Record:
         return f"after step {self.done} of epoch {self.window + 1}"
 
 
-def call_size(record: Record, k: int, length: int | None, periods: Sequence[int]) -> int:
+def call_size(record: Record, k: int, length: int | None, to_action: int | None) -> int:
     """The steps of the next call: `k`, cut to end the window (`length` steps) and to end
-    on the next step a multiple of one of `periods` (a periodic action is due there).
+    on the step an action is due at, `to_action` steps on (None: none is).
 
     Example:
       >>> from tfpure.record import Record, call_size
-      >>> call_size(Record(done=2, step=10), 16, 8, [5])  # the window ends in 6, an action in 5
+      >>> call_size(Record(done=2, step=10), 16, 8, 5)  # the window ends in 6, an action in 5
       5
     """
     n = k if length is None else min(k, length - record.done)
-    for period in periods:
-        n = min(n, period - record.step % period)
-    return n
+    return n if to_action is None else min(n, to_action)

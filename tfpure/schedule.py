@@ -176,16 +176,21 @@ class Actions:
       >>> actions.start(step=0, examples=0, now=0.0)
       >>> [actions.fire(None, s, {}, lambda: 0, now=1.0) for s in (1, 2, 3, 4)], seen
       ([False, False, True, False], [2, 4])
+      >>> actions.steps_to_next(4)  # to step 6, a save
+      2
     """
 
     def __init__(self, actions: Sequence[Action], save_every: int | None = None):
         self.actions = list(actions)
-        self.save_every = save_every
-        #: The steps between two calls' ends that an action or a save needs.
-        self.periods = [a.n for a in self.actions if a.n is not None]
-        if save_every is not None:
-            self.periods.append(save_every)
+        # The step saves, due as an action with `n` would be (`fire` only reports them).
+        self._save = None if save_every is None else Action(_report_only, save_every)
         self.start(0, 0)
+
+    def steps_to_next(self, step: int) -> int | None:
+        """Steps from `step` to the next step an action or a save is due at by steps
+        (None: none is), where a fused call must end."""
+        stepped = [a for a in (*self.actions, self._save) if a is not None and a.n is not None]
+        return min((a.steps_to_next(step) for a in stepped), default=None)
 
     def start(self, step: int, examples: int, now: float | None = None) -> None:
         """The run starts (or resumes) at `step`, `examples` seen: no action ran yet."""
@@ -215,7 +220,11 @@ class Actions:
                 figures, seen = {k: float(v) for k, v in logs.items()}, examples()
             action.fn(state, step, {**figures, **self._meters[i].read(step, seen, now)})
             self._last[i] = now
-        return self.save_every is not None and step % self.save_every == 0
+        return self._save is not None and self._save.due(step, now, now)
+
+
+def _report_only(state: Any, step: int, logs: dict[str, float]) -> None:
+    """The step saves' action: `Actions.fire` reports them; the loop saves."""
 
 
 def tensorboard_writer(

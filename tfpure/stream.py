@@ -189,7 +189,7 @@ class Feed:
 
     def __init__(self, step: StepFn, state: Any, iterator: Any, *, grouped: bool, counted: bool):
         self.step, self.state, self.iterator = step, state, iterator
-        self.grouped, self.counted = grouped, counted
+        self.counted = counted
         self.in_graph = isinstance(step, LoopStep) and hasattr(iterator, "get_next_as_optional")
         self.steps_per_call = step.steps_per_call if self.in_graph else 1
         self._run = step.runner(state, iterator, grouped=grouped) if self.in_graph else None
