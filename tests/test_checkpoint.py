@@ -405,3 +405,29 @@ def test_a_directory_that_cannot_be_written_is_refused_at_the_start(tmp_path):
     assert int(state.step) == 0
     for name, value in tpt.snapshot(state.model.variables).items():
         np.testing.assert_array_equal(value, before[name], err_msg=name)
+
+
+def test_checkpoint_numbers_are_distinct_and_increase_whatever_the_body(tmp_path):
+    """Numbered by the loop's steps: a body that leaves `state.step` at 0 (it applies
+    through `state.optimizer`) and a skipped batch still give each save its own number."""
+
+    def body(state, batch):
+        x, y = batch
+        with tf.GradientTape() as tape:
+            loss = SCCE(y, state.model(x, training=True))
+        grads = tape.gradient(loss, state.model.trainable_variables)
+        state.optimizer.apply_gradients(zip(grads, state.model.trainable_variables, strict=True))
+        return state, {"loss": loss}
+
+    x, y = SPEC.batch(36, 0)
+    x[13] = np.nan  # the fourth batch is skipped
+    data = tf.data.Dataset.from_tensor_slices((x, y)).batch(4)  # 9 batches
+    ckpt = tp.Checkpointer(tmp_path, max_to_keep=20, save_every_steps=1, save_every_epochs=None)
+    state = make_state()
+    tp.fit_loop(state, data, tp.make_step(body, nonfinite="skip"), epochs=1, checkpoint=ckpt,
+                verbose=0)  # fmt: skip
+    assert int(state.step) == 0 and int(state.skipped) == 1
+    assert ckpt.checkpoints() == [str(tmp_path / f"ckpt-{n}") for n in range(9, 0, -1)]
+    # Saved again at a step already saved: the next number, never the same file.
+    assert ckpt.save(state) == str(tmp_path / "ckpt-10")
+    assert len(set(ckpt.checkpoints())) == 10

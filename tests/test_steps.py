@@ -517,3 +517,29 @@ def test_nonfinite_none_applies_whatever_comes_out_like_the_tutorial():
     state, logs = step(state, (x, y))
     assert np.isnan(float(logs["loss"])) and int(state.step) == 1
     assert any(np.isnan(v.numpy()).any() for v in state.model.trainable_variables)
+
+
+@pytest.mark.parametrize(
+    ("nonfinite", "jit_compile"), [("raise", False), ("raise", True), ("skip", False)]
+)
+def test_a_failed_loss_scaled_step_changes_no_variable_the_scale_included(nonfinite, jit_compile):
+    """A NaN batch under a LossScaleOptimizer: its scale and counter are put back with the
+    rest (a caller who retries must not halve the scale on every bad batch)."""
+    optimizer = keras.optimizers.LossScaleOptimizer(keras.optimizers.Adam(0.01))
+    state = make_state(SPEC.build(4), optimizer)
+    step = tp.make_train_step(SCCE, nonfinite=nonfinite, jit_compile=jit_compile)
+    state, _ = step(state, SPEC.batch(5, 0))
+    before = tpt.snapshot([*state.model.variables, *optimizer.variables])
+    x, y = SPEC.batch(5, 1)
+    x[2, 0] = np.nan
+    if nonfinite == "raise":
+        with pytest.raises(tp.NonFiniteError, match="No variable changed"):
+            step(state, (x, y))
+    else:
+        state, logs = step(state, (x, y))
+        assert int(logs["skipped"]) == 1
+    after = tpt.snapshot([*state.model.variables, *optimizer.variables])
+    assert int(state.step) == (2 if nonfinite == "skip" else 1)
+    assert float(optimizer.dynamic_scale) == 2.0**15 and int(optimizer.step_counter) == 1
+    for name, value in before.items():
+        np.testing.assert_array_equal(after[name], value, err_msg=name)

@@ -153,10 +153,11 @@ class TrainBody(_Body):
     Guarded, the step runs whole (update, metrics, counters), then checks
     the state it left: the loss and every floating variable of the model and
     the optimizer (weights, slots, BatchNorm statistics) finite. A failed
-    check puts every variable back (`Rollback`), except a
-    `LossScaleOptimizer`'s loss scale, which it lowers on an overflow: a
-    step it skipped for overflowing gradients is put back too, without an
-    error.
+    check puts every variable back (`Rollback`), a `LossScaleOptimizer`'s
+    loss scale and its counter included. A step the optimizer skipped for
+    overflowing gradients (the loss and every variable finite) is put back
+    too, without an error, but keeps the lowered scale: that is how the
+    optimizer finds its scale.
     """
 
     train = True
@@ -215,7 +216,10 @@ class TrainBody(_Body):
         # the loss and the predictions, not for every gradient: the last layers' updates
         # then overlap the backward pass of the first ones, as in the unguarded step
         # (waiting for every gradient cost 5-9% of a guarded plain-graph step, paired).
-        scale = tf.identity(self.optimizer.dynamic_scale) if self.loss_scaled else None
+        scale = counter = None
+        if self.loss_scaled:
+            scale = tf.identity(self.optimizer.dynamic_scale)
+            counter = tf.identity(self.optimizer.step_counter)
         predicted = [p for p in tf.nest.flatten(y_pred) if p is not None]
         ran = [reported, *predicted] + ([] if scale is None else [scale])
         with tf.control_dependencies([tf.group(ran)]):  # one edge for each op below
@@ -229,7 +233,7 @@ class TrainBody(_Body):
             fine = tf.logical_and(fine, examples > 0)
         overflow = tf.constant(False) if scale is None else self.optimizer.dynamic_scale < scale
         failed = tf.cast(tf.logical_not(fine), tf.int32)
-        return failed, overflow, reported, examples, left, grads
+        return failed, overflow, reported, examples, left, grads, (scale, counter)
 
     def _commit(self, grads, reported, x, y, y_pred, sample_weight, parts) -> tf.Tensor:
         self.optimizer.apply_gradients(zip(grads, self.trainable, strict=True))
@@ -245,12 +249,15 @@ class TrainBody(_Body):
         """
         if self.spec.nonfinite is None:
             return super().merge(out)
-        failures, overflow, loss, examples, left, grads = out
+        failures, overflow, loss, examples, left, grads, scale_before = out
         s = self.strategy
         local = (lambda v: [v]) if s is None else s.experimental_local_results
         if s is not None:  # every worker takes the same branch
             failures = s.reduce(tf.distribute.ReduceOp.SUM, failures, axis=None)
         no_failure = tf.equal(failures, 0)
+        if self.loss_scaled:  # a failed step lowers no scale (an overflow alone does)
+            for v, before in zip(self.also_written, scale_before, strict=True):
+                v.assign(tf.where(no_failure, tf.convert_to_tensor(v), local(before)[0]))
 
         def record_failure() -> tf.Tensor:
             per_replica = [local(g) if g is not None else [None] * self.replicas for g in grads]

@@ -264,13 +264,7 @@ class Checkpointer:
 
     def _files(self) -> list[str]:
         """The checkpoints whose files are in `directory` (newest first), whatever the index."""
-        numbered = []
-        with contextlib.suppress(OSError):
-            for name in os.listdir(self.directory):
-                match = re.fullmatch(r"ckpt-(\d+)\.index", name)
-                if match:
-                    numbered.append(int(match.group(1)))
-        return [os.path.join(self.directory, f"ckpt-{n}") for n in sorted(numbered, reverse=True)]
+        return [os.path.join(self.directory, f"ckpt-{n}") for n in _numbers(self.directory)]
 
     def _write_index(self, newest: str, paths: list[str]) -> None:
         """Writes the `checkpoint` state file (paths relative, oldest first), with the files'
@@ -292,19 +286,27 @@ class Checkpointer:
         `state` is a `TrainState` or a dict / tuple / list of them; `extra`
         holds further variables saved with it (`fit_loop` passes a
         `make_step` body's running log means). The checkpoint is numbered by
-        `state.step` (for several states, the largest).
+        its step: the largest `state.step` of its states, or the loop's count
+        of steps (`fit_loop`'s, with skipped batches and bodies that leave
+        `state.step` alone) if larger; a number already in `directory` is
+        never written again: the save then takes the one after the newest
+        there. So the numbers of a directory's checkpoints are distinct and
+        increase with each save.
 
         Example:
           >>> import keras, tempfile, tfpure as tp
           >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
           >>> state = tp.TrainState.create(model=model, optimizer=keras.optimizers.SGD())
           >>> ckpt = tp.Checkpointer(tempfile.mkdtemp())
-          >>> os.path.basename(ckpt.save(state))
-          'ckpt-0'
+          >>> [os.path.basename(ckpt.save(state)) for _ in range(2)]
+          ['ckpt-0', 'ckpt-1']
         """
         self._layout.assign(json.dumps(_layout(_groups(state, extra))))
         manager = self._manager(state, extra)
-        number = max(int(s.step.numpy()) for s in leaves(state))
+        number = max(int(self.loop_step.numpy()), *(int(s.step.numpy()) for s in leaves(state)))
+        taken = _numbers(manager.directory, complete=False)
+        if taken and number <= taken[0]:
+            number = taken[0] + 1
         path = manager.save(checkpoint_number=number)
         if manager.directory != self.directory:  # a worker's throwaway copy
             shutil.rmtree(manager.directory, ignore_errors=True)
@@ -486,6 +488,19 @@ class Checkpointer:
             f"save_every_steps={self.save_every_steps}, "
             f"save_every_epochs={self.save_every_epochs})"
         )
+
+
+def _numbers(directory: str, *, complete: bool = True) -> list[int]:
+    """The numbers of the checkpoints in `directory`, largest first: those with an index
+    file, or (not `complete`) with any file (a save cut short leaves data shards)."""
+    numbered = set()
+    pattern = r"ckpt-(\d+)\.index" if complete else r"ckpt-(\d+)\.(index|data-\d+-of-\d+)"
+    with contextlib.suppress(OSError):
+        for name in os.listdir(directory):
+            match = re.fullmatch(pattern, name)
+            if match:
+                numbered.add(int(match.group(1)))
+    return sorted(numbered, reverse=True)
 
 
 def _nothing() -> None:
