@@ -33,14 +33,15 @@ def make_state(seed=0):
     )
 
 
-def dataset(n=52, batch=8, seed=0, shuffle=False):
-    """52 examples in batches of 8: 7 batches an epoch, the last one of 4."""
+def dataset(n=52, batch=8, seed=0, shuffle=False, order=3):
+    """52 examples in batches of 8: 7 batches an epoch, the last one of 4 (shuffled:
+    in the order of the seed `order`)."""
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(n, 4)).astype("float32")
     y = rng.integers(0, 3, size=n).astype("int32")
     data = tf.data.Dataset.from_tensor_slices((x, y))
     if shuffle:
-        data = data.shuffle(n, seed=3)
+        data = data.shuffle(n, seed=order)
     return data.batch(batch)
 
 
@@ -353,6 +354,35 @@ def test_sigterm_right_after_a_step_save_does_not_write_that_step_again(tmp_path
             verbose=0,
         )
     assert numbers == [10] and preempted.value.path.endswith("ckpt-10")
+
+
+class Crash(keras.callbacks.Callback):
+    """Ends the process's run (an exception) after the batch `at` of the first epoch."""
+
+    def __init__(self, at):
+        super().__init__()
+        self.at = at
+
+    def on_train_batch_end(self, batch, logs=None):
+        if batch == self.at:
+            raise KeyboardInterrupt
+
+
+def test_a_resume_mid_epoch_with_another_shuffle_seed_is_refused_and_changes_nothing(tmp_path):
+    """Another seed passes every other data check, but replays other batches to the saved
+    position: some examples would be trained twice, others never."""
+    step, ckpt = tp.make_train_step(SCCE), tp.Checkpointer(tmp_path, save_every_steps=2)
+    with pytest.raises(KeyboardInterrupt):
+        tp.fit_loop(make_state(), dataset(shuffle=True), step, epochs=2, checkpoint=ckpt,
+                    callbacks=[Crash(at=2)], verbose=0)  # fmt: skip
+    assert ckpt.checkpoints()[0].endswith("ckpt-2")  # mid-epoch
+    state = make_state()  # the same global seed: the shuffle's op seed alone differs
+    before = variables(state)
+    with pytest.raises(tp.CheckpointError, match=r"shuffle seeds 0/3\).*shuffle seeds 0/4\."):
+        tp.fit_loop(state, dataset(shuffle=True, order=4), step, epochs=2,
+                    checkpoint=tp.Checkpointer(tmp_path), verbose=0)  # fmt: skip
+    assert_identical(variables(state), before)
+    assert int(state.step) == 0
 
 
 def test_a_budget_extended_with_the_same_windows_resumes_exactly(tmp_path):

@@ -448,13 +448,15 @@ class Checkpointer:
                 "eval_every), or train in another directory."
             )
         saved = self.data_spec.numpy().decode()
+        if data_spec is not None and "; shuffle seeds " not in saved:
+            data_spec = data_spec.split("; shuffle seeds ")[0]  # saved before seeds were
         if data_spec is not None and saved and saved != data_spec:
             return (
                 f"Checkpoint {path} was written by a run over other data ({saved}); this "
-                f"run's data: {data_spec}. Its saved position counts batches of that data, "
-                "so the resume would not be exact. Nothing was changed. Resume with the "
-                "same data (batch size, examples, element shapes), or train in another "
-                "directory."
+                f"run's data: {data_spec}. Its saved position counts batches of that data "
+                "in that order, so the resume would not be exact. Nothing was changed. "
+                "Resume with the same data (batch size, examples, element shapes, shuffle "
+                "seeds), or train in another directory."
             )
         return None
 

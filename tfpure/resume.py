@@ -78,7 +78,7 @@ def _unreplayable(data: tf.data.Dataset) -> str | None:
             "or stateful random ops such as tf.random.uniform inside map)"
         )
     for node in graph:
-        if not node.op.startswith(("ShuffleDataset", "RandomDataset", "ShuffleAndRepeatDataset")):
+        if not node.op.startswith(_SEEDED):
             continue
         inputs = dataset_op_inputs(node)
         if inputs is None or "seed" not in inputs or "seed2" not in inputs:
@@ -148,13 +148,18 @@ def _lock(directory: str) -> IO[str] | None:
 
 
 def describe_data(data: tf.data.Dataset) -> str:
-    """What a resume must find again: the elements, the batches an epoch, the batch size.
+    """What a resume must find again: the elements, the batches an epoch, the batch size,
+    and the order: the seeds of its shuffles and random datasets (another seed replays
+    other batches to the saved position).
 
     Example:
       >>> import tensorflow as tf
       >>> from tfpure.resume import describe_data
       >>> describe_data(tf.data.Dataset.range(10).batch(4))
       'elements TensorSpec(shape=(None,), dtype=tf.int64, name=None); 3 batches; batch size 4'
+      >>> tf.random.set_seed(None)
+      >>> describe_data(tf.data.Dataset.range(10).shuffle(10, seed=7).batch(4))[-23:]
+      'size 4; shuffle seeds 7'
     """
     parts = [f"elements {data.element_spec}"]
     n = int(data.cardinality())
@@ -169,7 +174,22 @@ def describe_data(data: tf.data.Dataset) -> str:
             sizes.append(str(size))
     if sizes:
         parts.append("batch size " + ", ".join(sizes))
+    seeds = []
+    for node in graph:
+        inputs = dataset_op_inputs(node) if node.op.startswith(_SEEDED) else None
+        if inputs and "seed" in inputs and "seed2" in inputs:
+            # An op seed alone is (graph default, op seed): named by the op seed.
+            first, second = const(inputs["seed"]), const(inputs["seed2"])
+            seeds.append(str(second) if first == _DEFAULT_GRAPH_SEED else f"{first}/{second}")
+    if seeds:
+        parts.append("shuffle seeds " + ", ".join(seeds))
     return "; ".join(parts)
+
+
+# The dataset ops that draw an order from seeds, and the graph seed tf.data pairs with an
+# op seed when no global seed is set (tensorflow/python/framework/random_seed.py).
+_SEEDED = ("ShuffleDataset", "RandomDataset", "ShuffleAndRepeatDataset")
+_DEFAULT_GRAPH_SEED = 87654321
 
 
 class Run:
