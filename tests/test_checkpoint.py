@@ -1,5 +1,6 @@
 """Checkpointer: exact resume after SIGKILL or SIGTERM, crash-safe restore, clear refusals."""
 
+import functools
 import json
 import signal
 import subprocess
@@ -295,6 +296,7 @@ def test_a_pipeline_that_cannot_be_replayed_is_refused_before_training(tmp_path,
 def test_checkpointed_fit_loop_equals_plain_fit_loop_and_refuses_a_second_writer(tmp_path):
     def data():  # a fresh dataset each: iterating one advances its reshuffle seed
         x, y = SPEC.batch(30, 0)
+        tf.random.set_seed(0)  # the global seed is part of the shuffle's (make_state sets it)
         return tf.data.Dataset.from_tensor_slices((x, y)).shuffle(30, seed=3).batch(8)
 
     def run(state, callbacks=()):
@@ -431,3 +433,85 @@ def test_checkpoint_numbers_are_distinct_and_increase_whatever_the_body(tmp_path
     # Saved again at a step already saved: the next number, never the same file.
     assert ckpt.save(state) == str(tmp_path / "ckpt-10")
     assert len(set(ckpt.checkpoints())) == 10
+
+
+def test_another_optimizer_class_is_refused_and_another_learning_rate_wins_with_a_warning(
+    tmp_path,
+):
+    def state_with(optimizer, seed=1):
+        state = tp.TrainState.create(
+            model=SPEC.build(seed),
+            optimizer=optimizer,
+            metrics={"accuracy": keras.metrics.SparseCategoricalAccuracy()},
+        )
+        return train_some(state)  # the optimizer built
+
+    ckpt = tp.Checkpointer(tmp_path)
+    state = make_state()  # Adam(0.01)
+    assert ckpt.restore(state) is None  # as fit_loop starts: the run's settings are taken
+    train_some(state).optimizer.learning_rate.assign(0.005)  # as a callback would
+    ckpt.save(state)
+    saved = everything(state)
+    for other in (keras.optimizers.AdamW(0.01), keras.optimizers.Adamax(0.01)):
+        refused = state_with(other)
+        before = everything(refused)
+        name = type(other).__name__
+        with pytest.raises(tp.CheckpointError, match=rf"optimizer is Adam, the state's {name} "):
+            tp.Checkpointer(tmp_path).restore(refused)
+        for key, value in before.items():
+            np.testing.assert_array_equal(everything(refused)[key], value, err_msg=key)
+    # The run's settings: its own learning rate (0.005, set while it trained) goes on.
+    same = state_with(keras.optimizers.Adam(0.01))
+    tp.Checkpointer(tmp_path).restore(same)  # no warning (warnings fail the suite)
+    assert float(same.optimizer.learning_rate) == np.float32(0.005)
+    # Another learning rate wins, with a warning naming both; everything else is restored.
+    lowered = state_with(keras.optimizers.Adam(1e-5))
+    with pytest.warns(RuntimeWarning, match=r"learning_rate: 0\.00999\d* -> 9\.99\d*e-06"):
+        tp.Checkpointer(tmp_path).restore(lowered)
+    assert float(lowered.optimizer.learning_rate) == np.float32(1e-5)
+    restored = everything(lowered)
+    assert len(restored) == len(saved)
+    for (key, value), mine in zip(saved.items(), restored.values(), strict=True):
+        if "learning_rate" not in key:
+            np.testing.assert_array_equal(mine, value, err_msg=key)
+
+
+@pytest.mark.parametrize("noise", ["tf.random", "keras.random", "seeded"])
+def test_a_checkpointed_body_drawing_unsaved_randomness_is_warned_about_before_training(
+    tmp_path, noise
+):
+    """Noise from `tf.random.normal` or an unseeded `keras.random` op cannot be replayed
+    by a resume; noise from the state's seed generator (saved) can: no warning."""
+    draw = {
+        "tf.random": lambda state, shape: tf.random.normal(shape),
+        "keras.random": lambda state, shape: keras.random.normal(shape),
+        "seeded": lambda state, shape: keras.random.normal(shape, seed=state.rng),
+    }[noise]
+
+    def body(state, batch):
+        x, y = batch
+        x = x + 0.1 * draw(state, tf.shape(x))
+        with tf.GradientTape() as tape:
+            loss = SCCE(y, state.model(x, training=True))
+        return state.apply_gradients(tape.gradient(loss, state.model.trainable_variables)), {
+            "loss": loss
+        }
+
+    state = make_state()
+    before = everything(state)
+    data = tf.data.Dataset.from_tensor_slices(SPEC.batch(8, 0)).batch(4)
+    run = functools.partial(tp.fit_loop, state, data, tp.make_step(body), epochs=1, verbose=0)
+    if noise == "seeded":
+        run(checkpoint=tp.Checkpointer(tmp_path))  # warnings fail the suite
+        return
+    source = r"random numbers from .*(RandomStandardNormal|seed_generator)"
+    with pytest.warns(RuntimeWarning, match=source), pytest.raises(KeyboardInterrupt):
+        run(checkpoint=tp.Checkpointer(tmp_path), callbacks=[Stop()])  # stops at batch 0
+    assert everything(state).keys() == before.keys()
+    for name, value in before.items():
+        np.testing.assert_array_equal(everything(state)[name], value, err_msg=name)
+
+
+class Stop(keras.callbacks.Callback):
+    def on_train_batch_begin(self, batch, logs=None):
+        raise KeyboardInterrupt

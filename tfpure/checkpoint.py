@@ -33,6 +33,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -42,7 +43,7 @@ from tfpure.record import Record
 from tfpure.state import TrainState, leaves, variable_groups
 from tfpure.types import check_count
 
-__all__ = ["CheckpointError", "Checkpointer", "read_record", "write_record"]
+__all__ = ["CheckpointError", "Checkpointer", "read_record", "saved_variables", "write_record"]
 
 
 class CheckpointError(RuntimeError):
@@ -99,6 +100,20 @@ def _groups(states: Any, extra: Sequence[Any] = ()) -> dict[str, list[Any]]:
     return groups
 
 
+def saved_variables(states: Any, extra: Sequence[Any] = ()) -> list[Any]:
+    """Every variable a `Checkpointer` saves of `states` (and the loop's `extra`).
+
+    Example:
+      >>> import keras, tfpure as tp
+      >>> from tfpure.checkpoint import saved_variables
+      >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dropout(0.5)])
+      >>> state = tp.TrainState.create(model=model, optimizer=keras.optimizers.SGD())
+      >>> any("seed_generator_state" in v.path for v in saved_variables(state))
+      True
+    """
+    return [v for variables in _groups(states, extra).values() for v in variables]
+
+
 def _name(variable: Any) -> str:
     return getattr(variable, "path", None) or variable.name
 
@@ -129,6 +144,58 @@ def _mismatch(saved: dict[str, list[list[Any]]], mine: dict[str, list[list[Any]]
                     f"and dtype {x[2]}, the state's {y[0]} has shape {tuple(y[1])} and dtype {y[2]}"
                 )
     return None
+
+
+_OPTIMIZERS = "#optimizers"  # the layout's entry for the optimizers' classes and settings
+
+
+def _settings(config: Any) -> Any:
+    """An optimizer's config as JSON would read it back, without its (generated) names."""
+    if isinstance(config, dict):
+        return {k: _settings(v) for k, v in config.items() if k != "name"}
+    if isinstance(config, list | tuple):
+        return [_settings(v) for v in config]
+    return json.loads(json.dumps(config, default=repr))
+
+
+def _optimizers(states: Any) -> dict[str, dict[str, Any]]:
+    """Each state's optimizer (by the state's path): its class and its settings."""
+    out = {}
+    for path, state in zip(_paths(states), leaves(states), strict=True):
+        optimizer = state.optimizer
+        if optimizer is None:
+            continue
+        name = type(optimizer).__name__
+        inner = getattr(optimizer, "inner_optimizer", None)
+        if inner is not None:  # LossScaleOptimizer(Adam)
+            name = f"{name}({type(inner).__name__})"
+        try:
+            settings = _settings(optimizer.get_config())
+        except Exception:  # an optimizer without a config: its class alone is checked
+            settings = {}
+        out[path] = {"class": name, "settings": settings}
+    return out
+
+
+def _changes(old: Any, new: Any, key: str = "") -> list[str]:
+    """Each setting that differs: 'key: old -> new'."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [
+            change
+            for k in sorted(set(old) | set(new), key=str)
+            for change in _changes(old.get(k), new.get(k), f"{key}.{k}" if key else str(k))
+        ]
+    return [] if old == new else [f"{key}: {old!r} -> {new!r}"]
+
+
+def _learning_rates(states: Any) -> dict[str, tuple[Any, Any]]:
+    """Each optimizer's learning-rate variable and its value now (a schedule has none)."""
+    out = {}
+    for path, state in zip(_paths(states), leaves(states), strict=True):
+        rate = getattr(state.optimizer, "learning_rate", None)
+        if isinstance(rate, keras.Variable | tf.Variable):
+            out[path] = (rate, np.array(rate.numpy(), copy=True))
+    return out
 
 
 class Checkpointer:
@@ -204,6 +271,8 @@ class Checkpointer:
         # What the run's data looks like (elements, batches, batch size): a resume must match.
         self.data_spec = tf.Variable("", trainable=False, name="data_spec")
         self._layout = tf.Variable("", trainable=False, name="layout")
+        # The optimizers' classes and settings the run started with (or last changed to).
+        self._started: dict[str, dict[str, Any]] | None = None
         self._managed: tuple[tuple[int, ...], tf.train.CheckpointManager] | None = None
 
     # -- the checkpoint object ----------------------------------------------------
@@ -301,7 +370,12 @@ class Checkpointer:
           >>> [os.path.basename(ckpt.save(state)) for _ in range(2)]
           ['ckpt-0', 'ckpt-1']
         """
-        self._layout.assign(json.dumps(_layout(_groups(state, extra))))
+        current = _optimizers(state)
+        classes = {k: v["class"] for k, v in current.items()}
+        if self._started is None or classes != {k: v["class"] for k, v in self._started.items()}:
+            self._started = current
+        layout = {**_layout(_groups(state, extra)), _OPTIMIZERS: self._started}
+        self._layout.assign(json.dumps(layout))
         manager = self._manager(state, extra)
         number = max(int(self.loop_step.numpy()), *(int(s.step.numpy()) for s in leaves(state)))
         taken = _numbers(manager.directory, complete=False)
@@ -321,8 +395,16 @@ class Checkpointer:
         reader = tf.train.load_checkpoint(path)
         for key in reader.get_variable_to_dtype_map():
             reader.get_tensor(key)
-        saved = reader.get_tensor(checkpoint_value_key("layout"))
-        problem = _mismatch(json.loads(saved), _layout(_groups(state, extra)))
+        saved = json.loads(reader.get_tensor(checkpoint_value_key("layout")))
+        optimizers = saved.pop(_OPTIMIZERS, {})  # (tfpure 0.1's checkpoints hold none)
+        problem = _mismatch(saved, _layout(_groups(state, extra)))
+        mine = _optimizers(state)
+        for where in sorted(set(optimizers) & set(mine)):
+            if problem is None and optimizers[where]["class"] != mine[where]["class"]:
+                problem = (
+                    f"its {where or ''}optimizer is {optimizers[where]['class']}, the state's "
+                    f"{mine[where]['class']} (another optimizer would misread its slots)"
+                )
         if problem:
             raise CheckpointError(
                 f"Checkpoint {path} does not fit this state: {problem}. It was written "
@@ -360,8 +442,10 @@ class Checkpointer:
           >>> print(tp.Checkpointer(tempfile.mkdtemp()).restore(state))
           None
         """
+        mine, rates = _optimizers(state), _learning_rates(state)
         paths, lost = self._listed()
         if not paths:
+            self._started = mine
             return None
         if lost:
             warnings.warn(
@@ -383,6 +467,7 @@ class Checkpointer:
             if refusal is not None:
                 put_back()
                 raise CheckpointError(refusal)
+            self._settle_optimizers(path, mine, rates)
             if lost:  # The index as it was: up to the one restored, `max_to_keep` of them.
                 kept = paths[paths.index(path) :][: self.max_to_keep][::-1]
                 self._write_index(path, kept)
@@ -414,7 +499,7 @@ class Checkpointer:
                 stacklevel=3,
             )
             return failure, _nothing
-        variables = [v for vs in _groups(state, extra).values() for v in vs]
+        variables = saved_variables(state, extra)
         variables += [self.epoch, self.epoch_step, self.loop_step, self.history]
         variables += [self.schedule, self.ended, self.data_spec]
         backup = [np.array(v.numpy(), copy=True) for v in variables]
@@ -436,6 +521,36 @@ class Checkpointer:
             )
             return failure, _nothing
         return None, put_back
+
+    def _settle_optimizers(
+        self, path: str, mine: dict[str, Any], rates: dict[str, tuple[Any, Any]]
+    ) -> None:
+        """After a restore: the resuming optimizers' settings win over the run's (a learning
+        rate the run's callbacks changed stays, unless the resuming run sets another)."""
+        saved = json.loads(self._layout.numpy().decode()).get(_OPTIMIZERS)
+        if saved is None:
+            self._started = mine
+            return
+        changes = {
+            where: _changes(saved[where]["settings"], mine[where]["settings"])
+            for where in mine
+            if where in saved
+        }
+        lines = [f"{where}{change}" for where, found in changes.items() for change in found]
+        if not lines:
+            self._started = saved
+            return
+        for where, found in changes.items():
+            if where in rates and any(c.split(":")[0].endswith("learning_rate") for c in found):
+                variable, value = rates[where]
+                variable.assign(value)
+        self._started = mine
+        warnings.warn(
+            f"Checkpoint {path} was written by a run whose optimizer had other settings; "
+            f"this run's win (old -> new): {'; '.join(lines)}.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
     def _refusal(self, path: str, schedule: str | None, data_spec: str | None) -> str | None:
         """Why the just-restored run at `path` cannot go on as this one, or None."""

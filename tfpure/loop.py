@@ -397,7 +397,7 @@ class Loop:
             whole_calls=self.actions.steps_to_next(0) is None,
             lengths=(windows.steps_in(0), windows.steps_in(windows.count - 1)),
         )
-        self.stream.prepare()  # before anything changes (a restore included)
+        traced = self.stream.prepare()  # before anything changes (a restore included)
         self.record = Record()
         self.run: Run | None = None
         self.prior: dict[str, list[float]] = {}  # the history of a resumed run's windows
@@ -405,7 +405,7 @@ class Loop:
             extra = step.log_variables(state) if isinstance(step, Step) else []
             self.run = Run(
                 checkpoint, state, data, stream=windows.run_wide, schedule=windows.describe(),
-                extra=extra,
+                extra=extra, traced=traced,
             )  # fmt: skip
             self.record, self.prior = windows.resumed(self.run.record, self.run.prior)
         self.stream.start_at(self.record.window, self.record.done, self.record.step)

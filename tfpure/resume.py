@@ -13,12 +13,20 @@ import os
 import signal
 import sys
 import threading
+import warnings
 from collections.abc import Callable, Sequence
 from typing import IO, Any
 
+import keras
 import tensorflow as tf
 
-from tfpure.checkpoint import Checkpointer, CheckpointError, read_record, write_record
+from tfpure.checkpoint import (
+    Checkpointer,
+    CheckpointError,
+    read_record,
+    saved_variables,
+    write_record,
+)
 from tfpure.compat import dataset_op_inputs, serialized_dataset_graph
 from tfpure.distribute import cluster_task, strategy_of
 from tfpure.record import Record
@@ -95,6 +103,66 @@ def _unreplayable(data: tf.data.Dataset) -> str | None:
                 )
             return "it shuffles without a seed (pass shuffle(..., seed=...))"
     return None
+
+
+# Random ops that keep their state in the op, or in a `tf.random.Generator` (no state
+# holds one): a checkpoint cannot save it, so a resumed run draws other numbers.
+_STATEFUL_RANDOM = frozenset(
+    {
+        "Multinomial",
+        "ParameterizedTruncatedNormal",
+        "RandomGamma",
+        "RandomPoisson",
+        "RandomPoissonV2",
+        "RandomShuffle",
+        "RandomStandardNormal",
+        "RandomUniform",
+        "RandomUniformInt",
+        "StatefulRandomBinomial",
+        "StatefulStandardNormalV2",
+        "StatefulTruncatedNormal",
+        "StatefulUniform",
+        "StatefulUniformFullInt",
+        "StatefulUniformInt",
+        "TruncatedNormal",
+    }
+)
+
+
+def _tf_variables(variable: Any) -> list[Any]:
+    """The TensorFlow variables behind a Keras or TensorFlow variable (one per device)."""
+    inner = variable.value if isinstance(variable, keras.Variable) else variable
+    return [variable, inner, *getattr(inner, "values", ())]
+
+
+def unsaved_randomness(traced: Any, saved: Sequence[Any]) -> list[str]:
+    """The random sources a traced step draws from that the `saved` variables leave out.
+
+    A resumed run draws other numbers from them than the interrupted run
+    would have: stateful random ops (``tf.random.normal``: their state lives
+    in the op) and Keras seed generators that are not saved (``keras.random``
+    ops without ``seed=``, which draw from Keras' global one).
+
+    Example:
+      >>> import keras, tensorflow as tf
+      >>> from tfpure.resume import unsaved_randomness
+      >>> noise = tf.function(
+      ...     lambda: tf.random.normal([2]) + keras.random.normal([2]), autograph=False)
+      >>> unsaved_randomness(noise.get_concrete_function(), saved=[])
+      ['tf.raw_ops.RandomStandardNormal', 'seed_generator...seed_generator_state']
+    """
+    if traced is None:
+        return []
+    graph = traced.graph.as_graph_def()
+    ops = {node.op for node in graph.node}
+    ops |= {node.op for function in graph.library.function for node in function.node_def}
+    found = [f"tf.raw_ops.{op}" for op in sorted(ops & _STATEFUL_RANDOM)]
+    kept = {id(part) for v in saved for part in _tf_variables(v)}
+    for v in traced.variables:
+        name = v.name.removesuffix(":0")
+        if "seed_generator_state" in name and id(v) not in kept:
+            found.append(name)
+    return found
 
 
 LOCK_FILE = ".tfpure.lock"
@@ -220,6 +288,7 @@ class Run:
         stream: bool,
         schedule: str,
         extra: Sequence[Any] = (),
+        traced: Any = None,
     ):
         if not isinstance(data, tf.data.Dataset):
             raise TypeError(
@@ -241,6 +310,16 @@ class Run:
                 "Checkpointer."
             )
         self.ckpt, self.state, self.extra = ckpt, state, list(extra)
+        unsaved = unsaved_randomness(traced, saved_variables(state, self.extra))
+        if unsaved:
+            warnings.warn(
+                f"The step draws random numbers from {', '.join(unsaved)}, whose state no "
+                "checkpoint saves: a resumed run draws other numbers than this one would "
+                "have, so it is not an exact resume. Draw them from a state's saved seed "
+                "generator instead: keras.random.normal(shape, seed=state.rng).",
+                RuntimeWarning,
+                stacklevel=4,
+            )
         task = cluster_task(strategy_of(leaves(state)))
         # One writer per directory: the chief (or the only process) holds its lock file.
         self._lock = _lock(ckpt.directory) if task is None or task.chief else None

@@ -246,13 +246,14 @@ class Step:
         """
         return int(self.engine(state).examples.numpy())
 
-    def check_data(self, state: Any, element_spec: Any, *, grouped: bool = False) -> None:
+    def check_data(self, state: Any, element_spec: Any, *, grouped: bool = False) -> Any:
         """Traces the function that runs batches of `element_spec` from an iterator, once.
 
         The structure, shape and dtype checks run while tracing, so data that
         does not fit the model fails here, before a loop changes anything.
-        `grouped`: the elements are groups of batches (`grouped`). (Eagerly, or
-        under a multi-worker strategy, the checks run at the first step.)
+        `grouped`: the elements are groups of batches (`grouped`). Returns the
+        traced `tf.types.experimental.ConcreteFunction` (None eagerly, or
+        under a multi-worker strategy: the checks then run at the first step).
 
         Example:
           >>> import keras, tensorflow as tf, tfpure as tp
@@ -269,9 +270,10 @@ class Step:
         if not tf.config.functions_run_eagerly() and cluster_task(strategy) is None:
             engine = self.engine(state)
             fn = engine.on_groups if grouped else engine.on_iterator
-            fn.get_concrete_function(
+            return fn.get_concrete_function(
                 tf.data.IteratorSpec(element_spec), tf.TensorSpec([], tf.int32)
             )
+        return None
 
     def _limit(self, max_steps: int | None) -> tf.Tensor:
         k = self.spec.steps_per_call if max_steps is None else max_steps

@@ -293,15 +293,19 @@ class DataStream:
         self._wide: Feed | None = None
         self._window: Feed | None = None
 
-    def prepare(self) -> None:
+    def prepare(self) -> Any:
         """Runs the step's trace-time checks on the data's batches, before anything changes,
-        by tracing the graph function the feeds will run (grouped or not).
+        by tracing the graph function the feeds will run (grouped or not); returns it.
 
-        (Under a multi-worker strategy the checks run at the first step instead.)
+        (None for a plain function or data: under a multi-worker strategy the checks run
+        at the first step instead.)
         """
         if isinstance(self.step, LoopStep) and isinstance(self.source, tf.data.Dataset):
             data = self.source if self.groups is None else self.groups
-            self.step.check_data(self.state, data.element_spec, grouped=self.groups is not None)
+            return self.step.check_data(
+                self.state, data.element_spec, grouped=self.groups is not None
+            )
+        return None
 
     def start_at(self, window: int, done: int, step: int) -> None:
         """The position the feeds start at: `done` steps into `window`, `step` in all (a
