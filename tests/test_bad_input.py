@@ -131,3 +131,86 @@ def test_fit_loop_refuses_bad_data_and_changes_nothing(kind, spec, seed, steps_p
             verbose=0,
         )
     assert_unchanged(before, state, metrics=kind not in RUNTIME)
+
+
+def six_features(seed=0):
+    keras.utils.set_random_seed(seed)
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(3)])
+    return tp.TrainState.create(model=model, optimizer=keras.optimizers.Adam(0.01))
+
+
+def batches(n, features, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, features)).astype("float32")
+    return tf.data.Dataset.from_tensor_slices((x, rng.integers(0, 3, n).astype("int32"))).batch(4)
+
+
+def test_late_refusals_come_at_the_bad_batch_or_before_training_naming_the_problem_first(
+    tmp_path,
+):
+    step = tp.make_train_step(SCCE)
+    # Batches of 6 features, then of 7: the data's shape leaves the size open (None).
+    state, reference = six_features(), six_features()
+    with pytest.raises(
+        tf.errors.InvalidArgumentError,
+        match=r"\AFeature shape mismatch for model \w+ input 0 \(\w+\): expected \(None, 6\) "
+        r".* this batch has the shape \[4 7\] \(nothing of the batch was applied\)",
+    ):
+        tp.fit_loop(state, batches(8, 6).concatenate(batches(8, 7)), step, epochs=1, verbose=0)
+    tp.fold(step, reference, batches(8, 6))  # what ran before the bad batch: all of it
+    assert int(state.step) == 2
+    for a, b in zip(state.model.variables, reference.model.variables, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    # A generator cannot be iterated twice: said before training.
+    state = six_features()
+    with pytest.raises(TypeError, match=r"\A`data` is an iterator \(generator: a generator\?\)"):
+        tp.fit_loop(state, (b for b in batches(8, 6)), step, epochs=2, verbose=0)
+    assert int(state.step) == 0
+    # Labels of unknown rank, which the loss takes.
+    unknown = batches(8, 6).map(
+        lambda x, y: (x, tf.reshape(y, tf.boolean_mask(tf.shape(y), [True])))
+    )
+    assert unknown.element_spec[1].shape.rank is None
+
+    def flat_labels_loss(model, batch, training):  # a full-control loss
+        x, y = batch
+        logits = model(x, training=training)
+        labels = tf.reshape(y, [-1])
+        return tf.reduce_mean(SCCE(labels, logits)), logits
+
+    tp.fold(tp.make_train_step(flat_labels_loss), state, unknown)
+    assert int(state.step) == 2
+    # No features, and features of the wrong size to predict: tfpure's words first.
+    with pytest.raises(ValueError, match=r"\AThe batch has no features `x` \(found None\)"):
+        step(state, (None, np.zeros(4, "int32")))
+    sevens = batches(8, 7).map(lambda x, y: x)
+    with pytest.raises(
+        ValueError, match=r"\AFeature shape mismatch .* expected \(None, 6\).*\(None, 7\)"
+    ):
+        tp.predict(state, sevens)
+    # A checkpoint directory that is a dangling symbolic link.
+    (tmp_path / "ckpt").symlink_to(tmp_path / "gone")
+    with pytest.raises(
+        tp.CheckpointError,
+        match=r"\ACannot write the checkpoint directory \S+ckpt: it is a symbolic link to \S+gone,"
+        " which does not exist",
+    ):
+        tp.fit_loop(state, batches(8, 6), step, checkpoint=tp.Checkpointer(tmp_path / "ckpt"))
+    assert int(state.step) == 2
+
+
+def test_a_resume_asking_for_less_than_was_trained_says_so_and_trains_nothing(tmp_path):
+    """A shorter budget, or fewer epochs, than the checkpoint's run: its state, with a word."""
+    step = tp.make_train_step(SCCE)
+    for unit, longer, shorter in (("steps", 6, 4), ("epochs", 2, 1)):
+        ckpt, trained = tmp_path / unit, six_features()
+        every = {"eval_every": 2} if unit == "steps" else {}  # the same windows
+        run = {unit: longer, "checkpoint": tp.Checkpointer(ckpt), "verbose": 0, **every}
+        tp.fit_loop(trained, batches(12, 6), step, **run)
+        state = six_features(seed=1)
+        run = {**run, unit: shorter, "checkpoint": tp.Checkpointer(ckpt)}
+        with pytest.warns(RuntimeWarning, match=rf"trained {longer} {unit}, more than the "):
+            tp.fit_loop(state, batches(12, 6), step, **run)
+        assert int(state.step) == int(trained.step) == 6
+        for a, b in zip(state.model.variables, trained.model.variables, strict=True):
+            np.testing.assert_array_equal(a.numpy(), b.numpy())

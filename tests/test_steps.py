@@ -543,3 +543,28 @@ def test_a_failed_loss_scaled_step_changes_no_variable_the_scale_included(nonfin
     assert float(optimizer.dynamic_scale) == 2.0**15 and int(optimizer.step_counter) == 1
     for name, value in before.items():
         np.testing.assert_array_equal(after[name], value, err_msg=name)
+
+
+@pytest.mark.parametrize(("nonfinite", "steps_per_call"), [("raise", 1), ("skip", 4)])
+def test_a_label_out_of_range_under_xla_is_an_error_naming_it(nonfinite, steps_per_call):
+    """XLA reports no label out of range itself (the loss turns NaN): the step checks the
+    labels first, in every mode, so a data error is not taken for a numeric accident."""
+    state = make_state(SPEC.build(4))
+    step = tp.make_train_step(
+        SCCE, nonfinite=nonfinite, jit_compile=True, steps_per_call=steps_per_call
+    )
+    x, y = SPEC.batch(16, 0)
+    y[6] = 7  # 3 classes
+    before = tpt.snapshot([*state.model.variables, state.step, state.skipped])
+    data = tf.data.Dataset.from_tensor_slices((x, y)).batch(4)  # the label in batch 1
+    if steps_per_call == 1:
+        data = data.skip(1).take(1)
+    with pytest.raises(
+        tf.errors.InvalidArgumentError,
+        match=r"model sequential\w* has 3 classes, so labels must be in \[0, 3\); the batch "
+        r"holds the labels\] \[7\]",
+    ):
+        tp.fold(step, state, data)
+    after = tpt.snapshot([*state.model.variables, state.step, state.skipped])
+    for name, value in before.items():
+        np.testing.assert_array_equal(after[name], value, err_msg=name)

@@ -108,8 +108,11 @@ def unpack(batch: Batch) -> tuple[Any, Any, Any]:
             f"tuple of {len(batch)} parts. Nest multi-input features: "
             "((x1, x2), y) or ({'a': x1, 'b': x2}, y)."
         )
-    if not tf.nest.flatten(x):
-        raise ValueError("The batch has no features `x` (found an empty structure).")
+    if x is None or not tf.nest.flatten(x):
+        raise ValueError(
+            f"The batch has no features `x` (found {'None' if x is None else 'an empty structure'}"
+            "): a batch is x, (x, y) or (x, y, sample_weight), the features first."
+        )
     return x, y, sample_weight
 
 
@@ -129,14 +132,17 @@ def _spec_shape(t: Any) -> tf.TensorShape:
     return tf.TensorShape(getattr(t, "shape", None))
 
 
-def check_batch(model: keras.Model, x: Any, y: Any, sample_weight: Any) -> None:
+def check_batch(model: keras.Model, x: Any, y: Any, sample_weight: Any) -> Any:
     """Checks features against the model's declared inputs, and batch sizes agree.
 
     Models without declared inputs (subclassed models) are checked by their
-    own layers instead.
+    own layers instead. Returns `x`; where the data leaves a feature size
+    unknown (``Dataset.concatenate`` of other sizes), `x` waiting on a
+    run-time check of it, which names the input and the batch's shape.
     """
     inputs = model_input_structure(model)
     flat_x = tf.nest.flatten(x)
+    late = []
     if inputs is not None:
         flat_in = tf.nest.flatten(inputs)
         if len(flat_in) != len(flat_x):
@@ -162,7 +168,29 @@ def check_batch(model: keras.Model, x: Any, y: Any, sample_weight: Any) -> None:
                     f"({getattr(spec, 'name', '?')}): expected {tuple(want)} "
                     f"(None = any size), got {tuple(have)}."
                 )
+            unknown = [
+                a for a in range(1, want.rank or 0) if want[a] is not None and have[a] is None
+            ]
+            if unknown and isinstance(got, tf.Tensor):
+                sizes = tf.gather(tf.shape(got), unknown)
+                late.append(
+                    tf.debugging.Assert(
+                        tf.reduce_all(tf.equal(sizes, [want[a] for a in unknown])),
+                        [
+                            f"Feature shape mismatch for model {model.name} input {i} "
+                            f"({getattr(spec, 'name', '?')}): expected {tuple(want)} (None = "
+                            "any size); the data left it open, and this batch has "
+                            "the shape",
+                            tf.shape(got),
+                            "(nothing of the batch was applied)",
+                        ],
+                    )
+                )
     check_batch_sizes(x, y, sample_weight)
+    if not late:
+        return x
+    with tf.control_dependencies(late):  # before the model sees the batch
+        return tf.nest.map_structure(tf.identity, x)
 
 
 def check_batch_sizes(x: Any, y: Any, sample_weight: Any) -> None:
@@ -180,7 +208,8 @@ def check_batch_sizes(x: Any, y: Any, sample_weight: Any) -> None:
     for part, value in (("x", x), ("y", y), ("sample_weight", sample_weight)):
         for leaf in tf.nest.flatten(value) if value is not None else ():
             shape = getattr(leaf, "shape", None)
-            if shape is not None and len(shape) and shape[0] is not None:
+            shape = None if shape is None else tf.TensorShape(shape)
+            if shape is not None and shape.rank and shape[0] is not None:
                 known.setdefault(part, int(shape[0]))
     if len(set(known.values())) > 1:
         raise ValueError(f"The batch's parts disagree on the number of examples: {known}.")

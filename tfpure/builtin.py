@@ -69,6 +69,8 @@ class _Body:
     rollback_variables: Sequence[Any] = ()
     held_variables: Sequence[Any] = ()
     also_written: Sequence[Any] = ()
+    # The class count of the labels `one` met (integer class indices), once traced.
+    label_classes: int | None = None
 
     def __init__(self, spec: StepSpec, state: TrainState):
         self.spec = spec
@@ -126,6 +128,49 @@ class _Body:
                 ) from err
         if parts:
             self.model_loss.track(parts, y_pred)
+
+    def _checked(self, batch: Batch) -> tuple[Batch, Any, Any, Any]:
+        """The batch and its parts, checked against the model (`check_batch`)."""
+        x, y, sample_weight = unpack(batch)
+        checked = check_batch(self.model, x, y, sample_weight)
+        if checked is not x:  # waits on a run-time check of its feature sizes
+            x, batch = checked, (checked, y, sample_weight)
+        return batch, x, y, sample_weight
+
+    def _note_labels(self, y: Any, y_pred: Any) -> None:
+        """Notes, while tracing, the class count of integer labels one rank below the
+        predictions (class indices: sparse crossentropy, sparse accuracy)."""
+        if not isinstance(y_pred, tf.Tensor) or not isinstance(y, tf.Tensor | np.ndarray):
+            return
+        classes, rank = y_pred.shape[-1] if y_pred.shape.rank else None, y_pred.shape.rank
+        if not tf.as_dtype(y.dtype).is_integer or classes is None or classes < 2:
+            return
+        shape = tf.TensorShape(y.shape)
+        if shape.rank == rank - 1 or (shape.rank == rank and shape[-1] == 1):
+            self.label_classes = classes
+
+    def label_checks(self, batch: Any) -> list[Any]:
+        """Under XLA: an assertion that every label is a class of the model's (noted when
+        `one` was traced), naming the labels out of range and the class count."""
+        classes = self.label_classes
+        if classes is None:
+            return []
+        _, y, _ = unpack(batch)
+        y = tf.convert_to_tensor(y)
+        bad = tf.logical_or(y < 0, y >= classes)
+        return [
+            tf.debugging.Assert(
+                tf.logical_not(tf.reduce_any(bad)),
+                [
+                    f"A label is out of range: the model {self.model.name} has {classes} "
+                    f"classes, so labels must be in [0, {classes}); the batch holds the "
+                    "labels",
+                    tf.boolean_mask(y, bad),
+                    "(a data error; nothing of the batch was applied)",
+                ],
+                summarize=10,
+            )
+        ]
 
     def _check_metrics(self, y_pred: Any) -> None:
         if y_pred is None and len(self.metrics) > 1:
@@ -194,10 +239,10 @@ class TrainBody(_Body):
 
     def one(self, batch: Batch) -> Any:
         """One training step (on one replica); guarded, returns what `merge` judges."""
-        x, y, sample_weight = unpack(batch)
-        check_batch(self.model, x, y, sample_weight)
+        batch, x, y, sample_weight = self._checked(batch)
         with tf.GradientTape() as tape:
             loss, y_pred, parts = self._forward(batch, True)
+            self._note_labels(y, y_pred)
             objective, reported = self._losses(loss, x)
             scaled = self.optimizer.scale_loss(objective)
         grads = tape.gradient(scaled, self.trainable)
@@ -345,9 +390,9 @@ class EvalBody(_Body):
     train = False
 
     def one(self, batch: Batch) -> tf.Tensor:
-        x, y, sample_weight = unpack(batch)
-        check_batch(self.model, x, y, sample_weight)
+        batch, x, y, sample_weight = self._checked(batch)
         loss, y_pred, parts = self._forward(batch, False)
+        self._note_labels(y, y_pred)
         _, loss = self._losses(loss, x)
         self._check_metrics(y_pred)
         # Nothing is counted unless the whole batch was scored.

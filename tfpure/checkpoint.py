@@ -106,7 +106,8 @@ def saved_variables(states: Any, extra: Sequence[Any] = ()) -> list[Any]:
     Example:
       >>> import keras, tfpure as tp
       >>> from tfpure.checkpoint import saved_variables
-      >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dropout(0.5)])
+      >>> model = keras.Sequential(
+      ...     [keras.Input((2,)), keras.layers.Dropout(0.5), keras.layers.Dense(1)])
       >>> state = tp.TrainState.create(model=model, optimizer=keras.optimizers.SGD())
       >>> any("seed_generator_state" in v.path for v in saved_variables(state))
       True

@@ -90,6 +90,10 @@ class Body(Protocol):
     def explain_failure(self) -> str:
         """What the last failed step met, for `NonFiniteError`."""
 
+    def label_checks(self, batch: Any) -> list[Any]:
+        """Checks XLA cannot make itself (a label out of range gives a NaN there, no
+        error), run before an XLA call on `batch` (one batch, or a stack of them)."""
+
 
 class Engine:
     """The graph functions of one step body.
@@ -240,7 +244,7 @@ class Engine:
         epoch than a distributed one.
         """
         if self.strategy is None:
-            return self.one(batch)
+            return self._xla_checked(self.one, batch) if self.spec.jit_compile else self.one(batch)
         fn = self.one if self.sharded else lambda b: self.one(replica_share(b))
         return self.strategy.run(fn, args=(batch,))
 
@@ -331,7 +335,7 @@ class Engine:
 
             def stacked() -> tuple[tf.Tensor, tf.Tensor]:
                 dense = [_stacked(t, n) for t in leaves]
-                return self.run_group(tf.nest.pack_sequence_as(group, dense))
+                return self._xla_checked(self.run_group, tf.nest.pack_sequence_as(group, dense))
 
             def each() -> tuple[tf.Tensor, tf.Tensor]:
                 def row(i: tf.Tensor) -> Any:
@@ -386,13 +390,22 @@ class Engine:
 
             def stacked() -> tuple[tf.Tensor, tf.Tensor]:
                 leaves = [tf.stack(group) for group in zip(*batches, strict=True)]
-                return self.run_group(tf.nest.pack_sequence_as(iterator.element_spec, leaves))
+                stacked = tf.nest.pack_sequence_as(iterator.element_spec, leaves)
+                return self._xla_checked(self.run_group, stacked)
 
             return tf.cond(same, stacked, lambda: self._run_pulled(pulled, present))
 
         return tf.cond(
             tf.equal(present, len(pulled)), full, lambda: self._run_pulled(pulled, present)
         )
+
+    def _xla_checked(self, fn: Any, batch: Any) -> Any:
+        """``fn(batch)``, an XLA function, after the body's checks of `batch` (XLA makes
+        no run-time check: a label out of range gives a NaN, not an error). Traced first,
+        so the checks know what the body met (the class count of its labels)."""
+        fn.get_concrete_function(batch)
+        with tf.control_dependencies(self.body.label_checks(batch)):
+            return fn(batch)
 
     def _run_group(self, stacked: Any) -> tuple[tf.Tensor, tf.Tensor]:
         """The steps of one XLA call, over the leading axis of `stacked`: (steps, no failure)."""

@@ -14,7 +14,8 @@ per batch).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import keras
@@ -322,6 +323,13 @@ def _windows(
         )
     if steps_per_epoch is None:
         check_argument(data, "data")
+        if (epochs or 1) > 1 and isinstance(data, Iterator):
+            raise TypeError(
+                f"`data` is an iterator ({type(data).__name__}: a generator?), which can be "
+                f"iterated once, but epochs={epochs} iterate over it {epochs} times. Nothing "
+                "was trained. Pass a tf.data.Dataset, a list, or an iterable that can be "
+                "iterated again (an object whose __iter__ starts over), or epochs=1."
+            )
     return Windows(
         count=1 if epochs is None else epochs,
         length=steps_per_epoch or num_batches(data),
@@ -356,6 +364,17 @@ def batch_examples(batch: Any) -> int:
     first = next(iter(tf.nest.flatten(batch)), None)
     shape = getattr(first, "shape", None)
     return int(shape[0]) if shape is not None and len(shape) and shape[0] is not None else 1
+
+
+def _warn_of_overrun(overrun: str | None, checkpoint: Checkpointer) -> None:
+    if overrun:
+        warnings.warn(
+            f"The checkpoint in {checkpoint.directory} holds a run that trained {overrun}: "
+            "nothing is trained, and the state is returned as that run left it (a run is "
+            "not cut back). Train in another directory to start over.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
 
 
 class Loop:
@@ -408,6 +427,7 @@ class Loop:
                 extra=extra, traced=traced,
             )  # fmt: skip
             self.record, self.prior = windows.resumed(self.run.record, self.run.prior)
+            _warn_of_overrun(windows.overrun(self.record), checkpoint)
         self.stream.start_at(self.record.window, self.record.done, self.record.step)
         try:
             self.model = leaves(state)[0].model  # the model Keras callbacks see

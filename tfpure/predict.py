@@ -17,7 +17,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfpure.batch import unpack
+from tfpure.batch import check_batch, unpack
 from tfpure.state import TrainState
 from tfpure.types import check_count
 
@@ -30,7 +30,9 @@ class _Predictor:
     def __init__(self, model: keras.Model, steps_per_call: int):
         self.steps_per_call = steps_per_call
         self.forward = tf.function(
-            lambda x: model(x, training=False), reduce_retracing=True, autograph=False
+            lambda x: model(check_batch(model, x, None, None), training=False),
+            reduce_retracing=True,
+            autograph=False,
         )
         self.loop = tf.function(self._loop, autograph=False)
 

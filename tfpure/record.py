@@ -56,6 +56,22 @@ class Windows:
         kind = "one data iterator over the run" if self.run_wide else "one data pass each"
         return f"epochs of {self.length} steps ({kind})"
 
+    def overrun(self, record: Record) -> str | None:
+        """What a restored `record` trained beyond these windows' end, or None.
+
+        Example:
+          >>> from tfpure.record import Record, Windows
+          >>> Windows.of_steps(30, 10).overrun(Record(window=5, done=0, step=50))
+          '50 steps, more than the 30 of this run'
+          >>> print(Windows(count=5, length=8).overrun(Record(window=5, done=0, step=40)))
+          None
+        """
+        if self.budget is not None and record.step > self.budget:
+            return f"{record.step} steps, more than the {self.budget} of this run"
+        if self.budget is None and record.window > self.count:
+            return f"{record.window} epochs, more than the {self.count} of this run"
+        return None
+
     def steps_in(self, window: int) -> int | None:
         """The steps of `window` (None: until the data runs out)."""
         if self.budget is None or self.length is None:

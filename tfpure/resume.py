@@ -165,6 +165,19 @@ def unsaved_randomness(traced: Any, saved: Sequence[Any]) -> list[str]:
     return found
 
 
+def _warn_of_unsaved_randomness(traced: Any, saved: Sequence[Any]) -> None:
+    unsaved = unsaved_randomness(traced, saved)
+    if unsaved:
+        warnings.warn(
+            f"The step draws random numbers from {', '.join(unsaved)}, whose state no "
+            "checkpoint saves: a resumed run draws other numbers than this one would "
+            "have, so it is not an exact resume. Draw them from a state's saved seed "
+            "generator instead: keras.random.normal(shape, seed=state.rng).",
+            RuntimeWarning,
+            stacklevel=5,
+        )
+
+
 LOCK_FILE = ".tfpure.lock"
 
 
@@ -193,8 +206,11 @@ def _lock(directory: str) -> IO[str] | None:
         os.makedirs(directory, exist_ok=True)
         handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115 (held for the run)
     except OSError as err:
+        why = err.strerror
+        if os.path.islink(directory) and not os.path.exists(directory):
+            why = f"it is a symbolic link to {os.readlink(directory)}, which does not exist"
         raise CheckpointError(
-            f"Cannot write the checkpoint directory {directory}: {err.strerror}. Nothing was "
+            f"Cannot write the checkpoint directory {directory}: {why}. Nothing was "
             "changed; give a directory this process can write."
         ) from err
     try:
@@ -310,16 +326,7 @@ class Run:
                 "Checkpointer."
             )
         self.ckpt, self.state, self.extra = ckpt, state, list(extra)
-        unsaved = unsaved_randomness(traced, saved_variables(state, self.extra))
-        if unsaved:
-            warnings.warn(
-                f"The step draws random numbers from {', '.join(unsaved)}, whose state no "
-                "checkpoint saves: a resumed run draws other numbers than this one would "
-                "have, so it is not an exact resume. Draw them from a state's saved seed "
-                "generator instead: keras.random.normal(shape, seed=state.rng).",
-                RuntimeWarning,
-                stacklevel=4,
-            )
+        _warn_of_unsaved_randomness(traced, saved_variables(state, self.extra))
         task = cluster_task(strategy_of(leaves(state)))
         # One writer per directory: the chief (or the only process) holds its lock file.
         self._lock = _lock(ckpt.directory) if task is None or task.chief else None

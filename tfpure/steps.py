@@ -10,6 +10,7 @@ and `tfpure.custom` (yours).
 from __future__ import annotations
 
 import contextlib
+import re
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -370,6 +371,9 @@ class Step:
         )
 
 
+_NUMBERS = re.compile(r"[-+\d.e\s]*(\.\.\.)?[-+\d.e\s]*")  # an assertion's tensor, printed
+
+
 def _cause_first(err: tf.errors.OpError) -> tf.errors.OpError:
     r"""`err` with the failing op's own words as its first line.
 
@@ -396,7 +400,11 @@ def _cause_first(err: tf.errors.OpError) -> tf.errors.OpError:
     ]
     if not lines or not lines[0].startswith("Graph execution error") or not cause:
         return err
-    message = f"{' '.join(cause)} (while running a step; the whole report follows)\n\n{err.message}"
+    first = " ".join(cause)
+    if first.startswith("assertion failed: ["):  # a check of tfpure's: its words, its values
+        parts = re.findall(r"\[([^\[\]]*)\]", first.split(" [[{{")[0])
+        first = " ".join(p if _NUMBERS.fullmatch(p) is None else f"[{p}]" for p in parts)
+    message = f"{first} (while running a step; the whole report follows)\n\n{err.message}"
     return type(err)(err.node_def, err.op, message)
 
 
