@@ -409,16 +409,23 @@ def test_a_directory_that_cannot_be_written_is_refused_at_the_start(tmp_path):
         np.testing.assert_array_equal(value, before[name], err_msg=name)
 
 
-def test_checkpoint_numbers_are_distinct_and_increase_whatever_the_body(tmp_path):
+@pytest.mark.parametrize("updates", [0, 2])
+def test_checkpoint_numbers_are_distinct_and_increase_whatever_the_body(tmp_path, updates):
     """Numbered by the loop's steps: a body that leaves `state.step` at 0 (it applies
-    through `state.optimizer`) and a skipped batch still give each save its own number."""
+    through `state.optimizer`), one that steps its state twice a batch, and a skipped
+    batch still give each save its own number, the loop's step."""
 
     def body(state, batch):
         x, y = batch
-        with tf.GradientTape() as tape:
-            loss = SCCE(y, state.model(x, training=True))
-        grads = tape.gradient(loss, state.model.trainable_variables)
-        state.optimizer.apply_gradients(zip(grads, state.model.trainable_variables, strict=True))
+        for _ in range(max(updates, 1)):
+            with tf.GradientTape() as tape:
+                loss = SCCE(y, state.model(x, training=True))
+            grads = tape.gradient(loss, state.model.trainable_variables)
+            if updates:
+                state = state.apply_gradients(grads)
+            else:
+                variables = state.model.trainable_variables
+                state.optimizer.apply_gradients(zip(grads, variables, strict=True))
         return state, {"loss": loss}
 
     x, y = SPEC.batch(36, 0)
@@ -428,10 +435,10 @@ def test_checkpoint_numbers_are_distinct_and_increase_whatever_the_body(tmp_path
     state = make_state()
     tp.fit_loop(state, data, tp.make_step(body, nonfinite="skip"), epochs=1, checkpoint=ckpt,
                 verbose=0)  # fmt: skip
-    assert int(state.step) == 0 and int(state.skipped) == 1
+    assert int(state.step) == 8 * updates and int(state.skipped) == 1
     assert ckpt.checkpoints() == [str(tmp_path / f"ckpt-{n}") for n in range(9, 0, -1)]
-    # Saved again at a step already saved: the next number, never the same file.
-    assert ckpt.save(state) == str(tmp_path / "ckpt-10")
+    # Saved again by hand (numbered by state.step unless taken): never the same file.
+    assert ckpt.save(state) == str(tmp_path / f"ckpt-{max(10, 8 * updates)}")
     assert len(set(ckpt.checkpoints())) == 10
 
 

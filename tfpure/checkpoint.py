@@ -350,18 +350,17 @@ class Checkpointer:
 
     # -- save ---------------------------------------------------------------------
 
-    def save(self, state: Any, *, extra: Sequence[Any] = ()) -> str:
+    def save(self, state: Any, *, extra: Sequence[Any] = (), number: int | None = None) -> str:
         """Writes a checkpoint of `state` (and the loop's position); returns its path.
 
         `state` is a `TrainState` or a dict / tuple / list of them; `extra`
         holds further variables saved with it (`fit_loop` passes a
-        `make_step` body's running log means). The checkpoint is numbered by
-        its step: the largest `state.step` of its states, or the loop's count
-        of steps (`fit_loop`'s, with skipped batches and bodies that leave
-        `state.step` alone) if larger; a number already in `directory` is
-        never written again: the save then takes the one after the newest
-        there. So the numbers of a directory's checkpoints are distinct and
-        increase with each save.
+        `make_step` body's running log means). The checkpoint is numbered
+        `number` (`fit_loop` passes its count of steps, skipped batches
+        included), by default the largest `state.step` of its states; a
+        number already in `directory` is never written again: the save then
+        takes the one after the newest there. So the numbers of a
+        directory's checkpoints are distinct and increase with each save.
 
         Example:
           >>> import keras, tempfile, tfpure as tp
@@ -378,7 +377,8 @@ class Checkpointer:
         layout = {**_layout(_groups(state, extra)), _OPTIMIZERS: self._started}
         self._layout.assign(json.dumps(layout))
         manager = self._manager(state, extra)
-        number = max(int(self.loop_step.numpy()), *(int(s.step.numpy()) for s in leaves(state)))
+        if number is None:
+            number = max(int(s.step.numpy()) for s in leaves(state))
         taken = _numbers(manager.directory, complete=False)
         if taken and number <= taken[0]:
             number = taken[0] + 1

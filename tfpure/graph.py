@@ -135,7 +135,9 @@ class Engine:
             # Keras' random ops (Dropout's masks) drawn with threefry: XLA on CPU compiles
             # the default algorithm to a draw several times slower than the plain graph's
             # (`benchmarks/xla_random.py`).
-            one = tf.function(_threefry(one), jit_compile=True, reduce_retracing=True)
+            one = tf.function(
+                _threefry(one), jit_compile=True, reduce_retracing=True, autograph=False
+            )
         elif self.strategy is None:
             # A function of its own, as Keras' `one_step_on_data`: the step's graph is
             # then optimised alike whether one call runs it once or in a loop, so
@@ -151,7 +153,7 @@ class Engine:
         self.groups = spec.jit_compile and spec.steps_per_call > 1 and self.strategy is None
         if self.groups:
             self.run_group = tf.function(
-                _threefry(self._run_group), jit_compile=True, reduce_retracing=True
+                _threefry(self._run_group), jit_compile=True, reduce_retracing=True, autograph=False
             )
             self.on_groups = tf.function(self._on_groups, reduce_retracing=True, autograph=False)
         # Exact signatures: `Step.__call__` traces a batch-size-free signature

@@ -381,7 +381,7 @@ class Run:
     def _write(self, record: Record, history: dict[str, list[float]]) -> str:
         write_record(self.ckpt, record)
         self.ckpt.record(history)
-        path = self.ckpt.save(self.state, extra=self.extra)
+        path = self.ckpt.save(self.state, extra=self.extra, number=record.step)
         self._saved = (record, path)
         return path
 
