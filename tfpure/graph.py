@@ -135,9 +135,7 @@ class Engine:
             # Keras' random ops (Dropout's masks) drawn with threefry: XLA on CPU compiles
             # the default algorithm to a draw several times slower than the plain graph's
             # (`benchmarks/xla_random.py`).
-            one = tf.function(
-                _threefry(one), jit_compile=True, reduce_retracing=True, autograph=False
-            )
+            one = _xla_function(one)
         elif self.strategy is None:
             # A function of its own, as Keras' `one_step_on_data`: the step's graph is
             # then optimised alike whether one call runs it once or in a loop, so
@@ -152,9 +150,7 @@ class Engine:
         # (`on_groups`) or stacked from the ones pulled (`_on_pulled`).
         self.groups = spec.jit_compile and spec.steps_per_call > 1 and self.strategy is None
         if self.groups:
-            self.run_group = tf.function(
-                _threefry(self._run_group), jit_compile=True, reduce_retracing=True, autograph=False
-            )
+            self.run_group = _xla_function(self._run_group)
             self.on_groups = tf.function(self._on_groups, reduce_retracing=True, autograph=False)
         # Exact signatures: `Step.__call__` traces a batch-size-free signature
         # first, widened where later batches' sizes differ (`tfpure.signature`),
@@ -620,6 +616,12 @@ def _row(leaf: Any, i: tf.Tensor) -> tf.Tensor:
     row = leaf.flat_values[splits[i] : splits[i + 1]]
     row.set_shape([None, *leaf.flat_values.shape[1:]])
     return row
+
+
+def _xla_function(fn: Callable[..., Any]) -> Any:
+    """`fn` as an XLA function, with threefry draws; without autograph, as the plain graph's
+    functions (and tracing quicker)."""
+    return tf.function(_threefry(fn), jit_compile=True, reduce_retracing=True, autograph=False)
 
 
 def _threefry(fn: Callable[..., Any]) -> Callable[..., Any]:
