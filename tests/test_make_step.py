@@ -275,3 +275,90 @@ def test_an_ema_teacher_updated_inside_the_body_is_rolled_back_with_the_rest():
         np.testing.assert_array_equal(v.numpy(), b)
     assert int(s["student"].step) == 1 and int(s["teacher"].skipped) == 1
     assert float(logs["skipped"]) == 1
+
+
+def alternating(use_cond):
+    """The generator updated every second step, written with an autograph `if` (the
+    state updated in place) or with `tf.cond`."""
+
+    def body(states, batch):
+        g, d = states["g"], states["d"]
+        real, poison = batch
+        n = tf.shape(real)[0]
+        z = keras.random.normal((n, NOISE), seed=g.rng)
+        with tf.GradientTape(persistent=True) as tape:
+            d_loss = gan_losses(g.model, d.model, real, z)
+            logits = d.model(g.model(z, training=True), training=True)
+            g_loss = BCE(tf.ones_like(logits), logits) * tf.reduce_mean(poison)
+        g_grads = tape.gradient(g_loss, g.model.trainable_variables)
+        d = d.apply_gradients(tape.gradient(d_loss, d.model.trainable_variables))
+        if use_cond:
+            tf.cond(d.step % 2 == 0, lambda: g.apply_gradients(g_grads).step, lambda: g.step)
+        elif d.step % 2 == 0:
+            g.apply_gradients(g_grads)  # in place: a reassigned state cannot leave a branch
+        return {"g": g, "d": d}, {"d_loss": d_loss}
+
+    return body
+
+
+def hand_written_alternating(g_model, d_model):
+    g_opt, d_opt = keras.optimizers.Adam(0.01), keras.optimizers.Adam(0.01)
+    g_opt.build(g_model.trainable_variables)
+    d_opt.build(d_model.trainable_variables)
+    rng, steps = keras.random.SeedGenerator(0), tf.Variable(0, dtype=tf.int64)
+
+    @tf.function
+    def step(real, poison):
+        n = tf.shape(real)[0]
+        z = keras.random.normal((n, NOISE), seed=rng)
+        with tf.GradientTape(persistent=True) as tape:
+            d_loss = gan_losses(g_model, d_model, real, z)
+            logits = d_model(g_model(z, training=True), training=True)
+            g_loss = BCE(tf.ones_like(logits), logits) * tf.reduce_mean(poison)
+        g_grads = tape.gradient(g_loss, g_model.trainable_variables)
+        d_grads = tape.gradient(d_loss, d_model.trainable_variables)
+        d_opt.apply_gradients(zip(d_grads, d_model.trainable_variables, strict=True))
+        steps.assign_add(1)
+        if steps % 2 == 0:
+            g_opt.apply_gradients(zip(g_grads, g_model.trainable_variables, strict=True))
+
+    return step
+
+
+@pytest.mark.parametrize(("use_cond", "k"), [(False, 1), (True, 4)])
+def test_updates_under_control_flow_equal_the_hand_written_loop_under_the_guard(use_cond, k):
+    """An update every second step, by autograph's `if` or `tf.cond`, under the default
+    guard (fused too); a poisoned batch under "skip" changes neither state."""
+    g, d = networks()
+    ref_g, ref_d = twin(g), twin(d)
+    ref_step = hand_written_alternating(ref_g, ref_d)
+    s = states(g, d)
+    tp.fold(tp.make_step(alternating(use_cond), steps_per_call=k), s, data(n=64))
+    for batch in data(n=64):
+        ref_step(*batch)
+    assert int(s["d"].step) == 4 and int(s["g"].step) == 2
+    for a, b in ((g, ref_g), (d, ref_d)):
+        for va, vb in zip(a.variables, b.variables, strict=True):
+            np.testing.assert_allclose(va.numpy(), vb.numpy(), rtol=1e-6, atol=1e-6)
+    # The generator's update on a NaN batch (the fourth: d.step 4 -> update) is undone.
+    g, d = networks()
+    s, clean = states(g, d), states(*networks())
+    skip = tp.make_step(alternating(use_cond), nonfinite="skip", steps_per_call=k)
+    tp.fold(skip, s, data(n=64, poison_batch=3))
+    tp.fold(tp.make_step(alternating(use_cond)), clean, data(n=48))
+    assert int(s["g"].skipped) == 1 and int(s["d"].step) == 3 and int(s["g"].step) == 1
+    for key in ("g", "d"):
+        assert_close(everything(clean[key]), everything(s[key]), rtol=0, atol=0)
+
+
+def test_a_state_reassigned_inside_an_autograph_branch_is_named():
+    def body(states, batch):
+        g, d = states["g"], states["d"]
+        if d.step % 2 == 0:
+            d = d.apply_gradients([tf.zeros_like(v) for v in d.model.trainable_variables])
+        return {"g": g, "d": d}, {}
+
+    s = states(*networks())
+    with pytest.raises(TypeError, match=r"\AA state was reassigned inside Python control flow"):
+        tp.make_step(body)(s, next(iter(data())))
+    assert int(s["d"].step) == 0

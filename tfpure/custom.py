@@ -137,7 +137,7 @@ class UserBody:
     held_variables: Sequence[Any] = ()  # every variable it may write has a shadow
 
     def __init__(self, spec: StepSpec, fn: Callable[[Any, Batch], Any], states: Any):
-        self.spec, self.fn = spec, fn
+        self.spec, self.fn = spec, _converted(fn) if spec.autograph else fn
         given = leaves(states)
         self._template = rebuild(states, [None] * len(given))
         self._fields = [attrs.asdict(s, recurse=False) for s in given]
@@ -158,7 +158,7 @@ class UserBody:
         states, given = self._states()
         guarded = self.spec.nonfinite is not None
         with collecting() if guarded else contextlib.nullcontext(Collected()) as collected:
-            returned, logs = _unpack_result(self.fn(states, batch))
+            returned, logs = _unpack_result(_call_body(self.fn, states, batch))
         _check_returned(states, given, returned)
         logs = _check_logs(logs)
         self.means.learn(sorted(logs))
@@ -221,6 +221,31 @@ class UserBody:
             f"{f['model'].name!r} at step {int(f['step'].numpy())}" for f in self._fields
         )
         return f"the step body ({where}) met non-finite values: {self.checks.failed()}"
+
+
+def _call_body(fn: Callable[[Any, Batch], Any], states: Any, batch: Batch) -> Any:
+    """``fn(states, batch)``; a state reassigned inside a converted branch named as such."""
+    try:
+        return fn(states, batch)
+    except TypeError as err:
+        if "found return value of type" not in str(err) or "_stmt" not in str(err):
+            raise
+        raise TypeError(
+            "A state was reassigned inside Python control flow on a tensor (`if d.step % 5 "
+            "== 0: d = d.apply_gradients(grads)`): autograph would carry it out of the "
+            "branch, and a state is no tensor. Call `d.apply_gradients(grads)` there without "
+            "reassigning it (it updates the state in place and returns the same state). "
+            f"TensorFlow said: {str(err).splitlines()[0]}"
+        ) from err
+
+
+def _converted(fn: Callable[[Any, Batch], Any]) -> Callable[[Any, Batch], Any]:
+    """`fn` with its Python control flow on tensors converted by autograph (as `tf.function`
+    converts it by default); `fn` itself if autograph cannot convert it."""
+    try:
+        return tf.autograph.to_graph(fn)
+    except Exception:  # (a callable autograph cannot read: traced as written)
+        return fn
 
 
 def _unpack_result(result: Any) -> tuple[Any, Any]:

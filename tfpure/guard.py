@@ -198,11 +198,18 @@ class Rollback:
 
 
 class Collected:
-    """The checks one trace of a body made on one replica: names and bool tensors."""
+    """The checks one trace of a body made on one replica: names and bool tensors.
+
+    Made in the body's graph: a check made inside a branch of its control flow
+    (an update under `tf.cond`, in a loop) is not collected, since its tensor
+    cannot leave the branch; what such an update wrote is checked with the
+    state's variables after the body.
+    """
 
     def __init__(self) -> None:
         self.names: list[str] = []
         self.flags: list[tf.Tensor] = []
+        self.graph = tf.compat.v1.get_default_graph()
 
     def add(self, name: str, ok: tf.Tensor) -> None:
         self.names.append(name)
@@ -269,7 +276,7 @@ def record_gradients(name: str, grads: Sequence[Any], *, loss_scaled: bool) -> N
     update and lowers its scale), so its gradients are not checked.
     """
     checks = getattr(_collector, "current", None)
-    if checks is None or loss_scaled:
-        return
+    if checks is None or loss_scaled or tf.compat.v1.get_default_graph() is not checks.graph:
+        return  # (inside a branch: the variables it wrote are checked after the body)
     if any(g is not None for g in grads):
         checks.add(f"gradients of {name}", all_finite(grads))

@@ -95,6 +95,9 @@ class StepSpec:
         (or an `OutputLoss`, bound to each model the step meets).
       loss_weights: built-in steps: the per-output loss weights as given, or None.
       fn: custom steps: the body ``fn(states, batch) -> (states, logs)``.
+      autograph: custom steps: the body's Python control flow on tensors
+        (``if``, ``for``, ``while``) is converted to graph control flow, as
+        `tf.function` converts it by default.
 
     Example:
       >>> import tfpure as tp
@@ -111,3 +114,4 @@ class StepSpec:
     loss_weights: Any = None
     model_loss: Any = None
     fn: Callable[..., Any] | None = None
+    autograph: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))

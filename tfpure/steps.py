@@ -414,6 +414,7 @@ def make_step(
     steps_per_call: int = 1,
     jit_compile: bool = False,
     nonfinite: Nonfinite = "raise",
+    autograph: bool = True,
 ) -> Step:
     """Compiles a user-written step body ``fn(states, batch) -> (states, logs)``.
 
@@ -432,7 +433,11 @@ def make_step(
     `tfpure.distribute.replica_mean` for hand-written means), and the
     non-finite guard: if any log or any gradient given to `apply_gradients`
     is not finite, *no variable of any state changes*, even when an earlier
-    update in the same step was finite.
+    update in the same step was finite. The body may update under control
+    flow (``if d.step % 5 == 0:``, `tf.cond`, loops; converted by autograph
+    as `tf.function` converts it): an update not taken checks nothing, and
+    what an update inside a branch wrote is checked with the state's
+    variables after the body.
 
     The loops (`fold`, `evaluate`, `fit_loop`) report each log as its running
     mean over the epoch, weighted by batch size; a `Checkpointer` saves those
@@ -446,6 +451,8 @@ def make_step(
       nonfinite: ``"raise"``: `NonFiniteError` naming the failed checks;
         ``"skip"``: the batch is undone and counted in every state's
         `skipped` (and ``logs["skipped"]``); None: no check.
+      autograph: convert the body's Python control flow on tensors to graph
+        control flow (`tf.autograph`); False traces it as written.
 
     Returns:
       A `Step`.
@@ -478,6 +485,7 @@ def make_step(
             steps_per_call=steps_per_call,
             nonfinite=nonfinite,
             fn=fn,
+            autograph=autograph,
         )
     )
 
