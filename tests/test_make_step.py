@@ -181,7 +181,10 @@ def test_raise_names_the_failed_check_and_changes_nothing():
     batches = list(data(poison_batch=1))
     s, _ = step(s, batches[0])
     before = {name: everything(s[name]) for name in s}
-    failed = r"\['gradients of g', \"log 'g_loss'\", \"variables of 'g'\"\]\. No variable changed"
+    failed = (
+        r"\[\"gradients of states\['g'\]\", \"log 'g_loss'\", \"variables of states\['g'\]\"\]\. "
+        "No variable changed"
+    )
     with pytest.raises(tp.NonFiniteError, match=failed):
         step(s, batches[1])
     for name in s:
@@ -362,3 +365,40 @@ def test_a_state_reassigned_inside_an_autograph_branch_is_named():
     with pytest.raises(TypeError, match=r"\AA state was reassigned inside Python control flow"):
         tp.make_step(body)(s, next(iter(data())))
     assert int(s["d"].step) == 0
+
+
+def test_messages_name_states_by_their_keys():
+    """Two states whose models share a name are told apart by their keys; a body returning
+    other keys is told which are missing and which are extra."""
+    keras.utils.set_random_seed(0)
+    online, target = (
+        keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)], name="online")
+        for _ in range(2)
+    )
+    s = {
+        key: tp.TrainState.create(model=m, optimizer=keras.optimizers.SGD(0.1))
+        for key, m in (("online", online), ("target", target))
+    }
+
+    def body(states, batch):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(states["target"].model(batch) * np.inf)
+        states["target"].apply_gradients(tape.gradient(loss, target.trainable_variables))
+        return states, {"loss": loss}
+
+    batch = np.ones((2, 2), "float32")
+    with pytest.raises(
+        tp.NonFiniteError,
+        match=r"\(states\['online'\] at step 0, states\['target'\] "
+        r"at step 0\) met non-finite values: \[\"gradients of states\['target'\]\"",
+    ):
+        tp.make_step(body)(s, batch)
+    renamed = tp.make_step(
+        lambda states, batch: ({"online": states["online"], "t": states["target"]}, {})
+    )
+    with pytest.raises(
+        TypeError,
+        match=r"structure it was given: states\['target'\] is missing, "
+        r"states\['t'\] is extra\.\Z",
+    ):
+        renamed(s, batch)

@@ -30,7 +30,14 @@ from tfpure.batch import Batch, batch_size
 from tfpure.compat import supports_no_merge_call
 from tfpure.distribute import strategy_of
 from tfpure.guard import Checks, Collected, all_finite, collecting, variable
-from tfpure.state import TrainState, leaves, owned_variables, rebuild, same_structure
+from tfpure.state import (
+    TrainState,
+    labels,
+    leaves,
+    owned_variables,
+    rebuild,
+    structure_difference,
+)
 from tfpure.types import Logs
 
 if TYPE_CHECKING:
@@ -90,10 +97,11 @@ class LogMeans:
 
 
 def _check_returned(states: Any, given: list[TrainState], returned: Any) -> None:
-    if not same_structure(states, returned):
+    difference = structure_difference(states, returned)
+    if difference:
         raise TypeError(
             "A step body must return (states, logs) with `states` of the structure it "
-            f"was given ({type(states).__name__}); got {type(returned).__name__}."
+            f"was given: {difference}."
         )
     for a, b in zip(given, leaves(returned), strict=True):
         if b.model is not a.model or b.optimizer is not a.optimizer:  # leaves() checked the type
@@ -144,6 +152,8 @@ class UserBody:
         self.strategy = strategy_of(given)
         self.merge_free = supports_no_merge_call()
         self.checks = Checks()
+        # Each state as messages name it (`states['d']`), by the id of its model.
+        self.labels = dict(zip((id(s.model) for s in given), labels(states), strict=True))
         self.means = LogMeans()
         # The log means move only when a step is kept (`merge`): no need to save them.
         self.rollback_variables = [v for s in given for v in owned_variables(s)]
@@ -157,7 +167,8 @@ class UserBody:
         """Runs the body on one replica; returns (failed checks as 0/1, logs, examples)."""
         states, given = self._states()
         guarded = self.spec.nonfinite is not None
-        with collecting() if guarded else contextlib.nullcontext(Collected()) as collected:
+        unguarded = contextlib.nullcontext(Collected())
+        with collecting(self.labels) if guarded else unguarded as collected:
             returned, logs = _unpack_result(_call_body(self.fn, states, batch))
         _check_returned(states, given, returned)
         logs = _check_logs(logs)
@@ -167,7 +178,7 @@ class UserBody:
                 collected.add(f"log {name!r}", tf.math.is_finite(logs[name]))
         for state in given if guarded else ():  # the state the body left, read after it
             left = [*state.model.variables, *state.optimizer.variables]
-            collected.add(f"variables of {state.model.name!r}", all_finite(left))
+            collected.add(f"variables of {self.labels[id(state.model)]}", all_finite(left))
         failed = tf.cast(tf.logical_not(self.checks.settle(collected)), tf.int32)
         return failed, logs, batch_size(batch)
 
@@ -218,7 +229,7 @@ class UserBody:
 
     def explain_failure(self) -> str:
         where = ", ".join(
-            f"{f['model'].name!r} at step {int(f['step'].numpy())}" for f in self._fields
+            f"{self.labels[id(f['model'])]} at step {int(f['step'].numpy())}" for f in self._fields
         )
         return f"the step body ({where}) met non-finite values: {self.checks.failed()}"
 

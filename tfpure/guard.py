@@ -206,10 +206,12 @@ class Collected:
     state's variables after the body.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, labels: dict[int, str] | None = None) -> None:
         self.names: list[str] = []
         self.flags: list[tf.Tensor] = []
         self.graph = tf.compat.v1.get_default_graph()
+        # How the body's states are named (by id of their model): `states['d']`.
+        self.labels = labels or {}
 
     def add(self, name: str, ok: tf.Tensor) -> None:
         self.names.append(name)
@@ -220,14 +222,15 @@ _collector = threading.local()
 
 
 @contextlib.contextmanager
-def collecting() -> Iterator[Collected]:
-    """Routes the `record_gradients` calls of a body being traced to a fresh `Collected`.
+def collecting(labels: dict[int, str] | None = None) -> Iterator[Collected]:
+    """Routes the `record_gradients` calls of a body being traced to a fresh `Collected`
+    (`labels`: each state's name, by the id of its model).
 
     Thread-local: MirroredStrategy traces each replica's body in a thread of
     its own, interleaved at its all-reduces.
     """
     previous = getattr(_collector, "current", None)
-    current = _collector.current = Collected()
+    current = _collector.current = Collected(labels)
     try:
         yield current
     finally:
@@ -269,7 +272,7 @@ class Checks:
         return [name for name, ok in zip(self.names or [], flags, strict=False) if not ok]
 
 
-def record_gradients(name: str, grads: Sequence[Any], *, loss_scaled: bool) -> None:
+def record_gradients(model: Any, grads: Sequence[Any], *, loss_scaled: bool) -> None:
     """Adds a check that `grads` are finite, if a guarded body is being traced.
 
     A `LossScaleOptimizer` handles non-finite gradients itself (it skips the
@@ -279,4 +282,4 @@ def record_gradients(name: str, grads: Sequence[Any], *, loss_scaled: bool) -> N
     if checks is None or loss_scaled or tf.compat.v1.get_default_graph() is not checks.graph:
         return  # (inside a branch: the variables it wrote are checked after the body)
     if any(g is not None for g in grads):
-        checks.add(f"gradients of {name}", all_finite(grads))
+        checks.add(f"gradients of {checks.labels.get(id(model), model.name)}", all_finite(grads))

@@ -322,7 +322,7 @@ class TrainState:
                 "the loss does not depend on its weights."
             )
         record_gradients(
-            self.model.name,
+            self.model,
             grads,
             loss_scaled=isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer),
         )
@@ -416,19 +416,54 @@ def rebuild(template: Any, states: list[Any]) -> Any:
     return build(template)
 
 
-def same_structure(a: Any, b: Any) -> bool:
-    """Whether two state structures have the same dicts (keys), lists and tuples."""
-    if isinstance(a, dict):
-        return (
-            isinstance(b, dict) and set(a) == set(b) and all(same_structure(a[k], b[k]) for k in a)
+def labels(states: Any, root: str = "states") -> list[str]:
+    """How messages name each state of a structure, in `leaves` order: ``states['d']``.
+
+    Example:
+      >>> from tfpure.state import labels
+      >>> labels({"g": 0, "d": [0, 0]})
+      ["states['d'][0]", "states['d'][1]", "states['g']"]
+    """
+    if isinstance(states, dict):
+        return [name for key in sorted(states) for name in labels(states[key], f"{root}[{key!r}]")]
+    if isinstance(states, list | tuple):
+        return [name for i, item in enumerate(states) for name in labels(item, f"{root}[{i}]")]
+    return [root if root != "states" else "state"]
+
+
+def structure_difference(given: Any, returned: Any, root: str = "states") -> str:
+    """What differs between two state structures (the first difference found), or "".
+
+    Example:
+      >>> from tfpure.state import structure_difference
+      >>> structure_difference({"g": 0, "d": 0}, {"g": 0, "e": 0})
+      "states['d'] is missing, states['e'] is extra"
+    """
+    if isinstance(given, dict):
+        if not isinstance(returned, dict):
+            return (
+                f"{root} should be a dict with keys {sorted(given)}, got {type(returned).__name__}"
+            )
+        missing = [f"{root}[{k!r}] is missing" for k in sorted(set(given) - set(returned))]
+        extra = [f"{root}[{k!r}] is extra" for k in sorted(set(returned) - set(given))]
+        if missing or extra:
+            return ", ".join(missing + extra)
+        inner = (structure_difference(given[k], returned[k], f"{root}[{k!r}]") for k in given)
+        return next((d for d in inner if d), "")
+    if isinstance(given, list | tuple):
+        if not isinstance(returned, list | tuple) or len(returned) != len(given):
+            size = f" of {len(returned)}" if isinstance(returned, list | tuple) else ""
+            return f"{root} should be a {type(given).__name__} of {len(given)}, got " + (
+                f"{type(returned).__name__}{size}"
+            )
+        inner = (
+            structure_difference(a, b, f"{root}[{i}]")
+            for i, (a, b) in enumerate(zip(given, returned, strict=True))
         )
-    if isinstance(a, list | tuple):
-        return (
-            isinstance(b, list | tuple)
-            and len(a) == len(b)
-            and all(same_structure(x, y) for x, y in zip(a, b, strict=True))
-        )
-    return not isinstance(b, dict | list | tuple)
+        return next((d for d in inner if d), "")
+    if isinstance(returned, dict | list | tuple):
+        return f"{root} should be a state, got a {type(returned).__name__}"
+    return ""
 
 
 def leaves(states: Any) -> list[TrainState]:
