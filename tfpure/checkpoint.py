@@ -40,7 +40,7 @@ import tensorflow as tf
 from tfpure.compat import checkpoint_value_key
 from tfpure.distribute import cluster_task, strategy_of
 from tfpure.record import Record
-from tfpure.state import TrainState, leaves, variable_groups
+from tfpure.state import key_paths, leaves, variable_groups
 from tfpure.types import check_count
 
 __all__ = ["CheckpointError", "Checkpointer", "read_record", "saved_variables", "write_record"]
@@ -71,22 +71,7 @@ class CheckpointError(RuntimeError):
 
 def _paths(states: Any) -> list[str]:
     """A name for each state of a structure: '' for one state, else its key path."""
-    if isinstance(states, TrainState):
-        return [""]
-    out: list[str] = []
-
-    def walk(node: Any, prefix: str) -> None:
-        if isinstance(node, dict):
-            for key in sorted(node):  # tf.nest's order
-                walk(node[key], f"{prefix}{key}/")
-        elif isinstance(node, list | tuple):
-            for i, item in enumerate(node):
-                walk(item, f"{prefix}{i}/")
-        else:
-            out.append(prefix)
-
-    walk(states, "")
-    return out
+    return ["".join(f"{key}/" for key in path) for path in key_paths(states)]
 
 
 def _groups(states: Any, extra: Sequence[Any] = ()) -> dict[str, list[Any]]:

@@ -416,7 +416,22 @@ def rebuild(template: Any, states: list[Any]) -> Any:
     return build(template)
 
 
-def labels(states: Any, root: str = "states") -> list[str]:
+def key_paths(states: Any) -> list[tuple[Any, ...]]:
+    """The keys leading to each state of a structure, in `leaves` order (() for one state).
+
+    Example:
+      >>> from tfpure.state import key_paths
+      >>> key_paths({"g": 0, "d": [0, 0]})
+      [('d', 0), ('d', 1), ('g',)]
+    """
+    if isinstance(states, dict):
+        return [(key, *path) for key in sorted(states) for path in key_paths(states[key])]
+    if isinstance(states, list | tuple):
+        return [(i, *path) for i, item in enumerate(states) for path in key_paths(item)]
+    return [()]
+
+
+def labels(states: Any) -> list[str]:
     """How messages name each state of a structure, in `leaves` order: ``states['d']``.
 
     Example:
@@ -424,11 +439,10 @@ def labels(states: Any, root: str = "states") -> list[str]:
       >>> labels({"g": 0, "d": [0, 0]})
       ["states['d'][0]", "states['d'][1]", "states['g']"]
     """
-    if isinstance(states, dict):
-        return [name for key in sorted(states) for name in labels(states[key], f"{root}[{key!r}]")]
-    if isinstance(states, list | tuple):
-        return [name for i, item in enumerate(states) for name in labels(item, f"{root}[{i}]")]
-    return [root if root != "states" else "state"]
+    return [
+        "states" + "".join(f"[{key!r}]" for key in path) if path else "state"
+        for path in key_paths(states)
+    ]
 
 
 def structure_difference(given: Any, returned: Any, root: str = "states") -> str:
