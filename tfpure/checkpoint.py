@@ -375,22 +375,21 @@ class Checkpointer:
 
     # -- restore ------------------------------------------------------------------
 
-    def _check(self, path: str, state: Any, extra: Sequence[Any]) -> None:
+    def _check(self, path: str, state: Any, extra: Sequence[Any], mine: dict[str, Any]) -> None:
         """Raises `tf.errors.OpError` if the files do not read back, `CheckpointError`
-        if they hold another architecture."""
+        if they hold another architecture or optimizer class (`mine`: `_optimizers(state)`)."""
         reader = tf.train.load_checkpoint(path)
         for key in reader.get_variable_to_dtype_map():
             reader.get_tensor(key)
         saved = json.loads(reader.get_tensor(checkpoint_value_key("layout")))
         optimizers = saved.pop(_OPTIMIZERS, {})  # (tfpure 0.1's checkpoints hold none)
-        problem = _mismatch(saved, _layout(_groups(state, extra)))
-        mine = _optimizers(state)
-        for where in sorted(set(optimizers) & set(mine)):
-            if problem is None and optimizers[where]["class"] != mine[where]["class"]:
-                problem = (
-                    f"its {where or ''}optimizer is {optimizers[where]['class']}, the state's "
-                    f"{mine[where]['class']} (another optimizer would misread its slots)"
-                )
+        other = [
+            f"its {where}optimizer is {optimizers[where]['class']}, the state's "
+            f"{mine[where]['class']} (another optimizer would misread its slots)"
+            for where in sorted(set(optimizers) & set(mine))
+            if optimizers[where]["class"] != mine[where]["class"]
+        ]
+        problem = _mismatch(saved, _layout(_groups(state, extra))) or next(iter(other), None)
         if problem:
             raise CheckpointError(
                 f"Checkpoint {path} does not fit this state: {problem}. It was written "
@@ -445,7 +444,7 @@ class Checkpointer:
             self._managed = None
         failures = []
         for path in paths:
-            failure, put_back = self._restore_from(path, state, extra)
+            failure, put_back = self._restore_from(path, state, extra, mine)
             if failure is not None:
                 failures.append(f"{path}: {failure}")
                 continue
@@ -465,7 +464,7 @@ class Checkpointer:
         )
 
     def _restore_from(
-        self, path: str, state: Any, extra: Sequence[Any]
+        self, path: str, state: Any, extra: Sequence[Any], mine: dict[str, Any]
     ) -> tuple[str | None, Callable[[], None]]:
         """Restores `path` all or nothing: (why it failed, with a warning; or None, and a
         function putting back what it changed).
@@ -473,7 +472,7 @@ class Checkpointer:
         Raises `CheckpointError` (nothing changed) if it holds another architecture.
         """
         try:
-            self._check(path, state, extra)
+            self._check(path, state, extra, mine)
         except CheckpointError:
             raise
         except Exception as err:  # the reader raises OpError, IndexError, ...
