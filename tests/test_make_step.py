@@ -354,6 +354,15 @@ def test_updates_under_control_flow_equal_the_hand_written_loop_under_the_guard(
         assert_close(everything(clean[key]), everything(s[key]), rtol=0, atol=0)
 
 
+def test_autograph_false_traces_the_body_as_written():
+    """Without autograph a Python `if` on a tensor is what TensorFlow refuses in a graph."""
+    s = states(*networks())
+    step = tp.make_step(alternating(use_cond=False), autograph=False)
+    with pytest.raises(tf.errors.OperatorNotAllowedInGraphError, match="Python `bool`"):
+        step(s, next(iter(data())))
+    assert int(s["d"].step) == 0 and int(s["g"].step) == 0
+
+
 def test_a_state_reassigned_inside_an_autograph_branch_is_named():
     def body(states, batch):
         g, d = states["g"], states["d"]
