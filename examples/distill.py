@@ -7,8 +7,8 @@ compiled step (the mean-teacher pattern). It prints the validation accuracy
 of both.
 
 The research pattern: two `TrainState`s, ``{"student": ..., "teacher": ...}``;
-the body trains the student with `apply_gradients`, then moves the teacher's
-variables towards the student's with plain ``assign``. The non-finite guard
+the body trains the student with `apply_gradients`, then moves the teacher (a
+state created with ``optimizer=None``) towards the student with `tp.ema`. The non-finite guard
 covers both: a bad batch undoes the student's update *and* the EMA.
 """
 
@@ -39,8 +39,8 @@ def make_states(seed: int = 0) -> dict[str, tp.TrainState]:
         "student": tp.TrainState.create(
             model=student, optimizer=keras.optimizers.Adam(3e-3), seed=seed
         ),
-        # The teacher is never trained by an optimizer; its state holds its handles.
-        "teacher": tp.TrainState.create(model=teacher, optimizer=keras.optimizers.SGD()),
+        # The teacher is not trained by an optimizer: a state without one.
+        "teacher": tp.TrainState.create(model=teacher, optimizer=None),
     }
 
 
@@ -59,10 +59,9 @@ def distill_step(states, batch):
         )
         loss = hard + KL_WEIGHT * kl + sum(student.model.losses)
     student = student.apply_gradients(tape.gradient(loss, student.model.trainable_variables))
+    teacher = tp.ema(teacher, student, DECAY)
     for t, s in zip(teacher.model.variables, student.model.variables, strict=True):
-        if t.trainable:
-            t.assign(DECAY * t + (1.0 - DECAY) * s)
-        else:  # BatchNorm statistics and seeds follow the student as they are.
+        if not s.trainable:  # BatchNorm statistics and seeds follow the student as they are.
             t.assign(s)
     return {"student": student, "teacher": teacher}, {"loss": loss, "kl": kl}
 

@@ -5,13 +5,14 @@
     python tests/resume_worker.py --jobs JOBS.json
     python tests/resume_worker.py --fork KILLS.json RESULTS.json [JOBS.json]
 
-trains a Dropout + BatchNorm model (or, with ``--gan``, a two-state GAN written
-with `tp.make_step`, whose discriminator has Dropout and whose noise comes
-from the generator state's seed generator) on a reshuffled dataset with a
-ragged last batch, checkpointing to DIR, and writes its final variables,
-step count and history to OUT (.npz). ``--steps`` trains a step budget with
-evaluation windows of ``--eval-every`` steps instead of ``--epochs``, and an
-action every 3 steps records the steps it saw (in OUT's ``fired``).
+trains a Dropout + BatchNorm model (or, with ``--gan``, a GAN written with
+`tp.make_step`, whose discriminator has Dropout, whose noise comes from the
+generator state's seed generator, whose generator's moving average is a state
+that is not trained, and whose generator loss is logged on even steps only)
+on a reshuffled dataset with a ragged last batch, checkpointing to DIR, and
+writes its final variables, step count and history to OUT (.npz). ``--steps``
+trains a step budget with evaluation windows of ``--eval-every`` steps instead
+of ``--epochs``, and an action every 3 steps records the steps it saw (in OUT's ``fired``).
 ``--kill`` makes the process kill itself:
 
   step:N         SIGKILL after the N-th training step (global steps, counted in-process)
@@ -92,6 +93,8 @@ def gan_states() -> dict[str, tp.TrainState]:
     return {
         "g": tp.TrainState.create(model=g, optimizer=keras.optimizers.Adam(0.01), seed=0),
         "d": tp.TrainState.create(model=d, optimizer=keras.optimizers.Adam(0.01), seed=1),
+        # The generator's moving average: a state that is not trained, saved with the run.
+        "ema": tp.TrainState.create(model=keras.models.clone_model(g), optimizer=None),
     }
 
 
@@ -112,7 +115,12 @@ def gan_step(states, batch):
         logits = d.model(fake, training=True)
         g_loss = BCE(tf.ones_like(logits), logits)
     g = g.apply_gradients(tape.gradient(g_loss, g.model.trainable_variables))
-    return {"g": g, "d": d}, {"d_loss": d_loss, "g_loss": g_loss}
+    ema = tp.ema(states["ema"], g, 0.9)
+    # A log the odd steps leave out: its epoch mean is over the even ones.
+    return {"g": g, "d": d, "ema": ema}, {
+        "d_loss": d_loss,
+        "g_loss": tp.log_if(d.step % 2 == 0, g_loss),
+    }
 
 
 class Kill(keras.callbacks.Callback):
@@ -217,10 +225,12 @@ def run(args: argparse.Namespace) -> None:
     states = state if args.gan else {"": state}
     arrays = {}
     for name, s in states.items():
-        arrays[f"{name}step"] = int(s.step)
         arrays.update({f"{name}v{i}": v.numpy() for i, v in enumerate(s.model.variables)})
-        arrays.update({f"{name}o{i}": v.numpy() for i, v in enumerate(s.optimizer.variables)})
         arrays[f"{name}rng"] = s.rng.state.numpy()
+        if s.optimizer is None:  # (not trained: no updates to count)
+            continue
+        arrays[f"{name}step"] = int(s.step)
+        arrays.update({f"{name}o{i}": v.numpy() for i, v in enumerate(s.optimizer.variables)})
     if args.steps:
         arrays["fired"] = np.array(fired, dtype=np.int64).reshape(-1, 2)
     np.savez(args.out, history=np.array([history[k] for k in sorted(history)]), **arrays)

@@ -106,6 +106,12 @@ def test_a_user_written_body_own_variants_and_a_hand_written_loop():
     with pytest.raises(ValueError, match="No variant could run: keras_fit: a user-written step"):
         compare(make_state, body, make_data(), variants=("keras_fit",))
 
+    def my_body(s, batch):  # not recognised: read as a loss, and the message says so
+        return body(s, batch)
+
+    with pytest.raises(TypeError, match=r"read 'my_body' as a loss.*pass tp\.make_step\(my_body\)"):
+        compare(make_state, my_body, make_data(), variants=("graph",), rounds=1, steps=2)
+
 
 def test_the_chart_is_written_with_a_log_axis_when_the_values_span_widely(tmp_path):
     pytest.importorskip("matplotlib")

@@ -328,10 +328,11 @@ def hand_written_alternating(g_model, d_model):
     return step
 
 
-@pytest.mark.parametrize(("use_cond", "k"), [(False, 1), (True, 4)])
+# (`tf.cond` and fused calls: tests/test_examples.py, on the WGAN-GP example.)
+@pytest.mark.parametrize(("use_cond", "k"), [(False, 1)])
 def test_updates_under_control_flow_equal_the_hand_written_loop_under_the_guard(use_cond, k):
-    """An update every second step, by autograph's `if` or `tf.cond`, under the default
-    guard (fused too); a poisoned batch under "skip" changes neither state."""
+    """An update every second step, by autograph's `if`, under the default guard; a
+    poisoned batch under "skip" changes neither state."""
     g, d = networks()
     ref_g, ref_d = twin(g), twin(d)
     ref_step = hand_written_alternating(ref_g, ref_d)

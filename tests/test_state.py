@@ -6,6 +6,7 @@ import pytest
 import tensorflow as tf
 
 import tfpure as tp
+from tfpure.state import variable_groups
 from tfpure.testing.strategies import ModelSpec
 
 SPEC = ModelSpec((4,), (("dense", 5), ("dropout", 50), ("batchnorm", 0)), num_classes=3)
@@ -138,3 +139,42 @@ def test_an_optimizer_built_for_another_model_is_refused():
     tp.TrainState.create(model=SPEC.build(0), optimizer=optimizer)
     with pytest.raises(ValueError, match="built for other variables"):
         tp.TrainState.create(model=SPEC.build(1), optimizer=optimizer)
+
+
+def test_a_state_without_an_optimizer_is_not_trained_and_says_so():
+    """optimizer=None: a frozen model is welcome (the no-trainable-variables refusal is for
+    an optimizer), its variables are the state's, and training it is refused by name."""
+    frozen = SPEC.build(0)
+    frozen.trainable = False
+    state = tp.TrainState.create(model=frozen, optimizer=None)
+    groups = variable_groups(state)
+    assert groups["optimizer"] == [] and len(groups["model"]) == len(frozen.variables) > 0
+    assert "optimizer=None" in repr(state)
+    model = SPEC.build(1)
+    untrained = tp.TrainState.create(model=model, optimizer=None)
+    before = [v.numpy() for v in model.variables]
+    grads = [tf.ones_like(v) for v in model.trainable_variables]
+    with pytest.raises(
+        ValueError, match=r"\Aapply_gradients on the state of model .* no optimizer"
+    ):
+        untrained.apply_gradients(grads)
+    with pytest.raises(ValueError, match=r"\Amake_train_step trains .* the state has none"):
+        tp.make_train_step("mse")(untrained, SPEC.batch(4, 0))
+    for v, b in zip(model.variables, before, strict=True):
+        np.testing.assert_array_equal(v.numpy(), b)
+    assert int(untrained.step) == 0
+
+
+def test_ema_averages_trainable_counterparts_and_refuses_what_cannot_be_averaged():
+    source, target = SPEC.build(0), SPEC.build(1)  # (BatchNorm: statistics not averaged)
+    before = {v.path: v.numpy() for v in target.variables}
+    assert tp.ema(target, tp.TrainState.create(model=source, optimizer=None), 0.9) is target
+    for t, s in zip(target.variables, source.variables, strict=True):
+        expected = 0.9 * before[t.path] + (1 - 0.9) * s.numpy() if s.trainable else before[t.path]
+        np.testing.assert_allclose(t.numpy(), expected, rtol=1e-6, atol=1e-7, err_msg=t.path)
+    with pytest.raises(ValueError, match=r"same architecture: the target's variables"):
+        tp.ema(target, ModelSpec((4,), (("dense", 3),), num_classes=2).build(0), 0.9)
+    with pytest.raises(ValueError, match=r"decay must be in \[0, 1\]; got 1.5"):
+        tp.ema(target, source, 1.5)
+    with pytest.raises(TypeError, match=r"TrainStates or keras\.Models; got list"):
+        tp.ema([target], source, 0.9)

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tfpure as tp
+from tfpure import resume
 from tfpure import testing as tpt
 from tfpure.testing import strategies as tps
 from tfpure.testing.strategies import ModelSpec
@@ -566,3 +567,37 @@ def test_a_label_out_of_range_under_xla_is_an_error_naming_it(nonfinite, steps_p
     after = tpt.snapshot([*state.model.variables, state.step, state.skipped])
     for name, value in before.items():
         np.testing.assert_array_equal(after[name], value, err_msg=name)
+
+
+def test_the_history_counts_each_epochs_skipped_steps_and_a_resume_keeps_counting_them(
+    tmp_path, monkeypatch
+):
+    """Batches 0 and 2 of 3 are poisoned: 2 skipped an epoch (the state counts them all).
+    Preempted mid-epoch 2, right after a skipped batch, the resumed run reports the same."""
+    x, y = SPEC.batch(12, 0)
+    x[:4] = x[8:] = np.nan
+    data = tf.data.Dataset.from_tensor_slices((x, y)).batch(4)
+    step = tp.make_train_step(SCCE, nonfinite="skip")
+    state = make_state(SPEC.build(0), seed=0)
+    _, uninterrupted = tp.fit_loop(state, data, step, epochs=2, verbose=0)
+    assert uninterrupted["skipped"] == [2.0, 2.0] and int(state.skipped) == 4
+    calls = []
+
+    class Count(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            calls.append(batch)
+
+    # SIGTERM as the run sees it, after its fourth step (no signal is sent).
+    preempted = property(lambda self: len(calls) == 4, lambda self, value: None)
+    monkeypatch.setattr(resume.Run, "preempted", preempted, raising=False)
+    first = make_state(SPEC.build(0), seed=0)
+    with pytest.raises(tp.Preempted):
+        tp.fit_loop(first, data, step, epochs=2, verbose=0, callbacks=[Count()],
+                    checkpoint=tp.Checkpointer(tmp_path))  # fmt: skip
+    monkeypatch.undo()
+    assert int(first.skipped) == 3
+    resumed = make_state(SPEC.build(0), seed=0)
+    _, history = tp.fit_loop(
+        resumed, data, step, epochs=2, verbose=0, checkpoint=tp.Checkpointer(tmp_path)
+    )
+    assert history == uninterrupted

@@ -213,7 +213,7 @@ def two_states():
     }
 
 
-def two_state_body(scale_b):
+def two_state_body(scale_b, **step_options):
     """One make_step body training two states; `scale_b()` scales the second's loss."""
 
     def body(states, batch):
@@ -230,7 +230,7 @@ def two_state_body(scale_b):
             logs[f"{name}_loss"] = loss
         return states, logs
 
-    return tp.make_step(body)
+    return tp.make_step(body, **step_options)
 
 
 def test_graph_matches_eager_on_several_states_names_the_state():
@@ -244,6 +244,42 @@ def test_graph_matches_eager_on_several_states_names_the_state():
 
     with pytest.raises(AssertionError, match=r"(?m)^  b model \S+: max \|graph - eager\|"):
         tpt.assert_graph_matches_eager(two_states, two_state_body(growing), batches)
+
+
+def test_fused_matches_sequential_on_make_step_bodies_and_catches_python_state():
+    """Several states without validation; one state validated by `eval_step=`."""
+    data = tf.data.Dataset.from_tensor_slices(SPEC.batch(10, 0)).batch(3)
+    tpt.assert_fused_matches_sequential(
+        two_states,
+        lambda k: two_state_body(lambda: 1.0, steps_per_call=k),
+        data,
+        steps_per_call=3,
+    )
+
+    def one_state_body(state, batch):
+        states, logs = two_state_body(lambda: 1.0).spec.fn({"a": state}, batch)
+        return states["a"], logs
+
+    tpt.assert_fused_matches_sequential(
+        lambda: two_states()["a"],
+        lambda k: tp.make_step(one_state_body, steps_per_call=k),
+        data,
+        steps_per_call=3,
+        eval_step=tp.make_eval_step(SCCE),
+    )
+    calls = []
+
+    def growing():  # bug: a Python counter, frozen at trace time in each step's graph
+        calls.append(1)
+        return float(len(calls))
+
+    with pytest.raises(AssertionError, match=r"(?s)steps_per_call=3 differs.*history b_loss"):
+        tpt.assert_fused_matches_sequential(
+            two_states,
+            lambda k: two_state_body(growing, steps_per_call=k),
+            data,
+            steps_per_call=3,
+        )
 
 
 # -- an eval step that moves BatchNorm statistics --------------------------------------

@@ -14,11 +14,12 @@ from tfpure import distribute, transforms
 from tfpure._version import __version__ as __version__
 from tfpure.batch import LossFn, ModelLossFn
 from tfpure.checkpoint import Checkpointer, CheckpointError
+from tfpure.custom import log_if
 from tfpure.loop import evaluate, fit_loop, fold
 from tfpure.predict import predict
 from tfpure.resume import Preempted
 from tfpure.schedule import Action, every, tensorboard_writer
-from tfpure.state import TrainState
+from tfpure.state import TrainState, ema
 from tfpure.steps import (
     GradTransform,
     Logs,
@@ -54,10 +55,12 @@ __all__ = [
     "StepFn",
     "StepSpec",
     "TrainState",
+    "ema",
     "evaluate",
     "every",
     "fit_loop",
     "fold",
+    "log_if",
     "make_eval_step",
     "make_step",
     "make_train_step",

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib
 import importlib.util
 import inspect
@@ -424,7 +425,28 @@ def _as_step(loss_or_fn: Any, states: Any) -> Step:
             "`make_state()` returned several states, so `loss_or_fn` must be a step body "
             f"fn(states, batch) -> (states, logs) or a tfpure Step; got {loss_or_fn!r}."
         )
+    if callable(loss_or_fn) and not isinstance(loss_or_fn, keras.losses.Loss):
+        return make_train_step(_taken_for_a_loss(loss_or_fn))
     return make_train_step(loss_or_fn)
+
+
+def _taken_for_a_loss(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`fn`, read as a loss; failing as one, it says how to pass a step body instead."""
+
+    @functools.wraps(fn)
+    def loss(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return tf.convert_to_tensor(fn(*args, **kwargs))
+        except Exception as err:
+            name = getattr(fn, "__name__", repr(fn))
+            raise TypeError(
+                f"tp.bench.compare read {name!r} as a loss fn(y_true, y_pred) (its first "
+                "parameter is not named `state` or `states`, and make_state() returned one "
+                f"state), and calling it as one failed: {type(err).__name__}: {err} -- if it "
+                f"is a step body, pass tp.make_step({name})."
+            ) from err
+
+    return loss
 
 
 def _keras_blocker(step: Step, states: Any) -> str | None:
@@ -563,12 +585,14 @@ def compare(
     Args:
       make_state: returns a fresh `TrainState`, or a dict / tuple / list of
         them for a user-written step, on every call.
-      loss_or_fn: a loss (as `make_train_step` takes it), a step body
-        ``fn(states, batch) -> (states, logs)`` (as `make_step` takes it:
-        recognised when `make_state` returns several states or the body's
-        first parameter is named ``state``/``states``), or a tfpure `Step`
-        (its loss or body, guard and grad_transform kept; the variants set
-        steps per call, XLA and eagerness).
+      loss_or_fn: a tfpure `Step` (its loss or body, guard and
+        grad_transform kept; the variants set steps per call, XLA and
+        eagerness): the explicit way, e.g. ``tp.make_step(body)``. Or a loss
+        (as `make_train_step` takes it), or a step body ``fn(states, batch)
+        -> (states, logs)``, told apart by this rule: a callable is a body
+        when `make_state` returns several states or its first parameter is
+        named ``state``/``states``, else a loss (a body read as a loss fails
+        with a message saying to pass ``tp.make_step(fn)``).
       data: a `tf.data.Dataset` of batches (repeated as needed).
       variants: names from `VARIANTS`, or a dict of name -> `Variant`.
       steps_per_call: the fused variants' steps per call.

@@ -208,6 +208,12 @@ class TrainBody(_Body):
     train = True
 
     def __init__(self, spec: StepSpec, state: TrainState):
+        if state.optimizer is None:
+            raise ValueError(
+                f"make_train_step trains the state's model {state.model.name!r} with its "
+                "optimizer, but the state has none (TrainState.create(..., optimizer=None)"
+                "): create it with an optimizer, or evaluate it with make_eval_step."
+            )
         super().__init__(spec, state)
         optimizer = state.optimizer
         self.loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)

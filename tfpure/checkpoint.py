@@ -570,6 +570,9 @@ class Checkpointer:
           >>> tp.Checkpointer(tempfile.mkdtemp()).recorded_history()
           {}
         """
+        return {k: v for k, v in self._recorded().items() if not k.startswith("#")}
+
+    def _recorded(self) -> dict[str, Any]:
         return json.loads(self.history.numpy().decode())
 
     def record(self, history: dict[str, Sequence[float]]) -> None:
@@ -582,7 +585,9 @@ class Checkpointer:
           >>> ckpt.recorded_history()
           {'loss': [0.5, 0.25]}
         """
-        self.history.assign(json.dumps({k: [float(x) for x in v] for k, v in history.items()}))
+        kept = {k: v for k, v in self._recorded().items() if k.startswith("#")}  # the record's
+        kept.update({k: [float(x) for x in v] for k, v in history.items()})
+        self.history.assign(json.dumps(kept))
 
     def __repr__(self) -> str:
         return (
@@ -609,6 +614,9 @@ def _nothing() -> None:
     """Nothing to put back."""
 
 
+_SKIPPED_BEFORE = "#skipped before the window"
+
+
 def read_record(ckpt: Checkpointer) -> Record:
     """The run record `ckpt` holds (as restored, or as `write_record` set it).
 
@@ -622,7 +630,8 @@ def read_record(ckpt: Checkpointer) -> Record:
       Record(window=2, done=3, step=19, ended='')
     """
     window, done, step = (int(v.numpy()) for v in (ckpt.epoch, ckpt.epoch_step, ckpt.loop_step))
-    return Record(window, done, step, ckpt.ended.numpy().decode())
+    skipped = ckpt._recorded().get(_SKIPPED_BEFORE)
+    return Record(window, done, step, ckpt.ended.numpy().decode(), skipped_before=skipped)
 
 
 def write_record(ckpt: Checkpointer, record: Record) -> None:
@@ -634,3 +643,7 @@ def write_record(ckpt: Checkpointer, record: Record) -> None:
     ):
         variable.assign(value)
     ckpt.ended.assign(record.ended)
+    # (In the history's JSON: a variable more would refuse the checkpoints written before.)
+    recorded = ckpt._recorded()
+    recorded[_SKIPPED_BEFORE] = record.skipped_before
+    ckpt.history.assign(json.dumps(recorded))

@@ -43,19 +43,23 @@ from tfpure.types import Logs
 if TYPE_CHECKING:
     from tfpure.spec import StepSpec
 
-__all__ = ["LogMeans", "UserBody"]
+__all__ = ["LogMeans", "Reported", "UserBody", "log_if"]
 
 
 class LogMeans:
     """Running, batch-size-weighted means of a user-written step's logs.
 
     The names are learnt when the body is first traced (sorted, so that the
-    same body gives the same layout in every process); the sums sit in one
-    vector of `CAPACITY` slots, which a checkpoint saves with the run, so a
-    resumed run reports the same epoch means.
+    same body gives the same layout in every process). One vector of
+    `CAPACITY` slots, which a checkpoint saves with the run (so a resumed run
+    reports the same epoch means), holds each log's sum in its first half and,
+    in its second, the examples of the steps that did not report it
+    (`tp.log_if`): a log's mean is over the steps that reported it. A log no
+    step of the epoch reported is NaN.
     """
 
     CAPACITY = 64
+    LIMIT = CAPACITY // 2  # logs
 
     def __init__(self) -> None:
         self.names: list[str] | None = None
@@ -67,9 +71,9 @@ class LogMeans:
         return [self.totals, self.count]
 
     def learn(self, names: list[str]) -> None:
-        if len(names) > self.CAPACITY:
+        if len(names) > self.LIMIT:
             raise ValueError(
-                f"The step body returned {len(names)} logs; at most {self.CAPACITY} are "
+                f"The step body returned {len(names)} logs; at most {self.LIMIT} are "
                 "averaged. Return fewer (stack related values and log their mean)."
             )
         if self.names is None:
@@ -77,23 +81,75 @@ class LogMeans:
         elif self.names != names:
             raise ValueError(
                 f"The step body returned the logs {names} on this trace but {self.names} "
-                "before: a body must return the same log names for every batch."
+                "before: a body must return the same log names for every batch (a log "
+                "some steps leave out: tp.log_if)."
             )
 
-    def update(self, logs: Logs, n: tf.Tensor) -> list[Any]:
+    def update(self, logs: Logs, reported: Logs, n: tf.Tensor) -> list[Any]:
+        """Adds a kept step's `logs` over `n` examples; `reported`: 1.0 / 0.0 by log name."""
         names = self.names or []
-        values = tf.stack([tf.cast(logs[name], tf.float64) for name in names] or [0.0])
-        values = tf.pad(values[: len(names)], [[0, self.CAPACITY - len(names)]])
         n = tf.cast(n, tf.float64)
-        return [self.totals.assign_add(values * n), self.count.assign_add(n)]
+        shares = tf.stack([tf.cast(reported[name], tf.float64) for name in names] or [0.0])
+        values = tf.stack([tf.cast(logs[name], tf.float64) for name in names] or [0.0])
+        values = tf.where(shares > 0, values, tf.zeros_like(values))  # (a NaN not reported)
+
+        def padded(vector: tf.Tensor) -> tf.Tensor:
+            return tf.pad(vector[: len(names)], [[0, self.LIMIT - len(names)]])
+
+        packed = tf.concat([padded(values * n), padded((1.0 - shares) * n)], 0)
+        return [self.totals.assign_add(packed), self.count.assign_add(n)]
 
     def results(self) -> Logs:
-        means = self.totals.value() / tf.maximum(self.count.value(), 1.0)
-        return {name: tf.cast(means[i], tf.float32) for i, name in enumerate(self.names or [])}
+        totals, count = self.totals.value(), self.count.value()
+        out = {}
+        for i, name in enumerate(self.names or []):
+            reported = count - totals[self.LIMIT + i]
+            none = tf.where(count > 0, tf.constant(float("nan"), tf.float64), 0.0)
+            mean = tf.where(reported > 0, totals[i] / tf.maximum(reported, 1.0), none)
+            out[name] = tf.cast(mean, tf.float32)
+        return out
 
     def reset(self) -> None:
         self.totals.assign(tf.zeros([self.CAPACITY], tf.float64))
         self.count.assign(0.0)
+
+
+@attrs.frozen
+class Reported:
+    """A log `value` that counts only on the steps where `when` holds (`tp.log_if`)."""
+
+    when: Any
+    value: Any
+
+
+def log_if(when: Any, value: Any) -> Reported:
+    """A log that this step reports only if `when` holds: its epoch mean is over those steps.
+
+    Return it among a `make_step` body's logs, e.g. a generator loss computed
+    on one step in five (``{"g_loss": tp.log_if(d.step % 5 == 0, g_loss)}``).
+    A step where `when` is false leaves the log out: it adds nothing to the
+    log's running mean (which weighs the steps that reported it by batch size,
+    fused calls and resumed runs alike), and the guard does not check its
+    value. A log that no step of the epoch reported reads NaN.
+
+    Args:
+      when: a boolean scalar (tensor or Python bool).
+      value: the log's value, a number scalar.
+
+    Example:
+      >>> import keras, numpy as np, tensorflow as tf, tfpure as tp
+      >>> model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
+      >>> state = tp.TrainState.create(model=model, optimizer=keras.optimizers.SGD(0.0))
+      >>> def body(state, batch):
+      ...     state.step.assign_add(1)
+      ...     return state, {"even": tp.log_if(state.step % 2 == 0, tf.cast(state.step, "float32"))}
+      >>> step = tp.make_step(body)
+      >>> for _ in range(4):  # steps 1, 2, 3, 4: steps 2 and 4 report
+      ...     state, logs = step(state, (np.ones((1, 1), "float32"),))
+      >>> float(logs["even"])
+      3.0
+    """
+    return Reported(when, value)
 
 
 def _check_returned(states: Any, given: list[TrainState], returned: Any) -> None:
@@ -112,14 +168,23 @@ def _check_returned(states: Any, given: list[TrainState], returned: Any) -> None
             )
 
 
-def _check_logs(logs: Any) -> Logs:
+def _check_logs(logs: Any) -> tuple[Logs, Logs]:
+    """The body's logs as scalar tensors, and whether each is reported (1.0 / 0.0)."""
     if not isinstance(logs, dict) or not all(isinstance(k, str) for k in logs):
         raise TypeError(
             "A step body must return (states, logs) with logs a dict of name -> scalar "
             f"tensor; got logs of type {type(logs).__name__}."
         )
-    out = {}
+    out, reported = {}, {}
     for name, value in logs.items():
+        when = tf.constant(True)
+        if isinstance(value, Reported):
+            when, value = tf.convert_to_tensor(value.when), value.value
+            if when.shape.rank != 0 or when.dtype != tf.bool:
+                raise TypeError(
+                    f"tp.log_if's condition for log {name!r} must be a boolean scalar; got "
+                    f"{when.dtype.name} of shape {when.shape}."
+                )
         value = tf.convert_to_tensor(value)
         if value.shape.rank != 0:
             raise ValueError(
@@ -128,8 +193,8 @@ def _check_logs(logs: Any) -> Logs:
             )
         if not (value.dtype.is_floating or value.dtype.is_integer):
             raise TypeError(f"Log {name!r} of the step body is {value.dtype.name}, not a number.")
-        out[name] = value
-    return out
+        out[name], reported[name] = value, tf.cast(when, tf.float32)
+    return out, reported
 
 
 class UserBody:
@@ -171,16 +236,20 @@ class UserBody:
         with collecting(self.labels) if guarded else unguarded as collected:
             returned, logs = _unpack_result(_call_body(self.fn, states, batch))
         _check_returned(states, given, returned)
-        logs = _check_logs(logs)
+        logs, reported = _check_logs(logs)
         self.means.learn(sorted(logs))
         for name in sorted(logs) if guarded else ():
-            if logs[name].dtype.is_floating:
-                collected.add(f"log {name!r}", tf.math.is_finite(logs[name]))
+            if logs[name].dtype.is_floating:  # (a log not reported is not checked)
+                left_out = tf.equal(reported[name], 0.0)
+                collected.add(f"log {name!r}", left_out | tf.math.is_finite(logs[name]))
         for state in given if guarded else ():  # the state the body left, read after it
-            left = [*state.model.variables, *state.optimizer.variables]
+            left = [
+                *state.model.variables,
+                *(state.optimizer.variables if state.optimizer is not None else []),
+            ]
             collected.add(f"variables of {self.labels[id(state.model)]}", all_finite(left))
         failed = tf.cast(tf.logical_not(self.checks.settle(collected)), tf.int32)
-        return failed, logs, batch_size(batch)
+        return failed, logs, reported, batch_size(batch)
 
     def merge(self, out: Any, record: bool = True) -> tuple[tf.Tensor, tf.Tensor]:
         """Sums the replicas' logs and examples; updates the means if every check passed.
@@ -188,17 +257,18 @@ class UserBody:
         Unless `record`: then the means are updated in any case (a step that is
         replayed if it is not kept), and no failure is recorded.
         """
-        failed, logs, n = out
+        failed, logs, reported, n = out
         if self.strategy is not None:
-            s, total = self.strategy, tf.distribute.ReduceOp.SUM
+            s, total, mean = self.strategy, tf.distribute.ReduceOp.SUM, tf.distribute.ReduceOp.MEAN
             failed = s.reduce(total, failed, axis=None)
             logs = {k: s.reduce(total, v, axis=None) for k, v in logs.items()}
+            reported = {k: s.reduce(mean, v, axis=None) for k, v in reported.items()}
             n = s.reduce(total, n, axis=None)
         flags = tf.equal(failed, 0)
         ok = tf.reduce_all(flags)
 
         def commit() -> tf.Tensor:
-            with tf.control_dependencies(self.means.update(logs, n)):
+            with tf.control_dependencies(self.means.update(logs, reported, n)):
                 return tf.constant(True)
 
         def record_failure() -> tf.Tensor:

@@ -18,6 +18,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import attrs
 import keras
 import tensorflow as tf
 
@@ -483,7 +484,9 @@ class Loop:
     def _train(self) -> tuple[Any, dict[str, list[float]]]:
         model = self.model
         if getattr(model, "optimizer", None) is None:
-            model.optimizer = leaves(self.state)[0].optimizer
+            model.optimizer = next(
+                (s.optimizer for s in leaves(self.state) if s.optimizer is not None), None
+            )
         model.stop_training = False
         self.actions.start(self.record.step, self.examples())
         self._batch_meter = Meter(self.record.step, self.examples())
@@ -498,7 +501,8 @@ class Loop:
         self.stream.close()
         # As Keras `fit` does: e.g. an optimizer with use_ema=True swaps in its averages.
         for s in leaves(self.state):
-            s.optimizer.finalize_variable_values(s.model.trainable_variables)
+            if s.optimizer is not None:
+                s.optimizer.finalize_variable_values(s.model.trainable_variables)
         self.cbs.on_train_end(epoch_logs)
         return self.state, self.full_history()
 
@@ -508,6 +512,8 @@ class Loop:
         length = windows.steps_in(window)
         if start == 0:  # A resumed window keeps its restored running figures.
             reset(self.step, self.state, train=True)
+        if start == 0 or self.record.skipped_before is None:
+            self.record = attrs.evolve(self.record, skipped_before=self._skipped())
         if length != cbs.params.get("steps"):  # a budget's shorter last window
             cbs.set_params({**cbs.params, "steps": length})
         cbs.on_epoch_begin(window)
@@ -525,7 +531,7 @@ class Loop:
                 "steps of the budget: give a tf.data.Dataset (repeated as needed) or "
                 "an iterable that can be iterated again."
             )
-        epoch_logs = {**floats(logs), **meter.read(self.record.step, self.examples())}
+        epoch_logs = {**self._own(floats(logs)), **meter.read(self.record.step, self.examples())}
         if self.val_data is not None:
             val = evaluate_pass(self.state, self.val_data, self.eval_step, cbs)
             epoch_logs.update({f"val_{name}": value for name, value in val.items()})
@@ -554,7 +560,7 @@ class Loop:
             self.state = feed.state
             if self._end is not no_end:
                 rates = self._batch_meter.read(self.record.step, self.examples())
-                self._end(done - 1, {**logs, **rates})
+                self._end(done - 1, {**self._own(logs), **rates})
             # (At a window's end the actions run after validation.)
             fired = done != length and self.actions.fire(
                 self.state, self.record.step, logs, self.examples
@@ -566,6 +572,16 @@ class Loop:
             if self.model.stop_training:
                 break
         return logs
+
+    def _skipped(self) -> int:
+        """The steps skipped so far, as the step's ``logs["skipped"]`` counts them."""
+        return int(leaves(self.state)[0].skipped.numpy())
+
+    def _own(self, logs: Any) -> Any:
+        """`logs` with ``"skipped"`` counted from the window's start (as the other figures)."""
+        if "skipped" not in logs or self.record.skipped_before is None:
+            return logs
+        return {**logs, "skipped": logs["skipped"] - self.record.skipped_before}
 
     def _end_window(self, window: int, save_due: bool) -> None:
         """The record moves to the next window; the run saves there if it is due."""

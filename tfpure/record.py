@@ -107,7 +107,9 @@ class Windows:
 @attrs.frozen
 class Record:
     """Where a run is: `window` (counted from 0), `done` steps into it, `step` steps in all,
-    and why it `ended` before its windows did ("" while it has not).
+    and why it `ended` before its windows did ("" while it has not). `skipped_before`: the
+    states' count of skipped steps when the window began (the history reports the window's
+    own; None where it is not known: a checkpoint written before tfpure recorded it).
 
     Example:
       >>> from tfpure.record import Record
@@ -120,6 +122,7 @@ class Record:
     done: int = 0
     step: int = 0
     ended: str = ""
+    skipped_before: int | None = attrs.field(default=None, repr=False)
 
     def ran(self, steps: int) -> Record:
         """The record after `steps` more steps in the window."""

@@ -7,7 +7,9 @@ as in the hand-written loop. Every step returns the state to use afterwards.
 
 Invariants that `create` establishes, so that steps never create variables
 while tracing:
-  * the optimizer is built on exactly the model's trainable variables;
+  * the optimizer is built on exactly the model's trainable variables (a
+    state created with ``optimizer=None`` is not trained: an EMA target, a
+    frozen teacher; its variables are still saved, restored and rolled back);
   * `metrics` and `eval_metrics` both hold a `"loss"` tracker and are
     disjoint sets of objects, so evaluation never pollutes training figures.
 """
@@ -26,7 +28,7 @@ from tfpure.compat import optimizer_built_for, seed_generators
 from tfpure.guard import record_gradients
 from tfpure.outputs import Route, clone_metric, resolve_metrics
 
-__all__ = ["TrainState", "leaves", "owned_variables", "variable_groups"]
+__all__ = ["TrainState", "ema", "leaves", "owned_variables", "variable_groups"]
 
 LOSS = "loss"
 
@@ -107,6 +109,8 @@ def _counter(name: str) -> tf.Variable:
 
 def _strategy_of(model: keras.Model) -> tf.distribute.Strategy | None:
     """The strategy whose scope we are in, checked against where the model lives."""
+    if not model.variables:  # nothing to place (a model of no variables, not trained)
+        return tf.distribute.get_strategy() if tf.distribute.has_strategy() else None
     first = model.variables[0].value
     if not tf.distribute.has_strategy():
         if isinstance(first, tf.distribute.DistributedValues):
@@ -140,11 +144,14 @@ class TrainState:
 
     Attributes:
       model: the `keras.Model` being trained.
-      optimizer: a built `keras.optimizers.Optimizer` for `model`.
+      optimizer: a built `keras.optimizers.Optimizer` for `model`, or None
+        for a state that is not trained (see `create`).
       metrics: training metrics by name, always including the `"loss"` tracker.
       eval_metrics: separate instances of the same metrics for evaluation.
-      step: int64 scalar `tf.Variable`, the number of training steps taken
-        (skipped ones included).
+      step: int64 scalar `tf.Variable`: a built-in train step counts each
+        batch it runs, skipped ones included (as Keras counts batches); in a
+        `make_step` body, `apply_gradients` counts each update, and a batch
+        the guard skips or refuses undoes its counts with its updates.
       rng: a `keras.random.SeedGenerator` for randomness in user-written steps,
         e.g. ``keras.random.normal(shape, seed=state.rng)``.
       skipped: int64 scalar `tf.Variable`, the number of steps a
@@ -173,7 +180,7 @@ class TrainState:
     """
 
     model: keras.Model
-    optimizer: keras.optimizers.Optimizer
+    optimizer: keras.optimizers.Optimizer | None
     metrics: Mapping[str, keras.metrics.Metric]
     eval_metrics: Mapping[str, keras.metrics.Metric]
     step: tf.Variable
@@ -187,7 +194,7 @@ class TrainState:
         cls,
         *,
         model: keras.Model,
-        optimizer: keras.optimizers.Optimizer,
+        optimizer: keras.optimizers.Optimizer | None,
         metrics: Any = None,
         weighted_metrics: Any = None,
         eval_metrics: Mapping[str, keras.metrics.Metric]
@@ -198,10 +205,15 @@ class TrainState:
         """Checks the pieces, builds the optimizer and returns a new state.
 
         Args:
-          model: a built Keras 3 model (it must own trainable variables).
+          model: a built Keras 3 model (with an optimizer, it must own
+            trainable variables).
           optimizer: a Keras optimizer, unbuilt or built for exactly `model`'s
             trainable variables. `create` builds it, so no step creates
-            variables while tracing.
+            variables while tracing. None: a state that is not trained (a
+            target network updated by `tp.ema`, a frozen teacher): a
+            `make_step` body reads and updates it, the guard checks and rolls
+            back its variables and a `Checkpointer` saves them, but
+            `apply_gradients` and `make_train_step` refuse it.
           metrics: training metrics as `model.compile` takes them: Metric
             instances, names (``"accuracy"``, ``"mae"``), functions
             ``(y_true, y_pred)``, a list, or a dict by output name (one
@@ -222,8 +234,8 @@ class TrainState:
 
         Raises:
           TypeError: `model`, `optimizer` or a metric has the wrong type.
-          ValueError: the model has no trainable variables, the optimizer was
-            built for another model, metric names clash, or a per-output
+          ValueError: the model has no trainable variables for its optimizer,
+            the optimizer was built for another model, metric names clash, or a per-output
             structure names no output of the model.
 
         Example:
@@ -232,23 +244,27 @@ class TrainState:
           >>> state = tp.TrainState.create(model=model, optimizer=keras.optimizers.Adam())
           >>> len(state.optimizer.variables)  # iterations, learning rate, 2 x 2 slots
           6
+          >>> target = tp.TrainState.create(model=keras.models.clone_model(model), optimizer=None)
+          >>> target.optimizer is None, len(variable_groups(target)["model"])
+          (True, 2)
         """
         if not isinstance(model, keras.Model):
             raise TypeError(f"`model` must be a keras.Model; got {type(model).__name__}.")
-        if not isinstance(optimizer, keras.optimizers.Optimizer):
+        if optimizer is not None and not isinstance(optimizer, keras.optimizers.Optimizer):
             raise TypeError(
-                "`optimizer` must be a keras.optimizers.Optimizer instance; got "
-                f"{type(optimizer).__name__}."
+                "`optimizer` must be a keras.optimizers.Optimizer instance (or None for a "
+                f"state that is not trained); got {type(optimizer).__name__}."
             )
-        if not model.trainable_variables:
-            hint = (
-                "it is not built: give it a keras.Input or call model.build(shape)"
-                if not model.built
-                else "all its layers are frozen (trainable=False)"
-            )
+        if not model.built:
             raise ValueError(
-                f"`model` {model.name!r} has no trainable variables ({hint}). "
-                "A training step needs something to train."
+                f"`model` {model.name!r} is not built: give it a keras.Input or call "
+                "model.build(shape)."
+            )
+        if optimizer is not None and not model.trainable_variables:
+            raise ValueError(
+                f"`model` {model.name!r} has no trainable variables (all its layers are "
+                "frozen, trainable=False) for its optimizer to train. For a state that is "
+                "not trained, pass optimizer=None."
             )
         train, routes = resolve_metrics(model, metrics, weighted_metrics)
         evals = _eval_copies(train, eval_metrics)
@@ -259,9 +275,9 @@ class TrainState:
                 "evaluation would overwrite training figures. Pass separate objects."
             )
         strategy = _strategy_of(model)
-        if optimizer.built:
+        if optimizer is not None and optimizer.built:
             _check_optimizer_matches(model, optimizer)
-        else:
+        elif optimizer is not None:
             optimizer.build(model.trainable_variables)
 
         rng = keras.random.SeedGenerator(seed)
@@ -294,7 +310,7 @@ class TrainState:
 
         Raises:
           ValueError: `grads` has another length than the trainable
-            variables, or holds only None.
+            variables, or holds only None; or the state has no optimizer.
 
         Example:
           >>> import keras, numpy as np, tensorflow as tf, tfpure as tp
@@ -307,6 +323,13 @@ class TrainState:
           >>> float(model.weights[0][0, 0]), int(state.step)
           (0.0, 1)
         """
+        if self.optimizer is None:
+            raise ValueError(
+                f"apply_gradients on the state of model {self.model.name!r}, which has no "
+                "optimizer (TrainState.create(..., optimizer=None)): it is not trained. "
+                "Update its variables directly (e.g. tp.ema(target, online, decay)), or "
+                "create it with an optimizer."
+            )
         variables = self.model.trainable_variables
         grads = list(grads)
         if len(grads) != len(variables):
@@ -379,7 +402,7 @@ class TrainState:
     def __repr__(self) -> str:
         return (
             f"TrainState(model={self.model.name!r}, "
-            f"optimizer={type(self.optimizer).__name__}, "
+            f"optimizer={type(self.optimizer).__name__ if self.optimizer is not None else None}, "
             f"metrics={sorted(self.metrics)}, step={int(self.step.numpy())})"
         )
 
@@ -519,7 +542,7 @@ def variable_groups(state: TrainState) -> dict[str, list[Any]]:
     """
     return {
         "model": list(state.model.variables),
-        "optimizer": list(state.optimizer.variables),
+        "optimizer": list(state.optimizer.variables) if state.optimizer is not None else [],
         "metrics": [v for m in state.metrics.values() for v in m.variables],
         "eval_metrics": [v for m in state.eval_metrics.values() for v in m.variables],
         "counters": [state.step, state.skipped, state.rng.state],
@@ -529,3 +552,62 @@ def variable_groups(state: TrainState) -> dict[str, list[Any]]:
 def owned_variables(state: TrainState) -> list[Any]:
     """Every variable a state owns, in `variable_groups` order."""
     return [v for vs in variable_groups(state).values() for v in vs]
+
+
+def _model_of(state: TrainState | keras.Model) -> keras.Model:
+    model = state.model if isinstance(state, TrainState) else state
+    if not isinstance(model, keras.Model):
+        raise TypeError(f"tp.ema takes TrainStates or keras.Models; got {type(state).__name__}.")
+    return model
+
+
+def ema(target: Any, source: Any, decay: Any) -> Any:
+    """Moves `target`'s weights towards `source`'s: ``t = decay * t + (1 - decay) * s``.
+
+    The exponential moving average of BYOL's and MoCo's target networks, a mean
+    teacher or an EMA of weights, written once. It averages each variable of
+    `target` whose counterpart in `source` (same position in
+    `model.variables`) is trainable, as Keras' optimizers average with
+    ``use_ema``; the others (BatchNorm statistics, seed generators) are left
+    as they are. Use it inside a `tp.make_step` body on a target created with
+    ``optimizer=None``: the guard then checks and rolls back the target with
+    the other states, and a `Checkpointer` saves it.
+
+    Args:
+      target: the `TrainState` (or `keras.Model`) updated in place.
+      source: the `TrainState` (or `keras.Model`) it follows, of the same
+        architecture.
+      decay: the share of the target kept, in [0, 1] (a float or a scalar tensor).
+
+    Returns:
+      `target`.
+
+    Raises:
+      TypeError: an argument is neither a `TrainState` nor a `keras.Model`.
+      ValueError: the two models' variables differ in number or shape, or a
+        Python `decay` is outside [0, 1].
+
+    Example:
+      >>> import keras, numpy as np, tfpure as tp
+      >>> online = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
+      >>> online.set_weights([np.full((1, 1), 2.0, "float32"), np.zeros(1, "float32")])
+      >>> target = tp.TrainState.create(model=keras.models.clone_model(online), optimizer=None)
+      >>> target.model.set_weights([np.ones((1, 1), "float32"), np.ones(1, "float32")])
+      >>> target = tp.ema(target, online, 0.75)
+      >>> [float(w.ravel()[0]) for w in target.model.get_weights()]  # .75 * 1 + .25 * 2, ...
+      [1.25, 0.75]
+    """
+    mine, theirs = _model_of(target).variables, _model_of(source).variables
+    shapes = [tuple(v.shape) for v in mine], [tuple(v.shape) for v in theirs]
+    if shapes[0] != shapes[1]:
+        raise ValueError(
+            "tp.ema needs two models of the same architecture: the target's "
+            f"variables have the shapes {shapes[0]}, the source's {shapes[1]}."
+        )
+    if isinstance(decay, int | float) and not 0 <= decay <= 1:
+        raise ValueError(f"tp.ema's decay must be in [0, 1]; got {decay}.")
+    for t, s in zip(mine, theirs, strict=True):
+        if s.trainable:  # (a Python decay as written by hand: decay * t + (1.0 - decay) * s)
+            kept = decay if isinstance(decay, int | float) else tf.cast(decay, t.dtype)
+            t.assign(kept * t + (1 - kept) * s)
+    return target

@@ -250,15 +250,18 @@ def assert_fused_matches_sequential(
     *,
     steps_per_call: int,
     epochs: int = 2,
+    eval_step: Any = None,
     rtol: float = 0.0,
     atol: float = 0.0,
 ) -> None:
     """Asserts that fusing `steps_per_call` steps per graph call changes no result.
 
     Trains two identically initialised states (`make_state()` twice) with
-    `fit_loop` for `epochs` epochs, validating on `data`: one with
-    ``make_step(1)``, one with ``make_step(steps_per_call)``. Variables and the
-    whole history must agree (bit for bit by default).
+    `fit_loop` for `epochs` epochs: one with ``make_step(1)``, one with
+    ``make_step(steps_per_call)``. Variables and the whole history must agree
+    (bit for bit by default). Each epoch validates on `data` with `eval_step`;
+    by default, a built-in train step's own evaluation, and none for a
+    `tp.make_step` body (over one state or several).
 
     Raises:
       AssertionError: naming what differs.
@@ -279,8 +282,11 @@ def assert_fused_matches_sequential(
 
     results = []
     for k, state in zip((1, steps_per_call), _fresh_states(make_state, 2), strict=True):
+        step = make_step(k)
+        body = getattr(getattr(step, "spec", None), "kind", None) == "custom"
+        val_data = None if eval_step is None and body else data
         state, history = fit_loop(
-            state, data, make_step(k), epochs=epochs, val_data=data, verbose=0
+            state, data, step, epochs=epochs, eval_step=eval_step, val_data=val_data, verbose=0
         )
         results.append((state, history))
     (one, one_history), (fused, fused_history) = results

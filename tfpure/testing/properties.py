@@ -75,7 +75,7 @@ def state_variables(state: TrainState) -> dict[str, list[Any]]:
     """
     return {
         "model": list(state.model.variables),
-        "optimizer": list(state.optimizer.variables),
+        "optimizer": list(state.optimizer.variables) if state.optimizer is not None else [],
         "metrics": [v for m in state.metrics.values() for v in m.variables],
         "counters": [state.step, state.skipped],
     }
