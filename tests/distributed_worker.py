@@ -18,7 +18,8 @@ logical CPU devices) or ``multiworker`` (MultiWorkerMirroredStrategy; the
 cluster comes from TF_CONFIG). Writes the final variables and history to OUT
 (.npz) — in ``multiworker`` mode, only the chief (worker 0) writes.
 
-``--gan`` trains a two-state GAN written with `tp.make_step` instead;
+``--gan`` trains a GAN written with `tp.make_step` instead (and the generator's EMA, a
+state that is not trained; its generator loss logged on even steps);
 ``--two-outputs`` a two-output model with compile-style losses, loss weights,
 metrics and weighted metrics, on sample-weighted batches.
 
@@ -40,6 +41,7 @@ import numpy as np
 import tensorflow as tf
 
 import tfpure as tp
+from tfpure.state import variable_groups
 
 SCCE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
@@ -79,6 +81,8 @@ def gan_states():
     return {
         "g": tp.TrainState.create(model=g, optimizer=keras.optimizers.Adam(0.01)),
         "d": tp.TrainState.create(model=d, optimizer=keras.optimizers.Adam(0.01)),
+        # The generator's moving average: a state that is not trained, mirrored too.
+        "ema": tp.TrainState.create(model=keras.models.clone_model(g), optimizer=None),
     }
 
 
@@ -99,7 +103,9 @@ def gan_step(states, batch):
         logits = d.model(g.model(z, training=True), training=True)
         g_loss = tp.distribute.replica_mean(BCE(tf.ones_like(logits), logits))
     g = g.apply_gradients(tape.gradient(g_loss, g.model.trainable_variables))
-    return {"g": g, "d": d}, {"d_loss": d_loss, "g_loss": g_loss}
+    ema = tp.ema(states["ema"], g, 0.9)
+    logs = {"d_loss": d_loss, "g_loss": tp.log_if(g.step % 2 == 0, g_loss)}  # even steps'
+    return {"g": g, "d": d, "ema": ema}, logs
 
 
 def gan_data():
@@ -132,7 +138,7 @@ def run_gan(args, strategy):
         **{
             f"{name}{i}": v.numpy()
             for name, s in states.items()
-            for i, v in enumerate([*s.model.variables, *s.optimizer.variables])
+            for i, v in enumerate([*s.model.variables, *variable_groups(s)["optimizer"]])
         },
     )
 
