@@ -14,7 +14,7 @@ import pytest
 import tensorflow as tf
 
 import tfpure as tp
-from tfpure import stream
+from tfpure import resume, stream
 from tfpure import testing as tpt
 from tfpure.testing.strategies import ModelSpec
 
@@ -47,15 +47,20 @@ def keras_twin(model, lr=0.01):
     return reference
 
 
-def test_fit_loop_history_equals_keras_fit():
-    """Dropout, BatchNorm, L2 and a ragged last batch (50 = 3 x 16 + 2), with validation."""
+def test_fit_loop_history_equals_keras_fit_on_arrays():
+    """Dropout, BatchNorm, L2 and a ragged last batch (50 = 3 x 16 + 2), with validation: the
+    arrays as Keras `fit(x, y, batch_size=16, shuffle=False)` takes them; evaluate and predict
+    on arrays too."""
     model = SPEC.build(0)
     reference = keras_twin(model)
-    train, val = dataset(), dataset(n=21, batch=8, seed=1)
-    expected = reference.fit(train, epochs=3, validation_data=val, verbose=0, shuffle=False).history
+    (x, y), val = SPEC.batch(50, 0), SPEC.batch(21, 1)
+    expected = reference.fit(
+        x, y, batch_size=16, epochs=3, validation_data=val, verbose=0, shuffle=False
+    ).history
     state, history = tp.fit_loop(
-        make_state(model), train, tp.make_train_step(SCCE), epochs=3, val_data=val, verbose=0
-    )
+        make_state(model), (x, y), tp.make_train_step(SCCE), epochs=3, val_data=val,
+        batch_size=16, shuffle=False, verbose=0,
+    )  # fmt: skip
     assert (
         sorted(history)
         == sorted(expected)
@@ -71,6 +76,55 @@ def test_fit_loop_history_equals_keras_fit():
     for a, b in zip(model.variables, reference.variables, strict=True):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6, err_msg=a.path)
     assert int(state.step) == 3 * 4
+    scores = reference.evaluate(*val, batch_size=8, verbose=0, return_dict=True)
+    got = tp.evaluate(state, val, tp.make_eval_step(SCCE), batch_size=8)
+    assert got == pytest.approx(scores, rel=1e-5)
+    np.testing.assert_allclose(
+        tp.predict(state, val[0], batch_size=8),
+        reference.predict(val[0], batch_size=8, verbose=0),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+
+
+def test_shuffled_arrays_follow_the_documented_order_and_a_resume_replays_it(tmp_path, monkeypatch):
+    """shuffle=7 is tf.data's shuffle(n, seed=7) reshuffled each epoch, bit for bit; a
+    checkpointed run preempted mid-epoch 2 resumes to the same end."""
+    x, y = SPEC.batch(50, 0)
+    step = tp.make_train_step(SCCE)
+
+    def run(data, **kwargs):
+        state = make_state(SPEC.build(0))
+        _, history = tp.fit_loop(state, data, step, epochs=2, verbose=0, **kwargs)
+        return state, history
+
+    ordered = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(50, seed=7).batch(16)
+    expected, expected_history = run(ordered)
+    shuffled, history = run((x, y), batch_size=16, shuffle=7)
+    assert history == expected_history
+    for a, b in zip(shuffled.model.variables, expected.model.variables, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
+    calls = []
+
+    class Count(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            calls.append(batch)
+
+    # SIGTERM as the run sees it, after its sixth step, 2 into epoch 2 (no signal is sent).
+    preempted = property(lambda self: len(calls) == 6, lambda self, value: None)
+    monkeypatch.setattr(resume.Run, "preempted", preempted, raising=False)
+    with pytest.raises(tp.Preempted):
+        run((x, y), batch_size=16, shuffle=7, callbacks=[Count()],
+            checkpoint=tp.Checkpointer(tmp_path))  # fmt: skip
+    monkeypatch.undo()
+    resumed, history = run((x, y), batch_size=16, shuffle=7, checkpoint=tp.Checkpointer(tmp_path))
+    assert history == expected_history
+    for a, b in zip(resumed.model.variables, expected.model.variables, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
+    with pytest.raises(TypeError, match=r"\A`batch_size=` slices arrays: `data` must be"):
+        run(ordered, batch_size=16)
+    with pytest.raises(ValueError, match=r"\AThe arrays of `data` must hold the same number"):
+        run((x, y[:40]), batch_size=16)
 
 
 def test_evaluate_equals_keras_evaluate():
@@ -275,7 +329,7 @@ def snapshot(state):
         (dataset(), {"epochs": 1.5}, ValueError, "epochs"),
         (dataset().take(0), {}, ValueError, "held no batch"),
         (dataset().repeat(), {}, ValueError, "infinite"),
-        (SPEC.batch(8, 0), {}, TypeError, "from_tensor_slices"),
+        (SPEC.batch(8, 0), {}, TypeError, r"For arrays, pass batch_size="),
         (dataset(), {"callbacks": ["csv"]}, TypeError, "keras.callbacks.Callback"),
         (dataset(), {"steps_per_epoch": 0}, ValueError, "steps_per_epoch"),
         (dataset(), {"eval_step": tp.make_train_step(SCCE), "val_data": dataset()}, ValueError, ""),
@@ -408,7 +462,7 @@ def test_the_process_waits_at_exit_for_iterators_being_deleted(tmp_path):
         f"""
         import time
         import tensorflow as tf
-        from tfpure import stream
+        from tfpure import resume, stream
 
         class SlowToDelete:
             def __del__(self):

@@ -22,6 +22,7 @@ import attrs
 import keras
 import tensorflow as tf
 
+from tfpure.arrays import from_arrays
 from tfpure.builtin import metric_results
 from tfpure.callbacks import batch_hooks, callback_list, no_end
 from tfpure.checkpoint import Checkpointer
@@ -95,6 +96,7 @@ def evaluate(
     *,
     callbacks: Sequence[keras.callbacks.Callback] = (),
     verbose: int = 0,
+    batch_size: int | None = None,
 ) -> dict[str, float]:
     """Scores `state` on `data`: resets `state.eval_metrics`, runs `eval_step`, reports.
 
@@ -106,10 +108,13 @@ def evaluate(
 
     Args:
       state: the state to score; only its eval metrics change.
-      data: a `tf.data.Dataset` or an iterable of batches.
+      data: a `tf.data.Dataset` or an iterable of batches; with
+        `batch_size`, arrays ``(x, y)`` or ``(x, y, sample_weight)``.
       eval_step: a step from `make_eval_step` (or any `StepFn`).
       callbacks: Keras callbacks; their ``on_test_*`` hooks run.
       verbose: 1 shows Keras' progress bar.
+      batch_size: slice arrays given as `data` into batches of this size, in
+        order (as Keras `evaluate` does).
 
     Returns:
       ``{"loss": ..., <metric>: ...}`` as Python floats.
@@ -125,7 +130,11 @@ def evaluate(
       >>> data = tf.data.Dataset.from_tensor_slices((tf.ones((5, 2)), tf.zeros((5, 1)))).batch(2)
       >>> tp.evaluate(state, data, tp.make_eval_step("mse"))
       {'loss': 4.0}
+      >>> tp.evaluate(state, (np.ones((5, 2)), np.zeros((5, 1))), tp.make_eval_step("mse"),
+      ...             batch_size=2)
+      {'loss': 4.0}
     """
+    data = from_arrays(data, batch_size)
     check_argument(data, "data")
     if isinstance(eval_step, Step) and eval_step.kind == "train":
         raise ValueError("`eval_step` is a training step; build it with make_eval_step.")
@@ -156,6 +165,8 @@ def fit_loop(
     verbose: int = 1,
     steps_per_epoch: int | None = None,
     checkpoint: Checkpointer | None = None,
+    batch_size: int | None = None,
+    shuffle: bool | int | None = None,
 ) -> tuple[Any, dict[str, list[float]]]:
     """Trains for `epochs` epochs (or `steps` steps) with validation, callbacks and actions.
 
@@ -198,7 +209,9 @@ def fit_loop(
     Args:
       state: the state to train.
       data: a `tf.data.Dataset` or an iterable of batches. A new pass starts
-        each epoch (so a shuffled dataset reshuffles).
+        each epoch (so a shuffled dataset reshuffles). With `batch_size`:
+        arrays, ``x``, ``(x, y)`` or ``(x, y, sample_weight)``, as Keras
+        `fit` takes them (see `tfpure.arrays`).
       train_step: a step from `make_train_step` or any `StepFn`.
       epochs: number of epochs, >= 1 (1 if neither `epochs` nor `steps` is given).
       steps: a step budget instead of `epochs`.
@@ -219,6 +232,12 @@ def fit_loop(
         epoch length is known (its cardinality, or `steps_per_epoch`; a step
         budget needs none). A step-budget run resumes at its step: actions
         and evaluations fire as in an uninterrupted run.
+      batch_size: slice arrays given as `data` (and as `val_data`) into
+        batches of this size, the last one ragged, as Keras `fit` does.
+      shuffle: with `batch_size`: True (the default) shuffles the arrays anew
+        each epoch with seed 0, an int with that seed (the same order in
+        every run, replayed by a resume), False keeps their order (Keras
+        ``fit(..., shuffle=False)`` then reports the same history).
 
     Returns:
       ``(state, history)`` where ``history`` maps Keras log names (`loss`,
@@ -254,6 +273,15 @@ def fit_loop(
       True
     """
     leaves(state)  # a TrainState or a structure of them, or a TypeError
+    data = from_arrays(
+        data, batch_size, shuffle=batch_size is not None if shuffle is None else shuffle
+    )
+    if (
+        batch_size is not None
+        and val_data is not None
+        and not isinstance(val_data, tf.data.Dataset)
+    ):
+        val_data = from_arrays(val_data, batch_size, argument="val_data")
     windows = _windows(data, epochs, steps, eval_every, steps_per_epoch)
     if isinstance(train_step, Step) and train_step.kind == "eval":
         raise ValueError("`train_step` is an evaluation step; build it with make_train_step(loss).")

@@ -17,6 +17,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tfpure.arrays import from_arrays
 from tfpure.batch import check_batch, unpack
 from tfpure.state import TrainState
 from tfpure.types import check_count
@@ -89,6 +90,7 @@ def predict(
     *,
     steps_per_call: int = 1,
     verbose: int = 0,
+    batch_size: int | None = None,
 ) -> Any:
     """The model's outputs on every batch of `data`, as Keras' `model.predict` gives them.
 
@@ -102,9 +104,12 @@ def predict(
 
     Args:
       state: a `TrainState` (its model predicts) or a Keras model.
-      data: a `tf.data.Dataset` of batches.
+      data: a `tf.data.Dataset` of batches; with `batch_size`, the features
+        as arrays (``x``, or a dict of arrays by input name).
       steps_per_call: batches per graph call.
       verbose: 1 shows Keras' progress bar (one step per batch).
+      batch_size: slice arrays given as `data` into batches of this size, in
+        order (as Keras `predict` does).
 
     Returns:
       NumPy arrays in the model's output structure: one array, or a dict or
@@ -122,14 +127,17 @@ def predict(
       >>> data = tf.data.Dataset.from_tensor_slices(np.eye(2, dtype="float32")).batch(1)
       >>> tp.predict(state, data).tolist()
       [[1.0], [2.0]]
+      >>> tp.predict(state, np.eye(2, dtype="float32"), batch_size=1).tolist()
+      [[1.0], [2.0]]
     """
     model = state.model if isinstance(state, TrainState) else state
     if not isinstance(model, keras.Model):
         raise TypeError(f"predict takes a TrainState or a Keras model; got {type(state).__name__}.")
+    data = from_arrays(data, batch_size)
     if not isinstance(data, tf.data.Dataset):
         raise TypeError(
-            "predict takes `data` as a tf.data.Dataset of batches (e.g. "
-            "tf.data.Dataset.from_tensor_slices(x).batch(32)); got "
+            "predict takes `data` as a tf.data.Dataset of batches, or arrays with "
+            "batch_size= (predict(state, x, batch_size=32)); got "
             f"{type(data).__name__}."
         )
     check_count("steps_per_call", steps_per_call)

@@ -53,8 +53,8 @@ def check_argument(data: Any, argument: str) -> None:
     if isinstance(data, tuple) or not isinstance(data, Iterable):
         raise TypeError(
             f"`{argument}` must be a tf.data.Dataset or an iterable of batches; got "
-            f"{type(data).__name__}. For arrays, use "
-            "tf.data.Dataset.from_tensor_slices((x, y)).batch(32)."
+            f"{type(data).__name__}. For arrays, pass batch_size= (e.g. "
+            "fit_loop(state, (x, y), step, batch_size=32))."
         )
 
 
