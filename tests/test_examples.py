@@ -8,7 +8,6 @@ import numpy as np
 import tensorflow as tf
 
 import tfpure as tp
-from tfpure import testing as tpt
 from tfpure.state import owned_variables
 
 from reference import twin
@@ -168,16 +167,6 @@ def test_wgan_gp_under_the_guard_equals_the_hand_written_loop_fused_and_skipping
         for a, b in zip(owned_variables(skipping[key]), owned_variables(clean[key]), strict=True):
             if a is not skipping[key].skipped:
                 np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.name)
-
-
-def test_wgan_gp_fused_equals_one_step_per_call_by_the_testing_kit():
-    wgan = load_example("wgan_gp")
-    tpt.assert_fused_matches_sequential(
-        wgan.make_states,
-        lambda k: tp.make_step(wgan.wgan_gp_step, steps_per_call=k),
-        wgan.ring_data(n=6 * 32 + 8, batch=32),
-        steps_per_call=4,
-    )
 
 
 def test_byol_target_follows_by_ema_is_rolled_back_by_skip_and_restored(tmp_path):
