@@ -53,3 +53,19 @@ def twin(model):
     for source, target in zip(model.variables, copy.variables, strict=True):
         target.assign(source)
     return copy
+
+
+def preempted_after(steps, monkeypatch):
+    """A callback counting training calls; after the `steps`-th, a checkpointed run sees a
+    SIGTERM (none is sent) and saves and raises `tp.Preempted`. `monkeypatch.undo()` ends it."""
+    from tfpure import resume
+
+    calls = []
+
+    class Count(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            calls.append(batch)
+
+    preempted = property(lambda self: len(calls) == steps, lambda self, value: None)
+    monkeypatch.setattr(resume.Run, "preempted", preempted, raising=False)
+    return Count()

@@ -10,12 +10,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tfpure as tp
-from tfpure import resume
 from tfpure import testing as tpt
 from tfpure.testing import strategies as tps
 from tfpure.testing.strategies import ModelSpec
 
-from reference import tutorial_train_step, twin
+from reference import preempted_after, tutorial_train_step, twin
 
 SCCE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 SPEC = ModelSpec((5,), (("dense", 6), ("dropout", 50), ("batchnorm", 0)), num_classes=3, l2=0.01)
@@ -581,18 +580,10 @@ def test_the_history_counts_each_epochs_skipped_steps_and_a_resume_keeps_countin
     state = make_state(SPEC.build(0), seed=0)
     _, uninterrupted = tp.fit_loop(state, data, step, epochs=2, verbose=0)
     assert uninterrupted["skipped"] == [2.0, 2.0] and int(state.skipped) == 4
-    calls = []
-
-    class Count(keras.callbacks.Callback):
-        def on_train_batch_end(self, batch, logs=None):
-            calls.append(batch)
-
-    # SIGTERM as the run sees it, after its fourth step (no signal is sent).
-    preempted = property(lambda self: len(calls) == 4, lambda self, value: None)
-    monkeypatch.setattr(resume.Run, "preempted", preempted, raising=False)
+    count = preempted_after(4, monkeypatch)  # a SIGTERM as the run sees it
     first = make_state(SPEC.build(0), seed=0)
     with pytest.raises(tp.Preempted):
-        tp.fit_loop(first, data, step, epochs=2, verbose=0, callbacks=[Count()],
+        tp.fit_loop(first, data, step, epochs=2, verbose=0, callbacks=[count],
                     checkpoint=tp.Checkpointer(tmp_path))  # fmt: skip
     monkeypatch.undo()
     assert int(first.skipped) == 3

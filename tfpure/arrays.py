@@ -5,9 +5,11 @@ Keras users pass arrays to `fit`; tfpure's loops take batches. Given
 ``(x, y, sample_weight)``; NumPy arrays, tensors, or dicts of them by input
 name) and slice them into batches of that size, in order (the last batch
 ragged, as Keras makes it), or shuffled anew each epoch from a seed: the
-order is `tf.data`'s ``shuffle(n, seed, reshuffle_each_iteration=True)``, so
-the same seed gives the same order in every run, and a resumed run replays
-it exactly.
+order is `tf.data`'s ``shuffle(n, seed, reshuffle_each_iteration=True)``. As
+for every `tf.data` shuffle, it depends on the seed and on TensorFlow's
+global seed (``keras.utils.set_random_seed``): with both the same, every run
+draws the same order, and a resumed run replays it exactly (a `Checkpointer`
+refuses a resume under another global seed).
 """
 
 from __future__ import annotations

@@ -236,8 +236,9 @@ def fit_loop(
         batches of this size, the last one ragged, as Keras `fit` does.
       shuffle: with `batch_size`: True (the default) shuffles the arrays anew
         each epoch with seed 0, an int with that seed (the same order in
-        every run, replayed by a resume), False keeps their order (Keras
-        ``fit(..., shuffle=False)`` then reports the same history).
+        every run under the same global seed, replayed by a resume), False
+        keeps their order (Keras ``fit(..., shuffle=False)`` then reports the
+        same history).
 
     Returns:
       ``(state, history)`` where ``history`` maps Keras log names (`loss`,
