@@ -12,10 +12,11 @@ import pytest
 import tensorflow as tf
 
 import tfpure as tp
-from tfpure import resume
 from tfpure.graph import group_batches
 from tfpure.state import owned_variables
 from tfpure.testing.strategies import ModelSpec
+
+from reference import preempted_after
 
 SCCE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 SPEC = ModelSpec((5,), (("dense", 6), ("dropout", 50), ("batchnorm", 0)), num_classes=3, l2=0.01)
@@ -195,18 +196,10 @@ def test_a_checkpointed_run_is_fed_groups_and_resumes_on_them_bit_for_bit(
     _, history_r = tp.fit_loop(reference, data(), xla_step(), verbose=0, **kwargs)
     first, step = make_state(), xla_step()
     if run == "epochs":
-        calls = []
-
-        class Preempt(keras.callbacks.Callback):
-            def on_train_batch_end(self, batch, logs=None):
-                calls.append(batch)
-
-        # SIGTERM as the run sees it, after its first call (no signal is sent).
-        preempted = property(lambda self: bool(calls), lambda self, value: None)
-        monkeypatch.setattr(resume.Run, "preempted", preempted, raising=False)
+        count = preempted_after(1, monkeypatch)  # a SIGTERM as the run sees it
         with pytest.raises(tp.Preempted):
             tp.fit_loop(
-                first, data(), step, verbose=0, callbacks=[Preempt()],
+                first, data(), step, verbose=0, callbacks=[count],
                 checkpoint=tp.Checkpointer(tmp_path), **kwargs,
             )  # fmt: skip
         monkeypatch.undo()

@@ -279,11 +279,12 @@ def assert_fused_matches_sequential(
       ...     steps_per_call=3)
     """
     from tfpure.loop import fit_loop
+    from tfpure.steps import Step
 
     results = []
     for k, state in zip((1, steps_per_call), _fresh_states(make_state, 2), strict=True):
         step = make_step(k)
-        body = getattr(getattr(step, "spec", None), "kind", None) == "custom"
+        body = isinstance(step, Step) and step.kind == "custom"
         val_data = None if eval_step is None and body else data
         state, history = fit_loop(
             state, data, step, epochs=epochs, eval_step=eval_step, val_data=val_data, verbose=0
