@@ -112,6 +112,14 @@ def test_a_user_written_body_own_variants_and_a_hand_written_loop():
     with pytest.raises(TypeError, match=r"read 'my_body' as a loss.*pass tp\.make_step\(my_body\)"):
         compare(make_state, my_body, make_data(), variants=("graph",), rounds=1, steps=2)
 
+    def full_control(model, batch, training):  # (model, batch, training): a loss all the same
+        x, y = batch
+        y_pred = model(x, training=training)
+        return SCCE(y, y_pred), y_pred
+
+    result = compare(make_state, full_control, make_data(), variants=("graph",), rounds=1, steps=2)
+    assert result.steps == {"graph": 2} and len(result.rounds["graph"]) == 1
+
 
 def test_the_chart_is_written_with_a_log_axis_when_the_values_span_widely(tmp_path):
     pytest.importorskip("matplotlib")

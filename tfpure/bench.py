@@ -38,6 +38,7 @@ import keras
 import tensorflow as tf
 
 from tfpure._version import __version__
+from tfpure.batch import required_positional
 from tfpure.loop import fit_loop
 from tfpure.outputs import Route
 from tfpure.state import TrainState, leaves
@@ -425,7 +426,8 @@ def _as_step(loss_or_fn: Any, states: Any) -> Step:
             "`make_state()` returned several states, so `loss_or_fn` must be a step body "
             f"fn(states, batch) -> (states, logs) or a tfpure Step; got {loss_or_fn!r}."
         )
-    if callable(loss_or_fn) and not isinstance(loss_or_fn, keras.losses.Loss):
+    if required_positional(loss_or_fn) == 2 and not isinstance(loss_or_fn, keras.losses.Loss):
+        # fn(y_true, y_pred): a body fn(state, batch) takes two arguments too.
         return make_train_step(_taken_for_a_loss(loss_or_fn))
     return make_train_step(loss_or_fn)
 
