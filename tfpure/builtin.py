@@ -29,7 +29,7 @@ import tensorflow as tf
 from tfpure.batch import Batch, batch_size, check_batch, unpack
 from tfpure.compat import supports_no_merge_call
 from tfpure.distribute import replica_objective
-from tfpure.guard import finite_flags, variable
+from tfpure.guard import all_finite, finite_flags, variable
 from tfpure.losses import BoundLoss, bind
 from tfpure.outputs import Route, select
 from tfpure.state import TrainState, variable_groups
@@ -243,8 +243,13 @@ class TrainBody(_Body):
             self.bad_grads = variable(tf.ones([r, len(self.trainable)], bool), "tfpure_bad_grads")
             self.bad_vars = variable(tf.ones([r, len(self.checked)], bool), "tfpure_bad_vars")
 
-    def one(self, batch: Batch) -> Any:
-        """One training step (on one replica); guarded, returns what `merge` judges."""
+    def one(self, batch: Batch, judge: bool = True) -> Any:
+        """One training step (on one replica); guarded, returns what `merge` judges.
+
+        Not `judge`: a step of a call judged at its end, which checks only that its batch
+        held examples and a loss scale's overflow: its loss stays in the loss tracker's
+        sum, and `verdict` judges it with the variables once the call ran.
+        """
         batch, x, y, sample_weight = self._checked(batch)
         with tf.GradientTape() as tape:
             loss, y_pred, parts = self._forward(batch, True)
@@ -276,13 +281,16 @@ class TrainBody(_Body):
         with tf.control_dependencies([tf.group(ran)]):  # one edge for each op below
             self._commit(grads, reported, x, y, y_pred, sample_weight, parts)
         # Reads after the update (automatic control dependencies order them).
+        examples = tf.cast(batch_size(x), tf.int64)
+        overflow = tf.constant(False) if scale is None else self.optimizer.dynamic_scale < scale
+        if not judge:  # the loss and the variables judged once the call ran (`verdict`)
+            failed = tf.cast(tf.equal(examples, 0), tf.int32)
+            return failed, overflow, None, examples, None, grads, (scale, counter)
         reported = tf.cast(reported, tf.float32)
         left = finite_flags(self.checked)
         fine = tf.logical_and(tf.math.is_finite(reported), tf.reduce_all(left))
-        examples = tf.cast(batch_size(x), tf.int64)
         if self.strategy is None:  # (a replica's share may be empty, the batch not)
             fine = tf.logical_and(fine, examples > 0)
-        overflow = tf.constant(False) if scale is None else self.optimizer.dynamic_scale < scale
         failed = tf.cast(tf.logical_not(fine), tf.int32)
         return failed, overflow, reported, examples, left, grads, (scale, counter)
 
@@ -324,6 +332,13 @@ class TrainBody(_Body):
         if record:
             no_failure = tf.cond(no_failure, lambda: tf.constant(True), record_failure)
         return tf.logical_and(no_failure, tf.logical_not(local(overflow)[0])), no_failure
+
+    def verdict(self) -> tf.Tensor:
+        """Whether the state a call judged at its end left is finite: every variable a
+        step checks (weights, slots, BatchNorm statistics) and the loss trackers, whose
+        sums keep a non-finite loss of any step of the call."""
+        trackers = [self.metrics["loss"], *self.loss_trackers.values()]
+        return all_finite([*self.checked, *(v for t in trackers for v in t.variables)])
 
     def on_skip(self) -> list[Any]:
         """What a skipped batch counts (cross-replica context)."""
@@ -395,7 +410,8 @@ class EvalBody(_Body):
 
     train = False
 
-    def one(self, batch: Batch) -> tf.Tensor:
+    def one(self, batch: Batch, judge: bool = True) -> tf.Tensor:
+        """One evaluation step (on one replica); `judge` unused: nothing is guarded."""
         batch, x, y, sample_weight = self._checked(batch)
         loss, y_pred, parts = self._forward(batch, False)
         self._note_labels(y, y_pred)

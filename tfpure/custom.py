@@ -228,28 +228,43 @@ class UserBody:
         rebuilt = [TrainState(**fields) for fields in self._fields]
         return rebuild(self._template, rebuilt), rebuilt
 
-    def one(self, batch: Batch) -> tuple[tf.Tensor, Logs, tf.Tensor]:
-        """Runs the body on one replica; returns (failed checks as 0/1, logs, examples)."""
+    def one(self, batch: Batch, judge: bool = True) -> tuple[tf.Tensor, Logs, tf.Tensor]:
+        """Runs the body on one replica; returns (failed checks as 0/1, logs, examples).
+
+        Not `judge`: a step of a call judged at its end, which checks nothing itself: a
+        non-finite log stays in the sums of the logs, a non-finite gradient applied in the
+        variables it updates, and `verdict` judges both once the call ran.
+        """
         states, given = self._states()
         guarded = self.spec.nonfinite is not None
         unguarded = contextlib.nullcontext(Collected())
-        with collecting(self.labels) if guarded else unguarded as collected:
+        with collecting(self.labels) if guarded and judge else unguarded as collected:
             returned, logs = _unpack_result(_call_body(self.fn, states, batch))
         _check_returned(states, given, returned)
         logs, reported = _check_logs(logs)
         self.means.learn(sorted(logs))
+        if guarded and not judge:  # its logs and its states judged once the call ran
+            return tf.zeros([1], tf.int32), logs, reported, batch_size(batch)
         for name in sorted(logs) if guarded else ():
             if logs[name].dtype.is_floating:  # (a log not reported is not checked)
                 left_out = tf.equal(reported[name], 0.0)
                 collected.add(f"log {name!r}", left_out | tf.math.is_finite(logs[name]))
         for state in given if guarded else ():  # the state the body left, read after it
-            left = [
-                *state.model.variables,
-                *(state.optimizer.variables if state.optimizer is not None else []),
-            ]
-            collected.add(f"variables of {self.labels[id(state.model)]}", all_finite(left))
+            collected.add(f"variables of {self.labels[id(state.model)]}", self._finite(state))
         failed = tf.cast(tf.logical_not(self.checks.settle(collected)), tf.int32)
         return failed, logs, reported, batch_size(batch)
+
+    @staticmethod
+    def _finite(state: TrainState) -> tf.Tensor:
+        """Whether every variable of `state`'s model and optimizer is finite."""
+        optimizer = state.optimizer.variables if state.optimizer is not None else []
+        return all_finite([*state.model.variables, *optimizer])
+
+    def verdict(self) -> tf.Tensor:
+        """Whether the states a call judged at its end left are finite (every variable),
+        and the sums of its logs, which keep a non-finite log of any step of the call."""
+        states = [self._finite(state) for state in self._states()[1]]
+        return tf.reduce_all([*states, all_finite(self.means.variables)])
 
     def merge(self, out: Any, record: bool = True) -> tuple[tf.Tensor, tf.Tensor]:
         """Sums the replicas' logs and examples; updates the means if every check passed.

@@ -75,8 +75,13 @@ class Body(Protocol):
     #: What a step writes beyond the guard's cover (a deferred call puts it back too).
     also_written: Sequence[Any]
 
-    def one(self, batch: Any) -> Any:
-        """The step on one replica's batch (traced; inside XLA under ``jit_compile``)."""
+    def one(self, batch: Any, judge: bool = True) -> Any:
+        """The step on one replica's batch (traced; inside XLA under ``jit_compile``).
+        Not `judge`: a step of a call judged at its end, which checks only what is cheap
+        to check (its loss, its logs); the call's `verdict` judges the variables."""
+
+    def verdict(self) -> tf.Tensor:
+        """Whether every variable a step checks is finite: a call's verdict at its end."""
 
     def merge(self, out: Any, record: bool = True) -> tuple[tf.Tensor, tf.Tensor]:
         """(keep the step, no failure), in cross-replica context; `record`: note a failure."""
@@ -173,9 +178,10 @@ class Engine:
             `tf.cond` (then, in "skip" mode, counted); returns "no failure";
           * ``"select"``: inside an XLA loop, where the body runs inline: each
             variable gets its value from before by a select; returns "no failure";
-          * ``"defer"``: not here: the caller judges a whole call (`_deferred_loop`);
-            the shadows are saved still, for `recover` after a run-time error in
-            the forward pass; returns "keep".
+          * ``"defer"``: not here: the caller judges a whole call (`_deferred_loop`),
+            the step checking only what is cheap to check (its loss, its logs) and
+            the call the variables at its end; the shadows are saved still, for
+            `recover` after a run-time error in the forward pass; returns "keep".
         """
         rollback = self.rollback
         if rollback is None:
@@ -188,7 +194,10 @@ class Engine:
         else:
             first, held, before = rollback.save_shadows(), [], []
         with tf.control_dependencies(first):
-            out = self.body.one(batch) if put_back == "select" else self._dispatch(batch)
+            if put_back == "select":
+                out = self.body.one(batch)
+            else:
+                out = self._dispatch(batch, judge=put_back == "cond")
             keep, ok = self.body.merge(out, record=put_back != "defer")
         with tf.control_dependencies([keep, ok]):
             done = [self.examples.assign_add(self._examples_in(batch))]
@@ -232,7 +241,7 @@ class Engine:
                 sizes.append(tf.shape(part, out_type=tf.int64)[0])
         return tf.add_n(sizes)
 
-    def _dispatch(self, batch: Any) -> Any:
+    def _dispatch(self, batch: Any, judge: bool = True) -> Any:
         """Runs the body on the one device, or on every replica of the strategy.
 
         A multi-worker strategy feeds per-replica batches (its iterators are
@@ -242,7 +251,10 @@ class Engine:
         epoch than a distributed one.
         """
         if self.strategy is None:
-            return self._xla_checked(self.one, batch) if self.spec.jit_compile else self.one(batch)
+            if self.spec.jit_compile:
+                return self._xla_checked(self.one, batch, judge)
+            return self.one(batch, judge)
+        assert judge  # (a call is judged at its end on one device only)
         fn = self.one if self.sharded else lambda b: self.one(replica_share(b))
         return self.strategy.run(fn, args=(batch,))
 
@@ -397,22 +409,24 @@ class Engine:
             tf.equal(present, len(pulled)), full, lambda: self._run_pulled(pulled, present)
         )
 
-    def _xla_checked(self, fn: Any, batch: Any) -> Any:
+    def _xla_checked(self, fn: Any, batch: Any, *args: Any) -> Any:
         """``fn(batch)``, an XLA function, after the body's checks of `batch` (XLA makes
         no run-time check: a label out of range gives a NaN, not an error). Traced first,
         so the checks know what the body met (the class count of its labels)."""
-        fn.get_concrete_function(batch)
+        fn.get_concrete_function(batch, *args)
         with tf.control_dependencies(self.body.label_checks(batch)):
-            return fn(batch)
+            return fn(batch, *args)
 
     def _run_group(self, stacked: Any) -> tuple[tf.Tensor, tf.Tensor]:
         """The steps of one XLA call, over the leading axis of `stacked`: (steps, no failure)."""
-        steps = tf.shape(tf.nest.flatten(stacked)[0])[0]
-        return self._steps(
-            steps,
-            lambda i: tf.nest.map_structure(lambda t: t[i], stacked),
-            functools.partial(self._run_one, put_back="select"),
-        )
+        return _group(self, stacked)
+
+    def _written(self) -> list[Any]:
+        """Every variable a guarded call's steps may write (a call judged at its end holds
+        their values from before it)."""
+        assert self.rollback is not None
+        also = [part for v in self.body.also_written for part in components(v)]
+        return [*self.rollback.covered, *also, self.examples]
 
     def _run_pulled(self, pulled: list[Any], present: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         """The `present` batches of `pulled` (optionals), one step each: (steps run, no failure)."""
@@ -453,10 +467,14 @@ class Engine:
 def _deferred_loop(engine: Engine, iterator: Any, k: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     """`Engine._step_loop` with one verdict for the call, unless a step is not kept.
 
-    The steps run without putting anything back (``put_back="defer"``); the
-    call holds the values of every variable its steps may write, and the
-    batches it pulled. At the first step not kept the loop stops, every
-    variable gets its value from before the call back, and the call runs
+    The steps run without putting anything back (``put_back="defer"``), each
+    checking only what is cheap to check (its loss or logs, its batch, a loss
+    scale's overflow); the call holds the values of every variable its steps
+    may write, and the batches it pulled, and judges the variables once, by
+    the state it leaves (`Body.verdict`): a non-finite weight, slot or
+    statistic stays non-finite through the steps after the one that wrote it.
+    At the first step not kept the loop stops; when a step or the verdict
+    fails, every variable gets its value from before the call back, and the call runs
     again one step at a time under the whole guard (`_run_one`), on the
     batches it pulled (the kept ones alike, their seeds being in the
     states), then on new ones (`_again`). What a guarded step costs per step
@@ -468,11 +486,7 @@ def _deferred_loop(engine: Engine, iterator: Any, k: tf.Tensor) -> tuple[tf.Tens
     """
     rollback = engine.rollback
     assert rollback is not None
-    written = [
-        *rollback.covered,
-        *(part for v in engine.body.also_written for part in components(v)),
-        engine.examples,
-    ]
+    written = engine._written()
     before = [tf.convert_to_tensor(v) for v in written]
     specs = tf.nest.flatten(iterator.element_spec)
     start = [
@@ -498,6 +512,10 @@ def _deferred_loop(engine: Engine, iterator: Any, k: tf.Tensor) -> tuple[tf.Tens
         i, keep, _, *pulled = tf.while_loop(
             cond, body, (tf.constant(0), tf.constant(True), tf.constant(True), *start)
         )
+    # The variables judged once, by the state the call left: a non-finite value a step
+    # wrote stays non-finite through the steps after it (see `docs/steps.md`).
+    with tf.control_dependencies([i, keep]):
+        keep = tf.logical_and(keep, engine.body.verdict())
     # Not kept: everything back, then the call again one step at a time.
     restored = tf.cond(
         keep,
@@ -511,6 +529,53 @@ def _deferred_loop(engine: Engine, iterator: Any, k: tf.Tensor) -> tuple[tf.Tens
         disarm = rollback.disarm()
     with tf.control_dependencies([disarm]):
         return tf.identity(i), tf.identity(ok)
+
+
+def _group(engine: Engine, stacked: Any) -> tuple[tf.Tensor, tf.Tensor]:
+    """The steps of one XLA call, over the leading axis of `stacked`: (steps, no failure).
+
+    Guarded, the call is judged at its end, as a deferred call is (`_deferred_loop`):
+    its steps run unjudged, holding the values from before the call; if a step or
+    the `verdict` fails, everything is put back and the steps run again, each judged
+    and put back by selects (``put_back="select"``). XLA runs only the branch taken.
+    """
+    steps = tf.shape(tf.nest.flatten(stacked)[0])[0]
+
+    def batch(i: tf.Tensor) -> Any:
+        return tf.nest.map_structure(lambda t: t[i], stacked)
+
+    judged = functools.partial(engine._run_one, put_back="select")
+    if engine.rollback is None:
+        return engine._steps(steps, batch, judged)
+    written = engine._written()
+    before = [tf.convert_to_tensor(v) for v in written]
+
+    def cond(i: tf.Tensor, keep: tf.Tensor) -> tf.Tensor:
+        return tf.logical_and(i < steps, keep)
+
+    def body(i: tf.Tensor, keep: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        return i + 1, _unjudged(engine, batch(i))
+
+    i, keep = tf.while_loop(cond, body, (tf.constant(0), tf.constant(True)))
+    with tf.control_dependencies([i, keep]):
+        keep = tf.logical_and(keep, engine.body.verdict())
+
+    def again() -> tuple[tf.Tensor, tf.Tensor]:
+        back = [v.assign(b) for v, b in zip(written, before, strict=True)]
+        with tf.control_dependencies(back):
+            return engine._steps(steps, batch, judged)
+
+    return tf.cond(keep, lambda: (tf.identity(i), tf.constant(True)), again)
+
+
+def _unjudged(engine: Engine, batch: Any) -> tf.Tensor:
+    """Inside XLA, a step of a call judged at its end: the body inline, checking only
+    what is cheap (see `Body.one`); returns whether to keep it so far."""
+    keep, _ = engine.body.merge(engine.body.one(batch, False), record=False)
+    with tf.control_dependencies([keep]):
+        counted = engine.examples.assign_add(engine._examples_in(batch))
+    with tf.control_dependencies([counted]):
+        return tf.identity(keep)
 
 
 def _again(
