@@ -77,11 +77,13 @@ class Body(Protocol):
 
     def one(self, batch: Any, judge: bool = True) -> Any:
         """The step on one replica's batch (traced; inside XLA under ``jit_compile``).
-        Not `judge`: a step of a call judged at its end, which checks only what is cheap
-        to check (its loss, its logs); the call's `verdict` judges the variables."""
+        Not `judge`: a step of a call judged at its end, which checks only that its batch
+        held examples (a built-in body) and a loss scale's overflow; the call's `verdict`
+        judges its loss or logs (through their sums) and the variables."""
 
     def verdict(self) -> tf.Tensor:
-        """Whether every variable a step checks is finite: a call's verdict at its end."""
+        """Whether every variable a step checks, and the sums of its loss or logs, are
+        finite: a call's verdict at its end."""
 
     def merge(self, out: Any, record: bool = True) -> tuple[tf.Tensor, tf.Tensor]:
         """(keep the step, no failure), in cross-replica context; `record`: note a failure."""
@@ -179,9 +181,10 @@ class Engine:
           * ``"select"``: inside an XLA loop, where the body runs inline: each
             variable gets its value from before by a select; returns "no failure";
           * ``"defer"``: not here: the caller judges a whole call (`_deferred_loop`),
-            the step checking only what is cheap to check (its loss, its logs) and
-            the call the variables at its end; the shadows are saved still, for
-            `recover` after a run-time error in the forward pass; returns "keep".
+            the step checking only that its batch held examples and a loss scale's
+            overflow, and the call its loss or logs and variables at its end; the
+            shadows are saved still, for `recover` after a run-time error in the
+            forward pass; returns "keep".
         """
         rollback = self.rollback
         if rollback is None:
@@ -468,11 +471,12 @@ def _deferred_loop(engine: Engine, iterator: Any, k: tf.Tensor) -> tuple[tf.Tens
     """`Engine._step_loop` with one verdict for the call, unless a step is not kept.
 
     The steps run without putting anything back (``put_back="defer"``), each
-    checking only what is cheap to check (its loss or logs, its batch, a loss
-    scale's overflow); the call holds the values of every variable its steps
-    may write, and the batches it pulled, and judges the variables once, by
-    the state it leaves (`Body.verdict`): a non-finite weight, slot or
-    statistic stays non-finite through the steps after the one that wrote it.
+    checking only that its batch held examples and a loss scale's overflow;
+    the call holds the values of every variable its steps
+    may write, and the batches it pulled, and judges the variables and the
+    sums of the loss or logs once, by the state it leaves (`Body.verdict`): a
+    non-finite weight, slot, statistic or sum stays non-finite through the
+    steps after the one that wrote it.
     At the first step not kept the loop stops; when a step or the verdict
     fails, every variable gets its value from before the call back, and the call runs
     again one step at a time under the whole guard (`_run_one`), on the
@@ -569,8 +573,8 @@ def _group(engine: Engine, stacked: Any) -> tuple[tf.Tensor, tf.Tensor]:
 
 
 def _unjudged(engine: Engine, batch: Any) -> tf.Tensor:
-    """Inside XLA, a step of a call judged at its end: the body inline, checking only
-    what is cheap (see `Body.one`); returns whether to keep it so far."""
+    """Inside XLA, a step of a call judged at its end: the body inline and unjudged
+    (``Body.one(batch, judge=False)``); returns whether to keep it so far."""
     keep, _ = engine.body.merge(engine.body.one(batch, False), record=False)
     with tf.control_dependencies([keep]):
         counted = engine.examples.assign_add(engine._examples_in(batch))
