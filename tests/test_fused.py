@@ -1,5 +1,7 @@
 """steps_per_call (several steps per graph call) and XLA: the same results, fewer calls."""
 
+import re
+
 import keras
 import numpy as np
 import pytest
@@ -280,3 +282,58 @@ def test_a_user_written_body_skips_inside_a_fused_call_as_in_single_steps():
     assert fused_logs == single_logs and fused_logs["skipped"] == 2
     for a, b in zip(fused, single, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def finite_checkpoints(directory):
+    """How many checkpoints `directory` holds; fails if one holds a non-finite value."""
+    paths = tp.Checkpointer(directory).checkpoints()
+    for path in paths:
+        reader = tf.train.load_checkpoint(path)
+        for name in reader.get_variable_to_shape_map():
+            value = np.asarray(reader.get_tensor(name))
+            if value.dtype.kind == "f":
+                assert np.isfinite(value).all(), f"{path}: {name} is not finite"
+    return len(paths)
+
+
+# 20 batches of 8 in 2 epochs of 10 steps, in calls of 4: [0-3] [4-7] [8-9] | [10-13] ...
+# Bad batches: the run's and a call's first step (0), a call's middle (5) and last (7)
+# steps, the epoch's last step in its short call (9), the next epoch's first step (10).
+POSITIONS = [0, 5, 7, 9, 10]
+
+
+@pytest.mark.parametrize(
+    "nonfinite, bad", [("skip", POSITIONS), *(("raise", [b]) for b in POSITIONS)]
+)
+def test_the_guard_holds_at_every_position_of_a_fused_call_and_saves_only_finite_states(
+    tmp_path, nonfinite, bad
+):
+    """A fused call is judged once, by the state it leaves: wherever its bad step is, the
+    run ends as single steps end, bit for bit (variables, counts, history), and no
+    checkpoint (saved every 3 steps, which cut the calls) holds a non-finite value."""
+    x, y = SPEC.batch(160, 0)
+    x[[8 * b + 3 for b in bad]] = np.nan
+    data = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
+    ends = []
+    for k in (4, 1):
+        state = state_maker(SPEC, 0)()
+        step = tp.make_train_step(SCCE, steps_per_call=k, nonfinite=nonfinite)
+        ckpt = tp.Checkpointer(tmp_path / f"k{k}", save_every_steps=3, max_to_keep=20)
+        try:
+            _, history = tp.fit_loop(
+                state, data, step, epochs=2, steps_per_epoch=10, checkpoint=ckpt, verbose=0
+            )
+        except tp.NonFiniteError as err:
+            history = re.sub(r"_\d+/", "/", str(err))  # (layer names numbered per model)
+        ends.append((history, values(state), finite_checkpoints(tmp_path / f"k{k}")))
+    (history, fused, saves), (single_history, single, single_saves) = ends
+    assert history == single_history
+    if nonfinite == "skip":
+        assert history["skipped"] == [4, 1]
+    else:
+        assert f"at step {bad[0]} (0-based)" in history
+    done = 20 if nonfinite == "skip" else bad[0]  # steps run whole
+    assert saves == single_saves == sum(s % 3 == 0 or s % 10 == 0 for s in range(1, done + 1))
+    for a, b in zip(fused, single, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert int(fused[0]) == done  # state.step: skipped steps count

@@ -21,7 +21,8 @@ A guarded call of several steps on one device pulled from an iterator
 judges them at once instead (`Engine._deferred_loop`): its steps run with
 nothing put back, the call holding the values from before it and the
 batches it pulled; if a step is not kept, the call puts everything back and
-runs its steps again one at a time as above. Its results equal the per-step
+its steps run again one at a time as above (`replay`, a function of its own
+that only a failed call traces). Its results equal the per-step
 path's bit for bit (the same body, on the same batches, from the same
 seeds); a failure costs the call twice.
 
@@ -157,7 +158,8 @@ class Engine:
         # (`on_groups`) or stacked from the ones pulled (`_on_pulled`).
         self.groups = spec.jit_compile and spec.steps_per_call > 1 and self.strategy is None
         if self.groups:
-            self.run_group = _xla_function(self._run_group)
+            self.run_group = _xla_function(functools.partial(_group, self))
+            self.replay_group = _xla_function(functools.partial(_replay_group, self))
             self.on_groups = tf.function(self._on_groups, reduce_retracing=True, autograph=False)
         # Exact signatures: `Step.__call__` traces a batch-size-free signature
         # first, widened where later batches' sizes differ (`tfpure.signature`),
@@ -166,6 +168,7 @@ class Engine:
         self.on_batch = tf.function(self._on_batch, autograph=False)
         self.signatures = Signatures(body.model)
         self.on_iterator = tf.function(self._on_iterator, reduce_retracing=True, autograph=False)
+        self.replay = tf.function(self._replay, reduce_retracing=True, autograph=False)
 
     # -- one step -----------------------------------------------------------------
 
@@ -275,32 +278,51 @@ class Engine:
         with tf.control_dependencies(self._assert_kept(ok)):
             return self.body.logs()
 
-    def _on_iterator(self, iterator: Any, k: tf.Tensor) -> tuple[tf.Tensor, Logs]:
+    def _on_iterator(self, iterator: Any, k: tf.Tensor) -> Any:
+        """(steps run, logs), and for a deferred call the replay it asks for (`_deferred_loop`):
+        (whether to replay it, the lists of the batches it pulled)."""
         self.count_trace()
-        if self.groups and all(
-            isinstance(s, tf.TensorSpec) for s in tf.nest.flatten(iterator.element_spec)
-        ):
-            i, ok = tf.cond(
+        if self.groups and _dense(iterator):
+            i, ok, *replay = tf.cond(
                 tf.equal(k, self.spec.steps_per_call),
-                lambda: self._on_pulled(iterator),
+                lambda: (*_on_pulled(self, iterator), *_no_replay(iterator)),
                 lambda: self._loop(iterator, k),
             )
         else:
-            i, ok = self._loop(iterator, k)
+            i, ok, *replay = self._loop(iterator, k)
         with tf.control_dependencies(self._assert_kept(ok)):
-            return tf.identity(i), self.body.logs()
+            out = tf.identity(i), self.body.logs()
+        return (*out, tuple(replay)) if self.deferred else out
+
+    def run_iterator(self, iterator: Any, k: tf.Tensor, out: Any = None) -> tuple[tf.Tensor, Logs]:
+        """``on_iterator(iterator, k)`` (or its outputs `out`), and the replay a deferred
+        call asks for, step by step under the whole guard (`replay`, traced at the first)."""
+        out = self.on_iterator(iterator, k) if out is None else out
+        if not self.deferred:
+            return out
+        i, logs, (again, lists) = out
+        if tf.executing_eagerly():
+            return self.replay(iterator, k, i, lists) if bool(again) else (i, logs)
+        return tf.cond(again, lambda: self.replay(iterator, k, i, lists), lambda: (i, logs))
+
+    def _replay(self, iterator: Any, k: tf.Tensor, pulled: tf.Tensor, lists: Any) -> Any:
+        """A deferred call put back, again one step at a time (`_again`): (steps run, logs)."""
+        self.count_trace()
+        j, ok = _again(self, iterator, k, pulled, lists)
+        with tf.control_dependencies(self._assert_kept(ok)):
+            return tf.identity(j), self.body.logs()
 
     @property
     def _stops_on_failure(self) -> bool:
         return self.guarded and self.spec.nonfinite == "raise"
 
-    def _loop(self, iterator: Any, k: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        """Up to `k` steps pulled from `iterator`: (steps run, no failure)."""
-        if self.deferred and all(
-            isinstance(s, tf.TensorSpec) for s in tf.nest.flatten(iterator.element_spec)
-        ):
+    def _loop(self, iterator: Any, k: tf.Tensor) -> tuple:
+        """Up to `k` steps pulled from `iterator`: (steps run, no failure), and for a
+        deferred engine the replay asked for (`_deferred_loop`)."""
+        if self.deferred and _dense(iterator):
             return _deferred_loop(self, iterator, k)
-        return self._step_loop(iterator, k)
+        out = self._step_loop(iterator, k)
+        return (*out, *_no_replay(iterator)) if self.deferred else out
 
     def _step_loop(self, iterator: Any, k: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         """Up to `k` steps, each on a batch pulled from `iterator`: (steps run, no failure)."""
@@ -348,7 +370,7 @@ class Engine:
 
             def stacked() -> tuple[tf.Tensor, tf.Tensor]:
                 dense = [_stacked(t, n) for t in leaves]
-                return self._xla_checked(self.run_group, tf.nest.pack_sequence_as(group, dense))
+                return self._group_call(tf.nest.pack_sequence_as(group, dense))
 
             def each() -> tuple[tf.Tensor, tf.Tensor]:
                 def row(i: tf.Tensor) -> Any:
@@ -377,41 +399,6 @@ class Engine:
 
         return tf.while_loop(cond, body, (tf.constant(0), tf.constant(True)))
 
-    def _on_pulled(self, iterator: Any) -> tuple[tf.Tensor, tf.Tensor]:
-        """A full call under XLA: `steps_per_call` batches pulled, stacked, run in one XLA loop.
-
-        For an iterator of single batches (`on_groups` is cheaper: the data
-        groups them). Batches of different shapes (a ragged last batch), or
-        fewer than a call's (the end of the data), run one at a time instead
-        (`_run_pulled`). A failed step in "raise" mode stops the call; the
-        batches pulled after it are consumed unrun.
-        """
-        pulled = [iterator.get_next_as_optional() for _ in range(self.spec.steps_per_call)]
-        present = tf.add_n([tf.cast(o.has_value(), tf.int32) for o in pulled])
-
-        def full() -> tuple[tf.Tensor, tf.Tensor]:
-            batches = [tf.nest.flatten(o.get_value()) for o in pulled]
-            same = tf.reduce_all(
-                [
-                    tf.reduce_all(tf.equal(tf.shape(a), tf.shape(b)))
-                    for other in batches[1:]
-                    for a, b in zip(batches[0], other, strict=True)
-                    if a.shape.rank  # (scalars are alike)
-                ]
-                or [tf.constant(True)]
-            )
-
-            def stacked() -> tuple[tf.Tensor, tf.Tensor]:
-                leaves = [tf.stack(group) for group in zip(*batches, strict=True)]
-                stacked = tf.nest.pack_sequence_as(iterator.element_spec, leaves)
-                return self._xla_checked(self.run_group, stacked)
-
-            return tf.cond(same, stacked, lambda: self._run_pulled(pulled, present))
-
-        return tf.cond(
-            tf.equal(present, len(pulled)), full, lambda: self._run_pulled(pulled, present)
-        )
-
     def _xla_checked(self, fn: Any, batch: Any, *args: Any) -> Any:
         """``fn(batch)``, an XLA function, after the body's checks of `batch` (XLA makes
         no run-time check: a label out of range gives a NaN, not an error). Traced first,
@@ -420,9 +407,18 @@ class Engine:
         with tf.control_dependencies(self.body.label_checks(batch)):
             return fn(batch, *args)
 
-    def _run_group(self, stacked: Any) -> tuple[tf.Tensor, tf.Tensor]:
-        """The steps of one XLA call, over the leading axis of `stacked`: (steps, no failure)."""
-        return _group(self, stacked)
+    def _group_call(self, stacked: Any) -> tuple[tf.Tensor, tf.Tensor]:
+        """The steps of one XLA call over the leading axis of `stacked` (`_group`), and if
+        they were put back, again one at a time (`_replay_group`, an XLA function of its
+        own: compiled only once a call fails). Returns (steps run, no failure)."""
+        i, kept = self._xla_checked(self.run_group, stacked)
+        if self.rollback is None:
+            return i, kept
+        return tf.cond(
+            kept,
+            lambda: (i, tf.constant(True)),
+            lambda: self._xla_checked(self.replay_group, stacked),
+        )
 
     def _written(self) -> list[Any]:
         """Every variable a guarded call's steps may write (a call judged at its end holds
@@ -450,11 +446,17 @@ class Engine:
         the ordinary call. A `grouped` iterator is over `group_batches` data
         (run by `on_groups`).
         """
-        fn = self.on_groups if grouped else self.on_iterator
         if tf.config.functions_run_eagerly() or not tf.executing_eagerly():
-            return lambda limit: fn(iterator, limit)
-        concrete = fn.get_concrete_function(iterator, tf.TensorSpec([], tf.int32))
-        return flat_caller(concrete, iterator)
+            if grouped:
+                return lambda limit: self.on_groups(iterator, limit)
+            return lambda limit: self.run_iterator(iterator, limit)
+        fn = self.on_groups if grouped else self.on_iterator
+        call = flat_caller(
+            fn.get_concrete_function(iterator, tf.TensorSpec([], tf.int32)), iterator
+        )
+        if grouped or not self.deferred:
+            return call
+        return lambda limit: self.run_iterator(iterator, limit, call(limit))
 
     # -- recovery -------------------------------------------------------------------
 
@@ -467,7 +469,7 @@ class Engine:
         return self.body.explain_failure()
 
 
-def _deferred_loop(engine: Engine, iterator: Any, k: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+def _deferred_loop(engine: Engine, iterator: Any, k: tf.Tensor) -> tuple:
     """`Engine._step_loop` with one verdict for the call, unless a step is not kept.
 
     The steps run without putting anything back (``put_back="defer"``), each
@@ -478,24 +480,22 @@ def _deferred_loop(engine: Engine, iterator: Any, k: tf.Tensor) -> tuple[tf.Tens
     non-finite weight, slot, statistic or sum stays non-finite through the
     steps after the one that wrote it.
     At the first step not kept the loop stops; when a step or the verdict
-    fails, every variable gets its value from before the call back, and the call runs
-    again one step at a time under the whole guard (`_run_one`), on the
-    batches it pulled (the kept ones alike, their seeds being in the
-    states), then on new ones (`_again`). What a guarded step costs per step
-    (the put-back branch and its reads, the failure record) is then paid once
-    per call, and only when a step fails.
+    fails, every variable gets its value from before the call back, and the
+    call asks to be run again one step at a time under the whole guard
+    (`Engine.replay`, a function of its own, traced at the first failure) on
+    the batches it pulled, then on new ones. What a guarded step costs per
+    step (the put-back branch and its reads, the failure record) is then
+    paid once per call, and only when a step fails; the replay's steps are
+    neither traced nor compiled in the call's graph.
 
-    One loop for each way keeps the trace short: every loop or branch
-    holding a step captures every variable the step touches.
+    Returns (steps pulled, True, whether to replay, the lists of the pulled
+    batches' leaves).
     """
     rollback = engine.rollback
     assert rollback is not None
     written = engine._written()
     before = [tf.convert_to_tensor(v) for v in written]
-    specs = tf.nest.flatten(iterator.element_spec)
-    start = [
-        tf.TensorArray(s.dtype, size=k, element_shape=s.shape, infer_shape=False) for s in specs
-    ]
+    start = _no_replay(iterator)[1]
 
     def cond(i: tf.Tensor, keep: tf.Tensor, more: tf.Tensor, *pulled: Any) -> tf.Tensor:
         return tf.logical_and(tf.logical_and(i < k, keep), more)
@@ -505,7 +505,10 @@ def _deferred_loop(engine: Engine, iterator: Any, k: tf.Tensor) -> tuple[tf.Tens
 
         def present() -> tuple:
             batch = optional.get_value()
-            kept = [a.write(i, t) for a, t in zip(pulled, tf.nest.flatten(batch), strict=True)]
+            kept = [
+                tf.raw_ops.TensorListPushBack(input_handle=h, tensor=t)
+                for h, t in zip(pulled, tf.nest.flatten(batch), strict=True)
+            ]
             return (i + 1, engine._run_one(batch, "defer"), tf.constant(True), *kept)
 
         return tf.cond(
@@ -520,37 +523,85 @@ def _deferred_loop(engine: Engine, iterator: Any, k: tf.Tensor) -> tuple[tf.Tens
     # wrote stays non-finite through the steps after it (see `docs/steps.md`).
     with tf.control_dependencies([i, keep]):
         keep = tf.logical_and(keep, engine.body.verdict())
-    # Not kept: everything back, then the call again one step at a time.
+    # Not kept: everything back; the caller replays the call.
     restored = tf.cond(
         keep,
         lambda: tf.constant(True),
         lambda: _after([v.assign(b) for v, b in zip(written, before, strict=True)]),
     )
     with tf.control_dependencies([restored]):
-        j, ok = _again(engine, iterator, k, i, keep, pulled)
-    i, ok = tf.cond(keep, lambda: (i, tf.constant(True)), lambda: (j, ok))
-    with tf.control_dependencies([i, ok]):
         disarm = rollback.disarm()
     with tf.control_dependencies([disarm]):
-        return tf.identity(i), tf.identity(ok)
+        return tf.identity(i), tf.constant(True), tf.logical_not(keep), pulled
+
+
+def _no_replay(iterator: Any) -> tuple[tf.Tensor, list[tf.Tensor]]:
+    """A call that asks for no replay: (False, an empty list per leaf of the batches)."""
+    lists = (
+        [
+            tf.raw_ops.EmptyTensorList(
+                element_shape=tf.constant(-1), max_num_elements=-1, element_dtype=spec.dtype
+            )
+            for spec in tf.nest.flatten(iterator.element_spec)
+        ]
+        if _dense(iterator)
+        else []
+    )
+    return tf.constant(False), lists
+
+
+def _dense(iterator: Any) -> bool:
+    """Whether `iterator`'s batches are dense tensors (no ragged or sparse leaf)."""
+    return all(isinstance(s, tf.TensorSpec) for s in tf.nest.flatten(iterator.element_spec))
+
+
+def _on_pulled(engine: Engine, iterator: Any) -> tuple[tf.Tensor, tf.Tensor]:
+    """A full call under XLA: `steps_per_call` batches pulled, stacked, run in one XLA loop.
+
+    For an iterator of single batches (`on_groups` is cheaper: the data
+    groups them). Batches of different shapes (a ragged last batch), or
+    fewer than a call's (the end of the data), run one at a time instead
+    (`_run_pulled`). A failed step in "raise" mode stops the call; the
+    batches pulled after it are consumed unrun.
+    """
+    pulled = [iterator.get_next_as_optional() for _ in range(engine.spec.steps_per_call)]
+    present = tf.add_n([tf.cast(o.has_value(), tf.int32) for o in pulled])
+
+    def full() -> tuple[tf.Tensor, tf.Tensor]:
+        batches = [tf.nest.flatten(o.get_value()) for o in pulled]
+        same = tf.reduce_all(
+            [
+                tf.reduce_all(tf.equal(tf.shape(a), tf.shape(b)))
+                for other in batches[1:]
+                for a, b in zip(batches[0], other, strict=True)
+                if a.shape.rank  # (scalars are alike)
+            ]
+            or [tf.constant(True)]
+        )
+
+        def stacked() -> tuple[tf.Tensor, tf.Tensor]:
+            leaves = [tf.stack(group) for group in zip(*batches, strict=True)]
+            stacked = tf.nest.pack_sequence_as(iterator.element_spec, leaves)
+            return engine._group_call(stacked)
+
+        return tf.cond(same, stacked, lambda: engine._run_pulled(pulled, present))
+
+    return tf.cond(
+        tf.equal(present, len(pulled)), full, lambda: engine._run_pulled(pulled, present)
+    )
 
 
 def _group(engine: Engine, stacked: Any) -> tuple[tf.Tensor, tf.Tensor]:
-    """The steps of one XLA call, over the leading axis of `stacked`: (steps, no failure).
+    """The steps of one XLA call, over the leading axis of `stacked`: (steps, kept).
 
     Guarded, the call is judged at its end, as a deferred call is (`_deferred_loop`):
     its steps run unjudged, holding the values from before the call; if a step or
-    the `verdict` fails, everything is put back and the steps run again, each judged
-    and put back by selects (``put_back="select"``). XLA runs only the branch taken.
+    the `verdict` fails, everything is put back and the call is not kept (the caller
+    runs `_replay_group`). XLA runs only the branch taken.
     """
-    steps = tf.shape(tf.nest.flatten(stacked)[0])[0]
-
-    def batch(i: tf.Tensor) -> Any:
-        return tf.nest.map_structure(lambda t: t[i], stacked)
-
-    judged = functools.partial(engine._run_one, put_back="select")
     if engine.rollback is None:
-        return engine._steps(steps, batch, judged)
+        return _replay_group(engine, stacked)
+    steps = tf.shape(tf.nest.flatten(stacked)[0])[0]
     written = engine._written()
     before = [tf.convert_to_tensor(v) for v in written]
 
@@ -558,18 +609,31 @@ def _group(engine: Engine, stacked: Any) -> tuple[tf.Tensor, tf.Tensor]:
         return tf.logical_and(i < steps, keep)
 
     def body(i: tf.Tensor, keep: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        return i + 1, _unjudged(engine, batch(i))
+        return i + 1, _unjudged(engine, _nth(stacked, i))
 
     i, keep = tf.while_loop(cond, body, (tf.constant(0), tf.constant(True)))
     with tf.control_dependencies([i, keep]):
         keep = tf.logical_and(keep, engine.body.verdict())
+    restored = tf.cond(
+        keep,
+        lambda: tf.constant(True),
+        lambda: _after([v.assign(b) for v, b in zip(written, before, strict=True)]),
+    )
+    with tf.control_dependencies([restored]):
+        return tf.identity(i), tf.identity(keep)
 
-    def again() -> tuple[tf.Tensor, tf.Tensor]:
-        back = [v.assign(b) for v, b in zip(written, before, strict=True)]
-        with tf.control_dependencies(back):
-            return engine._steps(steps, batch, judged)
 
-    return tf.cond(keep, lambda: (tf.identity(i), tf.constant(True)), again)
+def _replay_group(engine: Engine, stacked: Any) -> tuple[tf.Tensor, tf.Tensor]:
+    """The steps of one XLA call, each judged and put back by selects
+    (``put_back="select"``): (steps run, no failure)."""
+    steps = tf.shape(tf.nest.flatten(stacked)[0])[0]
+    judged = functools.partial(engine._run_one, put_back="select")
+    return engine._steps(steps, lambda i: _nth(stacked, i), judged)
+
+
+def _nth(stacked: Any, i: tf.Tensor) -> Any:
+    """Batch `i` of batches stacked along their leading axis."""
+    return tf.nest.map_structure(lambda t: t[i], stacked)
 
 
 def _unjudged(engine: Engine, batch: Any) -> tf.Tensor:
@@ -583,49 +647,46 @@ def _unjudged(engine: Engine, batch: Any) -> tf.Tensor:
 
 
 def _again(
-    engine: Engine, iterator: Any, k: tf.Tensor, pulled: tf.Tensor, keep: tf.Tensor, arrays: list
+    engine: Engine, iterator: Any, k: tf.Tensor, pulled: tf.Tensor, lists: Sequence[tf.Tensor]
 ) -> tuple[tf.Tensor, tf.Tensor]:
     """A deferred call not kept, again one step at a time under the whole guard: its
-    `pulled` batches read back from `arrays` first, then new ones pulled (a loop of no
-    trips if the call was kept). Returns (steps run, no failure)."""
+    `pulled` batches read back from `lists` first, then new ones pulled. Returns
+    (steps run, no failure)."""
     specs = tf.nest.flatten(iterator.element_spec)
     stop_on_failure = engine._stops_on_failure
 
-    def batch(arrays: Any, j: tf.Tensor) -> Any:
+    def read(j: tf.Tensor) -> Any:
         leaves = []
-        for array, spec in zip(arrays, specs, strict=True):
-            leaf = array.read(j)
+        for handle, spec in zip(lists, specs, strict=True):
+            leaf = tf.raw_ops.TensorListGetItem(
+                input_handle=handle, index=j, element_shape=tf.constant(-1),
+                element_dtype=spec.dtype,
+            )  # fmt: skip
             leaf.set_shape(spec.shape)
             leaves.append(leaf)
         return tf.nest.pack_sequence_as(iterator.element_spec, leaves)
 
-    def again(j: tf.Tensor, ok: tf.Tensor, more: tf.Tensor, *arrays: Any) -> tf.Tensor:
-        go_on = tf.logical_and(tf.logical_and(tf.logical_not(keep), j < k), more)
+    def pull(j: tf.Tensor) -> tuple:
+        optional = iterator.get_next_as_optional()
+        return tf.cond(
+            optional.has_value(),
+            lambda: (j + 1, engine._run_one(optional.get_value()), tf.constant(True)),
+            lambda: (j, tf.constant(True), tf.constant(False)),
+        )
+
+    def again(j: tf.Tensor, ok: tf.Tensor, more: tf.Tensor) -> tf.Tensor:
+        go_on = tf.logical_and(j < k, more)
         return tf.logical_and(go_on, ok) if stop_on_failure else go_on
 
-    def step_again(j: tf.Tensor, ok: tf.Tensor, more: tf.Tensor, *arrays: Any) -> tuple:
-        def pull() -> tuple:
-            optional = iterator.get_next_as_optional()
+    def step_again(j: tf.Tensor, ok: tf.Tensor, more: tf.Tensor) -> tuple:
+        return tf.cond(
+            j < pulled, lambda: (j + 1, engine._run_one(read(j)), tf.constant(True)),
+            lambda: pull(j),
+        )  # fmt: skip
 
-            def present() -> tuple:
-                value = tf.nest.flatten(optional.get_value())
-                return (
-                    tf.constant(True),
-                    *(a.write(j, t) for a, t in zip(arrays, value, strict=True)),
-                )
-
-            return tf.cond(optional.has_value(), present, lambda: (tf.constant(False), *arrays))
-
-        has, *arrays = tf.cond(j < pulled, lambda: (tf.constant(True), *arrays), pull)
-        j, ok, more = tf.cond(
-            has,
-            lambda: (j + 1, engine._run_one(batch(arrays, j)), tf.constant(True)),
-            lambda: (j, ok, tf.constant(False)),
-        )
-        return (j, ok, more, *arrays)
-
-    start = (tf.constant(0), tf.constant(True), tf.constant(True), *arrays)
-    j, ok, *_ = tf.while_loop(again, step_again, start)
+    j, ok, _ = tf.while_loop(
+        again, step_again, (tf.constant(0), tf.constant(True), tf.constant(True))
+    )
     return j, ok
 
 

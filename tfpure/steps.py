@@ -176,7 +176,7 @@ class Step:
           [4, 2, 0]
         """
         engine = self.engine(state)
-        n, logs = self._run(engine, engine.on_iterator, iterator, self._limit(max_steps))
+        n, logs = self._run(engine, engine.run_iterator, iterator, self._limit(max_steps))
         return state, logs, n
 
     def reset_logs(self, state: Any) -> None:
