@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 import tfpure as tp
 from tfpure import testing as tpt
+from tfpure.state import owned_variables
 from tfpure.testing import strategies as tps
 from tfpure.testing.strategies import ModelSpec
 
@@ -174,10 +175,11 @@ def test_xla_with_fused_steps_matches_the_plain_graph():
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6, err_msg=a.path)
 
 
-def values(state):
-    """Every variable a step may write, in a fixed order."""
+def values(state, metrics=True):
+    """Every variable a step may write (`metrics`: its metrics' too), in a fixed order."""
     held = [state.step, state.skipped, *state.model.variables, *state.optimizer.variables]
-    return [v.numpy() for v in held + [v for m in state.metrics.values() for v in m.variables]]
+    return [v.numpy() for v in held + [v for m in state.metrics.values() for v in m.variables
+                                       if metrics]]  # fmt: skip
 
 
 def run(step, state, data):
@@ -302,38 +304,62 @@ def finite_checkpoints(directory):
 POSITIONS = [0, 5, 7, 9, 10]
 
 
-@pytest.mark.parametrize(
-    "nonfinite, bad", [("skip", POSITIONS), *(("raise", [b]) for b in POSITIONS)]
-)
-def test_the_guard_holds_at_every_position_of_a_fused_call_and_saves_only_finite_states(
-    tmp_path, nonfinite, bad
-):
-    """A fused call is judged once, by the state it leaves: wherever its bad step is, the
-    run ends as single steps end, bit for bit (variables, counts, history), and no
-    checkpoint (saved every 3 steps, which cut the calls) holds a non-finite value."""
+def checkpointed_run(state, step, directory, bad=()):
+    """`fit_loop` over 2 epochs of 10 batches of 8, NaN in the `bad` batches, saving every
+    3 steps (the saves cut the calls) and at each epoch's end: (history, or the error's
+    text with the layer numbers left out; the checkpoints written, all finite)."""
     x, y = SPEC.batch(160, 0)
     x[[8 * b + 3 for b in bad]] = np.nan
     data = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
+    ckpt = tp.Checkpointer(directory, save_every_steps=3, max_to_keep=20)
+    try:
+        _, history = tp.fit_loop(
+            state, data, step, epochs=2, steps_per_epoch=10, checkpoint=ckpt, verbose=0
+        )
+    except tp.NonFiniteError as err:
+        history = re.sub(r"_\d+/", "/", str(err))  # (layer names numbered per model)
+    return history, finite_checkpoints(directory)
+
+
+def saves_after(steps):
+    """How many saves `checkpointed_run` makes in its first `steps` steps."""
+    return sum(s % 3 == 0 or s % 10 == 0 for s in range(1, steps + 1))
+
+
+def test_skipped_steps_at_every_position_of_a_fused_call_end_as_single_steps(tmp_path):
+    """A fused call is judged once, by the state it leaves: wherever its bad steps are,
+    the run ends as single steps end, bit for bit (variables, counts, history), and no
+    checkpoint holds a non-finite value."""
     ends = []
     for k in (4, 1):
         state = state_maker(SPEC, 0)()
-        step = tp.make_train_step(SCCE, steps_per_call=k, nonfinite=nonfinite)
-        ckpt = tp.Checkpointer(tmp_path / f"k{k}", save_every_steps=3, max_to_keep=20)
-        try:
-            _, history = tp.fit_loop(
-                state, data, step, epochs=2, steps_per_epoch=10, checkpoint=ckpt, verbose=0
-            )
-        except tp.NonFiniteError as err:
-            history = re.sub(r"_\d+/", "/", str(err))  # (layer names numbered per model)
-        ends.append((history, values(state), finite_checkpoints(tmp_path / f"k{k}")))
-    (history, fused, saves), (single_history, single, single_saves) = ends
-    assert history == single_history
-    if nonfinite == "skip":
-        assert history["skipped"] == [4, 1]
-    else:
-        assert f"at step {bad[0]} (0-based)" in history
-    done = 20 if nonfinite == "skip" else bad[0]  # steps run whole
-    assert saves == single_saves == sum(s % 3 == 0 or s % 10 == 0 for s in range(1, done + 1))
-    for a, b in zip(fused, single, strict=True):
+        step = tp.make_train_step(SCCE, steps_per_call=k, nonfinite="skip")
+        ends.append((*checkpointed_run(state, step, tmp_path / f"k{k}", POSITIONS), state))
+    (history, saves, fused), (single_history, single_saves, single) = ends
+    assert history == single_history and history["skipped"] == [4, 1]
+    assert saves == single_saves == saves_after(20)
+    for a, b in zip(values(fused), values(single), strict=True):
         np.testing.assert_array_equal(a, b)
-    assert int(fused[0]) == done  # state.step: skipped steps count
+    assert int(fused.step) == 20  # skipped steps count
+
+
+def test_a_raising_step_at_every_position_of_a_fused_call_leaves_the_state_before_it(tmp_path):
+    """In "raise" mode the run stops at the bad step, wherever it is in its call, with
+    every variable as single steps leave it before that step (a clean single-step run's
+    values, bit for bit; metrics aside, reset as an epoch begins), and every checkpoint
+    written before it finite."""
+    clean, seen = state_maker(SPEC, 0)(), {}
+    start = values(clean, metrics=False)
+    record = tp.every(1, lambda state, n, logs: seen.__setitem__(n, values(state, False)))
+    tp.fit_loop(clean, dataset(SPEC, 160, 8), tp.make_train_step(SCCE), epochs=2,
+                steps_per_epoch=10, actions=[record], verbose=0)  # fmt: skip
+    state, step = state_maker(SPEC, 0)(), tp.make_train_step(SCCE, steps_per_call=4)
+    owned = owned_variables(state)
+    initial = [v.numpy() for v in owned]
+    for bad in POSITIONS:  # one state and one step for all: traced once
+        for v, value in zip(owned, initial, strict=True):
+            v.assign(value)
+        message, saves = checkpointed_run(state, step, tmp_path / f"at{bad}", [bad])
+        assert f"at step {bad} (0-based)" in message and saves == saves_after(bad)
+        for a, b in zip(values(state, False), seen.get(bad, start), strict=True):
+            np.testing.assert_array_equal(a, b, err_msg=f"bad step {bad}")
