@@ -5,7 +5,9 @@
 Each pair runs one process per checkout (the order alternating), each timing
 ``fit_loop`` over a step budget of 1,024 steps, five times after a warm-up,
 from the window's begin to its end (no trace, no save): one step a call, 16
-a call, XLA with 16 a call, and the same with a `Checkpointer` attached. It
+a call, XLA with 16 a call, and the same with a `Checkpointer` attached;
+and, on a fresh state and step, the seconds of each configuration's first 16
+steps (``first ...``: tracing, graph optimisation and XLA compilation). It
 prints each pair's figures and, per configuration, the median over pairs of
 new / old (a ratio measured within a pair, so a slow spell of the machine
 cancels), and checkpointed / plain XLA for each checkout.
@@ -31,7 +33,8 @@ CONFIGS = {
 
 
 def measure() -> dict[str, float]:
-    """This process's checkout: median microseconds per step of each configuration."""
+    """This process's checkout: median microseconds per step of each configuration, and
+    seconds of its first 16 steps."""
     import keras
     import numpy as np
     import tensorflow as tf
@@ -75,7 +78,10 @@ def measure() -> dict[str, float]:
                 return None
             return tp.Checkpointer(tempfile.mkdtemp(), save_every_epochs=None)
 
-        tp.fit_loop(s, data, step, steps=512, verbose=0, checkpoint=checkpoint())  # traces
+        begin = time.perf_counter()  # the first 16 steps: tracing, graph optimisation, XLA
+        tp.fit_loop(s, data, step, steps=16, verbose=0, checkpoint=checkpoint())
+        out[f"first {name}"] = time.perf_counter() - begin
+        tp.fit_loop(s, data, step, steps=512, verbose=0, checkpoint=checkpoint())  # warm-up
         times = []
         for _ in range(5):
             window = Window()
@@ -112,7 +118,7 @@ def main() -> None:
             )
             runs[which].append(json.loads(done.stdout.strip().splitlines()[-1]))
             print(which, runs[which][-1], flush=True)
-    for name in CONFIGS:
+    for name in runs["new"][0]:
         ratios = [n[name] / o[name] for o, n in zip(runs["old"], runs["new"], strict=True)]
         print(f"{name}: new / old {statistics.median(ratios):.3f} (pairs: "
               f"{', '.join(f'{r:.3f}' for r in ratios)})")  # fmt: skip
