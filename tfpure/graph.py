@@ -185,7 +185,8 @@ class Engine:
             variable gets its value from before by a select; returns "no failure";
           * ``"defer"``: not here: the caller judges a whole call (`_deferred_loop`),
             the step checking only that its batch held examples and a loss scale's
-            overflow, and the call its loss or logs and variables at its end; the
+            overflow (under XLA, all its checks: one XLA function for every path),
+            and the call its loss or logs and variables at its end; the
             shadows are saved still, for `recover` after a run-time error in the
             forward pass; returns "keep".
         """
@@ -203,7 +204,9 @@ class Engine:
             if put_back == "select":
                 out = self.body.one(batch)
             else:
-                out = self._dispatch(batch, judge=put_back == "cond")
+                # Under XLA a deferred step is judged too: its XLA function is then the
+                # one the per-step paths (a ragged group, a replay) compile, not a second.
+                out = self._dispatch(batch, judge=put_back == "cond" or self.spec.jit_compile)
             keep, ok = self.body.merge(out, record=put_back != "defer")
         with tf.control_dependencies([keep, ok]):
             done = [self.examples.assign_add(self._examples_in(batch))]
