@@ -363,3 +363,37 @@ def test_a_raising_step_at_every_position_of_a_fused_call_leaves_the_state_befor
         assert f"at step {bad} (0-based)" in message and saves == saves_after(bad)
         for a, b in zip(values(state, False), seen.get(bad, start), strict=True):
             np.testing.assert_array_equal(a, b, err_msg=f"bad step {bad}")
+
+
+def caller(step, state, iterator):
+    """``run_on_iterator`` as a function of nothing (the state captured, not an argument)."""
+
+    def call():
+        _, logs, n = step.run_on_iterator(state, iterator)
+        return n, logs
+
+    return call
+
+
+def test_run_on_iterator_inside_a_users_graph_replays_a_failed_call_as_eager_calls_do():
+    """Called inside a user's `tf.function`, a fused call whose step is skipped is replayed
+    in that graph (a `tf.cond`): the same steps, logs and variables as eager calls."""
+    spec = ModelSpec((5,), (("dense", 4),), num_classes=3)
+    x, y = spec.batch(48, 0)
+    x[13] = np.nan  # batch 1 (0-based) of 8-example batches: inside the first call of 4
+    ends = []
+    for in_graph in (False, True):
+        state = state_maker(spec, 0)()
+        step = tp.make_train_step(SCCE, steps_per_call=4, nonfinite="skip")
+        iterator = iter(tf.data.Dataset.from_tensor_slices((x, y)).batch(8))
+
+        call = caller(step, state, iterator)
+        call = tf.function(call, autograph=False) if in_graph else call
+        runs = [call() for _ in range(3)]
+        ends.append(([(int(n), {k: float(v) for k, v in logs.items()}) for n, logs in runs],
+                     values(state)))  # fmt: skip
+    (eager, eager_values), (graph, graph_values) = ends
+    assert [n for n, _ in eager] == [4, 2, 0] and eager[-1][1]["skipped"] == 1
+    assert graph == eager
+    for a, b in zip(graph_values, eager_values, strict=True):
+        np.testing.assert_array_equal(a, b)

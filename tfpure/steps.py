@@ -278,6 +278,8 @@ class Step:
 
     def _limit(self, max_steps: int | None) -> tf.Tensor:
         k = self.spec.steps_per_call if max_steps is None else max_steps
+        if not tf.executing_eagerly():  # (a constant of a graph lives in that graph only)
+            return tf.constant(k, tf.int32)
         limit = self._limits.get(k)
         if limit is None:
             limit = self._limits[k] = tf.constant(k, tf.int32)
