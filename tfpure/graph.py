@@ -55,7 +55,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Body", "Engine"]
 
-PutBack = Literal["cond", "select", "defer"]
+PutBack = Literal["cond", "inline", "defer"]
 
 
 class Body(Protocol):
@@ -159,7 +159,6 @@ class Engine:
         self.groups = spec.jit_compile and spec.steps_per_call > 1 and self.strategy is None
         if self.groups:
             self.run_group = _xla_function(functools.partial(_group, self))
-            self.replay_group = _xla_function(functools.partial(_replay_group, self))
             self.on_groups = tf.function(self._on_groups, reduce_retracing=True, autograph=False)
         # Exact signatures: `Step.__call__` traces a batch-size-free signature
         # first, widened where later batches' sizes differ (`tfpure.signature`),
@@ -181,8 +180,8 @@ class Engine:
 
           * ``"cond"``: its shadows are saved before it and restored in a
             `tf.cond` (then, in "skip" mode, counted); returns "no failure";
-          * ``"select"``: inside an XLA loop, where the body runs inline: each
-            variable gets its value from before by a select; returns "no failure";
+          * ``"inline"``: nothing to undo: an unguarded step inside an XLA loop,
+            the body run inline; returns "no failure";
           * ``"defer"``: not here: the caller judges a whole call (`_deferred_loop`),
             the step checking only that its batch held examples and a loss scale's
             overflow (under XLA, all its checks: one XLA function for every path),
@@ -192,16 +191,15 @@ class Engine:
         """
         rollback = self.rollback
         if rollback is None:
-            first, held, before = [], [], []
+            first, held = [], []
         elif put_back == "cond":
             first, held = rollback.save()
-            first, before = first + held, []
-        elif put_back == "select":
-            first = before = rollback.values()
+            first = first + held
         else:
-            first, held, before = rollback.save_shadows(), [], []
+            assert put_back == "defer", put_back  # ("inline" steps are unguarded)
+            first, held = rollback.save_shadows(), []
         with tf.control_dependencies(first):
-            if put_back == "select":
+            if put_back == "inline":
                 out = self.body.one(batch)
             else:
                 # Under XLA a deferred step is judged too: its XLA function is then the
@@ -210,24 +208,18 @@ class Engine:
             keep, ok = self.body.merge(out, record=put_back != "defer")
         with tf.control_dependencies([keep, ok]):
             done = [self.examples.assign_add(self._examples_in(batch))]
-            if rollback is not None and put_back == "select":
-                done += rollback.select(keep, before)
         if rollback is not None and put_back == "cond":
             kept = tf.cond(keep, lambda: tf.constant(True), lambda: self._undo(held))
             with tf.control_dependencies([kept, *done]):
                 done = [rollback.disarm()]
-        elif rollback is not None and put_back == "select" and self.spec.nonfinite == "skip":
-            with tf.control_dependencies(done):
-                done = [tf.cond(keep, lambda: tf.constant(True), self._undo)]
         with tf.control_dependencies(done):
             return tf.identity(keep if put_back == "defer" else ok)
 
-    def _undo(self, held: list[tf.Tensor] | None = None) -> tf.Tensor:
-        """The branch of a step not kept: its shadows (and `held` values) put back, unless
-        selects did it; then, in "skip" mode, the body counts the skip. False."""
+    def _undo(self, held: list[tf.Tensor]) -> tf.Tensor:
+        """The branch of a step not kept: its shadows and `held` values put back; then,
+        in "skip" mode, the body counts the skip. False."""
         assert self.rollback is not None
-        undo = [] if held is None else self.rollback.restore(held)
-        with tf.control_dependencies(undo):
+        with tf.control_dependencies(self.rollback.restore(held)):
             skips = self.body.on_skip() if self.spec.nonfinite == "skip" else []
         with tf.control_dependencies(skips):
             return tf.constant(False)
@@ -412,15 +404,17 @@ class Engine:
 
     def _group_call(self, stacked: Any) -> tuple[tf.Tensor, tf.Tensor]:
         """The steps of one XLA call over the leading axis of `stacked` (`_group`), and if
-        they were put back, again one at a time (`_replay_group`, an XLA function of its
-        own: compiled only once a call fails). Returns (steps run, no failure)."""
+        they were put back, again one at a time under the whole guard, each an XLA step
+        of its own (the single-step function the per-step paths share: nothing more to
+        compile, and compiled only once a call fails). Returns (steps run, no failure)."""
         i, kept = self._xla_checked(self.run_group, stacked)
         if self.rollback is None:
             return i, kept
+        steps = tf.shape(tf.nest.flatten(stacked)[0])[0]
         return tf.cond(
             kept,
             lambda: (i, tf.constant(True)),
-            lambda: self._xla_checked(self.replay_group, stacked),
+            lambda: self._steps(steps, lambda j: _nth(stacked, j), self._run_one),
         )
 
     def _written(self) -> list[Any]:
@@ -600,11 +594,12 @@ def _group(engine: Engine, stacked: Any) -> tuple[tf.Tensor, tf.Tensor]:
     Guarded, the call is judged at its end, as a deferred call is (`_deferred_loop`):
     its steps run unjudged, holding the values from before the call; if a step or
     the `verdict` fails, everything is put back and the call is not kept (the caller
-    runs `_replay_group`). XLA runs only the branch taken.
+    runs its steps again, `Engine._group_call`). XLA runs only the branch taken.
     """
-    if engine.rollback is None:
-        return _replay_group(engine, stacked)
     steps = tf.shape(tf.nest.flatten(stacked)[0])[0]
+    if engine.rollback is None:
+        inline = functools.partial(engine._run_one, put_back="inline")
+        return engine._steps(steps, lambda i: _nth(stacked, i), inline)
     written = engine._written()
     before = [tf.convert_to_tensor(v) for v in written]
 
@@ -624,14 +619,6 @@ def _group(engine: Engine, stacked: Any) -> tuple[tf.Tensor, tf.Tensor]:
     )
     with tf.control_dependencies([restored]):
         return tf.identity(i), tf.identity(keep)
-
-
-def _replay_group(engine: Engine, stacked: Any) -> tuple[tf.Tensor, tf.Tensor]:
-    """The steps of one XLA call, each judged and put back by selects
-    (``put_back="select"``): (steps run, no failure)."""
-    steps = tf.shape(tf.nest.flatten(stacked)[0])[0]
-    judged = functools.partial(engine._run_one, put_back="select")
-    return engine._steps(steps, lambda i: _nth(stacked, i), judged)
 
 
 def _nth(stacked: Any, i: tf.Tensor) -> Any:

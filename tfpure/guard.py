@@ -171,21 +171,6 @@ class Rollback:
         shadows = [v.assign(s.read_value()) for s, v in self.pairs]
         return [*shadows, *(v.assign(value) for v, value in zip(self.held, held, strict=True))]
 
-    def values(self) -> list[tf.Tensor]:
-        """The values of every variable it covers, read before a step inside XLA."""
-        return [_read(v) for v in self.covered]
-
-    def select(self, keep: tf.Tensor, before: Sequence[tf.Tensor]) -> list[Any]:
-        """Inside XLA: each variable keeps its new value if `keep`, else gets `before` back.
-
-        An XLA cluster writes its variables only once it ran whole, so the step
-        needs no shadows there; a select fuses with the update that wrote the value.
-        """
-        return [
-            v.assign(tf.where(keep, _read(v), old))
-            for v, old in zip(self.covered, before, strict=True)
-        ]
-
     def disarm(self) -> Any:
         return self.armed.assign(False)
 
