@@ -516,17 +516,8 @@ def _deferred_loop(engine: Engine, iterator: Any, k: tf.Tensor) -> tuple:
         i, keep, _, *pulled = tf.while_loop(
             cond, body, (tf.constant(0), tf.constant(True), tf.constant(True), *start)
         )
-    # The variables judged once, by the state the call left: a non-finite value a step
-    # wrote stays non-finite through the steps after it (see `docs/steps.md`).
-    with tf.control_dependencies([i, keep]):
-        keep = tf.logical_and(keep, engine.body.verdict())
-    # Not kept: everything back; the caller replays the call.
-    restored = tf.cond(
-        keep,
-        lambda: tf.constant(True),
-        lambda: _after([v.assign(b) for v, b in zip(written, before, strict=True)]),
-    )
-    with tf.control_dependencies([restored]):
+    keep = _verdict(engine, i, keep, written, before)  # not kept: the caller replays it
+    with tf.control_dependencies([keep]):
         disarm = rollback.disarm()
     with tf.control_dependencies([disarm]):
         return tf.identity(i), tf.constant(True), tf.logical_not(keep), pulled
@@ -610,6 +601,19 @@ def _group(engine: Engine, stacked: Any) -> tuple[tf.Tensor, tf.Tensor]:
         return i + 1, _unjudged(engine, _nth(stacked, i))
 
     i, keep = tf.while_loop(cond, body, (tf.constant(0), tf.constant(True)))
+    keep = _verdict(engine, i, keep, written, before)
+    with tf.control_dependencies([keep]):
+        return tf.identity(i), tf.identity(keep)
+
+
+def _verdict(
+    engine: Engine, i: tf.Tensor, keep: tf.Tensor, written: list[Any], before: list[tf.Tensor]
+) -> tf.Tensor:
+    """Whether a call judged at its end is kept: its steps (`i` run, `keep` so far) and
+    then the state they left (`Body.verdict`: a non-finite value a step wrote stays
+    non-finite through the steps after it, see `docs/steps.md`). Not kept: every
+    variable the steps may have `written` gets its value from `before` the call back.
+    Returns the verdict, once any put-back ran."""
     with tf.control_dependencies([i, keep]):
         keep = tf.logical_and(keep, engine.body.verdict())
     restored = tf.cond(
@@ -618,7 +622,7 @@ def _group(engine: Engine, stacked: Any) -> tuple[tf.Tensor, tf.Tensor]:
         lambda: _after([v.assign(b) for v, b in zip(written, before, strict=True)]),
     )
     with tf.control_dependencies([restored]):
-        return tf.identity(i), tf.identity(keep)
+        return tf.identity(keep)
 
 
 def _nth(stacked: Any, i: tf.Tensor) -> Any:
