@@ -68,3 +68,22 @@ def test_no_class_over_300_lines_and_no_function_over_60():
             if limit and lines_without_docstrings(node) > limit:
                 over.append(f"{path.name}:{node.name} ({lines_without_docstrings(node)} lines)")
     assert not over, over
+
+
+def test_the_suite_orders_existing_files_heaviest_first():
+    """conftest.py's HEAVY_FIRST names files that exist, and its hook puts their tests first,
+    in that order, the other files' tests after them in their collected order."""
+    import types
+
+    import conftest
+
+    root = PACKAGE.parent
+    missing = [p for p in conftest.HEAVY_FIRST if not (root / p).is_file()]
+    assert not missing, f"HEAVY_FIRST names files that are gone: {missing}"
+    files = sorted(str(p.relative_to(root)) for p in (root / "tests").glob("test_*.py"))
+    items = [types.SimpleNamespace(nodeid=f"{f}::test_{i}") for f in files for i in range(2)]
+    conftest.pytest_collection_modifyitems(items)
+    ordered = list(dict.fromkeys(item.nodeid.split("::")[0] for item in items))
+    rest = [f for f in files if f not in conftest.HEAVY_FIRST]
+    assert ordered == conftest.HEAVY_FIRST + rest
+    assert [item.nodeid.split("::")[1] for item in items[:2]] == ["test_0", "test_1"]
