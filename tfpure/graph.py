@@ -301,9 +301,10 @@ class Engine:
         return tf.cond(again, lambda: self.replay(iterator, k, i, lists), lambda: (i, logs))
 
     def _replay(self, iterator: Any, k: tf.Tensor, pulled: tf.Tensor, lists: Any) -> Any:
-        """A deferred call put back, again one step at a time (`_again`): (steps run, logs)."""
+        """A deferred call put back, again one step at a time under the whole guard: its
+        `pulled` batches read back from `lists` first, then new ones. (steps run, logs)."""
         self.count_trace()
-        j, ok = _again(self, iterator, k, pulled, lists)
+        j, ok = self._step_loop(iterator, k, (pulled, lists))
         with tf.control_dependencies(self._assert_kept(ok)):
             return tf.identity(j), self.body.logs()
 
@@ -319,20 +320,36 @@ class Engine:
         out = self._step_loop(iterator, k)
         return (*out, *_no_replay(iterator)) if self.deferred else out
 
-    def _step_loop(self, iterator: Any, k: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        """Up to `k` steps, each on a batch pulled from `iterator`: (steps run, no failure)."""
+    def _step_loop(
+        self, iterator: Any, k: tf.Tensor, replayed: tuple[tf.Tensor, Any] | None = None
+    ) -> tuple[tf.Tensor, tf.Tensor]:
+        """Up to `k` steps, each on a batch pulled from `iterator`: (steps run, no failure).
+
+        `replayed`: (n, lists): the first n batches are read back from the lists a
+        deferred call kept of the batches it pulled (`_deferred_loop`), not pulled.
+        """
         stop_on_failure = self._stops_on_failure
 
         def cond(i: tf.Tensor, ok: tf.Tensor, more: tf.Tensor) -> tf.Tensor:
             keep = tf.logical_and(i < k, more)
             return tf.logical_and(keep, ok) if stop_on_failure else keep
 
-        def body(i: tf.Tensor, ok: tf.Tensor, more: tf.Tensor) -> tuple:
+        def pull(i: tf.Tensor, ok: tf.Tensor) -> tuple:
             optional = iterator.get_next_as_optional()
             return tf.cond(
                 optional.has_value(),
                 lambda: (i + 1, self._run_one(optional.get_value()), tf.constant(True)),
                 lambda: (i, ok, tf.constant(False)),
+            )
+
+        def body(i: tf.Tensor, ok: tf.Tensor, more: tf.Tensor) -> tuple:
+            if replayed is None:
+                return pull(i, ok)
+            n, lists = replayed
+            return tf.cond(
+                i < n,
+                lambda: (i + 1, self._run_one(_read_back(iterator, lists, i)), tf.constant(True)),
+                lambda: pull(i, ok),
             )
 
         start = (tf.constant(0), tf.constant(True), tf.constant(True))
@@ -640,48 +657,16 @@ def _unjudged(engine: Engine, batch: Any) -> tf.Tensor:
         return tf.identity(keep)
 
 
-def _again(
-    engine: Engine, iterator: Any, k: tf.Tensor, pulled: tf.Tensor, lists: Sequence[tf.Tensor]
-) -> tuple[tf.Tensor, tf.Tensor]:
-    """A deferred call not kept, again one step at a time under the whole guard: its
-    `pulled` batches read back from `lists` first, then new ones pulled. Returns
-    (steps run, no failure)."""
-    specs = tf.nest.flatten(iterator.element_spec)
-    stop_on_failure = engine._stops_on_failure
-
-    def read(j: tf.Tensor) -> Any:
-        leaves = []
-        for handle, spec in zip(lists, specs, strict=True):
-            leaf = tf.raw_ops.TensorListGetItem(
-                input_handle=handle, index=j, element_shape=tf.constant(-1),
-                element_dtype=spec.dtype,
-            )  # fmt: skip
-            leaf.set_shape(spec.shape)
-            leaves.append(leaf)
-        return tf.nest.pack_sequence_as(iterator.element_spec, leaves)
-
-    def pull(j: tf.Tensor) -> tuple:
-        optional = iterator.get_next_as_optional()
-        return tf.cond(
-            optional.has_value(),
-            lambda: (j + 1, engine._run_one(optional.get_value()), tf.constant(True)),
-            lambda: (j, tf.constant(True), tf.constant(False)),
+def _read_back(iterator: Any, lists: Sequence[tf.Tensor], j: tf.Tensor) -> Any:
+    """Batch `j` of those a deferred call kept in `lists` (one list per leaf)."""
+    leaves = []
+    for handle, spec in zip(lists, tf.nest.flatten(iterator.element_spec), strict=True):
+        leaf = tf.raw_ops.TensorListGetItem(
+            input_handle=handle, index=j, element_shape=tf.constant(-1), element_dtype=spec.dtype
         )
-
-    def again(j: tf.Tensor, ok: tf.Tensor, more: tf.Tensor) -> tf.Tensor:
-        go_on = tf.logical_and(j < k, more)
-        return tf.logical_and(go_on, ok) if stop_on_failure else go_on
-
-    def step_again(j: tf.Tensor, ok: tf.Tensor, more: tf.Tensor) -> tuple:
-        return tf.cond(
-            j < pulled, lambda: (j + 1, engine._run_one(read(j)), tf.constant(True)),
-            lambda: pull(j),
-        )  # fmt: skip
-
-    j, ok, _ = tf.while_loop(
-        again, step_again, (tf.constant(0), tf.constant(True), tf.constant(True))
-    )
-    return j, ok
+        leaf.set_shape(spec.shape)
+        leaves.append(leaf)
+    return tf.nest.pack_sequence_as(iterator.element_spec, leaves)
 
 
 def _after(ops: list) -> tf.Tensor:
