@@ -1,11 +1,15 @@
 """`predict`: a model's outputs on a dataset, batches pulled inside the graph.
 
 The forward pass (``model(x, training=False)``) is one `tf.function`, traced
-once per input signature; the loop over batches is another, running up to
-`steps_per_call` forward passes per call in a `tf.while_loop` over
-``iterator.get_next_as_optional()`` and concatenating their outputs in
-`tf.TensorArray`s. Both are kept per model, so calling `predict` again on
-data of the same element spec traces nothing.
+once per input signature; the loop over batches is another. With one step a
+call (the default) it is straight-line, ``iterator.get_next()`` and the
+forward pass, and the end of the data ends the loop (an `OutOfRangeError`, as
+in Keras' own predict loop): no loop or branch to trace and optimise, which
+shortens a first call. With `steps_per_call` > 1 it runs up to that many
+forward passes per call in a `tf.while_loop` over
+``iterator.get_next_as_optional()`` and concatenates their outputs in
+`tf.TensorArray`s. Both functions are kept per model, so calling `predict`
+again on data of the same element spec traces nothing.
 """
 
 from __future__ import annotations
@@ -46,6 +50,9 @@ class _Predictor:
     def _loop(self, iterator: Any) -> tuple[tf.Tensor, list[tf.Tensor]]:
         forward = self.forward_for(iterator.element_spec)
         specs = tf.nest.flatten(forward.structured_outputs)
+        if self.steps_per_call == 1:  # straight-line; the data's end raises (see `predict`)
+            batch = iterator.get_next()
+            return tf.constant(1), tf.nest.flatten(forward(unpack(batch)[0]))
         arrays = [
             tf.TensorArray(s.dtype, size=0, dynamic_size=True, infer_shape=False) for s in specs
         ]
@@ -152,7 +159,10 @@ def predict(
     done = 0
     iterator = iter(data)
     while True:
-        steps, outputs = predictor.loop(iterator)
+        try:
+            steps, outputs = predictor.loop(iterator)
+        except tf.errors.OutOfRangeError:  # (one step a call: the data ended)
+            break
         steps = int(steps)
         if steps:
             parts.append([o.numpy() for o in outputs])
