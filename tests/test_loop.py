@@ -141,11 +141,53 @@ def test_fit_loop_equals_tutorial_loop():
     optimizer = keras.optimizers.Adam(0.01)
     optimizer.build(reference.trainable_variables)
     expected = tutorial_fit(reference, optimizer, SCCE, data, epochs=2)
-    _, history = tp.fit_loop(make_state(model), data, tp.make_train_step(SCCE), epochs=2, verbose=0)
+    state, step = make_state(model), tp.make_train_step(SCCE)
+    _, history = tp.fit_loop(state, data, step, epochs=2, verbose=0)
     np.testing.assert_allclose(history["loss"], [e[0] for e in expected], rtol=1e-5)
     assert history["accuracy"] == pytest.approx([e[1] for e in expected], rel=1e-5)
     for a, b in zip(model.variables, reference.variables, strict=True):
         np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
+    # One step a call: the straight-line `on_next`, traced once for both epochs, whose
+    # data's end (get_next raising) comes before any write: every op that writes a
+    # variable waits for the batch (the guard's shadows and its arming included).
+    engine = step.engine(state)
+    assert engine.on_next.experimental_get_tracing_count() == 1
+    assert engine.on_iterator.experimental_get_tracing_count() == 0
+    graph = engine.on_next.get_concrete_function(
+        tf.data.IteratorSpec(data.element_spec), tf.TensorSpec([], tf.int32)
+    ).graph
+    writes = [op for op in graph.get_operations() if op.type in WRITES]
+    # (3 shadows saved, arming and disarming, the examples counted, the body's call, the
+    # put-back and failure-record branches)
+    assert len(writes) == 9 and all("IteratorGetNext" in ancestors(op) for op in writes)
+    # The data's end: no step runs, nothing is written; a call asked for no step runs none.
+    rollback = engine.rollback
+    kept = [*rollback.covered, *(shadow for shadow, _ in rollback.pairs), rollback.armed]
+    before = [v.numpy() for v in kept]
+    for run, n in [
+        (step.runner(state, iter(data.take(0))), None),
+        (step.runner(state, iter(data)), 0),
+    ]:
+        assert int(run(n)[1]) == 0
+    assert int(state.step) == 6 and not rollback.armed.numpy()
+    for v, value in zip(kept, before, strict=True):
+        np.testing.assert_array_equal(v.numpy(), value)
+
+
+WRITES = {"AssignVariableOp", "AssignAddVariableOp", "If", "StatefulPartitionedCall"}
+
+
+def ancestors(op):
+    """The types of the ops `op` waits for, through data and control edges."""
+    seen, types, todo = set(), set(), [op]
+    while todo:
+        current = todo.pop()
+        for parent in [t.op for t in current.inputs] + list(current.control_inputs):
+            if parent.name not in seen:
+                seen.add(parent.name)
+                types.add(parent.type)
+                todo.append(parent)
+    return types
 
 
 def test_fold_equals_calling_the_step_batch_by_batch():

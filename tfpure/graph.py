@@ -166,12 +166,16 @@ class Engine:
         # reduce_retracing would also relax feature sizes past the checks.)
         self.on_batch = tf.function(self._on_batch, autograph=False)
         self.signatures = Signatures(body.model)
-        self.on_iterator = tf.function(self._on_iterator, reduce_retracing=True, autograph=False)
-        self.replay = tf.function(self._replay, reduce_retracing=True, autograph=False)
+        loop = functools.partial(tf.function, reduce_retracing=True, autograph=False)
+        self.on_iterator, self.replay = loop(self._on_iterator), loop(self._replay)
+        self.straight = spec.steps_per_call == 1 and self.strategy is None  # (`_on_next`)
+        self.on_next = loop(functools.partial(_on_next, self))
 
     # -- one step -----------------------------------------------------------------
 
-    def _run_one(self, batch: Any, put_back: PutBack = "cond") -> tf.Tensor:
+    def _run_one(
+        self, batch: Any, put_back: PutBack = "cond", after: Sequence[Any] = ()
+    ) -> tf.Tensor:
         """One guarded step, on the one device or on every replica.
 
         The body's `merge` says whether to keep the step and whether it failed
@@ -188,16 +192,21 @@ class Engine:
             and the call its loss or logs and variables at its end; the
             shadows are saved still, for `recover` after a run-time error in the
             forward pass; returns "keep".
+
+        `after`: what the shadows' saving waits for (the batch, when pulling it
+        may fail: no shadow is then saved, and nothing is armed).
         """
         rollback = self.rollback
         if rollback is None:
             first, held = [], []
         elif put_back == "cond":
-            first, held = rollback.save()
+            with tf.control_dependencies(after):
+                first, held = rollback.save()
             first = first + held
         else:
             assert put_back == "defer", put_back  # ("inline" steps are unguarded)
-            first, held = rollback.save_shadows(), []
+            with tf.control_dependencies(after):
+                first, held = rollback.save_shadows(), []
         with tf.control_dependencies(first):
             if put_back == "inline":
                 out = self.body.one(batch)
@@ -207,7 +216,7 @@ class Engine:
                 out = self._dispatch(batch, judge=put_back == "cond" or self.spec.jit_compile)
             keep, ok = self.body.merge(out, record=put_back != "defer")
         with tf.control_dependencies([keep, ok]):
-            done = [self.examples.assign_add(self._examples_in(batch))]
+            done = [self.examples.assign_add(_examples_in(self, batch))]
         if rollback is not None and put_back == "cond":
             kept = tf.cond(keep, lambda: tf.constant(True), lambda: self._undo(held))
             with tf.control_dependencies([kept, *done]):
@@ -223,24 +232,6 @@ class Engine:
             skips = self.body.on_skip() if self.spec.nonfinite == "skip" else []
         with tf.control_dependencies(skips):
             return tf.constant(False)
-
-    def _examples_in(self, batch: Any) -> tf.Tensor:
-        """The number of examples in `batch`: the leading size of its first leaf."""
-        leaves = tf.nest.flatten(batch)
-        if not leaves:
-            return tf.constant(1, tf.int64)
-        parts = self.strategy.experimental_local_results(leaves[0]) if self.sharded else leaves[:1]
-        sizes = []
-        for part in parts:
-            if isinstance(part, tf.RaggedTensor):
-                sizes.append(part.nrows(out_type=tf.int64))
-            elif isinstance(part, tf.SparseTensor):
-                sizes.append(part.dense_shape[0])
-            elif getattr(part, "shape", None) is None or tf.TensorShape(part.shape).rank == 0:
-                sizes.append(tf.constant(1, tf.int64))  # a scalar (or no array at all)
-            else:
-                sizes.append(tf.shape(part, out_type=tf.int64)[0])
-        return tf.add_n(sizes)
 
     def _dispatch(self, batch: Any, judge: bool = True) -> Any:
         """Runs the body on the one device, or on every replica of the strategy.
@@ -446,6 +437,13 @@ class Engine:
         getters = [o.get_value for o in pulled]
         return self._steps(present, lambda i: tf.switch_case(i, getters), self._run_one)
 
+    def loop_function(self, grouped: bool = False) -> Any:
+        """The graph function the loops call on an iterator, ``fn(iterator, k)``: over
+        groups of batches (`grouped`), one step straight-line (`on_next`), or up to k."""
+        if grouped:
+            return self.on_groups
+        return self.on_next if self.straight else self.on_iterator
+
     def epoch_runner(
         self, iterator: Any, grouped: bool = False
     ) -> Callable[[tf.Tensor], tuple[tf.Tensor, Logs]]:
@@ -464,10 +462,14 @@ class Engine:
             if grouped:
                 return lambda limit: self.on_groups(iterator, limit)
             return lambda limit: self.run_iterator(iterator, limit)
-        fn = self.on_groups if grouped else self.on_iterator
         call = flat_caller(
-            fn.get_concrete_function(iterator, tf.TensorSpec([], tf.int32)), iterator
+            self.loop_function(grouped).get_concrete_function(
+                iterator, tf.TensorSpec([], tf.int32)
+            ),
+            iterator,
         )
+        if self.straight and not grouped:
+            return functools.partial(_until_the_end, call, self.body)
         if grouped or not self.deferred:
             return call
         return lambda limit: self.run_iterator(iterator, limit, call(limit))
@@ -481,6 +483,46 @@ class Engine:
 
     def explain_failure(self) -> str:
         return self.body.explain_failure()
+
+
+def _on_next(engine: Engine, iterator: Any, k: tf.Tensor) -> tuple[tf.Tensor, Logs]:
+    """One step on the iterator's next batch, straight-line (`k` is 1): no branch on
+    whether a batch came, whose capture of every variable costs a trace time and a
+    step's run time; the data's end raises `OutOfRangeError` instead, before
+    anything is written (`epoch_runner` turns it into "0 steps run")."""
+    engine.count_trace()
+    batch = iterator.get_next()
+    ok = engine._run_one(batch, after=tf.nest.flatten(batch, expand_composites=True))
+    with tf.control_dependencies(engine._assert_kept(ok)):
+        return tf.constant(1), engine.body.logs()
+
+
+def _examples_in(engine: Engine, batch: Any) -> tf.Tensor:
+    """The number of examples in `batch`: the leading size of its first leaf."""
+    leaves = tf.nest.flatten(batch)
+    if not leaves:
+        return tf.constant(1, tf.int64)
+    parts = engine.strategy.experimental_local_results(leaves[0]) if engine.sharded else leaves[:1]
+    sizes = []
+    for part in parts:
+        if isinstance(part, tf.RaggedTensor):
+            sizes.append(part.nrows(out_type=tf.int64))
+        elif isinstance(part, tf.SparseTensor):
+            sizes.append(part.dense_shape[0])
+        elif getattr(part, "shape", None) is None or tf.TensorShape(part.shape).rank == 0:
+            sizes.append(tf.constant(1, tf.int64))  # a scalar (or no array at all)
+        else:
+            sizes.append(tf.shape(part, out_type=tf.int64)[0])
+    return tf.add_n(sizes)
+
+
+def _until_the_end(call: Any, body: Body, limit: tf.Tensor) -> tuple[tf.Tensor, Logs]:
+    """``call(limit)`` of `Engine.on_next`, or at the data's end (nothing written):
+    0 steps run and the body's logs as they stand."""
+    try:
+        return call(limit)
+    except tf.errors.OutOfRangeError:
+        return tf.constant(0), body.logs()
 
 
 def _deferred_loop(engine: Engine, iterator: Any, k: tf.Tensor) -> tuple:
@@ -652,7 +694,7 @@ def _unjudged(engine: Engine, batch: Any) -> tf.Tensor:
     (``Body.one(batch, judge=False)``); returns whether to keep it so far."""
     keep, _ = engine.body.merge(engine.body.one(batch, False), record=False)
     with tf.control_dependencies([keep]):
-        counted = engine.examples.assign_add(engine._examples_in(batch))
+        counted = engine.examples.assign_add(_examples_in(engine, batch))
     with tf.control_dependencies([counted]):
         return tf.identity(keep)
 

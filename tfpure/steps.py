@@ -270,8 +270,7 @@ class Step:
         strategy = strategy_of(leaves(state))
         if not tf.config.functions_run_eagerly() and cluster_task(strategy) is None:
             engine = self.engine(state)
-            fn = engine.on_groups if grouped else engine.on_iterator
-            return fn.get_concrete_function(
+            return engine.loop_function(grouped).get_concrete_function(
                 tf.data.IteratorSpec(element_spec), tf.TensorSpec([], tf.int32)
             )
         return None
@@ -337,6 +336,8 @@ class Step:
         runner = self._run(engine, engine.epoch_runner, iterator, grouped)
 
         def run(max_steps: int | None) -> tuple[Logs, tf.Tensor]:
+            if max_steps is not None and max_steps < 1:  # a call of no step
+                return engine.body.logs(), tf.constant(0)
             n, logs = self._run(engine, runner, self._limit(max_steps))
             return logs, n
 
