@@ -252,3 +252,25 @@ def test_the_random_swap_refuses_a_keras_function_of_other_parameters(monkeypatc
         with compat.keras_random_algorithm("threefry"):
             pass
     assert backend_random.uniform is uniform  # nothing was swapped
+
+
+def test_branch_keeps_the_guards_if_op_functional_and_takes_the_right_branch():
+    """The put-back branch of a guarded step is an unlowered `If` (no `Switch` per captured
+    variable), and still puts a failed step back."""
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    state = tp.TrainState.create(model=model, optimizer=keras.optimizers.SGD(0.1))
+    step = tp.make_train_step("mse", nonfinite="skip")
+    x, y = np.ones((2, 2), "float32"), np.ones((2, 1), "float32")
+    before = [v.numpy() for v in model.weights]
+    state, logs = step(state, (x * np.nan, y))
+    assert int(logs["skipped"]) == 1
+    for v, value in zip(model.weights, before, strict=True):
+        np.testing.assert_array_equal(v.numpy(), value)
+    specs = (tf.TensorSpec([None, 2], tf.float32), tf.TensorSpec([None, 1], tf.float32))
+    graph = step.engine(state).on_batch.get_concrete_function(specs).graph
+    lowered = [
+        op.get_attr("_lower_using_switch_merge")
+        for op in graph.get_operations()
+        if op.type in ("If", "StatelessIf")
+    ]
+    assert lowered == [False, False]  # the failure record's branch and the put-back's

@@ -27,7 +27,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfpure.batch import Batch, batch_size, check_batch, unpack
-from tfpure.compat import supports_no_merge_call
+from tfpure.compat import branch, supports_no_merge_call
 from tfpure.distribute import replica_objective
 from tfpure.guard import all_finite, finite_flags, variable
 from tfpure.losses import BoundLoss, bind
@@ -330,7 +330,7 @@ class TrainBody(_Body):
             return tf.constant(False)
 
         if record:
-            no_failure = tf.cond(no_failure, lambda: tf.constant(True), record_failure)
+            no_failure = branch(no_failure, lambda: tf.constant(True), record_failure, s is None)
         return tf.logical_and(no_failure, tf.logical_not(local(overflow)[0])), no_failure
 
     def verdict(self) -> tf.Tensor:

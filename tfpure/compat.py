@@ -24,6 +24,8 @@ Private API                                        What for
                                                    structure (dict inputs)
 ``ConcreteFunction._call_flat``                    call an epoch's concrete function
                                                    with flat tensors (speed only)
+``Operation._set_attr``, the ``If`` op's           keep the guard's per-step branches
+``_lower_using_switch_merge`` attribute            functional (speed only)
 ``Dataset._as_serialized_graph``                   refuse data a resume cannot replay
 a dataset op's inputs, by name (`tf.raw_ops`)      read its seeds and batch size; an
                                                    op read otherwise is not replayable
@@ -52,6 +54,7 @@ import tensorflow as tf
 __all__ = [
     "LossFunctionWrapper",
     "PrivateAPIChanged",
+    "branch",
     "checkpoint_value_key",
     "dataset_op_inputs",
     "flat_caller",
@@ -301,6 +304,46 @@ def flat_caller(concrete: Any, iterator: Any) -> Callable[[tf.Tensor], Any]:
     inputs = tf.nest.flatten(iterator, expand_composites=True)
     captured = concrete.captured_inputs
     return lambda limit: call_flat([*inputs, limit], captured)
+
+
+def branch(
+    pred: tf.Tensor, true_fn: Callable[[], Any], false_fn: Callable[[], Any], functional: bool
+) -> Any:
+    """``tf.cond(pred, true_fn, false_fn)``, its ``If`` op kept `functional`: for speed.
+
+    In a `tf.function`, TensorFlow lowers an ``If`` op to a ``Switch`` per
+    captured tensor, each run on every call whichever branch is taken. A
+    guarded step's branches (put a step back, record a failure) capture every
+    variable it writes and are rarely taken: kept functional, the op calls
+    the taken branch with its inputs instead (3% of a guarded step at one
+    step a call on the tutorial MLP, `benchmarks/ab_loop.py`). Not
+    `functional` under a strategy: a functional ``If`` cannot place the
+    variables of several devices. Falls back to the lowered op if `_set_attr`
+    is gone: only slower.
+
+    Example:
+      >>> import tensorflow as tf
+      >>> from tfpure.compat import branch
+      >>> f = tf.function(lambda x: branch(x > 0, lambda: x, lambda: -x, functional=True))
+      >>> float(f(tf.constant(-2.0)))
+      2.0
+      >>> graph = f.get_concrete_function(tf.TensorSpec([])).graph
+      >>> [op.get_attr("_lower_using_switch_merge") for op in graph.get_operations()
+      ...  if op.type in ("If", "StatelessIf")]
+      [False]
+    """
+    out = tf.cond(pred, true_fn, false_fn)
+    if not functional or tf.executing_eagerly():
+        return out
+    op = tf.nest.flatten(out)[0].op
+    while op.type == "Identity":
+        op = op.inputs[0].op
+    set_attr = getattr(op, "_set_attr", None)
+    if op.type in ("If", "StatelessIf") and set_attr is not None:
+        from tensorflow.core.framework import attr_value_pb2
+
+        set_attr("_lower_using_switch_merge", attr_value_pb2.AttrValue(b=False))
+    return out
 
 
 def serialized_dataset_graph(data: tf.data.Dataset) -> tf.Tensor:

@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 import keras
 import tensorflow as tf
 
-from tfpure.compat import flat_caller, keras_random_algorithm
+from tfpure.compat import branch, flat_caller, keras_random_algorithm
 from tfpure.distribute import cluster_task, replica_share
 from tfpure.guard import MARK, Rollback, components
 from tfpure.signature import Signatures
@@ -183,7 +183,8 @@ class Engine:
         `put_back` says how a step not kept is undone:
 
           * ``"cond"``: its shadows are saved before it and restored in a
-            `tf.cond` (then, in "skip" mode, counted); returns "no failure";
+            `tf.cond` kept functional (`compat.branch`), then, in "skip" mode,
+            counted; returns "no failure";
           * ``"inline"``: nothing to undo: an unguarded step inside an XLA loop,
             the body run inline; returns "no failure";
           * ``"defer"``: not here: the caller judges a whole call (`_deferred_loop`),
@@ -218,7 +219,9 @@ class Engine:
         with tf.control_dependencies([keep, ok]):
             done = [self.examples.assign_add(_examples_in(self, batch))]
         if rollback is not None and put_back == "cond":
-            kept = tf.cond(keep, lambda: tf.constant(True), lambda: self._undo(held))
+            kept = branch(
+                keep, lambda: tf.constant(True), lambda: self._undo(held), self.strategy is None
+            )
             with tf.control_dependencies([kept, *done]):
                 done = [rollback.disarm()]
         with tf.control_dependencies(done):
