@@ -412,3 +412,30 @@ def test_messages_name_states_by_their_keys():
         r"states\['t'\] is extra\.\Z",
     ):
         renamed(s, batch)
+
+
+def test_an_out_of_range_error_of_the_step_itself_is_raised_not_taken_for_the_datas_end():
+    """At one step a call the data's end is the loop's `get_next` raising OutOfRangeError.
+    The same error raised by the step past its batch (a body pulling from its own exhausted
+    iterator) is an error of that step: raised, the state unchanged, not a quiet end."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    state = tp.TrainState.create(model=model, optimizer=keras.optimizers.SGD(0.1))
+    exhausted = iter(tf.data.Dataset.range(0))
+
+    def body(state, batch):
+        x, y = batch
+        with tf.GradientTape() as tape:
+            scale = tf.cast(exhausted.get_next(), tf.float32)
+            loss = tf.reduce_mean((state.model(x, training=True) - y) ** 2) * scale
+        return state.apply_gradients(tape.gradient(loss, state.model.trainable_variables)), {
+            "mse": loss
+        }
+
+    ones = np.ones((4, 2), "float32"), np.ones((4, 1), "float32")
+    before = [v.numpy() for v in model.weights]
+    with pytest.raises(tf.errors.OutOfRangeError):
+        tp.fit_loop(state, tf.data.Dataset.from_tensor_slices(ones).batch(2), tp.make_step(body))
+    assert int(state.step) == 0
+    for v, value in zip(model.weights, before, strict=True):
+        np.testing.assert_array_equal(v.numpy(), value)

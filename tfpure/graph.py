@@ -472,7 +472,7 @@ class Engine:
             iterator,
         )
         if self.straight and not grouped:
-            return functools.partial(_until_the_end, call, self.body)
+            return functools.partial(_until_the_end, call, self)
         if grouped or not self.deferred:
             return call
         return lambda limit: self.run_iterator(iterator, limit, call(limit))
@@ -519,13 +519,17 @@ def _examples_in(engine: Engine, batch: Any) -> tf.Tensor:
     return tf.add_n(sizes)
 
 
-def _until_the_end(call: Any, body: Body, limit: tf.Tensor) -> tuple[tf.Tensor, Logs]:
+def _until_the_end(call: Any, engine: Engine, limit: tf.Tensor) -> tuple[tf.Tensor, Logs]:
     """``call(limit)`` of `Engine.on_next`, or at the data's end (nothing written):
-    0 steps run and the body's logs as they stand."""
+    0 steps run and the body's logs as they stand. (A guarded step that raises it past
+    its batch, from an op of a user's body, finds its put-back armed: that is an error
+    of the step, raised on, and the caller recovers the state as from any other.)"""
     try:
         return call(limit)
     except tf.errors.OutOfRangeError:
-        return tf.constant(0), body.logs()
+        if engine.rollback is not None and bool(engine.rollback.armed.numpy()):
+            raise
+        return tf.constant(0), engine.body.logs()
 
 
 def _deferred_loop(engine: Engine, iterator: Any, k: tf.Tensor) -> tuple:
