@@ -201,26 +201,31 @@ def run(step, state, data):
 )
 def test_a_failed_step_inside_a_fused_call_ends_as_single_steps_end_bit_for_bit(nonfinite, bad):
     """A fused call judges its steps at once, and runs them again one by one under the
-    whole guard when one is not kept: every variable, count and log ends as with k=1."""
+    whole guard when one is not kept: every variable, count and log ends as with single
+    steps. So does a window of one-step calls (`fold` at k=1: the pass's 6 steps judged
+    together), a run-time error in its step 2 included (the window put back, steps 0-1 run
+    again, the error raised)."""
     x, y = SPEC.batch(48, 0)
     x[bad.get("nan", [])] = np.nan
     y[bad.get("label", [])] = 99
     data = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
     results, examples = [], []
-    for k in (4, 1):
+    for k, batches in [(4, data), (1, data), (1, list(data))]:  # (a list: step(state, batch))
         state, step = (
             state_maker(SPEC, 0)(),
             tp.make_train_step(SCCE, steps_per_call=k, nonfinite=nonfinite),
         )
-        results.append(run(step, state, data))
+        results.append(run(step, state, batches))
         examples.append(step.examples(state))
-    (error, fused, fused_logs), (single_error, single, single_logs) = results
-    assert error is single_error is (None if nonfinite == "skip" else error)
+    assert step.engine(state).window.on_next.experimental_get_tracing_count() == 0
+    (error, fused, fused_logs), *others = results
     assert error is not None or fused_logs["skipped"] == 3
-    assert fused_logs == single_logs
-    assert examples[0] == examples[1]
-    for a, b in zip(fused, single, strict=True):
-        np.testing.assert_array_equal(a, b)
+    assert examples[0] == examples[1] == examples[2]
+    for other_error, other, other_logs in others:
+        assert error is other_error is (None if nonfinite == "skip" else error)
+        assert fused_logs == other_logs
+        for a, b in zip(fused, other, strict=True):
+            np.testing.assert_array_equal(a, b)
     assert int(fused[0]) == (6 if nonfinite == "skip" else 2)  # state.step
 
 
@@ -304,18 +309,48 @@ def finite_checkpoints(directory):
 POSITIONS = [0, 5, 7, 9, 10]
 
 
-def checkpointed_run(state, step, directory, bad=()):
+def test_an_error_of_the_data_ends_a_window_with_its_steps_kept():
+    """The data failing inside a window of one-step calls (a check in its pipeline, at
+    batch 5): the window's steps before it are judged and kept, as single steps keep them
+    (bit for bit), and the data's error is raised."""
+    x, y = SPEC.batch(64, 0)
+    x[43] = np.nan  # batch 5 (0-based) of 8-example batches
+    checked = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
+    checked = checked.map(lambda x, y: (tf.debugging.check_numerics(x, "bad data"), y))
+    ends = []
+    for window in (True, False):
+        state, step = state_maker(SPEC, 0)(), tp.make_train_step(SCCE)
+        if window:
+            with pytest.raises(tf.errors.InvalidArgumentError, match="bad data"):
+                tp.fold(step, state, checked)
+        else:
+            for batch in checked.take(5):
+                state, _ = step(state, batch)
+        ends.append(values(state))
+    assert int(ends[0][0]) == 5
+    for a, b in zip(*ends, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+class BatchEnd(keras.callbacks.Callback):
+    """A batch hook: at one step a call, each step is then judged alone (no window)."""
+
+    def on_train_batch_end(self, batch, logs=None):
+        del batch, logs
+
+
+def checkpointed_run(state, step, directory, bad=(), callbacks=()):
     """`fit_loop` over 2 epochs of 10 batches of 8, NaN in the `bad` batches, saving every
-    3 steps (the saves cut the calls) and at each epoch's end: (history, or the error's
-    text with the layer numbers left out; the checkpoints written, all finite)."""
+    3 steps (the saves cut the calls, or at k=1 the windows: [0-2] [3-5] [6-8] [9] |
+    [10-11] [12-14] ...) and at each epoch's end: (history, or the error's text with the
+    layer numbers left out; the checkpoints written, all finite)."""
     x, y = SPEC.batch(160, 0)
     x[[8 * b + 3 for b in bad]] = np.nan
     data = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
     ckpt = tp.Checkpointer(directory, save_every_steps=3, max_to_keep=20)
     try:
-        _, history = tp.fit_loop(
-            state, data, step, epochs=2, steps_per_epoch=10, checkpoint=ckpt, verbose=0
-        )
+        _, history = tp.fit_loop(state, data, step, epochs=2, steps_per_epoch=10,
+                                 checkpoint=ckpt, callbacks=callbacks, verbose=0)  # fmt: skip
     except tp.NonFiniteError as err:
         history = re.sub(r"_\d+/", "/", str(err))  # (layer names numbered per model)
     return history, finite_checkpoints(directory)
@@ -327,42 +362,48 @@ def saves_after(steps):
 
 
 def test_skipped_steps_at_every_position_of_a_fused_call_end_as_single_steps(tmp_path):
-    """A fused call is judged once, by the state it leaves: wherever its bad steps are,
-    the run ends as single steps end, bit for bit (variables, counts, history), and no
-    checkpoint holds a non-finite value."""
+    """A fused call, or a window of one-step calls, is judged once, by the state it
+    leaves: wherever its bad steps are (a window's first step 0, last 5, middle 7, a
+    window of one step at an epoch's end 9, the next epoch's first 10), the run ends as
+    single steps end, bit for bit (variables, counts, history), and no checkpoint holds a
+    non-finite value."""
     ends = []
-    for k in (4, 1):
+    for name, k, callbacks in [("k4", 4, []), ("window", 1, []), ("k1", 1, [BatchEnd()])]:
         state = state_maker(SPEC, 0)()
         step = tp.make_train_step(SCCE, steps_per_call=k, nonfinite="skip")
-        ends.append((*checkpointed_run(state, step, tmp_path / f"k{k}", POSITIONS), state))
-    (history, saves, fused), (single_history, single_saves, single) = ends
-    assert history == single_history and history["skipped"] == [4, 1]
-    assert saves == single_saves == saves_after(20)
-    for a, b in zip(values(fused), values(single), strict=True):
-        np.testing.assert_array_equal(a, b)
+        ends.append((*checkpointed_run(state, step, tmp_path / name, POSITIONS, callbacks),
+                     state))  # fmt: skip
+    (history, saves, fused), *others = ends
+    assert history["skipped"] == [4, 1] and saves == saves_after(20)
+    for other_history, other_saves, other in others:
+        assert other_history == history and other_saves == saves
+        for a, b in zip(values(fused), values(other), strict=True):
+            np.testing.assert_array_equal(a, b)
     assert int(fused.step) == 20  # skipped steps count
 
 
 def test_a_raising_step_at_every_position_of_a_fused_call_leaves_the_state_before_it(tmp_path):
-    """In "raise" mode the run stops at the bad step, wherever it is in its call, with
-    every variable as single steps leave it before that step (a clean single-step run's
-    values, bit for bit; metrics aside, reset as an epoch begins), and every checkpoint
-    written before it finite."""
+    """In "raise" mode the run stops at the bad step, wherever it is in its call or
+    window, with every variable as single steps leave it before that step (a clean
+    single-step run's values, bit for bit; metrics aside, reset as an epoch begins), and
+    every checkpoint written before it finite."""
     clean, seen = state_maker(SPEC, 0)(), {}
     start = values(clean, metrics=False)
     record = tp.every(1, lambda state, n, logs: seen.__setitem__(n, values(state, False)))
     tp.fit_loop(clean, dataset(SPEC, 160, 8), tp.make_train_step(SCCE), epochs=2,
-                steps_per_epoch=10, actions=[record], verbose=0)  # fmt: skip
-    state, step = state_maker(SPEC, 0)(), tp.make_train_step(SCCE, steps_per_call=4)
-    owned = owned_variables(state)
-    initial = [v.numpy() for v in owned]
-    for bad in POSITIONS:  # one state and one step for all: traced once
-        for v, value in zip(owned, initial, strict=True):
-            v.assign(value)
-        message, saves = checkpointed_run(state, step, tmp_path / f"at{bad}", [bad])
-        assert f"at step {bad} (0-based)" in message and saves == saves_after(bad)
-        for a, b in zip(values(state, False), seen.get(bad, start), strict=True):
-            np.testing.assert_array_equal(a, b, err_msg=f"bad step {bad}")
+                steps_per_epoch=10, actions=[record], callbacks=[BatchEnd()],
+                verbose=0)  # fmt: skip
+    for k in (4, 1):  # calls of 4 steps; windows of one-step calls
+        state, step = state_maker(SPEC, 0)(), tp.make_train_step(SCCE, steps_per_call=k)
+        owned = owned_variables(state)
+        initial = [v.numpy() for v in owned]
+        for bad in POSITIONS:  # one state and one step for all: traced once
+            for v, value in zip(owned, initial, strict=True):
+                v.assign(value)
+            message, saves = checkpointed_run(state, step, tmp_path / f"k{k}at{bad}", [bad])
+            assert f"at step {bad} (0-based)" in message and saves == saves_after(bad)
+            for a, b in zip(values(state, False), seen.get(bad, start), strict=True):
+                np.testing.assert_array_equal(a, b, err_msg=f"k={k}, bad step {bad}")
 
 
 def caller(step, state, iterator):

@@ -147,31 +147,67 @@ def test_fit_loop_equals_tutorial_loop():
     assert history["accuracy"] == pytest.approx([e[1] for e in expected], rel=1e-5)
     for a, b in zip(model.variables, reference.variables, strict=True):
         np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
-    # One step a call: the straight-line `on_next`, traced once for both epochs, whose
-    # data's end (get_next raising) comes before any write: every op that writes a
-    # variable waits for the batch (the guard's shadows and its arming included).
+    # One step a call, nothing looking at the state between steps (verbose=0): windows of
+    # straight-line steps (`Window.on_next`), traced once for both epochs and judged
+    # together. Every op of a step that writes a variable waits for the batch, so the
+    # data's end (get_next raising) comes before any write: in a window's step (the count
+    # of batches pulled, the body's call, the examples counted, the window's verdict so
+    # far) as in a step judged alone (`on_next`: 3 shadows saved, arming and disarming,
+    # the examples counted, the body's call, the put-back and failure-record branches).
     engine = step.engine(state)
-    assert engine.on_next.experimental_get_tracing_count() == 1
+    assert engine.window.on_next.experimental_get_tracing_count() == 1
+    assert engine.on_next.experimental_get_tracing_count() == 0
     assert engine.on_iterator.experimental_get_tracing_count() == 0
-    graph = engine.on_next.get_concrete_function(
-        tf.data.IteratorSpec(data.element_spec), tf.TensorSpec([], tf.int32)
-    ).graph
-    writes = [op for op in graph.get_operations() if op.type in WRITES]
-    # (3 shadows saved, arming and disarming, the examples counted, the body's call, the
-    # put-back and failure-record branches)
-    assert len(writes) == 9 and all("IteratorGetNext" in ancestors(op) for op in writes)
+    spec = tf.data.IteratorSpec(data.element_spec), tf.TensorSpec([], tf.int32)
+    for function, n in [(engine.window.on_next, 4), (engine.on_next, 9)]:
+        writes = [op for op in function.get_concrete_function(*spec).graph.get_operations()
+                  if op.type in WRITES]  # fmt: skip
+        assert len(writes) == n and all("IteratorGetNext" in ancestors(op) for op in writes)
     # The data's end: no step runs, nothing is written; a call asked for no step runs none.
     rollback = engine.rollback
     kept = [*rollback.covered, *(shadow for shadow, _ in rollback.pairs), rollback.armed]
     before = [v.numpy() for v in kept]
-    for run, n in [
-        (step.runner(state, iter(data.take(0))), None),
-        (step.runner(state, iter(data)), 0),
-    ]:
-        assert int(run(n)[1]) == 0
+    for span in [False, True]:
+        for run, n in [
+            (step.runner(state, iter(data.take(0)), span=span), None),
+            (step.runner(state, iter(data.take(0)), span=span), 16),
+            (step.runner(state, iter(data), span=span), 0),
+        ]:
+            assert int(run(n)[1]) == 0
     assert int(state.step) == 6 and not rollback.armed.numpy()
     for v, value in zip(kept, before, strict=True):
         np.testing.assert_array_equal(v.numpy(), value)
+
+
+def test_one_step_calls_are_judged_in_windows_only_while_no_callback_looks_at_steps(capsys):
+    """At one step a call, `fit_loop` runs windows of calls (`Step.span`) when no batch
+    hook listens (verbose=0; verbose=2's progress bar only counts batches) and judges each
+    step when one does (verbose=1's bar shows every step; a callback's batch hook, which
+    then sees every step's logs). The results are the same bit for bit."""
+    seen, ends = [], []
+
+    class Batches(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            seen.append(batch)
+
+    for verbose, callbacks, windowed in [(0, [], True), (2, [], True), (1, [], False),
+                                         (0, [Batches()], False)]:  # fmt: skip
+        state, step = make_state(SPEC.build(4)), tp.make_train_step(SCCE)
+        _, history = tp.fit_loop(state, dataset(n=40, batch=8), step, epochs=2,
+                                 verbose=verbose, callbacks=callbacks)  # fmt: skip
+        engine = step.engine(state)
+        window = engine.window.on_next.experimental_get_tracing_count()
+        assert (window, engine.on_next.experimental_get_tracing_count()) == (
+            (1, 0) if windowed else (0, 1)
+        ), verbose
+        ends.append((history, [v.numpy() for v in state.model.variables]))
+        out = capsys.readouterr().out
+        assert verbose != 2 or out.count("5/5") == 2  # each epoch's line counts its batches
+    assert seen == [0, 1, 2, 3, 4] * 2
+    for history, variables in ends[1:]:
+        assert history == ends[0][0]
+        for a, b in zip(variables, ends[0][1], strict=True):
+            np.testing.assert_array_equal(a, b)
 
 
 WRITES = {"AssignVariableOp", "AssignAddVariableOp", "If", "StatefulPartitionedCall"}

@@ -12,7 +12,15 @@ from typing import Any
 
 import keras
 
-__all__ = ["BatchHook", "LogsHook", "batch_hooks", "callback_list", "no_begin", "no_end"]
+__all__ = [
+    "BatchHook",
+    "LogsHook",
+    "batch_hooks",
+    "callback_list",
+    "looks_at_steps",
+    "no_begin",
+    "no_end",
+]
 
 BatchHook = Callable[[int], None]
 LogsHook = Callable[[int, Any], None]
@@ -49,6 +57,32 @@ _LISTENERS = {
 }
 
 
+def _listens(cb: keras.callbacks.Callback, names: tuple[str, ...]) -> bool:
+    base = keras.callbacks.Callback
+    return any(getattr(type(cb), name) is not getattr(base, name) for name in names)
+
+
+def looks_at_steps(cbs: keras.callbacks.CallbackList) -> bool:
+    """Whether a callback may look at the state after single training steps: one with
+    a training batch hook, but Keras' progress bar at ``verbose=2`` (which only counts
+    the batches, and shows one line an epoch).
+
+    Example:
+      >>> import keras
+      >>> from tfpure.callbacks import callback_list, looks_at_steps
+      >>> model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
+      >>> [looks_at_steps(callback_list([], model, add_progbar=v > 0, verbose=v, epochs=1,
+      ...                               steps=2)) for v in (0, 1, 2)]
+      [False, True, False]
+    """
+    begin, end = _LISTENERS["train"]
+    return any(
+        _listens(cb, begin + end)
+        and not (isinstance(cb, keras.callbacks.ProgbarLogger) and cb.verbose == 2)
+        for cb in cbs.callbacks
+    )
+
+
 def batch_hooks(cbs: keras.callbacks.CallbackList, mode: str) -> tuple[BatchHook, LogsHook]:
     """The batch hooks to call for `mode`: none when no callback overrides them.
 
@@ -58,12 +92,7 @@ def batch_hooks(cbs: keras.callbacks.CallbackList, mode: str) -> tuple[BatchHook
     """
 
     def listens(names: tuple[str, ...]) -> bool:
-        base = keras.callbacks.Callback
-        return any(
-            getattr(type(cb), name) is not getattr(base, name)
-            for cb in cbs.callbacks
-            for name in names
-        )
+        return any(_listens(cb, names) for cb in cbs.callbacks)
 
     begin_names, end_names = _LISTENERS[mode]
     begin = getattr(cbs, f"on_{mode}_batch_begin") if listens(begin_names) else no_begin

@@ -46,7 +46,7 @@ import tensorflow as tf
 
 from tfpure.compat import branch, flat_caller, keras_random_algorithm
 from tfpure.distribute import cluster_task, replica_share
-from tfpure.guard import MARK, Rollback, components
+from tfpure.guard import MARK, Rollback, components, variable
 from tfpure.signature import Signatures
 from tfpure.types import Logs
 
@@ -55,7 +55,8 @@ if TYPE_CHECKING:
 
 __all__ = ["Body", "Engine"]
 
-PutBack = Literal["cond", "inline", "defer"]
+PutBack = Literal["cond", "inline", "defer", "window"]
+JUDGED_LATER = ("defer", "window")  # (`Engine._run_one`)
 
 
 class Body(Protocol):
@@ -133,11 +134,7 @@ class Engine:
         self.rollback = (
             Rollback(body.rollback_variables, body.held_variables) if self.guarded else None
         )
-        if spec.jit_compile and self.strategy is not None and not body.merge_free:
-            raise ValueError(
-                f"jit_compile=True is not supported under {type(self.strategy).__name__}: its "
-                "gradient all-reduce cannot run inside XLA. Use jit_compile=False there."
-            )
+        _check_xla(spec, body)
         one = body.one
         if spec.jit_compile:
             # Keras' random ops (Dropout's masks) drawn with threefry: XLA on CPU compiles
@@ -170,6 +167,8 @@ class Engine:
         self.on_iterator, self.replay = loop(self._on_iterator), loop(self._replay)
         self.straight = spec.steps_per_call == 1 and self.strategy is None  # (`_on_next`)
         self.on_next = loop(functools.partial(_on_next, self))
+        self.span = WINDOW if self.straight else spec.steps_per_call  # (`Step.span`)
+        self.window = Window(self) if self.straight and self.guarded else None
 
     # -- one step -----------------------------------------------------------------
 
@@ -192,7 +191,9 @@ class Engine:
             overflow (under XLA, all its checks: one XLA function for every path),
             and the call its loss or logs and variables at its end; the
             shadows are saved still, for `recover` after a run-time error in the
-            forward pass; returns "keep".
+            forward pass; returns "keep";
+          * ``"window"``: as "defer", across graph calls (`Window`): nothing is
+            saved (the window's shadows hold the values from its start).
 
         `after`: what the shadows' saving waits for (the batch, when pulling it
         may fail: no shadow is then saved, and nothing is armed).
@@ -204,10 +205,12 @@ class Engine:
             with tf.control_dependencies(after):
                 first, held = rollback.save()
             first = first + held
-        else:
-            assert put_back == "defer", put_back  # ("inline" steps are unguarded)
+        elif put_back == "defer":
             with tf.control_dependencies(after):
                 first, held = rollback.save_shadows(), []
+        else:
+            assert put_back == "window", put_back  # ("inline" steps are unguarded)
+            first, held = list(after), []
         with tf.control_dependencies(first):
             if put_back == "inline":
                 out = self.body.one(batch)
@@ -215,7 +218,7 @@ class Engine:
                 # Under XLA a deferred step is judged too: its XLA function is then the
                 # one the per-step paths (a ragged group, a replay) compile, not a second.
                 out = self._dispatch(batch, judge=put_back == "cond" or self.spec.jit_compile)
-            keep, ok = self.body.merge(out, record=put_back != "defer")
+            keep, ok = self.body.merge(out, record=put_back not in JUDGED_LATER)
         with tf.control_dependencies([keep, ok]):
             done = [self.examples.assign_add(_examples_in(self, batch))]
         if rollback is not None and put_back == "cond":
@@ -225,7 +228,7 @@ class Engine:
             with tf.control_dependencies([kept, *done]):
                 done = [rollback.disarm()]
         with tf.control_dependencies(done):
-            return tf.identity(keep if put_back == "defer" else ok)
+            return tf.identity(keep if put_back in JUDGED_LATER else ok)
 
     def _undo(self, held: list[tf.Tensor]) -> tf.Tensor:
         """The branch of a step not kept: its shadows and `held` values put back; then,
@@ -435,21 +438,19 @@ class Engine:
         also = [part for v in self.body.also_written for part in components(v)]
         return [*self.rollback.covered, *also, self.examples]
 
-    def _run_pulled(self, pulled: list[Any], present: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        """The `present` batches of `pulled` (optionals), one step each: (steps run, no failure)."""
-        getters = [o.get_value for o in pulled]
-        return self._steps(present, lambda i: tf.switch_case(i, getters), self._run_one)
-
-    def loop_function(self, grouped: bool = False) -> Any:
+    def loop_function(self, grouped: bool = False, span: bool = False) -> Any:
         """The graph function the loops call on an iterator, ``fn(iterator, k)``: over
-        groups of batches (`grouped`), one step straight-line (`on_next`), or up to k."""
+        groups of batches (`grouped`), one step straight-line (`on_next`; guarded, a step
+        of a `Window` when calls `span` several steps), or up to k."""
         if grouped:
             return self.on_groups
+        if span and self.window is not None:
+            return self.window.on_next
         return self.on_next if self.straight else self.on_iterator
 
     def epoch_runner(
-        self, iterator: Any, grouped: bool = False
-    ) -> Callable[[tf.Tensor], tuple[tf.Tensor, Logs]]:
+        self, iterator: Any, grouped: bool = False, span: bool = False
+    ) -> Callable[[tf.Tensor], tuple[Any, Logs]]:
         """A caller of the iterator function bound to one iterator (one epoch).
 
         A `tf.function` call spends most of its time on dispatch when the
@@ -459,20 +460,20 @@ class Engine:
         feeds it flat tensors (`tfpure.compat.flat_caller`). Under
         `run_functions_eagerly`, or inside another graph, it falls back to
         the ordinary call. A `grouped` iterator is over `group_batches` data
-        (run by `on_groups`).
+        (run by `on_groups`). `span`: calls may run `span` steps (`_straight`).
         """
         if tf.config.functions_run_eagerly() or not tf.executing_eagerly():
             if grouped:
                 return lambda limit: self.on_groups(iterator, limit)
             return lambda limit: self.run_iterator(iterator, limit)
         call = flat_caller(
-            self.loop_function(grouped).get_concrete_function(
+            self.loop_function(grouped, span).get_concrete_function(
                 iterator, tf.TensorSpec([], tf.int32)
             ),
             iterator,
         )
         if self.straight and not grouped:
-            return functools.partial(_until_the_end, call, self)
+            return _straight(self, call, iterator, span)
         if grouped or not self.deferred:
             return call
         return lambda limit: self.run_iterator(iterator, limit, call(limit))
@@ -486,6 +487,108 @@ class Engine:
 
     def explain_failure(self) -> str:
         return self.body.explain_failure()
+
+
+def _check_xla(spec: StepSpec, body: Body) -> None:
+    if spec.jit_compile and body.strategy is not None and not body.merge_free:
+        raise ValueError(
+            f"jit_compile=True is not supported under {type(body.strategy).__name__}: its "
+            "gradient all-reduce cannot run inside XLA. Use jit_compile=False there."
+        )
+
+
+# The most steps a loop at one step a call runs between two looks at the state (`Window`).
+WINDOW = 16
+
+
+class Window:
+    """The guard's window at one step a call on one device: calls judged together.
+
+    A loop asking a straight engine for n > 1 steps (nothing looks at the
+    state between them: no batch hook listens, no action or save is due) runs
+    them as n graph calls of `on_next`, each step unjudged (``put_back="window"``:
+    it checks only that its batch held examples and a loss scale's overflow)
+    and handing back its batch, then judges the state the window leaves once
+    (`Body.verdict`, as a fused call is judged). Shadows of every variable the
+    steps may write (`Engine._written`) hold the values from the window's
+    start. A window not kept, or a step that fails at run time after its
+    batch came, puts them back and runs the window's batches again one step
+    at a time under the whole guard (`Engine.on_batch`): the run then ends
+    where single steps end, bit for bit; the failure costs the window twice.
+    """
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.pairs: list[tuple[tf.Variable, Any]] = []  # (shadow, variable), at the first window
+        self.kept = variable(True, "tfpure_window_kept")
+        self.pulled = variable(0, "tfpure_window_pulled")  # batches the window's steps got
+        self.on_next = tf.function(self._on_next, reduce_retracing=True, autograph=False)
+        self.open = tf.function(self._open, autograph=False)
+        self.close = tf.function(self._close, autograph=False)
+
+    def _on_next(self, iterator: Any, k: tf.Tensor) -> tuple[tf.Tensor, Logs, Any]:
+        """One unjudged step on the iterator's next batch: (1, logs, the batch). `k` is 1."""
+        del k
+        engine = self.engine
+        engine.count_trace()
+        batch = iterator.get_next()
+        with tf.control_dependencies(tf.nest.flatten(batch, expand_composites=True)):
+            pulled = self.pulled.assign_add(1)
+        keep = engine._run_one(batch, "window", after=[pulled])
+        with tf.control_dependencies([self.kept.assign(tf.logical_and(self.kept, keep))]):
+            return tf.constant(1), engine.body.logs(), tf.nest.map_structure(tf.identity, batch)
+
+    def _open(self) -> tf.Tensor:
+        saved = [s.assign(tf.convert_to_tensor(v)) for s, v in self.pairs]
+        return _after([*saved, self.kept.assign(True), self.pulled.assign(0)])
+
+    def _close(self) -> tf.Tensor:
+        """Whether the window is kept; if not, its shadows are put back."""
+        keep = tf.logical_and(self.kept, self.engine.body.verdict())
+        restored = branch(keep, lambda: tf.constant(True), self._restore, functional=True)
+        with tf.control_dependencies([restored]):
+            return tf.identity(keep)
+
+    def _restore(self) -> tf.Tensor:
+        return _after([v.assign(s.read_value()) for s, v in self.pairs])
+
+    def run(self, call: Any, limit: tf.Tensor, n: int, spec: Any) -> tuple[int, Logs]:
+        """Up to `n` steps, ``call(limit)`` each (the flat caller of `on_next`), judged
+        once: (steps run, logs). The data's end ends the window early. `spec`: the
+        batches' (the iterator's element spec)."""
+        if not self.pairs:
+            written = self.engine._written()
+            self.pairs = [(variable(tf.convert_to_tensor(v), "tfpure_window"), v) for v in written]
+        self.open()
+        batches: list[Any] = []
+        logs: Logs = {}
+        try:
+            for _ in range(n):
+                _, logs, batch = call(limit)
+                batches.append(batch)
+        except tf.errors.OpError as err:
+            if int(self.pulled.numpy()) > len(batches):  # the step failed, not the data
+                self._restore()
+                self._again(batches, spec)
+                raise
+            logs = self._judged(batches, logs, spec) if batches else self.engine.body.logs()
+            if isinstance(err, tf.errors.OutOfRangeError):
+                return len(batches), logs
+            raise
+        return len(batches), self._judged(batches, logs, spec)
+
+    def _judged(self, batches: list[Any], logs: Logs, spec: Any) -> Logs:
+        return logs if bool(self.close()) else self._again(batches, spec)
+
+    def _again(self, batches: list[Any], spec: Any) -> Logs:
+        """The window's `batches` one step at a time under the whole guard, from its start
+        (`Engine.on_batch`, traced for `spec` at the first failure)."""
+        logs = self.engine.body.logs()
+        if batches:
+            step = self.engine.on_batch.get_concrete_function(spec)
+            for batch in batches:
+                logs = step(batch)
+        return logs
 
 
 def _on_next(engine: Engine, iterator: Any, k: tf.Tensor) -> tuple[tf.Tensor, Logs]:
@@ -517,6 +620,28 @@ def _examples_in(engine: Engine, batch: Any) -> tf.Tensor:
         else:
             sizes.append(tf.shape(part, out_type=tf.int64)[0])
     return tf.add_n(sizes)
+
+
+def _straight(engine: Engine, call: Any, iterator: Any, span: bool) -> Callable[[tf.Tensor], Any]:
+    """The runner of a straight engine bound to `iterator`: ``run(limit)`` runs `limit`
+    steps, one graph call each (`call`: the flat caller of `Engine.loop_function`), and
+    returns (steps run, logs). Guarded, with calls that `span` steps, every call is one
+    `Window` (`call` then runs its steps)."""
+    window = engine.window if span else None
+
+    def run(limit: tf.Tensor) -> tuple[Any, Logs]:
+        n = int(limit)
+        if window is not None:
+            return window.run(call, limit, n, iterator.element_spec)
+        ran, logs = 0, None
+        for _ in range(n):  # (n >= 1: `logs` is set)
+            done, logs = _until_the_end(call, engine, limit)
+            if not int(done):
+                break
+            ran += 1
+        return ran, logs
+
+    return run
 
 
 def _until_the_end(call: Any, engine: Engine, limit: tf.Tensor) -> tuple[tf.Tensor, Logs]:
@@ -638,11 +763,17 @@ def _on_pulled(engine: Engine, iterator: Any) -> tuple[tf.Tensor, tf.Tensor]:
             stacked = tf.nest.pack_sequence_as(iterator.element_spec, leaves)
             return engine._group_call(stacked)
 
-        return tf.cond(same, stacked, lambda: engine._run_pulled(pulled, present))
+        return tf.cond(same, stacked, lambda: _run_pulled(engine, pulled, present))
 
     return tf.cond(
-        tf.equal(present, len(pulled)), full, lambda: engine._run_pulled(pulled, present)
+        tf.equal(present, len(pulled)), full, lambda: _run_pulled(engine, pulled, present)
     )
+
+
+def _run_pulled(engine: Engine, pulled: list[Any], present: tf.Tensor) -> tuple:
+    """The `present` batches of `pulled` (optionals), one step each: (steps run, no failure)."""
+    getters = [o.get_value for o in pulled]
+    return engine._steps(present, lambda i: tf.switch_case(i, getters), engine._run_one)
 
 
 def _group(engine: Engine, stacked: Any) -> tuple[tf.Tensor, tf.Tensor]:

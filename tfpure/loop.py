@@ -24,7 +24,7 @@ import tensorflow as tf
 
 from tfpure.arrays import from_arrays
 from tfpure.builtin import metric_results
-from tfpure.callbacks import batch_hooks, callback_list, no_end
+from tfpure.callbacks import batch_hooks, callback_list, looks_at_steps, no_end
 from tfpure.checkpoint import Checkpointer
 from tfpure.record import Record, Windows, call_size
 from tfpure.resume import Run
@@ -436,6 +436,20 @@ class Loop:
         self.python_examples = 0
         self.step = step if isinstance(step, Step) else self._counting(step)
         self.actions = Actions(actions, checkpoint.save_every_steps if checkpoint else None)
+        self.model = leaves(state)[0].model  # the model Keras callbacks see
+        self.cbs = callback_list(
+            callbacks,
+            self.model,
+            add_history=True,
+            add_progbar=verbose != 0,
+            verbose=verbose,
+            epochs=windows.count,
+            steps=windows.steps_in(0),  # the progress bar's target
+        )
+        self.history = next(
+            cb for cb in self.cbs.callbacks if isinstance(cb, keras.callbacks.History)
+        )
+        self._begin, self._end = batch_hooks(self.cbs, "train")
         self.stream = DataStream(
             self.step,
             state,
@@ -445,6 +459,8 @@ class Loop:
             repeat=windows.budget is not None or checkpoint is not None,
             whole_calls=self.actions.steps_to_next(0) is None,
             lengths=(windows.steps_in(0), windows.steps_in(windows.count - 1)),
+            # Nothing looking at the state between steps, calls may span several.
+            span=not looks_at_steps(self.cbs),
         )
         traced = self.stream.prepare()  # before anything changes (a restore included)
         self.record = Record()
@@ -459,24 +475,6 @@ class Loop:
             self.record, self.prior = windows.resumed(self.run.record, self.run.prior)
             _warn_of_overrun(windows.overrun(self.record), checkpoint)
         self.stream.start_at(self.record.window, self.record.done, self.record.step)
-        try:
-            self.model = leaves(state)[0].model  # the model Keras callbacks see
-            self.cbs = callback_list(
-                callbacks,
-                self.model,
-                add_history=True,
-                add_progbar=verbose != 0,
-                verbose=verbose,
-                epochs=windows.count,
-                steps=windows.steps_in(0),  # the progress bar's target
-            )
-            self.history = next(
-                cb for cb in self.cbs.callbacks if isinstance(cb, keras.callbacks.History)
-            )
-        except BaseException:  # e.g. a bad callback: the run's lock and handler go back
-            if self.run is not None:
-                self.run.close()
-            raise
 
     def _counting(self, step: StepFn) -> StepFn:
         def counted(state: Any, batch: Any) -> tuple[Any, Logs]:
@@ -519,7 +517,6 @@ class Loop:
         model.stop_training = False
         self.actions.start(self.record.step, self.examples())
         self._batch_meter = Meter(self.record.step, self.examples())
-        self._begin, self._end = batch_hooks(self.cbs, "train")
         self.cbs.on_train_begin()
         epoch_logs: dict[str, float] = {}
         first = self.record.window if not self.record.ended else self.windows.count
@@ -573,7 +570,7 @@ class Loop:
     def _steps(self, window: int, length: int | None) -> Logs | None:
         """The window's steps from the record on; returns the last call's logs."""
         feed = self.stream.feed(window, self.state)  # (made even if no step is left)
-        k, actions = feed.steps_per_call, self.actions
+        k, actions = feed.span, self.actions
         calls = run_calls(
             feed,
             start=self.record.done,

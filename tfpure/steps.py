@@ -247,12 +247,15 @@ class Step:
         """
         return int(self.engine(state).examples.numpy())
 
-    def check_data(self, state: Any, element_spec: Any, *, grouped: bool = False) -> Any:
+    def check_data(
+        self, state: Any, element_spec: Any, *, grouped: bool = False, span: bool = False
+    ) -> Any:
         """Traces the function that runs batches of `element_spec` from an iterator, once.
 
         The structure, shape and dtype checks run while tracing, so data that
         does not fit the model fails here, before a loop changes anything.
-        `grouped`: the elements are groups of batches (`grouped`). Returns the
+        `grouped`: the elements are groups of batches (`grouped`); `span`: for a
+        `runner` whose calls span several steps. Returns the
         traced `tf.types.experimental.ConcreteFunction` (None eagerly, or
         under a multi-worker strategy: the checks then run at the first step).
 
@@ -270,7 +273,7 @@ class Step:
         strategy = strategy_of(leaves(state))
         if not tf.config.functions_run_eagerly() and cluster_task(strategy) is None:
             engine = self.engine(state)
-            return engine.loop_function(grouped).get_concrete_function(
+            return engine.loop_function(grouped, span).get_concrete_function(
                 tf.data.IteratorSpec(element_spec), tf.TensorSpec([], tf.int32)
             )
         return None
@@ -314,13 +317,15 @@ class Step:
         return group_batches(data, self.spec.steps_per_call)
 
     def runner(
-        self, state: Any, iterator: Any, *, grouped: bool = False
-    ) -> Callable[[int | None], tuple[Logs, tf.Tensor]]:
+        self, state: Any, iterator: Any, *, grouped: bool = False, span: bool = False
+    ) -> Callable[[int | None], tuple[Logs, Any]]:
         """Like `run_on_iterator`, but bound to one iterator: the loops' fast path.
 
         ``logs, steps_run = run(max_steps)`` runs up to `max_steps` steps (None:
         `steps_per_call`) on the iterator's next batches. A `grouped` iterator
-        is over `grouped` data.
+        is over `grouped` data. `span`: the caller asks for up to `span(state)`
+        steps a call while nothing looks at the state between them; at one step
+        a call a guarded step then judges each call's steps together (a window).
 
         Example:
           >>> import keras, tensorflow as tf, tfpure as tp
@@ -333,15 +338,32 @@ class Step:
           [4, 2, 0]
         """
         engine = self.engine(state)
-        runner = self._run(engine, engine.epoch_runner, iterator, grouped)
+        runner = self._run(engine, engine.epoch_runner, iterator, grouped, span)
 
-        def run(max_steps: int | None) -> tuple[Logs, tf.Tensor]:
+        def run(max_steps: int | None) -> tuple[Logs, Any]:
             if max_steps is not None and max_steps < 1:  # a call of no step
                 return engine.body.logs(), tf.constant(0)
             n, logs = self._run(engine, runner, self._limit(max_steps))
             return logs, n
 
         return run
+
+    def span(self, state: Any) -> int:
+        """The most steps one `runner` call runs for `state`: `steps_per_call`, or at one
+        step a call on one device a window of 16 graph calls, which a guarded step judges
+        together (the loops ask for a window while no batch hook listens and no action is
+        due: nothing looks at the state between its steps).
+
+        Example:
+          >>> import keras, tfpure as tp
+          >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+          >>> state = tp.TrainState.create(model=model, optimizer=keras.optimizers.SGD())
+          >>> [tp.make_train_step("mse", steps_per_call=k).span(state) for k in (1, 4)]
+          [16, 4]
+        """
+        if tf.config.functions_run_eagerly():
+            return self.spec.steps_per_call
+        return self.engine(state).span
 
     def _run(self, engine: Engine, fn: Callable[..., Any], *args: Any) -> Any:
         try:

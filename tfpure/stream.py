@@ -187,12 +187,25 @@ class Feed:
     (`counted`), so a call over data known to last needs no host read.
     """
 
-    def __init__(self, step: StepFn, state: Any, iterator: Any, *, grouped: bool, counted: bool):
+    def __init__(
+        self,
+        step: StepFn,
+        state: Any,
+        iterator: Any,
+        *,
+        grouped: bool,
+        counted: bool,
+        span: bool = False,
+    ):
         self.step, self.state, self.iterator = step, state, iterator
         self.counted = counted
         self.in_graph = isinstance(step, LoopStep) and hasattr(iterator, "get_next_as_optional")
         self.steps_per_call = step.steps_per_call if self.in_graph else 1
-        self._run = step.runner(state, iterator, grouped=grouped) if self.in_graph else None
+        # The steps a call asks for: more while nothing looks between them (`Step.span`).
+        self.span = step.span(state) if self.in_graph and span else self.steps_per_call
+        self._run = None
+        if self.in_graph:
+            self._run = step.runner(state, iterator, grouped=grouped, span=span)
 
     def call(self, n: int, begin: Callable[[], None]) -> tuple[Logs | None, int]:
         """Runs up to `n` steps (`begin` first, unless the data has run out)."""
@@ -224,7 +237,8 @@ def run_calls(
 ) -> Iterator[tuple[int, Logs]]:
     """The loop over calls: runs `feed` from step `start` to `limit` (or the data's end).
 
-    Each call runs `steps_per_call` steps, fewer to end at `limit` or at
+    Each call runs `feed.span` steps (`steps_per_call`, or more where nothing
+    looks at the state between them: `DataStream`), fewer to end at `limit` or at
     ``start + ... + cap(done)`` (the steps to the next due action). Around
     each call it fires the Keras batch hooks (`batch_hooks`), then yields
     ``(done, logs)``: the steps done so far and the call's logs. A caller
@@ -233,7 +247,7 @@ def run_calls(
     begin, end = hooks
     done = start
     while limit is None or done < limit:
-        want = feed.steps_per_call
+        want = feed.span
         if limit is not None:
             want = min(want, limit - done)
         if cap is not None:
@@ -259,6 +273,9 @@ class DataStream:
         call's batches in one element (`Step.grouped`).
       lengths: the first and last windows' steps (a run-wide iterator is
         grouped only if both are whole calls); None: until the data ends.
+      span: nothing looks at the state between a call's steps (no batch hook
+        listens): calls may run `Step.span` steps, at one step a call a guard
+        window.
     """
 
     def __init__(
@@ -271,8 +288,10 @@ class DataStream:
         repeat: bool = False,
         whole_calls: bool = True,
         lengths: Sequence[int | None] = (),
+        span: bool = False,
     ):
         self.step, self.state, self.source = step, state, data
+        self.span = span
         self.run_wide = run_wide
         self.at = (0, 0, 0)
         dataset = isinstance(data, tf.data.Dataset)
@@ -303,7 +322,7 @@ class DataStream:
         if isinstance(self.step, LoopStep) and isinstance(self.source, tf.data.Dataset):
             data = self.source if self.groups is None else self.groups
             return self.step.check_data(
-                self.state, data.element_spec, grouped=self.groups is not None
+                self.state, data.element_spec, grouped=self.groups is not None, span=self.span
             )
         return None
 
@@ -334,7 +353,9 @@ class DataStream:
                 f"The training data ran out while replaying {skip} batches to the saved "
                 "position: it is not the data the checkpointed run was trained on."
             )
-        return Feed(self.step, self.state, iterator, grouped=grouped, counted=self.counted)
+        return Feed(
+            self.step, self.state, iterator, grouped=grouped, counted=self.counted, span=self.span
+        )
 
     def feed(self, window: int, state: Any) -> Feed:
         """The feed of `window` running from `state`, at the resumed position if the run
@@ -382,7 +403,7 @@ def run_pass(
     only when the dataset's length is unknown. Any other step is called
     once per batch in Python. `hooks` are Keras batch hooks.
     """
-    stream = DataStream(step, state, data)
+    stream = DataStream(step, state, data, span=hooks == (no_begin, no_end))
     feed = stream.feed(0, state)
     logs: Logs | None = None
     done = 0

@@ -48,13 +48,17 @@ class LoopStep(Protocol):
     @property
     def steps_per_call(self) -> int: ...
 
+    def span(self, state: Any) -> int: ...
+
     def runner(
-        self, state: Any, iterator: Any, *, grouped: bool = False
+        self, state: Any, iterator: Any, *, grouped: bool = False, span: bool = False
     ) -> Callable[[int | None], tuple[Logs, tf.Tensor]]: ...
 
     def grouped(self, state: Any, data: Any) -> Any: ...
 
-    def check_data(self, state: Any, element_spec: Any, *, grouped: bool = False) -> Any: ...
+    def check_data(
+        self, state: Any, element_spec: Any, *, grouped: bool = False, span: bool = False
+    ) -> Any: ...
 
 
 def check_count(
