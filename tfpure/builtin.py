@@ -243,12 +243,14 @@ class TrainBody(_Body):
             self.bad_grads = variable(tf.ones([r, len(self.trainable)], bool), "tfpure_bad_grads")
             self.bad_vars = variable(tf.ones([r, len(self.checked)], bool), "tfpure_bad_vars")
 
-    def one(self, batch: Batch, judge: bool = True) -> Any:
+    def one(self, batch: Batch, judge: bool = True, ordered: bool = True) -> Any:
         """One training step (on one replica); guarded, returns what `merge` judges.
 
         Not `judge`: a step of a call judged at its end, which checks only that its batch
         held examples and a loss scale's overflow: its loss stays in the loss tracker's
-        sum, and `verdict` judges it with the variables once the call ran.
+        sum, and `verdict` judges it with the variables once the call ran. Not `ordered`:
+        the updates do not wait for the forward pass to run whole (a step of a `Window`,
+        which puts every variable back after a run-time error).
         """
         batch, x, y, sample_weight = self._checked(batch)
         with tf.GradientTape() as tape:
@@ -278,7 +280,7 @@ class TrainBody(_Body):
             counter = tf.identity(self.optimizer.step_counter)
         predicted = [p for p in tf.nest.flatten(y_pred) if p is not None]
         ran = [reported, *predicted] + ([] if scale is None else [scale])
-        with tf.control_dependencies([tf.group(ran)]):  # one edge for each op below
+        with tf.control_dependencies([tf.group(ran)] if ordered else []):  # one edge for all
             self._commit(grads, reported, x, y, y_pred, sample_weight, parts)
         # Reads after the update (automatic control dependencies order them).
         examples = tf.cast(batch_size(x), tf.int64)
@@ -410,8 +412,9 @@ class EvalBody(_Body):
 
     train = False
 
-    def one(self, batch: Batch, judge: bool = True) -> tf.Tensor:
-        """One evaluation step (on one replica); `judge` unused: nothing is guarded."""
+    def one(self, batch: Batch, judge: bool = True, ordered: bool = True) -> tf.Tensor:
+        """One evaluation step (on one replica); `judge`, `ordered` unused: nothing is
+        guarded."""
         batch, x, y, sample_weight = self._checked(batch)
         loss, y_pred, parts = self._forward(batch, False)
         self._note_labels(y, y_pred)

@@ -228,8 +228,11 @@ class UserBody:
         rebuilt = [TrainState(**fields) for fields in self._fields]
         return rebuild(self._template, rebuilt), rebuilt
 
-    def one(self, batch: Batch, judge: bool = True) -> tuple[tf.Tensor, Logs, tf.Tensor]:
+    def one(
+        self, batch: Batch, judge: bool = True, ordered: bool = True
+    ) -> tuple[tf.Tensor, Logs, tf.Tensor]:
         """Runs the body on one replica; returns (failed checks as 0/1, logs, examples).
+        (`ordered` unused: the body's updates run in its own order.)
 
         Not `judge`: a step of a call judged at its end, which checks nothing itself: a
         non-finite log stays in the sums of the logs, a non-finite gradient applied in the

@@ -77,11 +77,13 @@ class Body(Protocol):
     #: What a step writes beyond the guard's cover (a deferred call puts it back too).
     also_written: Sequence[Any]
 
-    def one(self, batch: Any, judge: bool = True) -> Any:
+    def one(self, batch: Any, judge: bool = True, ordered: bool = True) -> Any:
         """The step on one replica's batch (traced; inside XLA under ``jit_compile``).
         Not `judge`: a step of a call judged at its end, which checks only that its batch
         held examples (a built-in body) and a loss scale's overflow; the call's `verdict`
-        judges its loss or logs (through their sums) and the variables."""
+        judges its loss or logs (through their sums) and the variables. Not `ordered`:
+        its updates need not wait for its forward pass to run whole (a step of a
+        `Window`, whose shadows cover every variable: a run-time error puts them back)."""
 
     def verdict(self) -> tf.Tensor:
         """Whether every variable a step checks, and the sums of its loss or logs, are
@@ -217,7 +219,8 @@ class Engine:
             else:
                 # Under XLA a deferred step is judged too: its XLA function is then the
                 # one the per-step paths (a ragged group, a replay) compile, not a second.
-                out = self._dispatch(batch, judge=put_back == "cond" or self.spec.jit_compile)
+                judge = put_back == "cond" or self.spec.jit_compile
+                out = self._dispatch(batch, judge, ordered=put_back != "window")
             keep, ok = self.body.merge(out, record=put_back not in JUDGED_LATER)
         with tf.control_dependencies([keep, ok]):
             done = [self.examples.assign_add(_examples_in(self, batch))]
@@ -239,19 +242,19 @@ class Engine:
         with tf.control_dependencies(skips):
             return tf.constant(False)
 
-    def _dispatch(self, batch: Any, judge: bool = True) -> Any:
+    def _dispatch(self, batch: Any, judge: bool = True, ordered: bool = True) -> Any:
         """Runs the body on the one device, or on every replica of the strategy.
 
         A multi-worker strategy feeds per-replica batches (its iterators are
         distributed, to shard the data between workers). In one process the
         global batch is split inside the graph instead (`replica_share`): the
         data then flows through an ordinary iterator, which costs less per
-        epoch than a distributed one.
+        epoch than a distributed one. (`judge`, `ordered`: see `Body.one`.)
         """
         if self.strategy is None:
             if self.spec.jit_compile:
                 return self._xla_checked(self.one, batch, judge)
-            return self.one(batch, judge)
+            return self.one(batch, judge) if ordered else self.one(batch, judge, False)
         assert judge  # (a call is judged at its end on one device only)
         fn = self.one if self.sharded else lambda b: self.one(replica_share(b))
         return self.strategy.run(fn, args=(batch,))
