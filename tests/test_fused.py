@@ -332,6 +332,40 @@ def test_an_error_of_the_data_ends_a_window_with_its_steps_kept():
         np.testing.assert_array_equal(a, b)
 
 
+def test_a_window_interrupted_between_its_steps_leaves_its_state_judged():
+    """A KeyboardInterrupt between a window's steps: the steps it ran are judged before
+    the interrupt goes on (a NaN batch among them skipped, as a single step skips it)."""
+    from tfpure.compat import flat_caller
+
+    x, y = SPEC.batch(32, 0)
+    x[11] = np.nan  # batch 1 (0-based) of 8-example batches
+    data = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
+    ends = []
+    for window in (True, False):
+        state, step = state_maker(SPEC, 0)(), tp.make_train_step(SCCE, nonfinite="skip")
+        if window:
+            engine, iterator = step.engine(state), iter(data)
+            spec = tf.data.IteratorSpec(data.element_spec), tf.TensorSpec([], tf.int32)
+            call = flat_caller(engine.window.on_next.get_concrete_function(*spec), iterator)
+            calls = []
+
+            def interrupted(limit, call=call, calls=calls):
+                calls.append(call(limit))
+                if len(calls) == 3:
+                    raise KeyboardInterrupt
+                return calls[-1]
+
+            with pytest.raises(KeyboardInterrupt):
+                engine.window.run(interrupted, tf.constant(1), 4, data.element_spec)
+        else:
+            for batch in data.take(2):
+                state, _ = step(state, batch)
+        ends.append(values(state))
+    assert int(ends[0][0]) == 2 and int(ends[0][1]) == 1  # state.step, state.skipped
+    for a, b in zip(*ends, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 class BatchEnd(keras.callbacks.Callback):
     """A batch hook: at one step a call, each step is then judged alone (no window)."""
 

@@ -507,11 +507,12 @@ WINDOW = 16
 class Window:
     """The guard's window at one step a call on one device: calls judged together.
 
-    A loop asking a straight engine for n > 1 steps (nothing looks at the
-    state between them: no batch hook listens, no action or save is due) runs
-    them as n graph calls of `on_next`, each step unjudged (``put_back="window"``:
-    it checks only that its batch held examples and a loss scale's overflow)
-    and handing back its batch, then judges the state the window leaves once
+    A loop whose calls span several steps (nothing looks at the state between
+    them: no batch hook listens, no action or save is due) runs a call of n
+    steps as n graph calls of `on_next`, each step unjudged (``put_back="window"``:
+    it checks only that its batch held examples and a loss scale's overflow;
+    its updates need not wait for its forward pass) and handing back its
+    batch, then judges the state the window leaves once
     (`Body.verdict`, as a fused call is judged). Shadows of every variable the
     steps may write (`Engine._written`) hold the values from the window's
     start. A window not kept, or a step that fails at run time after its
@@ -577,6 +578,9 @@ class Window:
             logs = self._judged(batches, logs, spec) if batches else self.engine.body.logs()
             if isinstance(err, tf.errors.OutOfRangeError):
                 return len(batches), logs
+            raise
+        except BaseException:  # (a KeyboardInterrupt between steps: the state left judged)
+            self._judged(batches, logs, spec)
             raise
         return len(batches), self._judged(batches, logs, spec)
 
