@@ -303,9 +303,10 @@ def finite_checkpoints(directory):
     return len(paths)
 
 
-# 20 batches of 8 in 2 epochs of 10 steps, in calls of 4: [0-3] [4-7] [8-9] | [10-13] ...
-# Bad batches: the run's and a call's first step (0), a call's middle (5) and last (7)
-# steps, the epoch's last step in its short call (9), the next epoch's first step (10).
+# 20 batches of 8 in 2 epochs of 10 steps, in calls (or windows) cut by saves every 4
+# steps: [0-3] [4-7] [8-9] | [10-11] [12-15] [16-19]. Bad batches: the run's and a call's
+# first step (0), a call's middle (5) and last (7) steps, the epoch's last step in its
+# short call (9), the next epoch's first step (10).
 POSITIONS = [0, 5, 7, 9, 10]
 
 
@@ -375,13 +376,13 @@ class BatchEnd(keras.callbacks.Callback):
 
 def checkpointed_run(state, step, directory, bad=(), callbacks=()):
     """`fit_loop` over 2 epochs of 10 batches of 8, NaN in the `bad` batches, saving every
-    3 steps (the saves cut the calls, or at k=1 the windows: [0-2] [3-5] [6-8] [9] |
-    [10-11] [12-14] ...) and at each epoch's end: (history, or the error's text with the
+    4 steps (the saves cut the calls, or at k=1 the windows: [0-3] [4-7] [8-9] |
+    [10-11] [12-15] ...) and at each epoch's end: (history, or the error's text with the
     layer numbers left out; the checkpoints written, all finite)."""
     x, y = SPEC.batch(160, 0)
     x[[8 * b + 3 for b in bad]] = np.nan
     data = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
-    ckpt = tp.Checkpointer(directory, save_every_steps=3, max_to_keep=20)
+    ckpt = tp.Checkpointer(directory, save_every_steps=4, max_to_keep=20)
     try:
         _, history = tp.fit_loop(state, data, step, epochs=2, steps_per_epoch=10,
                                  checkpoint=ckpt, callbacks=callbacks, verbose=0)  # fmt: skip
@@ -392,13 +393,13 @@ def checkpointed_run(state, step, directory, bad=(), callbacks=()):
 
 def saves_after(steps):
     """How many saves `checkpointed_run` makes in its first `steps` steps."""
-    return sum(s % 3 == 0 or s % 10 == 0 for s in range(1, steps + 1))
+    return sum(s % 4 == 0 or s % 10 == 0 for s in range(1, steps + 1))
 
 
 def test_skipped_steps_at_every_position_of_a_fused_call_end_as_single_steps(tmp_path):
     """A fused call, or a window of one-step calls, is judged once, by the state it
-    leaves: wherever its bad steps are (a window's first step 0, last 5, middle 7, a
-    window of one step at an epoch's end 9, the next epoch's first 10), the run ends as
+    leaves: wherever its bad steps are (a call's or window's first step 0, middle 5,
+    last 7, last 9 at an epoch's end, the next epoch's first 10), the run ends as
     single steps end, bit for bit (variables, counts, history), and no checkpoint holds a
     non-finite value."""
     ends = []

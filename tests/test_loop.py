@@ -181,20 +181,26 @@ def test_fit_loop_equals_tutorial_loop():
 
 def test_one_step_calls_are_judged_in_windows_only_while_no_callback_looks_at_steps(capsys):
     """At one step a call, `fit_loop` runs windows of calls (`Step.span`) when no batch
-    hook listens (verbose=0; verbose=2's progress bar only counts batches) and judges each
-    step when one does (verbose=1's bar shows every step; a callback's batch hook, which
-    then sees every step's logs). The results are the same bit for bit."""
+    hook listens (verbose=0; verbose=2's progress bar only counts batches) and no action
+    or save comes every fewer than 4 steps; it judges each step when a hook listens
+    (verbose=1's bar shows every step; a callback's batch hook, which then sees every
+    step's logs) or an action comes every 3 steps (windows of 3 would cost more calls than
+    the per-step guard). The results are the same bit for bit."""
     seen, ends = [], []
 
     class Batches(keras.callbacks.Callback):
         def on_train_batch_end(self, batch, logs=None):
             seen.append(batch)
 
-    for verbose, callbacks, windowed in [(0, [], True), (2, [], True), (1, [], False),
-                                         (0, [Batches()], False)]:  # fmt: skip
+    every = [tp.every(n, lambda state, step, logs: None) for n in (3, 4)]
+    for verbose, callbacks, actions, windowed in [
+        (0, [], [], True), (2, [], every[1:], True), (1, [], [], False),
+        (0, [Batches()], [], False), (0, [], every, False),  # an action every 3 steps
+    ]:  # fmt: skip
         state, step = make_state(SPEC.build(4)), tp.make_train_step(SCCE)
         _, history = tp.fit_loop(state, dataset(n=40, batch=8), step, epochs=2,
-                                 verbose=verbose, callbacks=callbacks)  # fmt: skip
+                                 verbose=verbose, callbacks=callbacks,
+                                 actions=actions)  # fmt: skip
         engine = step.engine(state)
         window = engine.window.on_next.experimental_get_tracing_count()
         assert (window, engine.on_next.experimental_get_tracing_count()) == (

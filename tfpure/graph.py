@@ -502,6 +502,9 @@ def _check_xla(spec: StepSpec, body: Body) -> None:
 
 # The most steps a loop at one step a call runs between two looks at the state (`Window`).
 WINDOW = 16
+# A loop whose actions or saves come every fewer steps judges each step: a window's two
+# calls of its own (to save and to judge the state) would cost more than the per-step guard.
+SHORTEST_WINDOW = 4
 
 
 class Window:

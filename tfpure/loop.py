@@ -26,6 +26,7 @@ from tfpure.arrays import from_arrays
 from tfpure.builtin import metric_results
 from tfpure.callbacks import batch_hooks, callback_list, looks_at_steps, no_end
 from tfpure.checkpoint import Checkpointer
+from tfpure.graph import SHORTEST_WINDOW
 from tfpure.record import Record, Windows, call_size
 from tfpure.resume import Run
 from tfpure.schedule import THROUGHPUT, Action, Actions, Meter
@@ -459,8 +460,7 @@ class Loop:
             repeat=windows.budget is not None or checkpoint is not None,
             whole_calls=self.actions.steps_to_next(0) is None,
             lengths=(windows.steps_in(0), windows.steps_in(windows.count - 1)),
-            # Nothing looking at the state between steps, calls may span several.
-            span=not looks_at_steps(self.cbs),
+            span=self._spans(),
         )
         traced = self.stream.prepare()  # before anything changes (a restore included)
         self.record = Record()
@@ -475,6 +475,13 @@ class Loop:
             self.record, self.prior = windows.resumed(self.run.record, self.run.prior)
             _warn_of_overrun(windows.overrun(self.record), checkpoint)
         self.stream.start_at(self.record.window, self.record.done, self.record.step)
+
+    def _spans(self) -> bool:
+        """Whether calls may span several steps (at one step a call, a guard window):
+        nothing looks at the state between them, and actions and saves come seldom."""
+        period = self.actions.shortest_period()
+        quiet = period is None or period >= SHORTEST_WINDOW
+        return quiet and not looks_at_steps(self.cbs)
 
     def _counting(self, step: StepFn) -> StepFn:
         def counted(state: Any, batch: Any) -> tuple[Any, Logs]:

@@ -189,8 +189,15 @@ class Actions:
     def steps_to_next(self, step: int) -> int | None:
         """Steps from `step` to the next step an action or a save is due at by steps
         (None: none is), where a fused call must end."""
-        stepped = [a for a in (*self.actions, self._save) if a is not None and a.n is not None]
-        return min((a.steps_to_next(step) for a in stepped), default=None)
+        return min((a.steps_to_next(step) for a in self._stepped()), default=None)
+
+    def shortest_period(self) -> int | None:
+        """The fewest steps between two steps an action or a save is due at (None: no
+        action is due by steps). `Actions([tp.every(5, fn)], 3).shortest_period()` is 3."""
+        return min((a.n for a in self._stepped() if a.n is not None), default=None)
+
+    def _stepped(self) -> list[Action]:
+        return [a for a in (*self.actions, self._save) if a is not None and a.n is not None]
 
     def start(self, step: int, examples: int, now: float | None = None) -> None:
         """The run starts (or resumes) at `step`, `examples` seen: no action ran yet."""
