@@ -1,0 +1,113 @@
+"""The guard at one step a call: judged per window of calls, per step, or not at all.
+
+    python benchmarks/guard_window.py mlp [--rounds 9]
+    python benchmarks/guard_window.py mobilenet [--rounds 5]   # or transformer
+
+``mlp``: the tutorial MLP of `benchmarks/ab_loop.py`, driven through
+`Step.runner` (32 calls of 16 steps a round, rounds interleaved in one
+process): a guarded runner whose calls span a window (``span=True``, as
+`fit_loop` runs when no callback looks at single steps), a guarded runner
+judging every step (``span=False``, as with a batch hook), and an unguarded
+one. Prints the median per-step time of each and the paired medians of
+guarded / unguarded. ``mobilenet`` / ``transformer``: `tp.bench.compare` on
+`benchmarks/run.py`'s real-model states and data, tfpure k=1 guarded and
+unguarded (both through `fit_loop`, so in windows) and Keras `fit` spe=1:
+the guard's cost and tfpure / Keras. One process measures one checkout:
+run it under each checkout's ``PYTHONPATH`` to compare code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+
+def measure_mlp(rounds: int) -> None:
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    import tfpure as tp
+
+    def state() -> tp.TrainState:
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential(
+            [
+                keras.Input((64,)),
+                keras.layers.Dense(128, "relu", kernel_regularizer=keras.regularizers.L2(1e-4)),
+                keras.layers.Dropout(0.2),
+                keras.layers.Dense(10),
+            ]
+        )
+        return tp.TrainState.create(
+            model=model,
+            optimizer=keras.optimizers.Adam(1e-3),
+            metrics={"accuracy": keras.metrics.SparseCategoricalAccuracy()},
+        )
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64 * 64, 64)).astype("float32")
+    y = rng.integers(0, 10, 64 * 64).astype("int32")
+    data = tf.data.Dataset.from_tensor_slices((x, y)).batch(64).repeat()
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    runners = {}
+    for name, nonfinite, span in [("window", "raise", True), ("per step", "raise", False),
+                                  ("no guard", None, True)]:  # fmt: skip
+        s, step = state(), tp.make_train_step(loss, nonfinite=nonfinite)
+        runners[name] = step.runner(s, iter(data), span=span)
+        for _ in range(20):  # warm-up: traces, graph optimisation
+            runners[name](16)
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(rounds):
+        for name, run in runners.items():
+            begin = time.perf_counter()
+            for _ in range(32):
+                run(16)
+            times[name].append((time.perf_counter() - begin) / 512 * 1e6)
+    base = times["no guard"]
+    for name, per_step in times.items():
+        ratio = statistics.median(a / b for a, b in zip(per_step, base, strict=True))
+        print(f"{name}: {statistics.median(per_step):.0f} us a step, / no guard {ratio:.3f}")
+
+
+def measure_real_model(name: str, rounds: int) -> None:
+    sys.path.insert(0, str(Path(__file__).parent))
+    import run  # benchmarks/run.py
+
+    from tfpure.bench import VARIANTS, Variant, compare
+
+    spec = run.REAL_MODELS[name]
+    result = compare(
+        run.mlp_state(spec["build"]),
+        run.SCCE,
+        run.real_model_data(name, spec["batch"], spec["steps"]),
+        variants={
+            "k=1": VARIANTS["graph"],
+            "k=1 no guard": Variant(steps_per_call=1, nonfinite=None),
+            "keras fit": VARIANTS["keras_fit"],
+        },
+        rounds=rounds,
+        steps=spec["steps"],
+        title=spec["title"],
+    )
+    print(f"{spec['short']}: guard (k=1 / no guard) {result.paired('k=1', 'k=1 no guard'):.3f}, "
+          f"k=1 / keras fit {result.paired('k=1', 'keras fit'):.3f}, "
+          f"no guard / keras fit {result.paired('k=1 no guard', 'keras fit'):.3f}")  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("model", choices=["mlp", "mobilenet", "transformer"])
+    parser.add_argument("--rounds", type=int, default=None)
+    args = parser.parse_args()
+    if args.model == "mlp":
+        measure_mlp(args.rounds or 9)
+    else:
+        measure_real_model(args.model, args.rounds or 5)
+
+
+if __name__ == "__main__":
+    main()
