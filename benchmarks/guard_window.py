@@ -3,7 +3,7 @@
     python benchmarks/guard_window.py mlp [--rounds 9]
     python benchmarks/guard_window.py mobilenet [--rounds 5]   # or transformer
 
-``mlp``: the tutorial MLP of `benchmarks/ab_loop.py`, driven through
+``mlp``: the tutorial MLP of `benchmarks/run.py` (64 batches of 64), driven through
 `Step.runner` (32 calls of 16 steps a round, rounds interleaved in one
 process): a guarded runner whose calls span a window (``span=True``, as
 `fit_loop` runs when no callback looks at single steps), a guarded runner
@@ -25,33 +25,21 @@ import time
 from pathlib import Path
 
 
+def _run_module():  # benchmarks/run.py: its workloads
+    sys.path.insert(0, str(Path(__file__).parent))
+    import run
+
+    return run
+
+
 def measure_mlp(rounds: int) -> None:
     import keras
-    import numpy as np
-    import tensorflow as tf
 
     import tfpure as tp
 
-    def state() -> tp.TrainState:
-        keras.utils.set_random_seed(0)
-        model = keras.Sequential(
-            [
-                keras.Input((64,)),
-                keras.layers.Dense(128, "relu", kernel_regularizer=keras.regularizers.L2(1e-4)),
-                keras.layers.Dropout(0.2),
-                keras.layers.Dense(10),
-            ]
-        )
-        return tp.TrainState.create(
-            model=model,
-            optimizer=keras.optimizers.Adam(1e-3),
-            metrics={"accuracy": keras.metrics.SparseCategoricalAccuracy()},
-        )
-
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(64 * 64, 64)).astype("float32")
-    y = rng.integers(0, 10, 64 * 64).astype("int32")
-    data = tf.data.Dataset.from_tensor_slices((x, y)).batch(64).repeat()
+    run = _run_module()
+    state = run.mlp_state(run.tutorial_mlp)
+    data = run.make_dataset(64, 64, 64).repeat()
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     runners = {}
     for name, nonfinite, span in [("window", "raise", True), ("per step", "raise", False),
@@ -74,10 +62,9 @@ def measure_mlp(rounds: int) -> None:
 
 
 def measure_real_model(name: str, rounds: int) -> None:
-    sys.path.insert(0, str(Path(__file__).parent))
-    import run  # benchmarks/run.py
-
     from tfpure.bench import VARIANTS, Variant, compare
+
+    run = _run_module()
 
     spec = run.REAL_MODELS[name]
     result = compare(
