@@ -547,18 +547,18 @@ class Window:
             pulled = self.pulled.assign_add(1)
         keep = engine._run_one(batch, "window", after=[pulled])
         with tf.control_dependencies([self.kept.assign(tf.logical_and(self.kept, keep))]):
-            return tf.constant(1), engine.body.logs(), tf.nest.map_structure(tf.identity, batch)
+            return tf.constant(1), engine.body.logs(), batch
 
     def _open(self) -> tf.Tensor:
         saved = [s.assign(tf.convert_to_tensor(v)) for s, v in self.pairs]
         return _after([*saved, self.kept.assign(True), self.pulled.assign(0)])
 
     def _close(self) -> tf.Tensor:
-        """Whether the window is kept; if not, its shadows are put back."""
-        keep = tf.logical_and(self.kept, self.engine.body.verdict())
-        restored = branch(keep, lambda: tf.constant(True), self._restore, functional=True)
-        with tf.control_dependencies([restored]):
-            return tf.identity(keep)
+        """Whether the window is kept (`_verdict`); if not, its shadows are put back."""
+        written = [v for _, v in self.pairs]
+        before = [s.read_value() for s, _ in self.pairs]
+        pulled, kept = self.pulled.read_value(), self.kept.read_value()
+        return _verdict(self.engine, pulled, kept, written, before, functional=True)
 
     def _restore(self) -> tf.Tensor:
         return _after([v.assign(s.read_value()) for s, v in self.pairs])
@@ -818,19 +818,26 @@ def _group(engine: Engine, stacked: Any) -> tuple[tf.Tensor, tf.Tensor]:
 
 
 def _verdict(
-    engine: Engine, i: tf.Tensor, keep: tf.Tensor, written: list[Any], before: list[tf.Tensor]
+    engine: Engine,
+    i: tf.Tensor,
+    keep: tf.Tensor,
+    written: list[Any],
+    before: list[tf.Tensor],
+    functional: bool = False,
 ) -> tf.Tensor:
-    """Whether a call judged at its end is kept: its steps (`i` run, `keep` so far) and
-    then the state they left (`Body.verdict`: a non-finite value a step wrote stays
-    non-finite through the steps after it, see `docs/steps.md`). Not kept: every
-    variable the steps may have `written` gets its value from `before` the call back.
-    Returns the verdict, once any put-back ran."""
+    """Whether a call (or a `Window`) judged at its end is kept: its steps (`i` run,
+    `keep` so far) and then the state they left (`Body.verdict`: a non-finite value a
+    step wrote stays non-finite through the steps after it, see `docs/steps.md`). Not
+    kept: every variable the steps may have `written` gets its value from `before` the
+    call back, in a branch kept `functional` or not (`compat.branch`). Returns the
+    verdict, once any put-back ran."""
     with tf.control_dependencies([i, keep]):
         keep = tf.logical_and(keep, engine.body.verdict())
-    restored = tf.cond(
+    restored = branch(
         keep,
         lambda: tf.constant(True),
         lambda: _after([v.assign(b) for v, b in zip(written, before, strict=True)]),
+        functional,
     )
     with tf.control_dependencies([restored]):
         return tf.identity(keep)
