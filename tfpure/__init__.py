@@ -21,6 +21,7 @@ from tfpure.resume import Preempted
 from tfpure.schedule import Action, every, tensorboard_writer
 from tfpure.state import TrainState, ema
 from tfpure.steps import (
+    AutoStep,
     GradTransform,
     Logs,
     NonFiniteError,
@@ -43,6 +44,7 @@ def __getattr__(name: str):  # `tp.bench` on first use: `python -m tfpure.bench`
 
 __all__ = [
     "Action",
+    "AutoStep",
     "CheckpointError",
     "Checkpointer",
     "GradTransform",

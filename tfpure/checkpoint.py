@@ -647,3 +647,44 @@ def write_record(ckpt: Checkpointer, record: Record) -> None:
     recorded = ckpt._recorded()
     recorded[_SKIPPED_BEFORE] = record.skipped_before
     ckpt.history.assign(json.dumps(recorded))
+
+
+_CONFIGURATION = "#configuration"
+_HISTORY = "loop/3"  # `Checkpointer.history`, the fourth of the checkpoint's `loop` list
+
+
+def write_configuration(ckpt: Checkpointer, spec: Any) -> None:
+    """Sets the step configuration (``spec.jit_compile``, ``spec.steps_per_call``) the
+    next save of `ckpt` records, for a resumed ``"auto"`` step (`recorded_configuration`)."""
+    recorded = ckpt._recorded()
+    recorded[_CONFIGURATION] = [bool(spec.jit_compile), int(spec.steps_per_call)]
+    ckpt.history.assign(json.dumps(recorded))
+
+
+def recorded_configuration(ckpt: Checkpointer) -> tuple[bool, int] | None:
+    """The step configuration ``(jit_compile, steps_per_call)`` the newest checkpoint in
+    `ckpt`'s directory recorded (`write_configuration`), read without restoring anything;
+    None if there is no checkpoint or it recorded none.
+
+    Example:
+      >>> import keras, tempfile, tfpure as tp
+      >>> from tfpure.checkpoint import recorded_configuration, write_configuration
+      >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+      >>> state = tp.TrainState.create(model=model, optimizer=keras.optimizers.SGD())
+      >>> ckpt = tp.Checkpointer(tempfile.mkdtemp())
+      >>> print(recorded_configuration(ckpt))
+      None
+      >>> write_configuration(ckpt, tp.make_train_step("mse", steps_per_call=16).spec)
+      >>> _ = ckpt.save(state)
+      >>> recorded_configuration(tp.Checkpointer(ckpt.directory))
+      (False, 16)
+    """
+    for path in ckpt.checkpoints():
+        try:
+            reader = tf.train.load_checkpoint(path)
+            recorded = json.loads(reader.get_tensor(checkpoint_value_key(_HISTORY)))
+        except (tf.errors.OpError, ValueError):
+            continue  # a damaged checkpoint: restore skips it too
+        found = recorded.get(_CONFIGURATION)
+        return None if found is None else (bool(found[0]), int(found[1]))
+    return None

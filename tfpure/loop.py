@@ -25,13 +25,13 @@ import tensorflow as tf
 from tfpure.arrays import from_arrays
 from tfpure.builtin import metric_results
 from tfpure.callbacks import batch_hooks, callback_list, looks_at_steps, no_end
-from tfpure.checkpoint import Checkpointer
+from tfpure.checkpoint import Checkpointer, recorded_configuration, write_configuration
 from tfpure.graph import SHORTEST_WINDOW
 from tfpure.record import Record, Windows, call_size
 from tfpure.resume import Run
 from tfpure.schedule import THROUGHPUT, Action, Actions, Meter
 from tfpure.state import leaves
-from tfpure.steps import Step, StepFn, make_eval_step
+from tfpure.steps import AutoStep, Step, StepFn, make_eval_step
 from tfpure.stream import DataStream, check_argument, num_batches, run_calls, run_pass
 from tfpure.types import Logs, check_count
 
@@ -66,6 +66,8 @@ def fold(step: StepFn, state: Any, batches: Any) -> tuple[Any, Logs]:
       (3, ['loss'])
     """
     check_argument(batches, "batches")
+    if isinstance(step, AutoStep):
+        step = step.choose(state, batches)
     state, logs, done = run_pass(step, state, batches)
     if not done or logs is None:
         raise ValueError("`batches` held no batch: there was nothing to fold over.")
@@ -74,7 +76,7 @@ def fold(step: StepFn, state: Any, batches: Any) -> tuple[Any, Logs]:
 
 def _eval_step_for(eval_step: StepFn | None, train_step: StepFn) -> StepFn:
     if eval_step is not None:
-        if isinstance(eval_step, Step) and eval_step.kind == "train":
+        if isinstance(eval_step, Step | AutoStep) and eval_step.kind == "train":
             raise ValueError("`eval_step` is a training step; build it with make_eval_step(loss).")
         return eval_step
     if isinstance(train_step, Step) and train_step.kind == "train":
@@ -88,6 +90,19 @@ def _eval_step_for(eval_step: StepFn | None, train_step: StepFn) -> StepFn:
         "`val_data` needs an `eval_step` when `train_step` is not built by make_train_step "
         "(a make_step body, or a plain function): pass eval_step=."
     )
+
+
+def _validator(
+    state: Any, val_data: Any, eval_step: StepFn | None, train_step: StepFn, verbose: int
+) -> StepFn | None:
+    """The validation step of a run (an "auto" one chosen), checked against `val_data`."""
+    if val_data is None:
+        return eval_step
+    eval_step = _eval_step_for(eval_step, train_step)
+    if isinstance(eval_step, AutoStep):
+        eval_step = eval_step.choose(state, val_data, verbose=verbose)
+    DataStream(eval_step, state, val_data).prepare()
+    return eval_step
 
 
 def evaluate(
@@ -137,8 +152,10 @@ def evaluate(
     """
     data = from_arrays(data, batch_size)
     check_argument(data, "data")
-    if isinstance(eval_step, Step) and eval_step.kind == "train":
+    if isinstance(eval_step, Step | AutoStep) and eval_step.kind == "train":
         raise ValueError("`eval_step` is a training step; build it with make_eval_step.")
+    if isinstance(eval_step, AutoStep):
+        eval_step = eval_step.choose(state, data, verbose=verbose)
     DataStream(eval_step, state, data).prepare()
     cbs = callback_list(
         callbacks,
@@ -285,7 +302,7 @@ def fit_loop(
     ):
         val_data = from_arrays(val_data, batch_size, argument="val_data")
     windows = _windows(data, epochs, steps, eval_every, steps_per_epoch)
-    if isinstance(train_step, Step) and train_step.kind == "eval":
+    if isinstance(train_step, Step | AutoStep) and train_step.kind == "eval":
         raise ValueError("`train_step` is an evaluation step; build it with make_train_step(loss).")
     if not callable(train_step):
         raise TypeError(f"`train_step` must be callable; got {train_step!r}.")
@@ -297,11 +314,8 @@ def fit_loop(
             )
     if val_data is not None:
         check_argument(val_data, "val_data")
-        eval_step = _eval_step_for(eval_step, train_step)
     if checkpoint is not None and not isinstance(checkpoint, Checkpointer):
         raise TypeError(f"`checkpoint` must be a tp.Checkpointer; got {type(checkpoint).__name__}.")
-    if val_data is not None:
-        DataStream(eval_step, state, val_data).prepare()
     loop = Loop(
         state,
         data,
@@ -433,9 +447,7 @@ class Loop:
         checkpoint: Checkpointer | None,
     ):
         self.state, self.windows = state, windows
-        self.eval_step, self.val_data = eval_step, val_data
         self.python_examples = 0
-        self.step = step if isinstance(step, Step) else self._counting(step)
         self.actions = Actions(actions, checkpoint.save_every_steps if checkpoint else None)
         self.model = leaves(state)[0].model  # the model Keras callbacks see
         self.cbs = callback_list(
@@ -451,6 +463,9 @@ class Loop:
             cb for cb in self.cbs.callbacks if isinstance(cb, keras.callbacks.History)
         )
         self._begin, self._end = batch_hooks(self.cbs, "train")
+        self.step = self._train_step(step, data, checkpoint, verbose)
+        self.val_data = val_data
+        self.eval_step = _validator(state, val_data, eval_step, self.step, verbose)
         self.stream = DataStream(
             self.step,
             state,
@@ -467,14 +482,28 @@ class Loop:
         self.run: Run | None = None
         self.prior: dict[str, list[float]] = {}  # the history of a resumed run's windows
         if checkpoint is not None:
-            extra = step.log_variables(state) if isinstance(step, Step) else []
+            extra = self.step.log_variables(state) if isinstance(self.step, Step) else []
             self.run = Run(
                 checkpoint, state, data, stream=windows.run_wide, schedule=windows.describe(),
                 extra=extra, traced=traced,
             )  # fmt: skip
+            if isinstance(self.step, Step):  # what a resumed "auto" step takes again
+                write_configuration(checkpoint, self.step.spec)
             self.record, self.prior = windows.resumed(self.run.record, self.run.prior)
             _warn_of_overrun(windows.overrun(self.record), checkpoint)
         self.stream.start_at(self.record.window, self.record.done, self.record.step)
+
+    def _train_step(
+        self, step: StepFn, data: Any, checkpoint: Checkpointer | None, verbose: int
+    ) -> StepFn:
+        """The step the loop runs: an "auto" step chosen (as a checkpoint recorded it, or
+        timed on `data`), a plain function counted."""
+        if isinstance(step, AutoStep):
+            recorded = recorded_configuration(checkpoint) if checkpoint else None
+            step = step.choose(
+                self.state, data, span=self._spans(), recorded=recorded, verbose=verbose
+            )
+        return step if isinstance(step, Step) else self._counting(step)
 
     def _spans(self) -> bool:
         """Whether calls may span several steps (at one step a call, a guard window):

@@ -13,10 +13,11 @@ import contextlib
 import re
 import weakref
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import tensorflow as tf
 
+from tfpure.auto import AutoStep, check_auto
 from tfpure.batch import Batch, check_batch, check_batch_values, unpack
 from tfpure.builtin import EvalBody, TrainBody
 from tfpure.custom import UserBody
@@ -30,6 +31,7 @@ from tfpure.state import leaves
 from tfpure.types import Logs, StepFn
 
 __all__ = [
+    "AutoStep",
     "GradTransform",
     "Logs",
     "NonFiniteError",
@@ -436,8 +438,8 @@ def _cause_first(err: tf.errors.OpError) -> tf.errors.OpError:
 def make_step(
     fn: Callable[[Any, Batch], tuple[Any, dict[str, Any]]],
     *,
-    steps_per_call: int = 1,
-    jit_compile: bool = False,
+    steps_per_call: int | Literal["auto"] = 1,
+    jit_compile: bool | Literal["auto"] = False,
     nonfinite: Nonfinite = "raise",
     autograph: bool = True,
 ) -> Step:
@@ -471,8 +473,9 @@ def make_step(
     Args:
       fn: the body.
       steps_per_call: steps fused into one graph call when driven from an
-        iterator (by `fold`, `fit_loop`, `run_on_iterator`).
-      jit_compile: compile the body with XLA.
+        iterator (by `fold`, `fit_loop`, `run_on_iterator`); ``"auto"``:
+        chosen by timing (`tfpure.auto`).
+      jit_compile: compile the body with XLA; ``"auto"``: chosen by timing.
       nonfinite: ``"raise"``: `NonFiniteError` naming the failed checks;
         ``"skip"``: the batch is undone and counted in every state's
         `skipped` (and ``logs["skipped"]``); None: no check.
@@ -480,7 +483,7 @@ def make_step(
         control flow (`tf.autograph`); False traces it as written.
 
     Returns:
-      A `Step`.
+      A `Step` (an `AutoStep` if an option is ``"auto"``).
 
     Example:
       >>> import keras, numpy as np, tensorflow as tf, tfpure as tp
@@ -503,6 +506,15 @@ def make_step(
     """
     if not callable(fn):
         raise TypeError(f"`fn` must be a callable (states, batch) -> (states, logs); got {fn!r}.")
+    if check_auto("jit_compile", jit_compile) | check_auto("steps_per_call", steps_per_call):
+        return AutoStep(
+            lambda j, k: make_step(
+                fn, steps_per_call=k, jit_compile=j, nonfinite=nonfinite, autograph=autograph
+            ),
+            kind="custom",
+            jit_compile=jit_compile,
+            steps_per_call=steps_per_call,
+        )
     return Step(
         StepSpec(
             "custom",
@@ -519,8 +531,8 @@ def make_train_step(
     loss: Any,
     *,
     loss_weights: Any = None,
-    jit_compile: bool = False,
-    steps_per_call: int = 1,
+    jit_compile: bool | Literal["auto"] = False,
+    steps_per_call: int | Literal["auto"] = 1,
     nonfinite: Nonfinite = "raise",
     grad_transform: GradTransform | Sequence[GradTransform] | None = None,
 ) -> Step:
@@ -542,10 +554,12 @@ def make_train_step(
       loss_weights: with a per-output loss, the weight of each output's
         loss in the total: a list in output order or a dict by output name
         (a number for a single output), as in `model.compile`.
-      jit_compile: compile the step with XLA.
+      jit_compile: compile the step with XLA; ``"auto"``: the first loop
+        chooses by timing both on the data's first batches (`tfpure.auto`).
       steps_per_call: steps fused into one graph call when the step is driven
         from an iterator (by `fold`, `fit_loop`, `run_on_iterator`); a plain
-        ``step(state, batch)`` call always runs one step.
+        ``step(state, batch)`` call always runs one step. ``"auto"``: chosen
+        by timing 1 and 16.
       nonfinite: what a non-finite loss or gradient does. ``"raise"``:
         `NonFiniteError` naming the step and the culprits; ``"skip"``: the
         batch is skipped and counted in ``logs["skipped"]``. Either way no
@@ -557,7 +571,7 @@ def make_train_step(
         `LossScaleOptimizer` they see unscaled gradients).
 
     Returns:
-      A `Step`.
+      A `Step` (an `AutoStep` if an option is ``"auto"``).
 
     Raises:
       TypeError: `loss` is not a loss.
@@ -580,6 +594,20 @@ def make_train_step(
       >>> losses[-1] < losses[0] / 10
       True
     """
+    if check_auto("jit_compile", jit_compile) | check_auto("steps_per_call", steps_per_call):
+        return AutoStep(
+            lambda j, k: make_train_step(
+                loss,
+                loss_weights=loss_weights,
+                jit_compile=j,
+                steps_per_call=k,
+                nonfinite=nonfinite,
+                grad_transform=grad_transform,
+            ),
+            kind="train",
+            jit_compile=jit_compile,
+            steps_per_call=steps_per_call,
+        )
     model_loss = step_loss(loss, loss_weights)
     return Step(
         StepSpec(
@@ -596,7 +624,11 @@ def make_train_step(
 
 
 def make_eval_step(
-    loss: Any, *, loss_weights: Any = None, jit_compile: bool = False, steps_per_call: int = 1
+    loss: Any,
+    *,
+    loss_weights: Any = None,
+    jit_compile: bool | Literal["auto"] = False,
+    steps_per_call: int | Literal["auto"] = 1,
 ) -> Step:
     """Returns a compiled evaluation step ``state, logs = step(state, batch)``.
 
@@ -607,9 +639,9 @@ def make_eval_step(
     Args:
       loss: as for `make_train_step`.
       loss_weights: as for `make_train_step`.
-      jit_compile: compile the step with XLA.
+      jit_compile: compile the step with XLA (``"auto"``: chosen by timing).
       steps_per_call: steps fused into one graph call when driven from an
-        iterator (by `evaluate` or `fit_loop`).
+        iterator (by `evaluate` or `fit_loop`; ``"auto"``: chosen by timing).
 
     Example:
       >>> import keras, numpy as np, tfpure as tp
@@ -621,6 +653,15 @@ def make_eval_step(
       >>> float(logs["loss"])  # (1 + 1)^2
       4.0
     """
+    if check_auto("jit_compile", jit_compile) | check_auto("steps_per_call", steps_per_call):
+        return AutoStep(
+            lambda j, k: make_eval_step(
+                loss, loss_weights=loss_weights, jit_compile=j, steps_per_call=k
+            ),
+            kind="eval",
+            jit_compile=jit_compile,
+            steps_per_call=steps_per_call,
+        )
     model_loss = step_loss(loss, loss_weights)
     return Step(
         StepSpec(
