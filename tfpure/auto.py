@@ -41,6 +41,7 @@ from typing import Any
 
 import tensorflow as tf
 
+from tfpure.distribute import cluster_task, strategy_of
 from tfpure.state import leaves, variable_groups
 
 __all__ = ["CANDIDATE_STEPS", "TRIAL_BATCHES", "TRIAL_ROUNDS", "TRIAL_STEPS", "AutoStep"]
@@ -61,7 +62,7 @@ def check_auto(name: str, value: Any) -> bool:
     """Whether option `name` is ``"auto"``; another string is refused here."""
     if isinstance(value, str):
         if value != "auto":
-            raise ValueError(f"`{name}` must be {_EXPECTED[name]}; got {value!r}.")
+            raise TypeError(f"`{name}` must be {_EXPECTED[name]}; got {value!r}.")
         return True
     return False
 
@@ -142,6 +143,8 @@ class AutoStep:
 
         Raises:
           TypeError: `data` is not a `tf.data.Dataset`.
+          ValueError: the state is under a multi-worker strategy (each worker
+            would time, and might choose, on its own) and nothing is recorded.
 
         Example:
           >>> import keras, tensorflow as tf, tfpure as tp
@@ -161,6 +164,12 @@ class AutoStep:
                 "candidates on the first batches of a tf.data.Dataset; got "
                 f"{type(data).__name__}. Pass a dataset, or fix the configuration "
                 f"(one of {self.candidates})."
+            )
+        if recorded is None and cluster_task(strategy_of(leaves(state))) is not None:
+            raise ValueError(
+                "'auto' times the candidates in each process, and workers could choose "
+                "differently: under a multi-worker strategy, pass jit_compile= and "
+                f"steps_per_call= (one of {self.candidates})."
             )
         trial = data.take(TRIAL_BATCHES).cache()
         for _ in trial:  # read once (drawing one order of a reshuffling dataset)
