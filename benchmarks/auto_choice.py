@@ -12,7 +12,7 @@ epoch of `fit_loop` on a fresh state with a fresh "auto" step, and one with
 the best configuration fixed (a fresh state: its traces again). Prints each
 choice, its paired ratio to the best configuration (auto / best; the goal is
 <= 1.05), and what the choice cost: the difference of the two epochs' wall
-times (the other candidates' traces and XLA compiles, 448 trial steps), also
+times (the other candidates' traces and XLA compiles, 256 trial steps), also
 in steps of the best configuration.
 """
 

@@ -50,7 +50,7 @@ def test_an_auto_run_is_the_chosen_configuration_s_run_bit_for_bit():
     auto = tp.make_train_step(LOSS, jit_compile="auto", steps_per_call="auto")
     assert auto.candidates == [(False, 1), (False, 16), (True, 1), (True, 16)]
     state, history = tp.fit_loop(_state(), _data(), auto, epochs=2, val_data=_data(n=32), verbose=0)
-    # Every candidate was timed; the fastest median was chosen; the trial's 448 steps
+    # Every candidate was timed; the fastest median was chosen; the trial's 256 steps
     # left nothing behind: the state ran the run's 24 steps only.
     assert set(auto.timings) == set(auto.candidates)
     chosen = (auto.spec.jit_compile, auto.spec.steps_per_call)

@@ -13,7 +13,7 @@ keeps the fastest (`chosen`, a plain `tfpure.steps.Step`):
   and XLA's compile) and `TRIAL_ROUNDS` rounds of `TRIAL_STEPS` steps on
   them, in turns, as a quiet loop runs it (at one step a call, in guard
   windows when the loop asks for them); the fastest median time per step
-  wins. That is ``16 + 3 * 32 = 112`` steps per candidate, besides traces;
+  wins. That is ``16 + 3 * 16 = 64`` steps per candidate, besides traces;
 * nothing the trial ran is kept: every variable a `Checkpointer` saves
   (weights, optimizer slots, metrics, random-seed states) and the chosen
   step's own figures are put back, so the run that follows is the chosen
@@ -49,7 +49,7 @@ __all__ = ["CANDIDATE_STEPS", "TRIAL_BATCHES", "TRIAL_ROUNDS", "TRIAL_STEPS", "A
 CANDIDATE_STEPS = (1, 16)
 TRIAL_BATCHES = 16
 TRIAL_ROUNDS = 3
-TRIAL_STEPS = 32
+TRIAL_STEPS = 16
 _WARM_UP = 16
 
 Configuration = tuple[bool, int]  # (jit_compile, steps_per_call)
