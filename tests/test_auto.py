@@ -140,3 +140,18 @@ def test_auto_options_refuse_bad_values_and_calls_before_the_choice(monkeypatch)
     for a, b in zip(before, state.model.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
     assert int(state.step) == 0 and auto.chosen is None
+
+
+def test_auto_under_a_strategy_times_the_plain_graph_only():
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
+    with strategy.scope():
+        state = _state()
+    auto = tp.make_train_step(LOSS, jit_compile="auto", steps_per_call="auto")
+    state, history = tp.fit_loop(state, _data(), auto, epochs=1, verbose=0)
+    assert set(auto.timings) == {(False, 1), (False, 16)} and not auto.spec.jit_compile
+    with strategy.scope():
+        ref = _state()
+    fixed = tp.make_train_step(LOSS, steps_per_call=auto.spec.steps_per_call)
+    ref, ref_history = tp.fit_loop(ref, _data(), fixed, epochs=1, verbose=0)
+    _same(state, ref)  # every variable put back after the trial, replicas included
+    assert history == ref_history

@@ -7,7 +7,8 @@ data)`` times every candidate configuration on the data's first batches and
 keeps the fastest (`chosen`, a plain `tfpure.steps.Step`):
 
 * the candidates: ``jit_compile`` in (False, True) and ``steps_per_call`` in
-  `CANDIDATE_STEPS` (1, 16), for the options given as ``"auto"``;
+  `CANDIDATE_STEPS` (1, 16), for the options given as ``"auto"`` (under a
+  `tf.distribute` strategy, which refuses XLA, the plain graph's only);
 * the trial: the first `TRIAL_BATCHES` batches of the data are read once
   (cached in memory), then every candidate runs a warm-up call (its trace,
   and XLA's compile) and `TRIAL_ROUNDS` rounds of `TRIAL_STEPS` steps on
@@ -165,7 +166,11 @@ class AutoStep:
                 f"{type(data).__name__}. Pass a dataset, or fix the configuration "
                 f"(one of {self.candidates})."
             )
-        if recorded is None and cluster_task(strategy_of(leaves(state))) is not None:
+        strategy = strategy_of(leaves(state))
+        if strategy is not None:  # (XLA is refused under a strategy: `graph._check_xla`)
+            self._steps = {c: s for c, s in self._steps.items() if not c[0]} or self._steps
+            self.candidates = list(self._steps)
+        if recorded is None and cluster_task(strategy) is not None:
             raise ValueError(
                 "'auto' times the candidates in each process, and workers could choose "
                 "differently: under a multi-worker strategy, pass jit_compile= and "
