@@ -179,3 +179,28 @@ def test_the_command_line_on_the_example_file_prints_the_table_and_draws(tmp_pat
     assert result.steps == {"graph": 4, "fused": 16}
     assert "| graph |" in out and "| fused |" in out and "1 round after 1 warm-up" in out
     assert (tmp_path / "chart.png").stat().st_size > 0 and f"chart: {tmp_path}" in out
+
+
+def test_an_auto_variant_chooses_in_the_warm_up_and_says_what_it_chose():
+    MADE.clear()
+    result = compare(
+        make_state,
+        SCCE,
+        make_data(),
+        variants={
+            "graph": tp.bench.Variant(steps_per_call=1),
+            "auto": tp.bench.Variant(steps_per_call="auto"),
+        },
+        rounds=2,
+        steps=20,
+    )
+    assert result.chosen["auto"] in [(False, 1), (False, 16)] and "graph" not in result.chosen
+    assert result.steps == {"graph": 20, "auto": 16}  # whole calls of either candidate
+    # The trial's steps were put back: the state ran the warm-up and the 2 rounds only.
+    assert steps_taken(MADE[1]) == 3 * 16
+    assert f"| auto (chose jit_compile=False, steps_per_call={result.chosen['auto'][1]}) |" in (
+        result.to_markdown()
+    )
+    with pytest.raises(ValueError, match="a Keras, hand-written or eager variant has none"):
+        compare(make_state, SCCE, make_data(),
+                variants={"k": tp.bench.Variant(keras=True, jit_compile="auto")})  # fmt: skip

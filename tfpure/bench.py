@@ -38,11 +38,12 @@ import keras
 import tensorflow as tf
 
 from tfpure._version import __version__
+from tfpure.auto import CANDIDATE_STEPS
 from tfpure.batch import required_positional
 from tfpure.loop import fit_loop
 from tfpure.outputs import Route
 from tfpure.state import TrainState, leaves
-from tfpure.steps import Step, make_step, make_train_step
+from tfpure.steps import AutoStep, Step, make_step, make_train_step
 from tfpure.types import check_count
 
 __all__ = ["VARIANTS", "BenchResult", "Variant", "compare", "machine", "main", "plot"]
@@ -56,8 +57,10 @@ class Variant:
     """One way of running a step that `compare` measures.
 
     Attributes:
-      steps_per_call: steps fused into one call; None: `compare`'s `steps_per_call`.
-      jit_compile: compile the step with XLA.
+      steps_per_call: steps fused into one call; None: `compare`'s `steps_per_call`;
+        ``"auto"``: chosen by timing, as `make_train_step` chooses it (`tfpure.auto`:
+        the choice is made in the warm-up round; `BenchResult.chosen` says what won).
+      jit_compile: compile the step with XLA; ``"auto"``: chosen by timing.
       eager: run the step eagerly (``tf.config.run_functions_eagerly``, or
         Keras' ``run_eagerly``).
       keras: Keras ``fit`` on the state's model, compiled with the step's loss,
@@ -78,8 +81,8 @@ class Variant:
       True
     """
 
-    steps_per_call: int | None = None
-    jit_compile: bool = False
+    steps_per_call: int | str | None = None
+    jit_compile: bool | str = False
     eager: bool = False
     keras: bool = False
     nonfinite: str | None = "step"
@@ -142,6 +145,8 @@ class BenchResult:
       machine: see `machine`.
       title: what was measured (charts and tables name it).
       families: variant name -> "tfpure", "Keras fit" or "hand-written" (chart colours).
+      chosen: an ``"auto"`` variant's name -> the ``(jit_compile, steps_per_call)`` it
+        chose and ran.
 
     Example:
       >>> from tfpure.bench import BenchResult
@@ -160,6 +165,7 @@ class BenchResult:
     machine: Mapping[str, str] = attrs.field(factory=dict)
     title: str = ""
     families: Mapping[str, str] = attrs.field(factory=dict)
+    chosen: Mapping[str, tuple[bool, int]] = attrs.field(factory=dict)
 
     @property
     def variants(self) -> tuple[str, ...]:
@@ -231,8 +237,12 @@ class BenchResult:
         ]
         for name, r in self.rounds.items():
             outside = self.outside.get(name)
+            label = name
+            if name in self.chosen:
+                jit, k = self.chosen[name]
+                label = f"{name} (chose jit_compile={jit}, steps_per_call={k})"
             lines.append(
-                f"| {name} | {statistics.median(r) * 1e3:.3f} | {min(r) * 1e3:.3f} "
+                f"| {label} | {statistics.median(r) * 1e3:.3f} | {min(r) * 1e3:.3f} "
                 f"| {max(r) * 1e3:.3f} | {self.steps[name]} "
                 f"| {self.paired(name, reference):.2f} "
                 f"| {'—' if not outside else f'{statistics.median(outside) * 1e3:.1f}'} |"
@@ -465,13 +475,18 @@ def _keras_blocker(step: Step, states: Any) -> str | None:
 
 
 def _tfpure_runner(step: Step, variant: Variant, k: int, states: Any, data: Any) -> Callable:
-    spec = attrs.evolve(
-        step.spec,
-        steps_per_call=variant.steps_per_call or k,
-        jit_compile=variant.jit_compile,
-        **({} if variant.nonfinite == "step" else {"nonfinite": variant.nonfinite}),
-    )
-    mine = Step(spec)
+    guard = {} if variant.nonfinite == "step" else {"nonfinite": variant.nonfinite}
+
+    def make(jit_compile: bool, steps_per_call: int) -> Step:
+        return Step(
+            attrs.evolve(step.spec, steps_per_call=steps_per_call, jit_compile=jit_compile, **guard)
+        )
+
+    jit, per_call = variant.jit_compile, variant.steps_per_call or k
+    if "auto" in (jit, per_call):
+        mine: Any = AutoStep(make, kind=step.spec.kind, jit_compile=jit, steps_per_call=per_call)
+    else:
+        mine = make(jit, per_call)
     timer = _EpochTimer()
 
     def run(n: int) -> float:
@@ -483,6 +498,7 @@ def _tfpure_runner(step: Step, variant: Variant, k: int, states: Any, data: Any)
             fit_loop(states, data, mine, steps=n, callbacks=[timer], verbose=0)
         return timer.end - timer.begin
 
+    run.step = mine  # type: ignore[attr-defined]  # (what an "auto" variant chose)
     return run
 
 
@@ -523,6 +539,8 @@ def _timed_around(runner: Runner) -> Callable[[int], None]:
 
 def _steps_for(variant: Variant, steps: int, k: int) -> int:
     per_call = variant.steps_per_call or (1 if variant.custom is not None else k)
+    if per_call == "auto":  # whole calls for every candidate
+        per_call = max(CANDIDATE_STEPS)
     n = max(1, steps // 8) if variant.slow else steps
     return max(per_call, n // per_call * per_call)
 
@@ -550,6 +568,11 @@ def _variants(variants: Sequence[str] | Mapping[str, Variant]) -> dict[str, Vari
     for name, v in chosen.items():
         if not isinstance(v, Variant):
             raise TypeError(f"variants[{name!r}] must be a tfpure.bench.Variant; got {v!r}.")
+        if "auto" in (v.jit_compile, v.steps_per_call) and (v.keras or v.custom or v.eager):
+            raise ValueError(
+                f"variants[{name!r}]: 'auto' chooses a tfpure step's configuration; a Keras, "
+                "hand-written or eager variant has none to choose."
+            )
     if not chosen:
         raise ValueError("`variants` is empty: name at least one variant to measure.")
     return chosen
@@ -656,6 +679,11 @@ def compare(
         machine=machine(),
         title=title,
         families={name: _family(chosen[name]) for name in runners},
+        chosen={
+            name: (run.step.spec.jit_compile, run.step.spec.steps_per_call)
+            for name, run in runners.items()
+            if isinstance(getattr(run, "step", None), AutoStep)
+        },
     )
 
 
