@@ -442,7 +442,7 @@ def make_step(
     jit_compile: bool | Literal["auto"] = False,
     nonfinite: Nonfinite = "raise",
     autograph: bool = True,
-) -> Step:
+) -> Step | AutoStep:
     """Compiles a user-written step body ``fn(states, batch) -> (states, logs)``.
 
     `states` is a `TrainState` or a dict / tuple / list of them (a GAN's
@@ -535,7 +535,7 @@ def make_train_step(
     steps_per_call: int | Literal["auto"] = 1,
     nonfinite: Nonfinite = "raise",
     grad_transform: GradTransform | Sequence[GradTransform] | None = None,
-) -> Step:
+) -> Step | AutoStep:
     """Returns a compiled training step ``state, logs = step(state, batch)``.
 
     The step is the tutorial's loop body, compiled: under a `GradientTape` it
@@ -629,7 +629,7 @@ def make_eval_step(
     loss_weights: Any = None,
     jit_compile: bool | Literal["auto"] = False,
     steps_per_call: int | Literal["auto"] = 1,
-) -> Step:
+) -> Step | AutoStep:
     """Returns a compiled evaluation step ``state, logs = step(state, batch)``.
 
     It calls ``model(x, training=False)``, computes the loss plus
