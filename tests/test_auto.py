@@ -125,6 +125,8 @@ def test_auto_options_refuse_bad_values_and_calls_before_the_choice(monkeypatch)
         auto(state, batch)
     with pytest.raises(TypeError, match=r"tf\.data\.Dataset; got list"):
         tp.fold(auto, state, [batch])
+    with pytest.raises(ValueError, match="held no batch: there is nothing to time"):
+        auto.choose(state, _data().filter(lambda x, y: False))  # (its cardinality unknown)
     with monkeypatch.context() as patch:  # each worker of a cluster would time on its own
         patch.setattr(tfpure.auto, "cluster_task", lambda strategy: Task("worker", 1, False))
         with pytest.raises(ValueError, match="multi-worker strategy, pass jit_compile="):

@@ -144,8 +144,9 @@ class AutoStep:
 
         Raises:
           TypeError: `data` is not a `tf.data.Dataset`.
-          ValueError: the state is under a multi-worker strategy (each worker
-            would time, and might choose, on its own) and nothing is recorded.
+          ValueError: `data` held no batch; or the state is under a
+            multi-worker strategy (each worker would time, and might choose,
+            on its own) and nothing is recorded.
 
         Example:
           >>> import keras, tensorflow as tf, tfpure as tp
@@ -177,8 +178,9 @@ class AutoStep:
                 f"steps_per_call= (one of {self.candidates})."
             )
         trial = data.take(TRIAL_BATCHES).cache()
-        for _ in trial:  # read once (drawing one order of a reshuffling dataset)
-            pass
+        read = sum(1 for _ in trial)  # read once (drawing one order of a reshuffling dataset)
+        if not read:
+            raise ValueError("The data held no batch: there is nothing to time the candidates on.")
         if recorded is not None and tuple(recorded) in self._steps:
             best, how = tuple(recorded), "as the checkpoint recorded"
         else:
