@@ -43,7 +43,7 @@ from typing import Any
 import tensorflow as tf
 
 from tfpure.distribute import cluster_task, strategy_of
-from tfpure.state import leaves, variable_groups
+from tfpure.state import leaves, owned_variables
 
 __all__ = ["CANDIDATE_STEPS", "TRIAL_BATCHES", "TRIAL_ROUNDS", "TRIAL_STEPS", "AutoStep"]
 
@@ -183,42 +183,44 @@ class AutoStep:
             raise ValueError("The data held no batch: there is nothing to time the candidates on.")
         if recorded is not None and tuple(recorded) in self._steps:
             best, how = tuple(recorded), "as the checkpoint recorded"
+            self.chosen = self._steps[best]
         else:
             self.timings = self._time(state, trial, span)
             best = min(self.timings, key=self.timings.__getitem__)
             how = "timed: " + ", ".join(
                 f"{_name(c)} {t * 1e3:.3g} ms/step" for c, t in self.timings.items()
             )
-        self.chosen = self._steps[best]
+            self.chosen = self._steps[best]
+            self.chosen.reset_logs(state)  # its own figures, as before the trial
+            self.chosen.engine(state).examples.assign(0)
         self._steps = {}  # (the other candidates' graphs go)
         if verbose:
             print(f"tfpure: chose {_name(best)} ({how})")
         return self.chosen
 
     def _time(self, state: Any, trial: tf.data.Dataset, span: bool) -> dict[Configuration, float]:
-        """Each candidate's median seconds per step; every variable put back after."""
-        variables = [
-            v for s in leaves(state) for group in variable_groups(s).values() for v in group
-        ]  # (what a Checkpointer saves of the states)
+        """Each candidate's median seconds per step; every variable of the states (what a
+        `Checkpointer` saves of them) put back before each candidate's turn and after."""
+        variables = [v for s in leaves(state) for v in owned_variables(s)]
         before = [v.numpy() for v in variables]
+
+        def put_back() -> None:
+            for v, value in zip(variables, before, strict=True):
+                v.assign(value)
+
         rounds: dict[Configuration, list[float]] = {c: [] for c in self.candidates}
         try:
             for r in range(TRIAL_ROUNDS + 1):
                 turn = r % len(self.candidates)
                 for c in self.candidates[turn:] + self.candidates[:turn]:
-                    for v, value in zip(variables, before, strict=True):
-                        v.assign(value)
+                    put_back()
                     seconds = _seconds_per_step(
                         self._steps[c], state, trial, span, TRIAL_STEPS if r else _WARM_UP
                     )
                     if r:
                         rounds[c].append(seconds)
         finally:
-            for v, value in zip(variables, before, strict=True):
-                v.assign(value)
-            for step in self._steps.values():
-                step.reset_logs(state)
-                step.engine(state).examples.assign(0)
+            put_back()
         return {c: statistics.median(times) for c, times in rounds.items()}
 
     def _unchosen(self) -> TypeError:
@@ -236,8 +238,8 @@ class AutoStep:
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__") or name in ("chosen", "_steps"):
             raise AttributeError(name)
-        if self.chosen is None:
-            raise self._unchosen()
+        if self.chosen is None:  # (an AttributeError: `hasattr` and protocol checks say no)
+            raise AttributeError(f"{name!r}: {self._unchosen()}")
         return getattr(self.chosen, name)
 
     def __repr__(self) -> str:

@@ -474,7 +474,8 @@ def _keras_blocker(step: Step, states: Any) -> str | None:
     return None
 
 
-def _tfpure_runner(step: Step, variant: Variant, k: int, states: Any, data: Any) -> Callable:
+def _tfpure_step(step: Step, variant: Variant, k: int) -> Step | AutoStep:
+    """`step` with the variant's options (an `AutoStep` for an ``"auto"`` one)."""
     guard = {} if variant.nonfinite == "step" else {"nonfinite": variant.nonfinite}
 
     def make(jit_compile: bool, steps_per_call: int) -> Step:
@@ -484,9 +485,11 @@ def _tfpure_runner(step: Step, variant: Variant, k: int, states: Any, data: Any)
 
     jit, per_call = variant.jit_compile, variant.steps_per_call or k
     if "auto" in (jit, per_call):
-        mine: Any = AutoStep(make, kind=step.spec.kind, jit_compile=jit, steps_per_call=per_call)
-    else:
-        mine = make(jit, per_call)
+        return AutoStep(make, kind=step.spec.kind, jit_compile=jit, steps_per_call=per_call)
+    return make(jit, per_call)
+
+
+def _tfpure_runner(mine: Step | AutoStep, variant: Variant, states: Any, data: Any) -> Callable:
     timer = _EpochTimer()
 
     def run(n: int) -> float:
@@ -498,7 +501,6 @@ def _tfpure_runner(step: Step, variant: Variant, k: int, states: Any, data: Any)
             fit_loop(states, data, mine, steps=n, callbacks=[timer], verbose=0)
         return timer.end - timer.begin
 
-    run.step = mine  # type: ignore[attr-defined]  # (what an "auto" variant chose)
     return run
 
 
@@ -661,7 +663,7 @@ def compare(
     warmup = check_count("warmup", warmup)
     steps = _default_steps(data, k) if steps is None else check_count("steps", steps)
 
-    runners, counts, skipped = _runners(chosen, make_state, loss_or_fn, data, k, steps)
+    runners, counts, skipped, autos = _runners(chosen, make_state, loss_or_fn, data, k, steps)
     if not runners:
         raise ValueError(
             "No variant could run: "
@@ -679,11 +681,7 @@ def compare(
         machine=machine(),
         title=title,
         families={name: _family(chosen[name]) for name in runners},
-        chosen={
-            name: (run.step.spec.jit_compile, run.step.spec.steps_per_call)
-            for name, run in runners.items()
-            if isinstance(getattr(run, "step", None), AutoStep)
-        },
+        chosen={n: (a.spec.jit_compile, a.spec.steps_per_call) for n, a in autos.items()},
     )
 
 
@@ -694,12 +692,15 @@ def _runners(
     data: tf.data.Dataset,
     k: int,
     steps: int,
-) -> tuple[dict[str, Callable[[int], float | None]], dict[str, int], dict[str, str]]:
-    """Each chosen variant's runner on fresh states, its steps a round, and the variants
-    that cannot run (and why)."""
+) -> tuple[
+    dict[str, Callable[[int], float | None]], dict[str, int], dict[str, str], dict[str, AutoStep]
+]:
+    """Each chosen variant's runner on fresh states, its steps a round, the variants
+    that cannot run (and why), and the ``"auto"`` variants' steps (chosen as they run)."""
     runners: dict[str, Callable[[int], float | None]] = {}
     counts: dict[str, int] = {}
     skipped: dict[str, str] = {}
+    autos: dict[str, AutoStep] = {}
     for name, variant in chosen.items():
         scope = variant.strategy.scope() if variant.strategy else contextlib.nullcontext()
         with scope:
@@ -717,9 +718,12 @@ def _runners(
                     continue
                 runners[name] = _keras_runner(step, variant, k, states, data)
             else:
-                runners[name] = _tfpure_runner(step, variant, k, states, data)
+                mine = _tfpure_step(step, variant, k)
+                if isinstance(mine, AutoStep):
+                    autos[name] = mine
+                runners[name] = _tfpure_runner(mine, variant, states, data)
         counts[name] = _steps_for(variant, steps, k)
-    return runners, counts, skipped
+    return runners, counts, skipped, autos
 
 
 def _rounds(
