@@ -66,20 +66,26 @@ def test_an_auto_run_is_the_chosen_configuration_s_run_bit_for_bit():
 
 
 def test_auto_in_fold_and_evaluate_equals_the_chosen_configuration():
-    def body(state, batch):
+    def body(states, batch):  # two states, each trained on the batch
         x, y = batch
-        with tf.GradientTape() as tape:
-            loss = tf.reduce_mean(LOSS(y, state.model(x, training=True)))
-        state = state.apply_gradients(tape.gradient(loss, state.model.trainable_variables))
-        return state, {"loss": loss}
+        out, logs = {}, {}
+        for name, state in states.items():
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_mean(LOSS(y, state.model(x, training=True)))
+            grads = tape.gradient(loss, state.model.trainable_variables)
+            out[name], logs[f"{name}_loss"] = state.apply_gradients(grads), loss
+        return out, logs
 
     auto = tp.make_step(body, steps_per_call="auto")
-    state, logs = tp.fold(auto, _state(), _data())
+    states, logs = tp.fold(auto, {"a": _state(0), "b": _state(1)}, _data())
     fixed = tp.make_step(body, steps_per_call=auto.spec.steps_per_call)
-    ref, ref_logs = tp.fold(fixed, _state(), _data())
-    _same(state, ref)
-    assert float(logs["loss"]) == float(ref_logs["loss"])  # the body's means put back too
-    assert int(state.step) == 12
+    ref, ref_logs = tp.fold(fixed, {"a": _state(0), "b": _state(1)}, _data())
+    for name in ("a", "b"):
+        _same(states[name], ref[name])
+        # The body's means put back too.
+        assert float(logs[f"{name}_loss"]) == float(ref_logs[f"{name}_loss"])
+        assert int(states[name].step) == 12
+    state = states["a"]
 
     evaluator = tp.make_eval_step(LOSS, steps_per_call="auto")
     scores = tp.evaluate(state, _data(n=40), evaluator)
