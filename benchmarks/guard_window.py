@@ -2,6 +2,7 @@
 
     python benchmarks/guard_window.py mlp [--rounds 9]
     python benchmarks/guard_window.py mobilenet [--rounds 5]   # or transformer
+    python benchmarks/guard_window.py defaults [--rounds 7]
 
 ``mlp``: the tutorial MLP of `benchmarks/run.py` (64 batches of 64), driven through
 `Step.runner` (32 calls of 16 steps a round, rounds interleaved in one
@@ -12,7 +13,11 @@ one. Prints the median per-step time of each and the paired medians of
 guarded / unguarded. ``mobilenet`` / ``transformer``: `tp.bench.compare` on
 `benchmarks/run.py`'s real-model states and data, tfpure k=1 guarded and
 unguarded (both through `fit_loop`, so in windows) and Keras `fit` spe=1:
-the guard's cost and tfpure / Keras. One process measures one checkout:
+the guard's cost and tfpure / Keras. ``defaults``: the tutorial MLP (256
+batches of 64 an epoch) through `fit_loop` and Keras `fit` as a new user
+calls them, with the progress bar (``verbose=1``, both functions'
+default) and without, one epoch a round, rounds interleaved; per-step times
+and paired ratios to Keras `fit` ``verbose=1``. One process measures one checkout:
 run it under each checkout's ``PYTHONPATH`` to compare code.
 """
 
@@ -85,13 +90,55 @@ def measure_real_model(name: str, rounds: int) -> None:
           f"no guard / keras fit {result.paired('k=1 no guard', 'keras fit'):.3f}")  # fmt: skip
 
 
+def measure_defaults(rounds: int) -> None:
+    import contextlib
+    import io
+
+    import keras
+
+    import tfpure as tp
+
+    run = _run_module()
+    data = run.make_dataset(64, 64, 256)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    state = run.mlp_state(run.tutorial_mlp)
+
+    def tfpure_fit(verbose: int):
+        s, step = state(), tp.make_train_step(loss)
+        return lambda: tp.fit_loop(s, data, step, epochs=1, verbose=verbose)
+
+    def keras_fit(verbose: int):
+        model = state().model
+        model.compile(keras.optimizers.Adam(1e-3), loss)
+        return lambda: model.fit(data, epochs=1, verbose=verbose)
+
+    runs = {"fit_loop verbose=1": tfpure_fit(1), "fit_loop verbose=0": tfpure_fit(0),
+            "keras fit verbose=1": keras_fit(1), "keras fit verbose=0": keras_fit(0)}  # fmt: skip
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    with contextlib.redirect_stdout(io.StringIO()):  # the bars are drawn, not shown
+        for go in runs.values():  # warm-up: traces, graph optimisation
+            go()
+        for _ in range(rounds):
+            for name, go in runs.items():
+                begin = time.perf_counter()
+                go()
+                times[name].append((time.perf_counter() - begin) / 256 * 1e6)
+    base = times["keras fit verbose=1"]
+    for name, per_step in times.items():
+        ratio = statistics.median(a / b for a, b in zip(per_step, base, strict=True))
+        print(f"{name}: {statistics.median(per_step):.0f} us a step, "
+              f"/ keras fit verbose=1 {ratio:.3f}")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("model", choices=["mlp", "mobilenet", "transformer"])
+    parser.add_argument("model", choices=["mlp", "mobilenet", "transformer", "defaults"])
     parser.add_argument("--rounds", type=int, default=None)
     args = parser.parse_args()
     if args.model == "mlp":
         measure_mlp(args.rounds or 9)
+    elif args.model == "defaults":
+        measure_defaults(args.rounds or 7)
     else:
         measure_real_model(args.model, args.rounds or 5)
 

@@ -181,11 +181,12 @@ def test_fit_loop_equals_tutorial_loop():
 
 def test_one_step_calls_are_judged_in_windows_only_while_no_callback_looks_at_steps(capsys):
     """At one step a call, `fit_loop` runs windows of calls (`Step.span`) when no batch
-    hook listens (verbose=0; verbose=2's progress bar only counts batches) and no action
-    or save comes every fewer than 4 steps; it judges each step when a hook listens
-    (verbose=1's bar shows every step; a callback's batch hook, which then sees every
-    step's logs) or an action comes every 3 steps (windows of 3 would cost more calls than
-    the per-step guard). The results are the same bit for bit."""
+    hook listens but Keras' progress bar (verbose=1 draws it at each window's end, as
+    Keras' fit does with steps_per_execution; verbose=2 only counts batches) and no action
+    or save comes every fewer than 4 steps; it judges each step when a callback's batch
+    hook listens (it then sees every step's logs) or an action comes every 3 steps
+    (windows of 3 would cost more calls than the per-step guard). The results are the
+    same bit for bit."""
     seen, ends = [], []
 
     class Batches(keras.callbacks.Callback):
@@ -194,7 +195,7 @@ def test_one_step_calls_are_judged_in_windows_only_while_no_callback_looks_at_st
 
     every = [tp.every(n, lambda state, step, logs: None) for n in (3, 4)]
     for verbose, callbacks, actions, windowed in [
-        (0, [], [], True), (2, [], every[1:], True), (1, [], [], False),
+        (0, [], [], True), (2, [], every[1:], True), (1, [], [], True),
         (0, [Batches()], [], False), (0, [], every, False),  # an action every 3 steps
     ]:  # fmt: skip
         state, step = make_state(SPEC.build(4)), tp.make_train_step(SCCE)
@@ -209,6 +210,7 @@ def test_one_step_calls_are_judged_in_windows_only_while_no_callback_looks_at_st
         ends.append((history, [v.numpy() for v in state.model.variables]))
         out = capsys.readouterr().out
         assert verbose != 2 or out.count("5/5") == 2  # each epoch's line counts its batches
+        assert verbose != 1 or out.count("5/5") >= 2  # the bar reaches every epoch's end
     assert seen == [0, 1, 2, 3, 4] * 2
     for history, variables in ends[1:]:
         assert history == ends[0][0]

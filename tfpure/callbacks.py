@@ -64,8 +64,9 @@ def _listens(cb: keras.callbacks.Callback, names: tuple[str, ...]) -> bool:
 
 def looks_at_steps(cbs: keras.callbacks.CallbackList) -> bool:
     """Whether a callback may look at the state after single training steps: one with
-    a training batch hook, but Keras' progress bar at ``verbose=2`` (which only counts
-    the batches, and shows one line an epoch).
+    a training batch hook, but Keras' progress bar (``verbose=1`` draws the bar at
+    the end of each call, as Keras' `fit` does with ``steps_per_execution``; at
+    ``verbose=2`` it only counts the batches).
 
     Example:
       >>> import keras
@@ -73,12 +74,16 @@ def looks_at_steps(cbs: keras.callbacks.CallbackList) -> bool:
       >>> model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
       >>> [looks_at_steps(callback_list([], model, add_progbar=v > 0, verbose=v, epochs=1,
       ...                               steps=2)) for v in (0, 1, 2)]
-      [False, True, False]
+      [False, False, False]
+      >>> class Each(keras.callbacks.Callback):
+      ...     def on_train_batch_end(self, batch, logs=None):
+      ...         pass
+      >>> looks_at_steps(callback_list([Each()], model, epochs=1, steps=2))
+      True
     """
     begin, end = _LISTENERS["train"]
     return any(
-        _listens(cb, begin + end)
-        and not (isinstance(cb, keras.callbacks.ProgbarLogger) and cb.verbose == 2)
+        _listens(cb, begin + end) and type(cb) is not keras.callbacks.ProgbarLogger
         for cb in cbs.callbacks
     )
 
