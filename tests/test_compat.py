@@ -93,6 +93,9 @@ def test_flat_caller_calls_the_concrete_function_through_call_flat():
     assert callable(getattr(concrete, "_call_flat", None))  # the fast path is taken
     call = compat.flat_caller(concrete, iterator)
     assert float(call(tf.constant(2))) == 5.0
+    counter = tf.Variable(0)
+    bare = compat.flat_caller(tf.function(lambda: counter.assign_add(3)).get_concrete_function())
+    assert [int(bare()) for _ in range(2)] == [3, 6]  # the captured variable, not a copy
 
 
 def test_serialized_dataset_graph_refuses_external_state():

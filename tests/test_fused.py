@@ -312,8 +312,9 @@ POSITIONS = [0, 5, 7, 9, 10]
 
 def test_an_error_of_the_data_ends_a_window_with_its_steps_kept():
     """The data failing inside a window of one-step calls (a check in its pipeline, at
-    batch 5): the window's steps before it are judged and kept, as single steps keep them
-    (bit for bit), and the data's error is raised."""
+    batch 5): the window is put back and its steps before the error run again one at a
+    time, so they are kept as single steps keep them (bit for bit), and the data's error
+    is raised."""
     x, y = SPEC.batch(64, 0)
     x[43] = np.nan  # batch 5 (0-based) of 8-example batches
     checked = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)

@@ -293,17 +293,21 @@ def model_input_structure(model: keras.Model) -> Any:
         return None  # A subclassed model: its own layers check their inputs.
 
 
-def flat_caller(concrete: Any, iterator: Any) -> Callable[[tf.Tensor], Any]:
-    """Calls `concrete(iterator, limit)` with the iterator's flat tensors, for speed.
+def flat_caller(concrete: Any, *fixed: Any) -> Callable[..., Any]:
+    """Calls ``concrete(*fixed, *rest)`` with `fixed`'s flat tensors found once, for speed.
 
-    Falls back to the public call if `_call_flat` is gone: only slower.
+    The loops call one concrete function many times with the same iterator
+    (`fixed`) and a new ``limit`` (`rest`, plain tensors), or with no
+    argument at all; a `tf.function` call would hash every argument's type
+    each time. Falls back to the public call if `_call_flat` is gone: only
+    slower.
     """
     call_flat = getattr(concrete, "_call_flat", None)
     if call_flat is None:
-        return lambda limit: concrete(iterator, limit)
-    inputs = tf.nest.flatten(iterator, expand_composites=True)
+        return lambda *rest: concrete(*fixed, *rest)
+    inputs = tf.nest.flatten(fixed, expand_composites=True)
     captured = concrete.captured_inputs
-    return lambda limit: call_flat([*inputs, limit], captured)
+    return lambda *rest: call_flat([*inputs, *rest], captured)
 
 
 def branch(

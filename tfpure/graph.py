@@ -522,10 +522,11 @@ class Window:
     batch, then judges the state the window leaves once
     (`Body.verdict`, as a fused call is judged). Shadows of every variable the
     steps may write (`Engine._written`) hold the values from the window's
-    start. A window not kept, or a step that fails at run time after its
-    batch came, puts them back and runs the window's batches again one step
-    at a time under the whole guard (`Engine.on_batch`): the run then ends
-    where single steps end, bit for bit; the failure costs the window twice.
+    start. A window not kept, or a call that fails at run time (its step, or
+    the data with anything but its end), puts them back and runs the window's
+    batches again one step at a time under the whole guard (`Engine.on_batch`):
+    the run then ends where single steps end, bit for bit; the failure costs
+    the window twice. The data's end judges the steps before it.
     """
 
     def __init__(self, engine: Engine):
@@ -536,6 +537,8 @@ class Window:
         self.on_next = tf.function(self._on_next, reduce_retracing=True, autograph=False)
         self.open = tf.function(self._open, autograph=False)
         self.close = tf.function(self._close, autograph=False)
+        self._open_call: Callable[[], Any] = self.open  # (flat callers at the first window)
+        self._close_call: Callable[[], Any] = self.close
 
     def _on_next(self, iterator: Any, k: tf.Tensor) -> tuple[tf.Tensor, Logs, Any]:
         """One unjudged step on the iterator's next batch: (1, logs, the batch). `k` is 1."""
@@ -543,9 +546,15 @@ class Window:
         engine = self.engine
         engine.count_trace()
         batch = iterator.get_next()
-        with tf.control_dependencies(tf.nest.flatten(batch, expand_composites=True)):
+        arrived = tf.nest.flatten(batch, expand_composites=True)
+        with tf.control_dependencies(arrived):
             pulled = self.pulled.assign_add(1)
-        keep = engine._run_one(batch, "window", after=[pulled])
+        # Every op of the step waits for the batch (the data's end writes nothing), and
+        # every op that reads it waits for the count too (a step failing on its batch has
+        # counted it); the others (reading the weights) need not wait for the count.
+        with tf.control_dependencies([pulled]):
+            counted = tf.nest.map_structure(tf.identity, batch, expand_composites=True)
+        keep = engine._run_one(counted, "window", after=arrived)
         with tf.control_dependencies([self.kept.assign(tf.logical_and(self.kept, keep))]):
             return tf.constant(1), engine.body.logs(), batch
 
@@ -570,7 +579,11 @@ class Window:
         if not self.pairs:
             written = self.engine._written()
             self.pairs = [(variable(tf.convert_to_tensor(v), "tfpure_window"), v) for v in written]
-        self.open()
+            # Called as the steps are (`flat_caller`): a window's two calls of its own
+            # cost about a step's dispatch each on a small model.
+            self._open_call = flat_caller(self.open.get_concrete_function())
+            self._close_call = flat_caller(self.close.get_concrete_function())
+        self._open_call()
         batches: list[Any] = []
         logs: Logs = {}
         try:
@@ -578,21 +591,24 @@ class Window:
                 _, logs, batch = call(limit)
                 batches.append(batch)
         except tf.errors.OpError as err:
-            if int(self.pulled.numpy()) > len(batches):  # the step failed, not the data
+            failed = not isinstance(err, tf.errors.OutOfRangeError)
+            if failed or int(self.pulled.numpy()) > len(batches):
+                # The step failed, or the data did (then the ops of the step that read no
+                # batch may have run): put back, and the steps before it one at a time.
                 self._restore()
                 self._again(batches, spec)
                 raise
-            logs = self._judged(batches, logs, spec) if batches else self.engine.body.logs()
-            if isinstance(err, tf.errors.OutOfRangeError):
-                return len(batches), logs
-            raise
+            # The data's end: the steps before it are judged as a shorter window.
+            return len(batches), (
+                self._judged(batches, logs, spec) if batches else self.engine.body.logs()
+            )
         except BaseException:  # (a KeyboardInterrupt between steps: the state left judged)
             self._judged(batches, logs, spec)
             raise
         return len(batches), self._judged(batches, logs, spec)
 
     def _judged(self, batches: list[Any], logs: Logs, spec: Any) -> Logs:
-        return logs if bool(self.close()) else self._again(batches, spec)
+        return logs if bool(self._close_call()) else self._again(batches, spec)
 
     def _again(self, batches: list[Any], spec: Any) -> Logs:
         """The window's `batches` one step at a time under the whole guard, from its start
