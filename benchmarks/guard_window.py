@@ -2,7 +2,7 @@
 
     python benchmarks/guard_window.py mlp [--rounds 9]
     python benchmarks/guard_window.py mobilenet [--rounds 5]   # or transformer
-    python benchmarks/guard_window.py defaults [--rounds 7]
+    python benchmarks/guard_window.py defaults [--on mlp|mobilenet|transformer] [--rounds 7]
 
 ``mlp``: the tutorial MLP of `benchmarks/run.py` (64 batches of 64), driven through
 `Step.runner` (32 calls of 16 steps a round, rounds interleaved in one
@@ -14,10 +14,11 @@ guarded / unguarded. ``mobilenet`` / ``transformer``: `tp.bench.compare` on
 `benchmarks/run.py`'s real-model states and data, tfpure k=1 guarded and
 unguarded (both through `fit_loop`, so in windows) and Keras `fit` spe=1:
 the guard's cost and tfpure / Keras. ``defaults``: the tutorial MLP (256
-batches of 64 an epoch) through `fit_loop` and Keras `fit` as a new user
-calls them, with the progress bar (``verbose=1``, both functions'
-default) and without, one epoch a round, rounds interleaved; per-step times
-and paired ratios to Keras `fit` ``verbose=1``. One process measures one checkout:
+batches of 64 an epoch; ``--on mobilenet`` / ``transformer``: a real model
+and its data) through `fit_loop` and Keras `fit` as a new user calls them,
+with the progress bar (``verbose=1``, both functions' default) and without,
+one epoch a round, rounds interleaved; per-step times and paired ratios to
+Keras `fit` ``verbose=1``. One process measures one checkout:
 run it under each checkout's ``PYTHONPATH`` to compare code.
 """
 
@@ -90,7 +91,7 @@ def measure_real_model(name: str, rounds: int) -> None:
           f"no guard / keras fit {result.paired('k=1 no guard', 'keras fit'):.3f}")  # fmt: skip
 
 
-def measure_defaults(rounds: int) -> None:
+def measure_defaults(name: str, rounds: int) -> None:
     import contextlib
     import io
 
@@ -99,9 +100,14 @@ def measure_defaults(rounds: int) -> None:
     import tfpure as tp
 
     run = _run_module()
-    data = run.make_dataset(64, 64, 256)
+    if name == "mlp":
+        steps, data, build = 256, run.make_dataset(64, 64, 256), run.tutorial_mlp
+    else:
+        spec = run.REAL_MODELS[name]
+        steps, build = spec["steps"], spec["build"]
+        data = run.real_model_data(name, spec["batch"], steps)
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    state = run.mlp_state(run.tutorial_mlp)
+    state = run.mlp_state(build)
 
     def tfpure_fit(verbose: int):
         s, step = state(), tp.make_train_step(loss)
@@ -122,7 +128,7 @@ def measure_defaults(rounds: int) -> None:
             for name, go in runs.items():
                 begin = time.perf_counter()
                 go()
-                times[name].append((time.perf_counter() - begin) / 256 * 1e6)
+                times[name].append((time.perf_counter() - begin) / steps * 1e6)
     base = times["keras fit verbose=1"]
     for name, per_step in times.items():
         ratio = statistics.median(a / b for a, b in zip(per_step, base, strict=True))
@@ -133,12 +139,14 @@ def measure_defaults(rounds: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("model", choices=["mlp", "mobilenet", "transformer", "defaults"])
+    parser.add_argument("--on", choices=["mlp", "mobilenet", "transformer"], default="mlp",
+                        help="defaults: the model")  # fmt: skip
     parser.add_argument("--rounds", type=int, default=None)
     args = parser.parse_args()
     if args.model == "mlp":
         measure_mlp(args.rounds or 9)
     elif args.model == "defaults":
-        measure_defaults(args.rounds or 7)
+        measure_defaults(args.on, args.rounds or 7)
     else:
         measure_real_model(args.model, args.rounds or 5)
 
