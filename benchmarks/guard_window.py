@@ -25,6 +25,7 @@ run it under each checkout's ``PYTHONPATH`` to compare code.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import time
@@ -54,17 +55,31 @@ def measure_mlp(rounds: int) -> None:
         runners[name] = step.runner(s, iter(data), span=span)
         for _ in range(20):  # warm-up: traces, graph optimisation
             runners[name](16)
-    times: dict[str, list[float]] = {name: [] for name in runners}
+    calls = {name: functools.partial(_calls, run, 32, 16) for name, run in runners.items()}
+    _report(_interleaved(calls, rounds, 32 * 16), "no guard")
+
+
+def _calls(run, calls: int, steps: int) -> None:
+    for _ in range(calls):
+        run(steps)
+
+
+def _interleaved(runs: dict, rounds: int, steps: int) -> dict[str, list[float]]:
+    """Microseconds a step of each of `runs` (each runs `steps` steps), rounds interleaved."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(rounds):
-        for name, run in runners.items():
+        for name, go in runs.items():
             begin = time.perf_counter()
-            for _ in range(32):
-                run(16)
-            times[name].append((time.perf_counter() - begin) / 512 * 1e6)
-    base = times["no guard"]
+            go()
+            times[name].append((time.perf_counter() - begin) / steps * 1e6)
+    return times
+
+
+def _report(times: dict[str, list[float]], base: str) -> None:
+    """Each row's median and its paired median ratio to the row `base`."""
     for name, per_step in times.items():
-        ratio = statistics.median(a / b for a, b in zip(per_step, base, strict=True))
-        print(f"{name}: {statistics.median(per_step):.0f} us a step, / no guard {ratio:.3f}")
+        ratio = statistics.median(a / b for a, b in zip(per_step, times[base], strict=True))
+        print(f"{name}: {statistics.median(per_step):.0f} us a step, / {base} {ratio:.3f}")
 
 
 def measure_real_model(name: str, rounds: int) -> None:
@@ -91,49 +106,38 @@ def measure_real_model(name: str, rounds: int) -> None:
           f"no guard / keras fit {result.paired('k=1 no guard', 'keras fit'):.3f}")  # fmt: skip
 
 
-def measure_defaults(name: str, rounds: int) -> None:
+def measure_defaults(model: str, rounds: int) -> None:
     import contextlib
     import io
-
-    import keras
 
     import tfpure as tp
 
     run = _run_module()
-    if name == "mlp":
+    if model == "mlp":
         steps, data, build = 256, run.make_dataset(64, 64, 256), run.tutorial_mlp
     else:
-        spec = run.REAL_MODELS[name]
+        spec = run.REAL_MODELS[model]
         steps, build = spec["steps"], spec["build"]
-        data = run.real_model_data(name, spec["batch"], steps)
-    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        data = run.real_model_data(model, spec["batch"], steps)
     state = run.mlp_state(build)
 
     def tfpure_fit(verbose: int):
-        s, step = state(), tp.make_train_step(loss)
+        s, step = state(), tp.make_train_step(run.SCCE)
         return lambda: tp.fit_loop(s, data, step, epochs=1, verbose=verbose)
 
-    def keras_fit(verbose: int):
-        model = state().model
-        model.compile(keras.optimizers.Adam(1e-3), loss)
-        return lambda: model.fit(data, epochs=1, verbose=verbose)
+    def keras_fit(verbose: int):  # compiled as tp.bench compiles a Keras row
+        s = state()
+        metrics = [m for name, m in s.metrics.items() if name != "loss"]
+        s.model.compile(s.optimizer, run.SCCE, metrics=metrics)
+        return lambda: s.model.fit(data, epochs=1, verbose=verbose)
 
     runs = {"fit_loop verbose=1": tfpure_fit(1), "fit_loop verbose=0": tfpure_fit(0),
             "keras fit verbose=1": keras_fit(1), "keras fit verbose=0": keras_fit(0)}  # fmt: skip
-    times: dict[str, list[float]] = {name: [] for name in runs}
     with contextlib.redirect_stdout(io.StringIO()):  # the bars are drawn, not shown
         for go in runs.values():  # warm-up: traces, graph optimisation
             go()
-        for _ in range(rounds):
-            for name, go in runs.items():
-                begin = time.perf_counter()
-                go()
-                times[name].append((time.perf_counter() - begin) / steps * 1e6)
-    base = times["keras fit verbose=1"]
-    for name, per_step in times.items():
-        ratio = statistics.median(a / b for a, b in zip(per_step, base, strict=True))
-        print(f"{name}: {statistics.median(per_step):.0f} us a step, "
-              f"/ keras fit verbose=1 {ratio:.3f}")  # fmt: skip
+        times = _interleaved(runs, rounds, steps)
+    _report(times, "keras fit verbose=1")
 
 
 def main() -> None:
