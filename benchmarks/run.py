@@ -20,7 +20,8 @@ for (a) the tutorial-sized MLP (64-128-10, batch 64, Dropout, L2), which is
 bound by per-step overhead, fed the tutorial's pipeline (JAX + optax, the
 speed reference, given the same batches stacked in memory), (b) the same
 MLP fed batches stacked in memory beforehand (one tensor slice per batch, no
-per-example pipeline), against
+per-example pipeline), and XLA k=16 fed the same examples as arrays in memory
+(``batch_size=64``, in order and shuffled each epoch), against
 JAX + optax given the same batches, (c) a compute-bound MLP (3 x 1024, batch
 512), whose GFLOP/s are compared with those of a bare ``tf.matmul`` loop
 measured in the same rounds, (d) a user-written GAN step (two states)
@@ -50,6 +51,7 @@ from jax_reference import available as jax_available
 from jax_reference import jax_scan_loop
 
 import tfpure as tp
+from tfpure.arrays import from_arrays
 from tfpure.bench import VARIANTS, BenchResult, Variant, compare, machine, plot
 
 HERE = Path(__file__).resolve().parent
@@ -260,13 +262,49 @@ def measure_tutorial(rounds: int) -> BenchResult:
     )
 
 
+ARRAYS = "tfpure XLA k=16 on arrays"
+SHUFFLED = "tfpure XLA k=16 on arrays, shuffled"
+
+
+def on_arrays(
+    k: int, jit_compile: bool, shuffle: bool | int
+) -> Callable[[object, tf.data.Dataset], Runner]:
+    """A custom runner: `fit_loop` over the workload's examples as arrays in memory
+    (``batch_size=``, in order or shuffled each epoch: `tfpure.arrays`), one epoch a round.
+
+    The arrays hold the batches of `data` end to end; their batches are made once
+    (`tfpure.arrays.from_arrays`, what ``fit_loop(state, (x, y), batch_size=64)``
+    does at its start), then each round runs one epoch of them.
+    """
+
+    def make(state: object, data: tf.data.Dataset) -> Runner:
+        batches = list(data)
+        x = tf.concat([b[0] for b in batches], 0)
+        y = tf.concat([b[1] for b in batches], 0)
+        epoch = from_arrays((x, y), int(batches[0][0].shape[0]), shuffle=shuffle)
+        step = tp.make_train_step(SCCE, steps_per_call=k, jit_compile=jit_compile)
+        per_epoch = len(batches)
+
+        def run(n: int) -> None:
+            if n != per_epoch:
+                raise ValueError(f"{ARRAYS} runs whole epochs of {per_epoch} steps; asked {n}.")
+            tp.fit_loop(state, epoch, step, epochs=1, verbose=0)
+
+        return run
+
+    return make
+
+
 def measure_in_memory(rounds: int) -> BenchResult:
-    """The fused paths against JAX + optax, all fed the same batches stacked in memory."""
+    """The fused paths against JAX + optax, all fed the same batches stacked in memory;
+    and XLA k=16 fed the same examples as arrays (`on_arrays`)."""
     spec = WORKLOADS["tutorial_mlp"]
     variants = {
         "tfpure k=16": VARIANTS["fused"],
         "tfpure XLA k=16": Variant(steps_per_call=16, jit_compile=True),
         "tfpure XLA k=16 no guard": Variant(steps_per_call=16, jit_compile=True, nonfinite=None),
+        ARRAYS: Variant(steps_per_call=16, custom=on_arrays(16, True, shuffle=False)),
+        SHUFFLED: Variant(steps_per_call=16, custom=on_arrays(16, True, shuffle=1)),
     }
     if jax_missing is None:
         variants[JAX] = Variant(steps_per_call=16, custom=jax_scan_loop(16))
@@ -590,6 +628,8 @@ RATIOS = [
         1.5,
     ),
     ("tfpure XLA k=16 / JAX + optax x16, batches in memory", MEM, "tfpure XLA k=16", JAX, 1.15),
+    ("tfpure XLA k=16 on arrays / JAX + optax x16, batches in memory", MEM, ARRAYS, JAX, 1.15),
+    ("tfpure XLA k=16 on arrays, shuffled / in order", MEM, SHUFFLED, ARRAYS, None),
     (
         "tfpure XLA k=16 no guard / JAX + optax x16, batches in memory",
         MEM,

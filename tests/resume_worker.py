@@ -9,7 +9,8 @@ trains a Dropout + BatchNorm model (or, with ``--gan``, a GAN written with
 `tp.make_step`, whose discriminator has Dropout, whose noise comes from the
 generator state's seed generator, whose generator's moving average is a state
 that is not trained, and whose generator loss is logged on even steps only)
-on a reshuffled dataset with a ragged last batch, checkpointing to DIR, and
+on arrays shuffled each epoch (``batch_size=8, shuffle=7``; the GAN: on a
+reshuffled dataset), with a ragged last batch, checkpointing to DIR, and
 writes its final variables, step count and history to OUT (.npz). ``--steps``
 trains a step budget with evaluation windows of ``--eval-every`` steps instead
 of ``--epochs``, and an action every 3 steps records the steps it saw (in OUT's ``fired``).
@@ -69,18 +70,19 @@ def build(seed: int = 0) -> keras.Model:
     )
 
 
-def data() -> tuple[tf.data.Dataset, tf.data.Dataset]:
+def data() -> tuple[tuple[np.ndarray, np.ndarray], tf.data.Dataset, tf.data.Dataset]:
     rng = np.random.default_rng(0)
     x = rng.normal(size=(70, 6)).astype("float32")
     y = rng.integers(0, 3, size=70).astype("int32")
+    arrays = (x[:60], y[:60])  # what the runs but the GAN's train on, with batch_size=8
     train = (
-        tf.data.Dataset.from_tensor_slices((x[:60], y[:60]))
+        tf.data.Dataset.from_tensor_slices(arrays)
         .shuffle(60, seed=7, reshuffle_each_iteration=True)
         .batch(8)  # 8 batches, the last one of 4
         .prefetch(2)
     )
     val = tf.data.Dataset.from_tensor_slices((x[60:], y[60:])).batch(4)
-    return train, val
+    return arrays, train, val
 
 
 def gan_states() -> dict[str, tp.TrainState]:
@@ -182,7 +184,8 @@ def run(args: argparse.Namespace) -> None:
     # The shuffle's seed derives from the global seed: fix it before building the data,
     # so that a run in a shared process (--jobs) draws what a run alone draws.
     keras.utils.set_random_seed(0)
-    train, val = data()
+    arrays, train, val = data()
+    fed = {}
     if args.gan:
         state = gan_states()
         counter = state["g"].step
@@ -196,6 +199,7 @@ def run(args: argparse.Namespace) -> None:
             seed=0,
         )
         counter = state.step
+        train, fed = arrays, {"batch_size": 8, "shuffle": 7}
         step = tp.make_train_step(SCCE, steps_per_call=args.steps_per_call, jit_compile=args.jit)
     callbacks = []
     if args.kill:
@@ -216,6 +220,7 @@ def run(args: argparse.Namespace) -> None:
         train,
         step,
         **schedule,
+        **fed,
         val_data=val,
         callbacks=callbacks,
         actions=[record] if record else [],

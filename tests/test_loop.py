@@ -88,8 +88,9 @@ def test_fit_loop_history_equals_keras_fit_on_arrays():
 
 
 def test_shuffled_arrays_follow_the_documented_order_and_a_resume_replays_it(tmp_path, monkeypatch):
-    """shuffle=7 is tf.data's shuffle(n, seed=7) reshuffled each epoch, bit for bit; a
-    checkpointed run preempted mid-epoch 2 resumes to the same end."""
+    """shuffle=7 is the order tfpure.arrays documents (a stateless shuffle seeded by each
+    epoch's draw of Dataset.random(seed=7)), bit for bit; a checkpointed run preempted
+    mid-epoch 2 resumes to the same end."""
     x, y = SPEC.batch(50, 0)
     step = tp.make_train_step(SCCE)
 
@@ -98,10 +99,18 @@ def test_shuffled_arrays_follow_the_documented_order_and_a_resume_replays_it(tmp
         _, history = tp.fit_loop(state, data, step, epochs=2, verbose=0, **kwargs)
         return state, history
 
-    # (A tf.data shuffle's order depends on the global seed too: both runs set it to 0, as
+    def epoch(r):  # the documented order, example by example
+        seed = tf.stack([r, tf.constant(0, tf.int64)])
+        order = tf.random.experimental.stateless_shuffle(tf.range(50, dtype=tf.int64), seed)
+        return tf.data.Dataset.from_tensor_slices(order).map(
+            lambda i: (tf.gather(x, i), tf.gather(y, i))
+        )
+
+    # (A tf.data seed's draws depend on the global seed too: both runs set it to 0, as
     # `run`'s SPEC.build(0) does before fit_loop builds the arrays' dataset.)
     keras.utils.set_random_seed(0)
-    ordered = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(50, seed=7).batch(16)
+    draws = tf.data.Dataset.random(seed=7, rerandomize_each_iteration=True).take(1)
+    ordered = draws.flat_map(epoch).batch(16)
     expected, expected_history = run(ordered)
     shuffled, history = run((x, y), batch_size=16, shuffle=7)
     assert history == expected_history

@@ -12,6 +12,7 @@ import pytest
 import tensorflow as tf
 
 import tfpure as tp
+from tfpure.arrays import array_groups, from_arrays
 from tfpure.graph import group_batches
 from tfpure.state import owned_variables
 from tfpure.testing.strategies import ModelSpec
@@ -121,6 +122,53 @@ def test_group_batches_stacks_alike_batches_and_keeps_a_ragged_last_one():
     assert x.flat_values.shape == (32, 5) and y.flat_values.shape == (32,)
     fixed = list(group_batches(data(48, 8).unbatch().batch(8, drop_remainder=True), 4))
     assert fixed[0][0].shape == (4, 8, 5)  # static batch sizes: dense
+
+
+def test_groups_of_arrays_are_views_of_the_arrays_equal_to_their_batches_grouped():
+    """In order and shuffled (two passes: reshuffled), a dict of arrays: `array_groups`
+    yields what ``ragged_batch(4)`` of the same batches yields, spec and bits."""
+    x, y = SPEC.batch(45, 0)
+    for shuffle in (False, 3):
+        sliced, stacked = (from_arrays(({"x": x}, y), 8, shuffle=shuffle) for _ in range(2))
+        groups, reference = array_groups(sliced, 4), stacked.ragged_batch(4)
+        assert groups.element_spec == reference.element_spec
+        assert int(groups.cardinality()) == 2
+        for _ in range(2):
+            for mine, theirs in zip(groups, reference, strict=True):
+                for a, b in zip(tf.nest.flatten(mine), tf.nest.flatten(theirs), strict=True):
+                    np.testing.assert_array_equal(a.to_tensor(), b.to_tensor())
+    assert array_groups(sliced.take(6), 4) is None  # derived data: grouped as any dataset
+
+
+def test_an_xla_run_on_shuffled_arrays_is_fed_their_slices_bit_for_bit(monkeypatch):
+    """fit_loop over arrays, XLA at 4 steps a call: the groups are the arrays' slices (no
+    ``ragged_batch``), and the run equals one over the documented order's pipeline."""
+    x, y = SPEC.batch(45, 0)
+
+    def epoch(r):  # the order tfpure.arrays documents, example by example
+        seed = tf.stack([r, tf.constant(0, tf.int64)])
+        order = tf.random.experimental.stateless_shuffle(tf.range(45, dtype=tf.int64), seed)
+        return tf.data.Dataset.from_tensor_slices((tf.gather(x, order), tf.gather(y, order)))
+
+    reference, step_r = make_state(), xla_step()
+    draws = tf.data.Dataset.random(seed=3, rerandomize_each_iteration=True).take(1)
+    _, history_r = tp.fit_loop(
+        reference, draws.flat_map(epoch).batch(8), step_r, epochs=2, verbose=0
+    )
+    stacked = []
+    ragged_batch = tf.data.Dataset.ragged_batch
+    monkeypatch.setattr(
+        tf.data.Dataset, "ragged_batch", lambda *a, **k: stacked.append(1) or ragged_batch(*a, **k)
+    )
+    sliced, step = make_state(), xla_step()
+    _, history = tp.fit_loop(sliced, (x, y), step, batch_size=8, shuffle=3, epochs=2, verbose=0)
+    assert (
+        stacked == []
+        and traces(step, sliced, "on_groups") == traces(step_r, reference, "on_groups") == 1
+    )
+    assert history == history_r
+    for a, b in zip(owned_variables(sliced), owned_variables(reference), strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.name)
 
 
 def two_models(seed=0):

@@ -4,16 +4,29 @@ Keras users pass arrays to `fit`; tfpure's loops take batches. Given
 ``batch_size=``, the loops take arrays too (``x``, ``(x, y)`` or
 ``(x, y, sample_weight)``; NumPy arrays, tensors, or dicts of them by input
 name) and slice them into batches of that size, in order (the last batch
-ragged, as Keras makes it), or shuffled anew each epoch from a seed: the
-order is `tf.data`'s ``shuffle(n, seed, reshuffle_each_iteration=True)``. As
-for every `tf.data` shuffle, it depends on the seed and on TensorFlow's
-global seed (``keras.utils.set_random_seed``): with both the same, every run
-draws the same order, and a resumed run replays it exactly (a `Checkpointer`
-refuses a resume under another global seed).
+ragged, as Keras makes it), or shuffled anew each epoch from a seed.
+
+The batches are slices of the arrays kept as tensors, not a per-example
+pipeline: an epoch's batches are one reshape of the arrays (of their
+shuffled copy), and an XLA step's groups of k batches (`Step.grouped`) are
+one ragged view of it, so a fused call pulls one element for its k steps.
+
+The shuffled order, documented so that it can be reproduced: each epoch
+draws one int64 ``r`` from ``tf.data.Dataset.random(seed=seed,
+rerandomize_each_iteration=True)`` (anew for each pass over the data) and
+takes the examples in the order
+``tf.random.experimental.stateless_shuffle(tf.range(n), seed=[r, 0])``.
+As for every `tf.data` seed, ``r`` depends on the seed and on TensorFlow's
+global seed (``keras.utils.set_random_seed``): with both the same, every
+run draws the same orders, and a resumed run replays them exactly (a
+`Checkpointer` refuses a resume under another global seed). A shuffled
+epoch holds its shuffled copy of the arrays while it runs.
 """
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -21,7 +34,12 @@ import tensorflow as tf
 
 from tfpure.types import check_count
 
-__all__ = ["from_arrays"]
+__all__ = ["array_groups", "from_arrays"]
+
+# The datasets `from_arrays` made, each with how to group its batches k to an element.
+_GROUPS: weakref.WeakKeyDictionary[tf.data.Dataset, Callable[[int], tf.data.Dataset]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def from_arrays(
@@ -68,11 +86,99 @@ def from_arrays(
     else:
         seed = check_count("shuffle", shuffle, minimum=0, meaning="a seed (or True / False)")
     arrays = _arrays(data, argument)
-    n = _length(arrays, argument)
-    dataset = tf.data.Dataset.from_tensor_slices(arrays)
-    if seed is not None:
-        dataset = dataset.shuffle(n, seed=seed, reshuffle_each_iteration=True)
-    return dataset.batch(batch_size)
+    slicer = _Slicer(arrays, _length(arrays, argument), batch_size, seed)
+    dataset = slicer.batches()
+    _GROUPS[dataset] = slicer.groups
+    return dataset
+
+
+def array_groups(data: tf.data.Dataset, k: int) -> tf.data.Dataset | None:
+    """The batches of `data` made by `from_arrays`, `k` to an element; None for other data.
+
+    Equal, element for element and bit for bit, to ``data.ragged_batch(k)``
+    (its element spec too), and sliced from the arrays instead of stacked
+    from `k` batches (`tfpure.graph.group_batches` takes it when it can).
+
+    Example:
+      >>> import numpy as np
+      >>> from tfpure.arrays import array_groups, from_arrays
+      >>> data = from_arrays(np.arange(10.0), 4)  # batches of 4, 4 and 2
+      >>> [g.row_lengths().numpy().tolist() for g in array_groups(data, 2)]
+      [[4, 4], [2]]
+      >>> print(array_groups(data.take(2), 2))
+      None
+    """
+    make = _GROUPS.get(data)
+    return None if make is None else make(k)
+
+
+class _Slicer:
+    """Batches and groups of batches sliced from `arrays` (`n` examples), in order or, with
+    a `seed`, in the order the module's docstring documents."""
+
+    def __init__(self, arrays: Any, n: int, batch_size: int, seed: int | None):
+        self.arrays, self.n, self.batch_size = arrays, n, batch_size
+        self.count = -(-n // batch_size)  # batches an epoch
+        # One draw an epoch, shared by the batches and their groups (as a shuffle inside
+        # `data` is shared by ``data.ragged_batch(k)``).
+        self.draws = (
+            None
+            if seed is None
+            else tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).take(1)
+        )
+
+    def _epoch(self, slices: Callable[[Any], tf.data.Dataset], count: int) -> tf.data.Dataset:
+        if self.draws is None:
+            return slices(self.arrays)
+        n = self.n
+
+        def shuffled(r: tf.Tensor) -> tf.data.Dataset:
+            order = tf.random.experimental.stateless_shuffle(
+                tf.range(n, dtype=tf.int64), seed=tf.stack([r, tf.constant(0, tf.int64)])
+            )
+            return slices(tf.nest.map_structure(lambda a: tf.gather(a, order), self.arrays))
+
+        return self.draws.flat_map(shuffled).apply(tf.data.experimental.assert_cardinality(count))
+
+    def batches(self) -> tf.data.Dataset:
+        """An epoch's batches: the whole ones as one reshape, then the ragged last one."""
+        n, size = self.n, self.batch_size
+        whole = n // size * size
+
+        def slices(arrays: Any) -> tf.data.Dataset:
+            full = tf.data.Dataset.from_tensor_slices(
+                tf.nest.map_structure(
+                    lambda a: tf.reshape(a[:whole], [n // size, size, *a.shape[1:]]), arrays
+                )
+            )
+            # (The last batch, empty when every batch is whole: its dataset is concatenated
+            # anyway, so that the batches' first size is None, as ``.batch(size)`` makes it.)
+            rest = tf.data.Dataset.from_tensor_slices(
+                tf.nest.map_structure(lambda a: a[whole:][None], arrays)
+            )
+            return full.concatenate(rest.take(int(whole < n)))
+
+        return self._epoch(slices, self.count)
+
+    def groups(self, k: int) -> tf.data.Dataset:
+        """An epoch's batches `k` to an element: one ragged view of the arrays."""
+        batches = tf.minimum(tf.range(self.count + 1, dtype=tf.int64) * self.batch_size, self.n)
+        calls = -(-self.count // k)
+        groups = tf.minimum(tf.range(calls + 1, dtype=tf.int64) * k, self.count)
+
+        def slices(arrays: Any) -> tf.data.Dataset:
+            return tf.data.Dataset.from_tensor_slices(
+                tf.nest.map_structure(
+                    # (Splits right by construction: unchecked, which makes an iterator
+                    # of shuffled arrays 8x quicker to create.)
+                    lambda a: tf.RaggedTensor.from_nested_row_splits(
+                        a, [groups, batches], validate=False
+                    ),
+                    arrays,
+                )
+            )
+
+        return self._epoch(slices, calls)
 
 
 def _arrays(data: Any, argument: str) -> Any:

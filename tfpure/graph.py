@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 import keras
 import tensorflow as tf
 
+from tfpure.arrays import array_groups
 from tfpure.compat import branch, flat_caller, keras_random_algorithm
 from tfpure.distribute import cluster_task, replica_share
 from tfpure.guard import MARK, Rollback, components, variable
@@ -912,8 +913,12 @@ def group_batches(data: tf.data.Dataset, k: int) -> tf.data.Dataset:
       >>> data = tf.data.Dataset.range(10).batch(4)  # batches of 4, 4 and 2
       >>> [g.row_lengths().numpy().tolist() for g in group_batches(data, 2)]
       [[4, 4], [2]]
+
+    Batches of arrays (`tfpure.arrays`) are grouped as slices of the arrays,
+    the same elements without stacking `k` batches for each.
     """
-    return data.ragged_batch(k)
+    groups = array_groups(data, k)
+    return data.ragged_batch(k) if groups is None else groups
 
 
 def _rows(leaf: Any) -> tf.Tensor:
