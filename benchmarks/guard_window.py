@@ -3,6 +3,7 @@
     python benchmarks/guard_window.py mlp [--rounds 9]
     python benchmarks/guard_window.py mobilenet [--rounds 5]   # or transformer
     python benchmarks/guard_window.py defaults [--on mlp|mobilenet|transformer] [--rounds 7]
+                                               [--arrays]
 
 ``mlp``: the tutorial MLP of `benchmarks/run.py` (64 batches of 64), driven through
 `Step.runner` (32 calls of 16 steps a round, rounds interleaved in one
@@ -18,8 +19,9 @@ batches of 64 an epoch; ``--on mobilenet`` / ``transformer``: a real model
 and its data) through `fit_loop` and Keras `fit` as a new user calls them,
 with the progress bar (``verbose=1``, both functions' default) and without,
 one epoch a round, rounds interleaved; per-step times and paired ratios to
-Keras `fit` ``verbose=1``. One process measures one checkout:
-run it under each checkout's ``PYTHONPATH`` to compare code.
+Keras `fit` ``verbose=1``; ``--arrays``: both are given the same examples as
+arrays with ``batch_size=`` (each shuffles them each epoch, its default).
+One process measures one checkout: run it under each checkout's ``PYTHONPATH`` to compare code.
 """
 
 from __future__ import annotations
@@ -106,9 +108,11 @@ def measure_real_model(name: str, rounds: int) -> None:
           f"no guard / keras fit {result.paired('k=1 no guard', 'keras fit'):.3f}")  # fmt: skip
 
 
-def measure_defaults(model: str, rounds: int) -> None:
+def measure_defaults(model: str, rounds: int, arrays: bool) -> None:
     import contextlib
     import io
+
+    import tensorflow as tf
 
     import tfpure as tp
 
@@ -120,16 +124,23 @@ def measure_defaults(model: str, rounds: int) -> None:
         steps, build = spec["steps"], spec["build"]
         data = run.real_model_data(model, spec["batch"], steps)
     state = run.mlp_state(build)
+    given: tuple = (data,)
+    fed: dict = {}
+    if arrays:  # the same examples as arrays, batched and shuffled by each function
+        batches = list(data)
+        given = tuple(tf.concat([b[i] for b in batches], 0).numpy() for i in (0, 1))
+        fed = {"batch_size": int(batches[0][0].shape[0])}
 
     def tfpure_fit(verbose: int):
         s, step = state(), tp.make_train_step(run.SCCE)
-        return lambda: tp.fit_loop(s, data, step, epochs=1, verbose=verbose)
+        data = given if len(given) == 1 else (given,)
+        return lambda: tp.fit_loop(s, *data, step, epochs=1, verbose=verbose, **fed)
 
     def keras_fit(verbose: int):  # compiled as tp.bench compiles a Keras row
         s = state()
         metrics = [m for name, m in s.metrics.items() if name != "loss"]
         s.model.compile(s.optimizer, run.SCCE, metrics=metrics)
-        return lambda: s.model.fit(data, epochs=1, verbose=verbose)
+        return lambda: s.model.fit(*given, epochs=1, verbose=verbose, **fed)
 
     runs = {"fit_loop verbose=1": tfpure_fit(1), "fit_loop verbose=0": tfpure_fit(0),
             "keras fit verbose=1": keras_fit(1), "keras fit verbose=0": keras_fit(0)}  # fmt: skip
@@ -146,11 +157,13 @@ def main() -> None:
     parser.add_argument("--on", choices=["mlp", "mobilenet", "transformer"], default="mlp",
                         help="defaults: the model")  # fmt: skip
     parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--arrays", action="store_true",
+                        help="defaults: both given arrays, batch_size=")  # fmt: skip
     args = parser.parse_args()
     if args.model == "mlp":
         measure_mlp(args.rounds or 9)
     elif args.model == "defaults":
-        measure_defaults(args.on, args.rounds or 7)
+        measure_defaults(args.on, args.rounds or 7, args.arrays)
     else:
         measure_real_model(args.model, args.rounds or 5)
 

@@ -119,6 +119,7 @@ class _Slicer:
     def __init__(self, arrays: Any, n: int, batch_size: int, seed: int | None):
         self.arrays, self.n, self.batch_size = arrays, n, batch_size
         self.count = -(-n // batch_size)  # batches an epoch
+        self._groups: dict[int, tf.data.Dataset] = {}
         # One draw an epoch, shared by the batches and their groups (as a shuffle inside
         # `data` is shared by ``data.ragged_batch(k)``).
         self.draws = (
@@ -148,7 +149,10 @@ class _Slicer:
         def slices(arrays: Any) -> tf.data.Dataset:
             full = tf.data.Dataset.from_tensor_slices(
                 tf.nest.map_structure(
-                    lambda a: tf.reshape(a[:whole], [n // size, size, *a.shape[1:]]), arrays
+                    lambda a: tf.reshape(
+                        a if whole == n else a[:whole], [n // size, size, *a.shape[1:]]
+                    ),
+                    arrays,
                 )
             )
             # (The last batch, empty when every batch is whole: its dataset is concatenated
@@ -161,7 +165,13 @@ class _Slicer:
         return self._epoch(slices, self.count)
 
     def groups(self, k: int) -> tf.data.Dataset:
-        """An epoch's batches `k` to an element: one ragged view of the arrays."""
+        """An epoch's batches `k` to an element: one ragged view of the arrays (made once for
+        each `k`: every loop over the batches then iterates the same dataset)."""
+        if k not in self._groups:
+            self._groups[k] = self._grouped(k)
+        return self._groups[k]
+
+    def _grouped(self, k: int) -> tf.data.Dataset:
         batches = tf.minimum(tf.range(self.count + 1, dtype=tf.int64) * self.batch_size, self.n)
         calls = -(-self.count // k)
         groups = tf.minimum(tf.range(calls + 1, dtype=tf.int64) * k, self.count)
