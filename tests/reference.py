@@ -69,3 +69,21 @@ def preempted_after(steps, monkeypatch):
     preempted = property(lambda self: len(calls) == steps, lambda self, value: None)
     monkeypatch.setattr(resume.Run, "preempted", preempted, raising=False)
     return Count()
+
+
+def documented_shuffle(arrays, seed):
+    """The examples of `arrays` in the order `tfpure.arrays` documents for ``shuffle=seed``,
+    one by one (batch them to compare): each pass draws ``r`` from ``Dataset.random(seed)``
+    and takes ``stateless_shuffle(range(n), seed=[r, 0])``. Its draws depend on the global
+    seed, as the arrays' do: set it alike before building both."""
+    n = int(tf.nest.flatten(arrays)[0].shape[0])
+
+    def epoch(r):
+        seed = tf.stack([r, tf.constant(0, tf.int64)])
+        order = tf.random.experimental.stateless_shuffle(tf.range(n, dtype=tf.int64), seed)
+        return tf.data.Dataset.from_tensor_slices(order).map(
+            lambda i: tf.nest.map_structure(lambda a: tf.gather(a, i), arrays)
+        )
+
+    draws = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).take(1)
+    return draws.flat_map(epoch)

@@ -18,7 +18,7 @@ from tfpure import stream
 from tfpure import testing as tpt
 from tfpure.testing.strategies import ModelSpec
 
-from reference import preempted_after, tutorial_fit, twin
+from reference import documented_shuffle, preempted_after, tutorial_fit, twin
 
 SCCE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 SPEC = ModelSpec((6,), (("dense", 8), ("dropout", 50), ("batchnorm", 0)), num_classes=3, l2=0.01)
@@ -99,18 +99,10 @@ def test_shuffled_arrays_follow_the_documented_order_and_a_resume_replays_it(tmp
         _, history = tp.fit_loop(state, data, step, epochs=2, verbose=0, **kwargs)
         return state, history
 
-    def epoch(r):  # the documented order, example by example
-        seed = tf.stack([r, tf.constant(0, tf.int64)])
-        order = tf.random.experimental.stateless_shuffle(tf.range(50, dtype=tf.int64), seed)
-        return tf.data.Dataset.from_tensor_slices(order).map(
-            lambda i: (tf.gather(x, i), tf.gather(y, i))
-        )
-
     # (A tf.data seed's draws depend on the global seed too: both runs set it to 0, as
     # `run`'s SPEC.build(0) does before fit_loop builds the arrays' dataset.)
     keras.utils.set_random_seed(0)
-    draws = tf.data.Dataset.random(seed=7, rerandomize_each_iteration=True).take(1)
-    ordered = draws.flat_map(epoch).batch(16)
+    ordered = documented_shuffle((x, y), 7).batch(16)
     expected, expected_history = run(ordered)
     shuffled, history = run((x, y), batch_size=16, shuffle=7)
     assert history == expected_history

@@ -17,7 +17,7 @@ from tfpure.graph import group_batches
 from tfpure.state import owned_variables
 from tfpure.testing.strategies import ModelSpec
 
-from reference import preempted_after
+from reference import documented_shuffle, preempted_after
 
 SCCE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 SPEC = ModelSpec((5,), (("dense", 6), ("dropout", 50), ("batchnorm", 0)), num_classes=3, l2=0.01)
@@ -144,17 +144,9 @@ def test_an_xla_run_on_shuffled_arrays_is_fed_their_slices_bit_for_bit(monkeypat
     """fit_loop over arrays, XLA at 4 steps a call: the groups are the arrays' slices (no
     ``ragged_batch``), and the run equals one over the documented order's pipeline."""
     x, y = SPEC.batch(45, 0)
-
-    def epoch(r):  # the order tfpure.arrays documents, example by example
-        seed = tf.stack([r, tf.constant(0, tf.int64)])
-        order = tf.random.experimental.stateless_shuffle(tf.range(45, dtype=tf.int64), seed)
-        return tf.data.Dataset.from_tensor_slices((tf.gather(x, order), tf.gather(y, order)))
-
     reference, step_r = make_state(), xla_step()
-    draws = tf.data.Dataset.random(seed=3, rerandomize_each_iteration=True).take(1)
-    _, history_r = tp.fit_loop(
-        reference, draws.flat_map(epoch).batch(8), step_r, epochs=2, verbose=0
-    )
+    ordered = documented_shuffle((x, y), 3).batch(8)
+    _, history_r = tp.fit_loop(reference, ordered, step_r, epochs=2, verbose=0)
     stacked = []
     ragged_batch = tf.data.Dataset.ragged_batch
     monkeypatch.setattr(
