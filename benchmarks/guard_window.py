@@ -124,23 +124,23 @@ def measure_defaults(model: str, rounds: int, arrays: bool) -> None:
         steps, build = spec["steps"], spec["build"]
         data = run.real_model_data(model, spec["batch"], steps)
     state = run.mlp_state(build)
-    given: tuple = (data,)
+    given: object = data  # fit_loop's `data`; Keras `fit` takes it as ``fit(*xy)``
+    xy: tuple = (data,)
     fed: dict = {}
     if arrays:  # the same examples as arrays, batched and shuffled by each function
         batches = list(data)
-        given = tuple(tf.concat([b[i] for b in batches], 0).numpy() for i in (0, 1))
+        given = xy = tuple(tf.concat([b[i] for b in batches], 0).numpy() for i in (0, 1))
         fed = {"batch_size": int(batches[0][0].shape[0])}
 
     def tfpure_fit(verbose: int):
         s, step = state(), tp.make_train_step(run.SCCE)
-        data = given if len(given) == 1 else (given,)
-        return lambda: tp.fit_loop(s, *data, step, epochs=1, verbose=verbose, **fed)
+        return lambda: tp.fit_loop(s, given, step, epochs=1, verbose=verbose, **fed)
 
     def keras_fit(verbose: int):  # compiled as tp.bench compiles a Keras row
         s = state()
         metrics = [m for name, m in s.metrics.items() if name != "loss"]
         s.model.compile(s.optimizer, run.SCCE, metrics=metrics)
-        return lambda: s.model.fit(*given, epochs=1, verbose=verbose, **fed)
+        return lambda: s.model.fit(*xy, epochs=1, verbose=verbose, **fed)
 
     runs = {"fit_loop verbose=1": tfpure_fit(1), "fit_loop verbose=0": tfpure_fit(0),
             "keras fit verbose=1": keras_fit(1), "keras fit verbose=0": keras_fit(0)}  # fmt: skip

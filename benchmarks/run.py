@@ -266,11 +266,10 @@ ARRAYS = "tfpure XLA k=16 on arrays"
 SHUFFLED = "tfpure XLA k=16 on arrays, shuffled"
 
 
-def on_arrays(
-    k: int, jit_compile: bool, shuffle: bool | int
-) -> Callable[[object, tf.data.Dataset], Runner]:
-    """A custom runner: `fit_loop` over the workload's examples as arrays in memory
-    (``batch_size=``, in order or shuffled each epoch: `tfpure.arrays`), one epoch a round.
+def on_arrays(shuffle: bool | int) -> Callable[[object, tf.data.Dataset], Runner]:
+    """A custom runner: XLA k=16 `fit_loop` over the workload's examples as arrays in
+    memory (``batch_size=``, in order or shuffled each epoch: `tfpure.arrays`), one epoch
+    a round.
 
     The arrays hold the batches of `data` end to end; their batches are made once
     (`tfpure.arrays.from_arrays`, what ``fit_loop(state, (x, y), batch_size=64)``
@@ -282,12 +281,12 @@ def on_arrays(
         x = tf.concat([b[0] for b in batches], 0)
         y = tf.concat([b[1] for b in batches], 0)
         epoch = from_arrays((x, y), int(batches[0][0].shape[0]), shuffle=shuffle)
-        step = tp.make_train_step(SCCE, steps_per_call=k, jit_compile=jit_compile)
+        step = tp.make_train_step(SCCE, steps_per_call=16, jit_compile=True)
         per_epoch = len(batches)
 
         def run(n: int) -> None:
             if n != per_epoch:
-                raise ValueError(f"{ARRAYS} runs whole epochs of {per_epoch} steps; asked {n}.")
+                raise ValueError(f"on_arrays runs whole epochs of {per_epoch} steps; asked {n}.")
             tp.fit_loop(state, epoch, step, epochs=1, verbose=0)
 
         return run
@@ -303,8 +302,8 @@ def measure_in_memory(rounds: int) -> BenchResult:
         "tfpure k=16": VARIANTS["fused"],
         "tfpure XLA k=16": Variant(steps_per_call=16, jit_compile=True),
         "tfpure XLA k=16 no guard": Variant(steps_per_call=16, jit_compile=True, nonfinite=None),
-        ARRAYS: Variant(steps_per_call=16, custom=on_arrays(16, True, shuffle=False)),
-        SHUFFLED: Variant(steps_per_call=16, custom=on_arrays(16, True, shuffle=1)),
+        ARRAYS: Variant(steps_per_call=16, custom=on_arrays(shuffle=False)),
+        SHUFFLED: Variant(steps_per_call=16, custom=on_arrays(shuffle=1)),
     }
     if jax_missing is None:
         variants[JAX] = Variant(steps_per_call=16, custom=jax_scan_loop(16))
