@@ -564,11 +564,12 @@ class Window:
         return _after([*saved, self.kept.assign(True), self.pulled.assign(0)])
 
     def _close(self) -> tf.Tensor:
-        """Whether the window is kept (`_verdict`); if not, its shadows are put back."""
-        written = [v for _, v in self.pairs]
-        before = [s.read_value() for s, _ in self.pairs]
-        pulled, kept = self.pulled.read_value(), self.kept.read_value()
-        return _verdict(self.engine, pulled, kept, written, before, functional=True)
+        """Whether the window is kept: each step so far, then the state they left
+        (`Body.verdict`). Nothing is put back here: the rare window not kept is put back
+        by `_restore`, a call of its own, so a window's graph holds no put-back branch
+        (whose capture of every shadow and variable cost a third of a window's trace)."""
+        with tf.control_dependencies([self.pulled.read_value()]):
+            return tf.logical_and(self.kept.read_value(), self.engine.body.verdict())
 
     def _restore(self) -> tf.Tensor:
         return _after([v.assign(s.read_value()) for s, v in self.pairs])
@@ -609,7 +610,10 @@ class Window:
         return len(batches), self._judged(batches, logs, spec)
 
     def _judged(self, batches: list[Any], logs: Logs, spec: Any) -> Logs:
-        return logs if bool(self._close_call()) else self._again(batches, spec)
+        if bool(self._close_call()):
+            return logs
+        self._restore()
+        return self._again(batches, spec)
 
     def _again(self, batches: list[Any], spec: Any) -> Logs:
         """The window's `batches` one step at a time under the whole guard, from its start
