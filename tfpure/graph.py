@@ -280,12 +280,13 @@ class Engine:
 
     def _on_iterator(self, iterator: Any, k: tf.Tensor) -> Any:
         """(steps run, logs), and for a deferred call the replay it asks for (`_deferred_loop`):
-        (whether to replay it, the lists of the batches it pulled)."""
+        (whether to replay it, the lists of the batches it pulled, the values from before it
+        of the variables it may have written)."""
         self.count_trace()
         if self.groups and _dense(iterator):
             i, ok, *replay = tf.cond(
                 tf.equal(k, self.spec.steps_per_call),
-                lambda: (*_on_pulled(self, iterator), *_no_replay(iterator)),
+                lambda: (*_on_pulled(self, iterator), *_no_replay(self, iterator)),
                 lambda: self._loop(iterator, k),
             )
         else:
@@ -300,16 +301,20 @@ class Engine:
         out = self.on_iterator(iterator, k) if out is None else out
         if not self.deferred:
             return out
-        i, logs, (again, lists) = out
+        i, logs, (again, lists, before) = out
         if tf.executing_eagerly():
-            return self.replay(iterator, k, i, lists) if bool(again) else (i, logs)
-        return tf.cond(again, lambda: self.replay(iterator, k, i, lists), lambda: (i, logs))
+            return self.replay(iterator, k, i, lists, before) if bool(again) else (i, logs)
+        return tf.cond(again, lambda: self.replay(iterator, k, i, lists, before), lambda: (i, logs))
 
-    def _replay(self, iterator: Any, k: tf.Tensor, pulled: tf.Tensor, lists: Any) -> Any:
-        """A deferred call put back, again one step at a time under the whole guard: its
+    def _replay(
+        self, iterator: Any, k: tf.Tensor, pulled: tf.Tensor, lists: Any, before: list[tf.Tensor]
+    ) -> Any:
+        """A deferred call put back (every variable it may have written gets its value from
+        `before` it back), then run again one step at a time under the whole guard: its
         `pulled` batches read back from `lists` first, then new ones. (steps run, logs)."""
         self.count_trace()
-        j, ok = self._step_loop(iterator, k, (pulled, lists))
+        with tf.control_dependencies([_put_back(self._written(), before)]):
+            j, ok = self._step_loop(iterator, k, (pulled, lists))
         with tf.control_dependencies(self._assert_kept(ok)):
             return tf.identity(j), self.body.logs()
 
@@ -323,7 +328,7 @@ class Engine:
         if self.deferred and _dense(iterator):
             return _deferred_loop(self, iterator, k)
         out = self._step_loop(iterator, k)
-        return (*out, *_no_replay(iterator)) if self.deferred else out
+        return (*out, *_no_replay(self, iterator)) if self.deferred else out
 
     def _step_loop(
         self, iterator: Any, k: tf.Tensor, replayed: tuple[tf.Tensor, Any] | None = None
@@ -568,8 +573,7 @@ class Window:
         (`Body.verdict`). Nothing is put back here: the rare window not kept is put back
         by `_restore`, a call of its own, so a window's graph holds no put-back branch
         (whose capture of every shadow and variable cost a third of a window's trace)."""
-        with tf.control_dependencies([self.pulled.read_value()]):
-            return tf.logical_and(self.kept.read_value(), self.engine.body.verdict())
+        return _verdict(self.engine, self.pulled.read_value(), self.kept.read_value())
 
     def _restore(self) -> tf.Tensor:
         return _after([v.assign(s.read_value()) for s, v in self.pairs])
@@ -703,22 +707,23 @@ def _deferred_loop(engine: Engine, iterator: Any, k: tf.Tensor) -> tuple:
     non-finite weight, slot, statistic or sum stays non-finite through the
     steps after the one that wrote it.
     At the first step not kept the loop stops; when a step or the verdict
-    fails, every variable gets its value from before the call back, and the
-    call asks to be run again one step at a time under the whole guard
-    (`Engine.replay`, a function of its own, traced at the first failure) on
-    the batches it pulled, then on new ones. What a guarded step costs per
-    step (the put-back branch and its reads, the failure record) is then
-    paid once per call, and only when a step fails; the replay's steps are
-    neither traced nor compiled in the call's graph.
+    fails, the call hands back the values from before it and asks to be run
+    again: `Engine.replay`, a function of its own traced at the first failure,
+    puts every variable back and runs one step at a time under the whole guard
+    on the batches the call pulled, then on new ones. What a guarded step costs
+    per step (the put-back branch and its reads, the failure record) is then
+    paid once per call, and only when a step fails; neither the put-back nor
+    the replay's steps are traced or compiled in the call's graph.
 
     Returns (steps pulled, True, whether to replay, the lists of the pulled
-    batches' leaves).
+    batches' leaves, the values from before the call of the variables its steps
+    may write).
     """
     rollback = engine.rollback
     assert rollback is not None
     written = engine._written()
     before = [tf.convert_to_tensor(v) for v in written]
-    start = _no_replay(iterator)[1]
+    start = _no_replay(engine, iterator)[1]
 
     def cond(i: tf.Tensor, keep: tf.Tensor, more: tf.Tensor, *pulled: Any) -> tf.Tensor:
         return tf.logical_and(tf.logical_and(i < k, keep), more)
@@ -742,26 +747,25 @@ def _deferred_loop(engine: Engine, iterator: Any, k: tf.Tensor) -> tuple:
         i, keep, _, *pulled = tf.while_loop(
             cond, body, (tf.constant(0), tf.constant(True), tf.constant(True), *start)
         )
-    keep = _verdict(engine, i, keep, written, before)  # not kept: the caller replays it
+    keep = _verdict(engine, i, keep)  # not kept: the caller puts it back and replays it
     with tf.control_dependencies([keep]):
         disarm = rollback.disarm()
     with tf.control_dependencies([disarm]):
-        return tf.identity(i), tf.constant(True), tf.logical_not(keep), pulled
+        return tf.identity(i), tf.constant(True), tf.logical_not(keep), pulled, before
 
 
-def _no_replay(iterator: Any) -> tuple[tf.Tensor, list[tf.Tensor]]:
-    """A call that asks for no replay: (False, an empty list per leaf of the batches)."""
-    lists = (
-        [
-            tf.raw_ops.EmptyTensorList(
-                element_shape=tf.constant(-1), max_num_elements=-1, element_dtype=spec.dtype
-            )
-            for spec in tf.nest.flatten(iterator.element_spec)
-        ]
-        if _dense(iterator)
-        else []
-    )
-    return tf.constant(False), lists
+def _no_replay(engine: Engine, iterator: Any) -> tuple[tf.Tensor, list[tf.Tensor], list]:
+    """A call that asks for no replay: (False, an empty list per leaf of the batches, the
+    values of the variables a deferred call may write, as `_deferred_loop` hands back)."""
+    if not _dense(iterator):
+        return tf.constant(False), [], []
+    lists = [
+        tf.raw_ops.EmptyTensorList(
+            element_shape=tf.constant(-1), max_num_elements=-1, element_dtype=spec.dtype
+        )
+        for spec in tf.nest.flatten(iterator.element_spec)
+    ]
+    return tf.constant(False), lists, [tf.convert_to_tensor(v) for v in engine._written()]
 
 
 def _dense(iterator: Any) -> bool:
@@ -833,35 +837,18 @@ def _group(engine: Engine, stacked: Any) -> tuple[tf.Tensor, tf.Tensor]:
         return i + 1, _unjudged(engine, _nth(stacked, i))
 
     i, keep = tf.while_loop(cond, body, (tf.constant(0), tf.constant(True)))
-    keep = _verdict(engine, i, keep, written, before)
-    with tf.control_dependencies([keep]):
+    keep = _verdict(engine, i, keep)
+    restored = tf.cond(keep, lambda: tf.constant(True), lambda: _put_back(written, before))
+    with tf.control_dependencies([restored]):
         return tf.identity(i), tf.identity(keep)
 
 
-def _verdict(
-    engine: Engine,
-    i: tf.Tensor,
-    keep: tf.Tensor,
-    written: list[Any],
-    before: list[tf.Tensor],
-    functional: bool = False,
-) -> tf.Tensor:
+def _verdict(engine: Engine, i: tf.Tensor, keep: tf.Tensor) -> tf.Tensor:
     """Whether a call (or a `Window`) judged at its end is kept: its steps (`i` run,
     `keep` so far) and then the state they left (`Body.verdict`: a non-finite value a
-    step wrote stays non-finite through the steps after it, see `docs/steps.md`). Not
-    kept: every variable the steps may have `written` gets its value from `before` the
-    call back, in a branch kept `functional` or not (`compat.branch`). Returns the
-    verdict, once any put-back ran."""
+    step wrote stays non-finite through the steps after it, see `docs/steps.md`)."""
     with tf.control_dependencies([i, keep]):
-        keep = tf.logical_and(keep, engine.body.verdict())
-    restored = branch(
-        keep,
-        lambda: tf.constant(True),
-        lambda: _after([v.assign(b) for v, b in zip(written, before, strict=True)]),
-        functional,
-    )
-    with tf.control_dependencies([restored]):
-        return tf.identity(keep)
+        return tf.logical_and(keep, engine.body.verdict())
 
 
 def _nth(stacked: Any, i: tf.Tensor) -> Any:
@@ -889,6 +876,11 @@ def _read_back(iterator: Any, lists: Sequence[tf.Tensor], j: tf.Tensor) -> Any:
         leaf.set_shape(spec.shape)
         leaves.append(leaf)
     return tf.nest.pack_sequence_as(iterator.element_spec, leaves)
+
+
+def _put_back(written: list[Any], before: list[tf.Tensor]) -> tf.Tensor:
+    """True, once every variable `written` got its value from `before` back."""
+    return _after([v.assign(b) for v, b in zip(written, before, strict=True)])
 
 
 def _after(ops: list) -> tf.Tensor:
