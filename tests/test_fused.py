@@ -418,6 +418,24 @@ def test_skipped_steps_at_every_position_of_a_fused_call_end_as_single_steps(tmp
     assert int(fused.step) == 20  # skipped steps count
 
 
+def test_xla_windows_hold_their_start_while_xla_steps_write_and_end_as_single_steps(tmp_path):
+    """At one step a call under XLA, a window holds the values from its start while the
+    XLA steps update the variables (each update then writes a copy, never over them):
+    with bad steps at every position, windows end as XLA steps judged one at a time
+    end, bit for bit, and no checkpoint holds a non-finite value."""
+    ends = []
+    for name, callbacks in [("window", []), ("k1", [BatchEnd()])]:
+        state = state_maker(SPEC, 0)()
+        step = tp.make_train_step(SCCE, nonfinite="skip", jit_compile=True)
+        ends.append((*checkpointed_run(state, step, tmp_path / name, POSITIONS, callbacks),
+                     state))  # fmt: skip
+    (history, saves, window), (single_history, single_saves, single) = ends
+    assert history["skipped"] == [4, 1] and history == single_history
+    assert saves == single_saves == saves_after(20)
+    for a, b in zip(values(window), values(single), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_a_raising_step_at_every_position_of_a_fused_call_leaves_the_state_before_it(tmp_path):
     """In "raise" mode the run stops at the bad step, wherever it is in its call or
     window, with every variable as single steps leave it before that step (a clean

@@ -526,9 +526,12 @@ class Window:
     it checks only that its batch held examples and a loss scale's overflow;
     its updates need not wait for its forward pass) and handing back its
     batch, then judges the state the window leaves once
-    (`Body.verdict`, as a fused call is judged). Shadows of every variable the
-    steps may write (`Engine._written`) hold the values from the window's
-    start. A window not kept, or a call that fails at run time (its step, or
+    (`Body.verdict`, as a fused call is judged). The window holds the values
+    from its start of every variable the steps may write (`Engine._written`),
+    as a deferred call does: read by `open`, held in Python while the window
+    runs, so a step's update writes a copy instead of overwriting them (no
+    shadow variables, no copy made for them). A window not kept, or a call that
+    fails at run time (its step, or
     the data with anything but its end), puts them back and runs the window's
     batches again one step at a time under the whole guard (`Engine.on_batch`):
     the run then ends where single steps end, bit for bit; the failure costs
@@ -537,7 +540,8 @@ class Window:
 
     def __init__(self, engine: Engine):
         self.engine = engine
-        self.pairs: list[tuple[tf.Variable, Any]] = []  # (shadow, variable), at the first window
+        self.written: list[Any] | None = None  # (`Engine._written`, at the first window)
+        self.before: list[tf.Tensor] = []  # their values from the window's start, while it runs
         self.kept = variable(True, "tfpure_window_kept")
         self.pulled = variable(0, "tfpure_window_pulled")  # batches the window's steps got
         self.on_next = tf.function(self._on_next, reduce_retracing=True, autograph=False)
@@ -564,9 +568,9 @@ class Window:
         with tf.control_dependencies([self.kept.assign(tf.logical_and(self.kept, keep))]):
             return tf.constant(1), engine.body.logs(), batch
 
-    def _open(self) -> tf.Tensor:
-        saved = [s.assign(tf.convert_to_tensor(v)) for s, v in self.pairs]
-        return _after([*saved, self.kept.assign(True), self.pulled.assign(0)])
+    def _open(self) -> list[tf.Tensor]:
+        with tf.control_dependencies([self.kept.assign(True), self.pulled.assign(0)]):
+            return [tf.convert_to_tensor(v) for v in self.written]
 
     def _close(self) -> tf.Tensor:
         """Whether the window is kept: each step so far, then the state they left
@@ -575,21 +579,27 @@ class Window:
         (whose capture of every shadow and variable cost a third of a window's trace)."""
         return _verdict(self.engine, self.pulled.read_value(), self.kept.read_value())
 
-    def _restore(self) -> tf.Tensor:
-        return _after([v.assign(s.read_value()) for s, v in self.pairs])
+    def _restore(self) -> None:
+        assert self.written is not None
+        _put_back(self.written, self.before)
 
     def run(self, call: Any, limit: tf.Tensor, n: int, spec: Any) -> tuple[int, Logs]:
         """Up to `n` steps, ``call(limit)`` each (the flat caller of `on_next`), judged
         once: (steps run, logs). The data's end ends the window early. `spec`: the
         batches' (the iterator's element spec)."""
-        if not self.pairs:
-            written = self.engine._written()
-            self.pairs = [(variable(tf.convert_to_tensor(v), "tfpure_window"), v) for v in written]
+        if self.written is None:
+            self.written = self.engine._written()
             # Called as the steps are (`flat_caller`): a window's two calls of its own
             # cost about a step's dispatch each on a small model.
             self._open_call = flat_caller(self.open.get_concrete_function())
             self._close_call = flat_caller(self.close.get_concrete_function())
-        self._open_call()
+        self.before = self._open_call()
+        try:
+            return self._run(call, limit, n, spec)
+        finally:
+            self.before = []  # (held no longer: the steps after the window update in place)
+
+    def _run(self, call: Any, limit: tf.Tensor, n: int, spec: Any) -> tuple[int, Logs]:
         batches: list[Any] = []
         logs: Logs = {}
         try:
@@ -878,14 +888,9 @@ def _read_back(iterator: Any, lists: Sequence[tf.Tensor], j: tf.Tensor) -> Any:
     return tf.nest.pack_sequence_as(iterator.element_spec, leaves)
 
 
-def _put_back(written: list[Any], before: list[tf.Tensor]) -> tf.Tensor:
+def _put_back(written: Sequence[Any], before: Sequence[tf.Tensor]) -> tf.Tensor:
     """True, once every variable `written` got its value from `before` back."""
-    return _after([v.assign(b) for v, b in zip(written, before, strict=True)])
-
-
-def _after(ops: list) -> tf.Tensor:
-    """True, once `ops` ran."""
-    with tf.control_dependencies(ops):
+    with tf.control_dependencies([v.assign(b) for v, b in zip(written, before, strict=True)]):
         return tf.constant(True)
 
 
