@@ -4,6 +4,7 @@
     python benchmarks/guard_window.py mobilenet [--rounds 5]   # or transformer
     python benchmarks/guard_window.py defaults [--on mlp|mobilenet|transformer] [--rounds 7]
                                                [--arrays]
+    python benchmarks/guard_window.py first [--on mlp|mobilenet|transformer] [--rounds 5]
 
 ``mlp``: the tutorial MLP of `benchmarks/run.py` (64 batches of 64), driven through
 `Step.runner` (32 calls of 16 steps a round, rounds interleaved in one
@@ -21,6 +22,14 @@ with the progress bar (``verbose=1``, both functions' default) and without,
 one epoch a round, rounds interleaved; per-step times and paired ratios to
 Keras `fit` ``verbose=1``; ``--arrays``: both are given the same examples as
 arrays with ``batch_size=`` (each shuffles them each epoch, its default).
+``first``: a run's start, where the guard costs its traces: each round
+builds a fresh state and step for each configuration and times one whole
+`fit_loop` call of one epoch of 8 batches (tracing, graph optimisation, the
+steps), guarded ("raise") and unguarded, at one step a call (in windows), one
+step a call with a batch hook (each step judged alone) and 16 a call; and
+Keras `fit` of the same epoch on a freshly compiled model. Prints the
+median seconds of each and paired medians of guarded / unguarded and of
+each to Keras `fit`.
 One process measures one checkout: run it under each checkout's ``PYTHONPATH`` to compare code.
 """
 
@@ -80,7 +89,7 @@ def _interleaved(runs: dict, rounds: int, steps: int) -> dict[str, list[float]]:
 def _report(times: dict[str, list[float]], base: str) -> None:
     """Each row's median and its paired median ratio to the row `base`."""
     for name, per_step in times.items():
-        ratio = statistics.median(a / b for a, b in zip(per_step, times[base], strict=True))
+        ratio = _paired(per_step, times[base])
         print(f"{name}: {statistics.median(per_step):.0f} us a step, / {base} {ratio:.3f}")
 
 
@@ -151,17 +160,77 @@ def measure_defaults(model: str, rounds: int, arrays: bool) -> None:
     _report(times, "keras fit verbose=1")
 
 
+def _batch_hook():
+    """A Keras callback with a batch hook: `fit_loop` then judges each step alone."""
+    import keras
+
+    class BatchHook(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            del batch, logs
+
+    return BatchHook()
+
+
+def measure_first(model: str, rounds: int) -> None:
+    import contextlib
+    import io
+
+    import tfpure as tp
+
+    run = _run_module()
+    if model == "mlp":
+        data, build = run.make_dataset(64, 64, 8), run.tutorial_mlp
+    else:
+        spec = run.REAL_MODELS[model]
+        data, build = run.real_model_data(model, spec["batch"], 8), spec["build"]
+    state = run.mlp_state(build)
+
+    def first(k: int, nonfinite, hook: bool = False):
+        def go():
+            step = tp.make_train_step(run.SCCE, steps_per_call=k, nonfinite=nonfinite)
+            callbacks = [_batch_hook()] if hook else []
+            tp.fit_loop(state(), data, step, epochs=1, verbose=0, callbacks=callbacks)
+
+        return go
+
+    def keras_fit():
+        s = state()
+        metrics = [m for name, m in s.metrics.items() if name != "loss"]
+        s.model.compile(s.optimizer, run.SCCE, metrics=metrics)
+        s.model.fit(data, epochs=1, verbose=0)
+
+    runs = {}
+    for name, k, hook in [("k=1", 1, False), ("k=1 batch hook", 1, True), ("k=16", 16, False)]:
+        runs[name] = first(k, "raise", hook)
+        runs[f"{name} no guard"] = first(k, None, hook)
+    runs["keras fit"] = keras_fit
+    with contextlib.redirect_stdout(io.StringIO()):
+        keras_fit()  # warm-up: the process's first graph functions
+        times = _interleaved(runs, rounds, 1)
+    for name, seconds in times.items():
+        unguarded = times.get(f"{name} no guard")
+        guard = f", / no guard {_paired(seconds, unguarded):.3f}" if unguarded else ""
+        print(f"{name}: {statistics.median(seconds) / 1e6:.3f} s{guard}"
+              f", / keras fit {_paired(seconds, times['keras fit']):.3f}")  # fmt: skip
+
+
+def _paired(a: list[float], b: list[float]) -> float:
+    return statistics.median(x / y for x, y in zip(a, b, strict=True))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("model", choices=["mlp", "mobilenet", "transformer", "defaults"])
+    parser.add_argument("model", choices=["mlp", "mobilenet", "transformer", "defaults", "first"])
     parser.add_argument("--on", choices=["mlp", "mobilenet", "transformer"], default="mlp",
-                        help="defaults: the model")  # fmt: skip
+                        help="defaults, first: the model")  # fmt: skip
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--arrays", action="store_true",
                         help="defaults: both given arrays, batch_size=")  # fmt: skip
     args = parser.parse_args()
     if args.model == "mlp":
         measure_mlp(args.rounds or 9)
+    elif args.model == "first":
+        measure_first(args.on, args.rounds or 5)
     elif args.model == "defaults":
         measure_defaults(args.on, args.rounds or 7, args.arrays)
     else:

@@ -132,8 +132,7 @@ class Engine:
         # Several processes: the loops hand over per-replica batches (see _run_one).
         self.sharded = cluster_task(self.strategy) is not None
         self.guarded = body.train and spec.nonfinite is not None
-        # A guarded call of several steps on one device judges its steps at once
-        # (`_deferred_loop`).
+        # Guarded, several steps a call on one device: judged at once (`_deferred_loop`).
         self.deferred = self.guarded and self.strategy is None and spec.steps_per_call > 1
         # Examples run through the step (kept or skipped): the loops' throughput.
         self.examples = examples
@@ -302,19 +301,19 @@ class Engine:
         if not self.deferred:
             return out
         i, logs, (again, lists, before) = out
+        replay = functools.partial(self.replay, iterator, k, (i, lists), before)
         if tf.executing_eagerly():
-            return self.replay(iterator, k, i, lists, before) if bool(again) else (i, logs)
-        return tf.cond(again, lambda: self.replay(iterator, k, i, lists, before), lambda: (i, logs))
+            return replay() if bool(again) else (i, logs)
+        return tf.cond(again, replay, lambda: (i, logs))
 
-    def _replay(
-        self, iterator: Any, k: tf.Tensor, pulled: tf.Tensor, lists: Any, before: list[tf.Tensor]
-    ) -> Any:
+    def _replay(self, iterator: Any, k: tf.Tensor, replayed: tuple, before: list) -> Any:
         """A deferred call put back (every variable it may have written gets its value from
-        `before` it back), then run again one step at a time under the whole guard: its
-        `pulled` batches read back from `lists` first, then new ones. (steps run, logs)."""
+        `before` it back), then run again one step at a time under the whole guard: the
+        batches it pulled read back first (`replayed`: how many, and their lists, as
+        `_step_loop` takes them), then new ones. (steps run, logs)."""
         self.count_trace()
         with tf.control_dependencies([_put_back(self._written(), before)]):
-            j, ok = self._step_loop(iterator, k, (pulled, lists))
+            j, ok = self._step_loop(iterator, k, replayed)
         with tf.control_dependencies(self._assert_kept(ok)):
             return tf.identity(j), self.body.logs()
 
