@@ -527,12 +527,12 @@ class Window:
     batch, then judges the state the window leaves once
     (`Body.verdict`, as a fused call is judged). The window holds the values
     from its start of every variable the steps may write (`Engine._written`),
-    as a deferred call does: read by `open`, held in Python while the window
-    runs, so a step's update writes a copy instead of overwriting them (no
-    shadow variables, no copy made for them). A window not kept, or a call that
-    fails at run time (its step, or
-    the data with anything but its end), puts them back and runs the window's
-    batches again one step at a time under the whole guard (`Engine.on_batch`):
+    as a deferred call does: read by `open` and held in Python while the
+    window runs (a step's update then writes to new memory instead of over
+    them; no shadow variables). A window not kept, or a call that fails at run
+    time (its step, or the data with anything but its end), puts them back and
+    runs the window's batches again one step at a time under the whole guard
+    (`Engine.on_batch`):
     the run then ends where single steps end, bit for bit; the failure costs
     the window twice. The data's end judges the steps before it.
     """
@@ -575,7 +575,8 @@ class Window:
         """Whether the window is kept: each step so far, then the state they left
         (`Body.verdict`). Nothing is put back here: the rare window not kept is put back
         by `_restore`, a call of its own, so a window's graph holds no put-back branch
-        (whose capture of every shadow and variable cost a third of a window's trace)."""
+        (capturing every variable and its value from the start, it cost a third of a
+        window's trace)."""
         return _verdict(self.engine, self.pulled.read_value(), self.kept.read_value())
 
     def _restore(self) -> None:
