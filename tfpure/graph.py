@@ -546,6 +546,8 @@ class Window:
         self.on_next = tf.function(self._on_next, reduce_retracing=True, autograph=False)
         self.open = tf.function(self._open, autograph=False)
         self.close = tf.function(self._close, autograph=False)
+        # One graph call (traced at the first failure): an interrupt cannot cut it half-way.
+        self.put_back = tf.function(lambda before: _put_back(self.written, before), autograph=False)
         self._open_call: Callable[[], Any] = self.open  # (flat callers at the first window)
         self._close_call: Callable[[], Any] = self.close
 
@@ -580,8 +582,7 @@ class Window:
         return _verdict(self.engine, self.pulled.read_value(), self.kept.read_value())
 
     def _restore(self) -> None:
-        assert self.written is not None
-        _put_back(self.written, self.before)
+        self.put_back(self.before)
 
     def run(self, call: Any, limit: tf.Tensor, n: int, spec: Any) -> tuple[int, Logs]:
         """Up to `n` steps, ``call(limit)`` each (the flat caller of `on_next`), judged
