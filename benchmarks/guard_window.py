@@ -126,13 +126,8 @@ def measure_defaults(model: str, rounds: int, arrays: bool) -> None:
     import tfpure as tp
 
     run = _run_module()
-    if model == "mlp":
-        steps, data, build = 256, run.make_dataset(64, 64, 256), run.tutorial_mlp
-    else:
-        spec = run.REAL_MODELS[model]
-        steps, build = spec["steps"], spec["build"]
-        data = run.real_model_data(model, spec["batch"], steps)
-    state = run.mlp_state(build)
+    steps = 256 if model == "mlp" else run.REAL_MODELS[model]["steps"]
+    data, state = _workload(run, model, steps)
     given: object = data  # fit_loop's `data`; Keras `fit` takes it as ``fit(*xy)``
     xy: tuple = (data,)
     fed: dict = {}
@@ -145,11 +140,9 @@ def measure_defaults(model: str, rounds: int, arrays: bool) -> None:
         s, step = state(), tp.make_train_step(run.SCCE)
         return lambda: tp.fit_loop(s, given, step, epochs=1, verbose=verbose, **fed)
 
-    def keras_fit(verbose: int):  # compiled as tp.bench compiles a Keras row
-        s = state()
-        metrics = [m for name, m in s.metrics.items() if name != "loss"]
-        s.model.compile(s.optimizer, run.SCCE, metrics=metrics)
-        return lambda: s.model.fit(*xy, epochs=1, verbose=verbose, **fed)
+    def keras_fit(verbose: int):
+        model = _compiled(run, state)
+        return lambda: model.fit(*xy, epochs=1, verbose=verbose, **fed)
 
     runs = {"fit_loop verbose=1": tfpure_fit(1), "fit_loop verbose=0": tfpure_fit(0),
             "keras fit verbose=1": keras_fit(1), "keras fit verbose=0": keras_fit(0)}  # fmt: skip
@@ -158,6 +151,24 @@ def measure_defaults(model: str, rounds: int, arrays: bool) -> None:
             go()
         times = _interleaved(runs, rounds, steps)
     _report(times, "keras fit verbose=1")
+
+
+def _workload(run, model: str, steps: int):
+    """(`steps` batches of the model's data, a maker of fresh states): the tutorial MLP or
+    one of `benchmarks/run.py`'s real models."""
+    if model == "mlp":
+        return run.make_dataset(64, 64, steps), run.mlp_state(run.tutorial_mlp)
+    spec = run.REAL_MODELS[model]
+    return run.real_model_data(model, spec["batch"], steps), run.mlp_state(spec["build"])
+
+
+def _compiled(run, state):
+    """A fresh state's model compiled as `tp.bench` compiles a Keras row: the state's
+    optimizer and metrics."""
+    s = state()
+    metrics = [m for name, m in s.metrics.items() if name != "loss"]
+    s.model.compile(s.optimizer, run.SCCE, metrics=metrics)
+    return s.model
 
 
 def _batch_hook():
@@ -178,12 +189,7 @@ def measure_first(model: str, rounds: int) -> None:
     import tfpure as tp
 
     run = _run_module()
-    if model == "mlp":
-        data, build = run.make_dataset(64, 64, 8), run.tutorial_mlp
-    else:
-        spec = run.REAL_MODELS[model]
-        data, build = run.real_model_data(model, spec["batch"], 8), spec["build"]
-    state = run.mlp_state(build)
+    data, state = _workload(run, model, 8)
 
     def first(k: int, nonfinite, hook: bool = False):
         def go():
@@ -194,10 +200,7 @@ def measure_first(model: str, rounds: int) -> None:
         return go
 
     def keras_fit():
-        s = state()
-        metrics = [m for name, m in s.metrics.items() if name != "loss"]
-        s.model.compile(s.optimizer, run.SCCE, metrics=metrics)
-        s.model.fit(data, epochs=1, verbose=0)
+        _compiled(run, state).fit(data, epochs=1, verbose=0)
 
     runs = {}
     for name, k, hook in [("k=1", 1, False), ("k=1 batch hook", 1, True), ("k=16", 16, False)]:
