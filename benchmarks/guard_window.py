@@ -9,7 +9,8 @@
 ``mlp``: the tutorial MLP of `benchmarks/run.py` (64 batches of 64), driven through
 `Step.runner` (32 calls of 16 steps a round, rounds interleaved in one
 process): a guarded runner whose calls span a window (``span=True``, as
-`fit_loop` runs when no callback looks at single steps), a guarded runner
+`fit_loop` runs when no callback looks at single steps; ``lasting=True``:
+the data repeats, as `fit_loop` knows data of known length lasts), a guarded runner
 judging every step (``span=False``, as with a batch hook), and an unguarded
 one. Prints the median per-step time of each and the paired medians of
 guarded / unguarded. ``mobilenet`` / ``transformer``: `tp.bench.compare` on
@@ -63,7 +64,7 @@ def measure_mlp(rounds: int) -> None:
     for name, nonfinite, span in [("window", "raise", True), ("per step", "raise", False),
                                   ("no guard", None, True)]:  # fmt: skip
         s, step = state(), tp.make_train_step(loss, nonfinite=nonfinite)
-        runners[name] = step.runner(s, iter(data), span=span)
+        runners[name] = step.runner(s, iter(data), span=span, lasting=True)  # (data repeats)
         for _ in range(20):  # warm-up: traces, graph optimisation
             runners[name](16)
     calls = {name: functools.partial(_calls, run, 32, 16) for name, run in runners.items()}

@@ -217,7 +217,9 @@ def test_a_failed_step_inside_a_fused_call_ends_as_single_steps_end_bit_for_bit(
         )
         results.append(run(step, state, batches))
         examples.append(step.examples(state))
-    assert step.engine(state).window.on_next.experimental_get_tracing_count() == 0
+    window = step.engine(state).window
+    assert window.on_next.experimental_get_tracing_count() == 0
+    assert window.on_lasting.experimental_get_tracing_count() == 0
     (error, fused, fused_logs), *others = results
     assert error is not None or fused_logs["skipped"] == 3
     assert examples[0] == examples[1] == examples[2]

@@ -149,18 +149,32 @@ def test_fit_loop_equals_tutorial_loop():
     for a, b in zip(model.variables, reference.variables, strict=True):
         np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
     # One step a call, nothing looking at the state between steps (verbose=0): windows of
-    # straight-line steps (`Window.on_next`), traced once for both epochs and judged
-    # together. Every op of a step that writes a variable waits for the batch, so the
-    # data's end (get_next raising) comes before any write: in a window's step (the count
-    # of batches pulled, the body's call, the examples counted, the window's verdict so
-    # far) as in a step judged alone (`on_next`: 3 shadows saved, arming and disarming,
-    # the examples counted, the body's call, the put-back and failure-record branches).
-    engine = step.engine(state)
-    assert engine.window.on_next.experimental_get_tracing_count() == 1
+    # straight-line steps, traced once for both epochs and judged together: over data of
+    # known length, which lasts to each epoch's end, `Window.on_lasting`; over data of
+    # unknown length, `Window.on_next`, which counts the batches its steps pull (to tell
+    # the data's end from a step's own OutOfRangeError). Both equal the tutorial loop.
+    unknown = make_state(SPEC.build(2)), tp.make_train_step(SCCE)
+    _, history_u = tp.fit_loop(*unknown[:1], data.filter(lambda *_: True), unknown[1],
+                               epochs=2, verbose=0)  # fmt: skip
+    assert history_u == history
+    for a, b in zip(unknown[0].model.variables, reference.variables, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
+    engine, counted = step.engine(state), unknown[1].engine(unknown[0])
+    assert engine.window.on_lasting.experimental_get_tracing_count() == 1
+    assert counted.window.on_next.experimental_get_tracing_count() == 1
+    assert engine.window.on_next.experimental_get_tracing_count() == 0
+    assert counted.window.on_lasting.experimental_get_tracing_count() == 0
     assert engine.on_next.experimental_get_tracing_count() == 0
     assert engine.on_iterator.experimental_get_tracing_count() == 0
+    # Every op of a step that writes a variable waits for the batch, so the data's end
+    # (get_next raising) comes before any write: in a window's step (the body's call,
+    # the examples counted, the window's verdict so far; counted: and the count of
+    # batches pulled) as in a step judged alone (`on_next`: 3 shadows saved, arming and
+    # disarming, the examples counted, the body's call, the put-back and failure-record
+    # branches).
     spec = tf.data.IteratorSpec(data.element_spec), tf.TensorSpec([], tf.int32)
-    for function, n in [(engine.window.on_next, 4), (engine.on_next, 9)]:
+    windows = [(engine.window.on_lasting, 3), (engine.window.on_next, 4)]
+    for function, n in [*windows, (engine.on_next, 9)]:
         writes = [op for op in function.get_concrete_function(*spec).graph.get_operations()
                   if op.type in WRITES]  # fmt: skip
         assert len(writes) == n and all("IteratorGetNext" in ancestors(op) for op in writes)
@@ -204,7 +218,8 @@ def test_one_step_calls_are_judged_in_windows_only_while_no_callback_looks_at_st
                                  verbose=verbose, callbacks=callbacks,
                                  actions=actions)  # fmt: skip
         engine = step.engine(state)
-        window = engine.window.on_next.experimental_get_tracing_count()
+        window = engine.window.on_lasting.experimental_get_tracing_count()
+        assert engine.window.on_next.experimental_get_tracing_count() == 0
         assert (window, engine.on_next.experimental_get_tracing_count()) == (
             (1, 0) if windowed else (0, 1)
         ), verbose

@@ -414,10 +414,15 @@ def test_messages_name_states_by_their_keys():
         renamed(s, batch)
 
 
-def test_an_out_of_range_error_of_the_step_itself_is_raised_not_taken_for_the_datas_end():
+@pytest.mark.parametrize("known_length", [True, False])
+def test_an_out_of_range_error_of_the_step_itself_is_raised_not_taken_for_the_datas_end(
+    known_length,
+):
     """At one step a call the data's end is the loop's `get_next` raising OutOfRangeError.
     The same error raised by the step past its batch (a body pulling from its own exhausted
-    iterator) is an error of that step: raised, the state unchanged, not a quiet end."""
+    iterator) is an error of that step: raised, the state unchanged, not a quiet end;
+    whether the window's steps count their batches (data of unknown length) or not (data
+    of known length, which the loop asks for no more batches than it holds)."""
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
     state = tp.TrainState.create(model=model, optimizer=keras.optimizers.SGD(0.1))
@@ -434,8 +439,15 @@ def test_an_out_of_range_error_of_the_step_itself_is_raised_not_taken_for_the_da
 
     ones = np.ones((4, 2), "float32"), np.ones((4, 1), "float32")
     before = [v.numpy() for v in model.weights]
+    data = tf.data.Dataset.from_tensor_slices(ones).batch(2)
+    if not known_length:
+        data = data.filter(lambda *_: True)
+    step = tp.make_step(body)
     with pytest.raises(tf.errors.OutOfRangeError):
-        tp.fit_loop(state, tf.data.Dataset.from_tensor_slices(ones).batch(2), tp.make_step(body))
+        tp.fit_loop(state, data, step, verbose=0)
+    window = step.engine(state).window
+    assert window.on_lasting.experimental_get_tracing_count() == int(known_length)
+    assert window.on_next.experimental_get_tracing_count() == int(not known_length)
     assert int(state.step) == 0
     for v, value in zip(model.weights, before, strict=True):
         np.testing.assert_array_equal(v.numpy(), value)

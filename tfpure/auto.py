@@ -258,8 +258,12 @@ def _seconds_per_step(
     """Seconds per step of `step` over `steps` steps of the repeated `trial` batches."""
     data = trial.repeat()
     groups = step.grouped(state, data)
-    run = step.runner(
-        state, iter(data if groups is None else groups), grouped=groups is not None, span=span
+    run = step.runner(  # (`lasting`: the batches repeat)
+        state,
+        iter(data if groups is None else groups),
+        grouped=groups is not None,
+        span=span,
+        lasting=True,
     )
     most = step.span(state) if span else step.steps_per_call
     done, start = 0, time.perf_counter()

@@ -450,45 +450,18 @@ class Engine:
         also = [part for v in self.body.also_written for part in components(v)]
         return [*self.rollback.covered, *also, self.examples]
 
-    def loop_function(self, grouped: bool = False, span: bool = False) -> Any:
+    def loop_function(
+        self, grouped: bool = False, span: bool = False, lasting: bool = False
+    ) -> Any:
         """The graph function the loops call on an iterator, ``fn(iterator, k)``: over
         groups of batches (`grouped`), one step straight-line (`on_next`; guarded, a step
-        of a `Window` when calls `span` several steps), or up to k."""
+        of a `Window` when calls `span` several steps, over data that is `lasting` or
+        not), or up to k."""
         if grouped:
             return self.on_groups
         if span and self.window is not None:
-            return self.window.on_next
+            return self.window.on_lasting if lasting else self.window.on_next
         return self.on_next if self.straight else self.on_iterator
-
-    def epoch_runner(
-        self, iterator: Any, grouped: bool = False, span: bool = False
-    ) -> Callable[[tf.Tensor], tuple[Any, Logs]]:
-        """A caller of the iterator function bound to one iterator (one epoch).
-
-        A `tf.function` call spends most of its time on dispatch when the
-        step is small: it hashes the iterator's type (its whole element
-        spec) on every call. The iterator and its signature are fixed for an
-        epoch, so the runner resolves the concrete function once and then
-        feeds it flat tensors (`tfpure.compat.flat_caller`). Under
-        `run_functions_eagerly`, or inside another graph, it falls back to
-        the ordinary call. A `grouped` iterator is over `group_batches` data
-        (run by `on_groups`). `span`: calls may run `span` steps (`_straight`).
-        """
-        if tf.config.functions_run_eagerly() or not tf.executing_eagerly():
-            if grouped:
-                return lambda limit: self.on_groups(iterator, limit)
-            return lambda limit: self.run_iterator(iterator, limit)
-        call = flat_caller(
-            self.loop_function(grouped, span).get_concrete_function(
-                iterator, tf.TensorSpec([], tf.int32)
-            ),
-            iterator,
-        )
-        if self.straight and not grouped:
-            return _straight(self, call, iterator, span)
-        if grouped or not self.deferred:
-            return call
-        return lambda limit: self.run_iterator(iterator, limit, call(limit))
 
     # -- recovery -------------------------------------------------------------------
 
@@ -499,6 +472,42 @@ class Engine:
 
     def explain_failure(self) -> str:
         return self.body.explain_failure()
+
+
+def epoch_runner(
+    engine: Engine,
+    iterator: Any,
+    grouped: bool = False,
+    span: bool = False,
+    lasting: bool = False,
+) -> Callable[[tf.Tensor], tuple[Any, Logs]]:
+    """A caller of `engine`'s iterator function bound to one iterator (one epoch).
+
+    A `tf.function` call spends most of its time on dispatch when the
+    step is small: it hashes the iterator's type (its whole element
+    spec) on every call. The iterator and its signature are fixed for an
+    epoch, so the runner resolves the concrete function once and then
+    feeds it flat tensors (`tfpure.compat.flat_caller`). Under
+    `run_functions_eagerly`, or inside another graph, it falls back to
+    the ordinary call. A `grouped` iterator is over `group_batches` data
+    (run by `on_groups`). `span`: calls may run `span` steps (`_straight`).
+    `lasting`: the iterator surely holds every batch a call asks for.
+    """
+    if tf.config.functions_run_eagerly() or not tf.executing_eagerly():
+        if grouped:
+            return lambda limit: engine.on_groups(iterator, limit)
+        return lambda limit: engine.run_iterator(iterator, limit)
+    call = flat_caller(
+        engine.loop_function(grouped, span, lasting).get_concrete_function(
+            iterator, tf.TensorSpec([], tf.int32)
+        ),
+        iterator,
+    )
+    if engine.straight and not grouped:
+        return _straight(engine, call, iterator, span, lasting)
+    if grouped or not engine.deferred:
+        return call
+    return lambda limit: engine.run_iterator(iterator, limit, call(limit))
 
 
 def _check_xla(spec: StepSpec, body: Body) -> None:
@@ -544,6 +553,9 @@ class Window:
         self.kept = variable(True, "tfpure_window_kept")
         self.pulled = variable(0, "tfpure_window_pulled")  # batches the window's steps got
         self.on_next = tf.function(self._on_next, reduce_retracing=True, autograph=False)
+        self.on_lasting = tf.function(
+            functools.partial(self._on_next, counted=False), reduce_retracing=True, autograph=False
+        )
         self.open = tf.function(self._open, autograph=False)
         self.close = tf.function(self._close, autograph=False)
         # One graph call (traced at the first failure): an interrupt cannot cut it half-way.
@@ -551,21 +563,27 @@ class Window:
         self._open_call: Callable[[], Any] = self.open  # (flat callers at the first window)
         self._close_call: Callable[[], Any] = self.close
 
-    def _on_next(self, iterator: Any, k: tf.Tensor) -> tuple[tf.Tensor, Logs, Any]:
-        """One unjudged step on the iterator's next batch: (1, logs, the batch). `k` is 1."""
+    def _on_next(
+        self, iterator: Any, k: tf.Tensor, counted: bool = True
+    ) -> tuple[tf.Tensor, Logs, Any]:
+        """One unjudged step on the iterator's next batch: (1, logs, the batch). `k` is 1.
+        Not `counted` (`on_lasting`): over data that surely lasts, no count of the batches
+        pulled (the data's end is then an error too)."""
         del k
         engine = self.engine
         engine.count_trace()
         batch = iterator.get_next()
         arrived = tf.nest.flatten(batch, expand_composites=True)
-        with tf.control_dependencies(arrived):
-            pulled = self.pulled.assign_add(1)
-        # Every op of the step waits for the batch (the data's end writes nothing), and
-        # every op that reads it waits for the count too (a step failing on its batch has
-        # counted it); the others (reading the weights) need not wait for the count.
-        with tf.control_dependencies([pulled]):
-            counted = tf.nest.map_structure(tf.identity, batch, expand_composites=True)
-        keep = engine._run_one(counted, "window", after=arrived)
+        step_batch = batch
+        if counted:
+            with tf.control_dependencies(arrived):
+                pulled = self.pulled.assign_add(1)
+            # Every op of the step waits for the batch (the data's end writes nothing), and
+            # every op that reads it waits for the count too (a step failing on its batch
+            # has counted it); the others (reading the weights) need not wait for the count.
+            with tf.control_dependencies([pulled]):
+                step_batch = tf.nest.map_structure(tf.identity, batch, expand_composites=True)
+        keep = engine._run_one(step_batch, "window", after=arrived)
         with tf.control_dependencies([self.kept.assign(tf.logical_and(self.kept, keep))]):
             return tf.constant(1), engine.body.logs(), batch
 
@@ -584,10 +602,12 @@ class Window:
     def _restore(self) -> None:
         self.put_back(self.before)
 
-    def run(self, call: Any, limit: tf.Tensor, n: int, spec: Any) -> tuple[int, Logs]:
-        """Up to `n` steps, ``call(limit)`` each (the flat caller of `on_next`), judged
-        once: (steps run, logs). The data's end ends the window early. `spec`: the
-        batches' (the iterator's element spec)."""
+    def run(
+        self, call: Any, limit: tf.Tensor, n: int, spec: Any, lasting: bool = False
+    ) -> tuple[int, Logs]:
+        """Up to `n` steps, ``call(limit)`` each (the flat caller of `on_next`, or of
+        `on_lasting` over `lasting` data), judged once: (steps run, logs). The data's end
+        ends the window early. `spec`: the batches' (the iterator's element spec)."""
         if self.written is None:
             self.written = self.engine._written()
             # Called as the steps are (`flat_caller`): a window's two calls of its own
@@ -596,11 +616,13 @@ class Window:
             self._close_call = flat_caller(self.close.get_concrete_function())
         self.before = self._open_call()
         try:
-            return self._run(call, limit, n, spec)
+            return self._run(call, limit, n, spec, lasting)
         finally:
             self.before = []  # (held no longer: the steps after the window update in place)
 
-    def _run(self, call: Any, limit: tf.Tensor, n: int, spec: Any) -> tuple[int, Logs]:
+    def _run(
+        self, call: Any, limit: tf.Tensor, n: int, spec: Any, lasting: bool
+    ) -> tuple[int, Logs]:
         batches: list[Any] = []
         logs: Logs = {}
         try:
@@ -608,10 +630,11 @@ class Window:
                 _, logs, batch = call(limit)
                 batches.append(batch)
         except tf.errors.OpError as err:
-            failed = not isinstance(err, tf.errors.OutOfRangeError)
+            failed = lasting or not isinstance(err, tf.errors.OutOfRangeError)
             if failed or int(self.pulled.numpy()) > len(batches):
-                # The step failed, or the data did (then the ops of the step that read no
-                # batch may have run): put back, and the steps before it one at a time.
+                # The step failed (over lasting data, whatever the error), or the data did
+                # (then the ops of the step that read no batch may have run): put back,
+                # and the steps before it one at a time.
                 self._restore()
                 self._again(batches, spec)
                 raise
@@ -672,17 +695,19 @@ def _examples_in(engine: Engine, batch: Any) -> tf.Tensor:
     return tf.add_n(sizes)
 
 
-def _straight(engine: Engine, call: Any, iterator: Any, span: bool) -> Callable[[tf.Tensor], Any]:
+def _straight(
+    engine: Engine, call: Any, iterator: Any, span: bool, lasting: bool
+) -> Callable[[tf.Tensor], Any]:
     """The runner of a straight engine bound to `iterator`: ``run(limit)`` runs `limit`
     steps, one graph call each (`call`: the flat caller of `Engine.loop_function`), and
     returns (steps run, logs). Guarded, with calls that `span` steps, every call is one
-    `Window` (`call` then runs its steps)."""
+    `Window` (`call` then runs its steps; over `lasting` data, uncounted)."""
     window = engine.window if span else None
 
     def run(limit: tf.Tensor) -> tuple[Any, Logs]:
         n = int(limit)
         if window is not None:
-            return window.run(call, limit, n, iterator.element_spec)
+            return window.run(call, limit, n, iterator.element_spec, lasting)
         ran, logs = 0, None
         for _ in range(n):  # (n >= 1: `logs` is set)
             done, logs = _until_the_end(call, engine, limit)

@@ -22,7 +22,7 @@ from tfpure.batch import Batch, check_batch, check_batch_values, unpack
 from tfpure.builtin import EvalBody, TrainBody
 from tfpure.custom import UserBody
 from tfpure.distribute import cluster_task, strategy_of
-from tfpure.graph import Engine, can_group, group_batches
+from tfpure.graph import Engine, can_group, epoch_runner, group_batches
 from tfpure.guard import MARK, NonFiniteError
 from tfpure.losses import step_loss
 from tfpure.signature import relaxed
@@ -250,14 +250,20 @@ class Step:
         return int(self.engine(state).examples.numpy())
 
     def check_data(
-        self, state: Any, element_spec: Any, *, grouped: bool = False, span: bool = False
+        self,
+        state: Any,
+        element_spec: Any,
+        *,
+        grouped: bool = False,
+        span: bool = False,
+        lasting: bool = False,
     ) -> Any:
         """Traces the function that runs batches of `element_spec` from an iterator, once.
 
         The structure, shape and dtype checks run while tracing, so data that
         does not fit the model fails here, before a loop changes anything.
-        `grouped`: the elements are groups of batches (`grouped`); `span`: for a
-        `runner` whose calls span several steps. Returns the
+        `grouped`: the elements are groups of batches (`grouped`); `span`,
+        `lasting`: for a `runner` given these. Returns the
         traced `tf.types.experimental.ConcreteFunction` (None eagerly, or
         under a multi-worker strategy: the checks then run at the first step).
 
@@ -275,7 +281,7 @@ class Step:
         strategy = strategy_of(leaves(state))
         if not tf.config.functions_run_eagerly() and cluster_task(strategy) is None:
             engine = self.engine(state)
-            return engine.loop_function(grouped, span).get_concrete_function(
+            return engine.loop_function(grouped, span, lasting).get_concrete_function(
                 tf.data.IteratorSpec(element_spec), tf.TensorSpec([], tf.int32)
             )
         return None
@@ -319,7 +325,13 @@ class Step:
         return group_batches(data, self.spec.steps_per_call)
 
     def runner(
-        self, state: Any, iterator: Any, *, grouped: bool = False, span: bool = False
+        self,
+        state: Any,
+        iterator: Any,
+        *,
+        grouped: bool = False,
+        span: bool = False,
+        lasting: bool = False,
     ) -> Callable[[int | None], tuple[Logs, Any]]:
         """Like `run_on_iterator`, but bound to one iterator: the loops' fast path.
 
@@ -328,6 +340,11 @@ class Step:
         is over `grouped` data. `span`: the caller asks for up to `span(state)`
         steps a call while nothing looks at the state between them; at one step
         a call a guarded step then judges each call's steps together (a window).
+        `lasting`: the iterator surely holds every batch the caller asks for (a
+        dataset of known length, asked for no more; or repeated): a window's steps
+        then need not count the batches they pull to tell the data's end from an
+        `OutOfRangeError` of a step's own, which is cheaper. An `OutOfRangeError`
+        is then an error of the step, as any other.
 
         Example:
           >>> import keras, tensorflow as tf, tfpure as tp
@@ -340,7 +357,7 @@ class Step:
           [4, 2, 0]
         """
         engine = self.engine(state)
-        runner = self._run(engine, engine.epoch_runner, iterator, grouped, span)
+        runner = self._run(engine, epoch_runner, engine, iterator, grouped, span, lasting)
 
         def run(max_steps: int | None) -> tuple[Logs, Any]:
             if max_steps is not None and max_steps < 1:  # a call of no step

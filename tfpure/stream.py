@@ -205,7 +205,9 @@ class Feed:
         self.span = step.span(state) if self.in_graph and span else self.steps_per_call
         self._run = None
         if self.in_graph:
-            self._run = step.runner(state, iterator, grouped=grouped, span=span)
+            self._run = step.runner(
+                state, iterator, grouped=grouped, span=span, lasting=not counted
+            )
 
     def call(self, n: int, begin: Callable[[], None]) -> tuple[Logs | None, int]:
         """Runs up to `n` steps (`begin` first, unless the data has run out)."""
@@ -322,7 +324,11 @@ class DataStream:
         if isinstance(self.step, LoopStep) and isinstance(self.source, tf.data.Dataset):
             data = self.source if self.groups is None else self.groups
             return self.step.check_data(
-                self.state, data.element_spec, grouped=self.groups is not None, span=self.span
+                self.state,
+                data.element_spec,
+                grouped=self.groups is not None,
+                span=self.span,
+                lasting=not self.counted,
             )
         return None
 

@@ -51,13 +51,25 @@ class LoopStep(Protocol):
     def span(self, state: Any) -> int: ...
 
     def runner(
-        self, state: Any, iterator: Any, *, grouped: bool = False, span: bool = False
+        self,
+        state: Any,
+        iterator: Any,
+        *,
+        grouped: bool = False,
+        span: bool = False,
+        lasting: bool = False,
     ) -> Callable[[int | None], tuple[Logs, tf.Tensor]]: ...
 
     def grouped(self, state: Any, data: Any) -> Any: ...
 
     def check_data(
-        self, state: Any, element_spec: Any, *, grouped: bool = False, span: bool = False
+        self,
+        state: Any,
+        element_spec: Any,
+        *,
+        grouped: bool = False,
+        span: bool = False,
+        lasting: bool = False,
     ) -> Any: ...
 
 
