@@ -530,8 +530,11 @@ class Window:
 
     A loop whose calls span several steps (nothing looks at the state between
     them: no batch hook listens, no action or save is due) runs a call of n
-    steps as n graph calls of `on_next`, each step unjudged (``put_back="window"``:
-    it checks only that its batch held examples and a loss scale's overflow;
+    steps as n graph calls of `on_next` (of `on_lasting` over data the loop
+    knows lasts to the window's end: its steps do not count the batches they
+    pull, and any `OutOfRangeError` is a step's error), each step unjudged
+    (``put_back="window"``: it checks only that its batch held examples and a
+    loss scale's overflow;
     its updates need not wait for its forward pass) and handing back its
     batch, then judges the state the window leaves once
     (`Body.verdict`, as a fused call is judged). The window holds the values
