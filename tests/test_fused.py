@@ -79,8 +79,18 @@ def test_fused_conv_steps_equal_single_steps_and_keras_steps_per_execution_bit_f
     ends = []
     for k in (1, 8):
         state = tp.TrainState.create(model=hard_swish_cnn(), optimizer=keras.optimizers.Adam())
-        state, _ = tp.fit_loop(state, data, tp.make_train_step(SCCE, steps_per_call=k), verbose=0)
+        step = tp.make_train_step(SCCE, steps_per_call=k)
+        state, _ = tp.fit_loop(state, data, step, verbose=0)
         ends.append(state.model.get_weights())
+    # The fused loop's condition is whether a batch came: its body calls the step itself,
+    # in no branch (which would pass every variable through a switch at every step).
+    spec = tf.data.IteratorSpec(data.element_spec), tf.TensorSpec([], tf.int32)
+    graph = step.engine(state).on_iterator.get_concrete_function(*spec).graph
+    library = {f.signature.name: f for f in graph.as_graph_def().library.function}
+    (loop,) = [op for op in graph.get_operations() if op.type in ("While", "StatelessWhile")]
+    body = library[loop.get_attr("body").name].node_def
+    calls = [n.attr["f"].func.name for n in body if n.op.endswith("PartitionedCall")]
+    assert any("_one_" in name for name in calls), calls
     keras_model = hard_swish_cnn()
     keras_model.compile(optimizer=keras.optimizers.Adam(), loss=SCCE, steps_per_execution=8)
     keras_model.fit(data, epochs=1, verbose=0, shuffle=False)

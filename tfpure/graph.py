@@ -339,33 +339,38 @@ class Engine:
         """
         stop_on_failure = self._stops_on_failure
 
-        def cond(i: tf.Tensor, ok: tf.Tensor, more: tf.Tensor) -> tf.Tensor:
-            keep = tf.logical_and(i < k, more)
-            return tf.logical_and(keep, ok) if stop_on_failure else keep
-
-        def pull(i: tf.Tensor, ok: tf.Tensor) -> tuple:
-            optional = iterator.get_next_as_optional()
-            return tf.cond(
-                optional.has_value(),
-                lambda: (i + 1, self._run_one(optional.get_value()), tf.constant(True)),
-                lambda: (i, ok, tf.constant(False)),
-            )
-
-        def body(i: tf.Tensor, ok: tf.Tensor, more: tf.Tensor) -> tuple:
+        def batch_for(i: tf.Tensor) -> Any:  # (an optional: empty at the data's end)
             if replayed is None:
-                return pull(i, ok)
+                return iterator.get_next_as_optional()
             n, lists = replayed
             return tf.cond(
                 i < n,
-                lambda: (i + 1, self._run_one(_read_back(iterator, lists, i)), tf.constant(True)),
-                lambda: pull(i, ok),
+                lambda: tf.experimental.Optional.from_value(_read_back(iterator, lists, i)),
+                iterator.get_next_as_optional,
             )
 
-        start = (tf.constant(0), tf.constant(True), tf.constant(True))
+        def pull(i: tf.Tensor, ok: tf.Tensor) -> Any:
+            """The batch of step `i`, pulled only if the step is due; else empty."""
+            due = tf.logical_and(i < k, ok) if stop_on_failure else i < k
+            empty = tf.experimental.Optional.empty(iterator.element_spec)
+            return tf.cond(due, lambda: batch_for(i), lambda: empty)
+
+        def body(i: tf.Tensor, ok: tf.Tensor, batch: Any) -> tuple:
+            ok = self._run_one(batch.get_value())
+            return i + 1, ok, pull(i + 1, ok)
+
+        i, ok = tf.constant(0), tf.constant(True)
         if self.spec.steps_per_call == 1:  # Straight-line: no loop machinery.
-            i, ok, _ = body(*start)
-        else:
-            i, ok, _ = tf.while_loop(cond, body, start)
+            batch = batch_for(i)
+            return tf.cond(
+                batch.has_value(),
+                lambda: (i + 1, self._run_one(batch.get_value())),
+                lambda: (i, ok),
+            )
+        # The loop's condition is whether a batch came: the step runs in no branch (a
+        # branch would capture every variable the step touches, and pass each through a
+        # switch at every step), as Keras' `multi_step_on_iterator` runs its steps.
+        i, ok, _ = tf.while_loop(lambda i, ok, b: b.has_value(), body, (i, ok, pull(i, ok)))
         return i, ok
 
     def _on_groups(self, iterator: Any, k: tf.Tensor) -> tuple[tf.Tensor, Logs]:
@@ -764,27 +769,29 @@ def _deferred_loop(engine: Engine, iterator: Any, k: tf.Tensor) -> tuple:
     before = [tf.convert_to_tensor(v) for v in written]
     start = _no_replay(engine, iterator)[1]
 
-    def cond(i: tf.Tensor, keep: tf.Tensor, more: tf.Tensor, *pulled: Any) -> tf.Tensor:
-        return tf.logical_and(tf.logical_and(i < k, keep), more)
+    empty = tf.experimental.Optional.empty(iterator.element_spec)
 
-    def body(i: tf.Tensor, keep: tf.Tensor, more: tf.Tensor, *pulled: Any) -> tuple:
-        optional = iterator.get_next_as_optional()
+    def pull(i: tf.Tensor, keep: tf.Tensor) -> Any:
+        """The batch of step `i`, pulled only if the step is due; else empty."""
+        return tf.cond(tf.logical_and(i < k, keep), iterator.get_next_as_optional, lambda: empty)
 
-        def present() -> tuple:
-            batch = optional.get_value()
-            kept = [
-                tf.raw_ops.TensorListPushBack(input_handle=h, tensor=t)
-                for h, t in zip(pulled, tf.nest.flatten(batch), strict=True)
-            ]
-            return (i + 1, engine._run_one(batch, "defer"), tf.constant(True), *kept)
+    def body(i: tf.Tensor, keep: tf.Tensor, optional: Any, *pulled: Any) -> tuple:
+        batch = optional.get_value()
+        kept = [
+            tf.raw_ops.TensorListPushBack(input_handle=h, tensor=t)
+            for h, t in zip(pulled, tf.nest.flatten(batch), strict=True)
+        ]
+        keep = engine._run_one(batch, "defer")
+        return (i + 1, keep, pull(i + 1, keep), *kept)
 
-        return tf.cond(
-            optional.has_value(), present, lambda: (i, keep, tf.constant(False), *pulled)
-        )
-
+    # Whether a batch came is the loop's condition: no branch holds the step (see
+    # `Engine._step_loop`).
+    i, keep = tf.constant(0), tf.constant(True)
     with tf.control_dependencies([rollback.arm()]):
         i, keep, _, *pulled = tf.while_loop(
-            cond, body, (tf.constant(0), tf.constant(True), tf.constant(True), *start)
+            lambda i, keep, optional, *pulled: optional.has_value(),
+            body,
+            (i, keep, pull(i, keep), *start),
         )
     keep = _verdict(engine, i, keep)  # not kept: the caller puts it back and replays it
     with tf.control_dependencies([keep]):
