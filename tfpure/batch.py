@@ -13,7 +13,9 @@ is one of
 
 `as_model_loss` turns each into the third form. All checks here run while a
 step is traced, in Python, so bad input fails before the graph runs and
-before any variable changes.
+before any variable changes. `loop_over_batches` is the in-graph loop of
+steps over batches pulled from an iterator that training, evaluation,
+prediction and replay share.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ __all__ = [
     "check_batch",
     "check_batch_sizes",
     "check_batch_values",
+    "loop_over_batches",
     "required_positional",
     "targets_loss",
     "unpack",
@@ -126,6 +129,55 @@ def batch_size(x: Any) -> tf.Tensor:
       5
     """
     return tf.shape(tf.nest.flatten(x)[0])[0]
+
+
+def loop_over_batches(
+    next_batch: Callable[[tf.Tensor], Any],
+    element_spec: Any,
+    k: Any,
+    step: Callable[[tf.Tensor, Any, tuple], tuple],
+    carry: tuple,
+    go_on: Callable[[tuple], tf.Tensor] | None = None,
+) -> tuple[tf.Tensor, tuple]:
+    """Up to `k` steps in a `tf.while_loop`, each on its own batch: (steps run, carry).
+
+    ``next_batch(i)`` gives step i's batch (of `element_spec`) as a
+    `tf.experimental.Optional`, empty at the data's end, which ends the loop;
+    ``step(i, batch, carry)`` returns the new carry (a tuple of loop
+    values). Whether a batch came is the loop's condition, and each step
+    pulls the next batch at its end, only if that step is due (``i < k``
+    and, if given, ``go_on(carry)``), as Keras' `multi_step_on_iterator`
+    runs its steps: the step runs in no branch (a branch on its batch's
+    arrival would pass everything the step captures, every variable,
+    through a switch at every step).
+
+    Example:
+      >>> import tensorflow as tf
+      >>> from tfpure.batch import loop_over_batches
+      >>> @tf.function
+      ... def total(iterator, k):
+      ...     return loop_over_batches(
+      ...         lambda i: iterator.get_next_as_optional(), iterator.element_spec, k,
+      ...         lambda i, batch, carry: (carry[0] + batch,), (tf.constant(0, tf.int64),))
+      >>> iterator = iter(tf.data.Dataset.range(5))
+      >>> [(int(n), int(s)) for n, (s,) in (total(iterator, 3), total(iterator, 3))]
+      [(3, 3), (2, 7)]
+    """
+    empty = tf.experimental.Optional.empty(element_spec)
+
+    def pull(i: tf.Tensor, carry: tuple) -> Any:
+        due = i < k if go_on is None else tf.logical_and(i < k, go_on(carry))
+        return tf.cond(due, lambda: next_batch(i), lambda: empty)
+
+    def body(i: tf.Tensor, batch: Any, *carry: Any) -> tuple:
+        carry = tuple(step(i, batch.get_value(), carry))
+        return (i + 1, pull(i + 1, carry), *carry)
+
+    i = tf.constant(0)
+    i, _, *out = tf.while_loop(
+        lambda i, batch, *carry: batch.has_value(), body, (i, pull(i, carry), *carry)
+    )
+    return i, tuple(out)
 
 
 def _spec_shape(t: Any) -> tf.TensorShape:

@@ -49,6 +49,7 @@ import keras
 import tensorflow as tf
 
 from tfpure.arrays import array_groups
+from tfpure.batch import loop_over_batches
 from tfpure.compat import branch, flat_caller, keras_random_algorithm
 from tfpure.distribute import cluster_task, replica_share
 from tfpure.guard import MARK, Rollback, components, variable
@@ -349,16 +350,6 @@ class Engine:
                 iterator.get_next_as_optional,
             )
 
-        def pull(i: tf.Tensor, ok: tf.Tensor) -> Any:
-            """The batch of step `i`, pulled only if the step is due; else empty."""
-            due = tf.logical_and(i < k, ok) if stop_on_failure else i < k
-            empty = tf.experimental.Optional.empty(iterator.element_spec)
-            return tf.cond(due, lambda: batch_for(i), lambda: empty)
-
-        def body(i: tf.Tensor, ok: tf.Tensor, batch: Any) -> tuple:
-            ok = self._run_one(batch.get_value())
-            return i + 1, ok, pull(i + 1, ok)
-
         i, ok = tf.constant(0), tf.constant(True)
         if self.spec.steps_per_call == 1:  # Straight-line: no loop machinery.
             batch = batch_for(i)
@@ -367,10 +358,14 @@ class Engine:
                 lambda: (i + 1, self._run_one(batch.get_value())),
                 lambda: (i, ok),
             )
-        # The loop's condition is whether a batch came: the step runs in no branch (a
-        # branch would capture every variable the step touches, and pass each through a
-        # switch at every step), as Keras' `multi_step_on_iterator` runs its steps.
-        i, ok, _ = tf.while_loop(lambda i, ok, b: b.has_value(), body, (i, ok, pull(i, ok)))
+        i, (ok,) = loop_over_batches(
+            batch_for,
+            iterator.element_spec,
+            k,
+            lambda i, batch, carry: (self._run_one(batch),),
+            (ok,),
+            (lambda carry: carry[0]) if stop_on_failure else None,
+        )
         return i, ok
 
     def _on_groups(self, iterator: Any, k: tf.Tensor) -> tuple[tf.Tensor, Logs]:
@@ -769,29 +764,21 @@ def _deferred_loop(engine: Engine, iterator: Any, k: tf.Tensor) -> tuple:
     before = [tf.convert_to_tensor(v) for v in written]
     start = _no_replay(engine, iterator)[1]
 
-    empty = tf.experimental.Optional.empty(iterator.element_spec)
-
-    def pull(i: tf.Tensor, keep: tf.Tensor) -> Any:
-        """The batch of step `i`, pulled only if the step is due; else empty."""
-        return tf.cond(tf.logical_and(i < k, keep), iterator.get_next_as_optional, lambda: empty)
-
-    def body(i: tf.Tensor, keep: tf.Tensor, optional: Any, *pulled: Any) -> tuple:
-        batch = optional.get_value()
+    def step(i: tf.Tensor, batch: Any, carry: tuple) -> tuple:
         kept = [
             tf.raw_ops.TensorListPushBack(input_handle=h, tensor=t)
-            for h, t in zip(pulled, tf.nest.flatten(batch), strict=True)
+            for h, t in zip(carry[1:], tf.nest.flatten(batch), strict=True)
         ]
-        keep = engine._run_one(batch, "defer")
-        return (i + 1, keep, pull(i + 1, keep), *kept)
+        return (engine._run_one(batch, "defer"), *kept)
 
-    # Whether a batch came is the loop's condition: no branch holds the step (see
-    # `Engine._step_loop`).
-    i, keep = tf.constant(0), tf.constant(True)
-    with tf.control_dependencies([rollback.arm()]):
-        i, keep, _, *pulled = tf.while_loop(
-            lambda i, keep, optional, *pulled: optional.has_value(),
-            body,
-            (i, keep, pull(i, keep), *start),
+    with tf.control_dependencies([rollback.arm()]):  # (the loop stops at a step not kept)
+        i, (keep, *pulled) = loop_over_batches(
+            lambda i: iterator.get_next_as_optional(),
+            iterator.element_spec,
+            k,
+            step,
+            (tf.constant(True), *start),
+            lambda carry: carry[0],
         )
     keep = _verdict(engine, i, keep)  # not kept: the caller puts it back and replays it
     with tf.control_dependencies([keep]):

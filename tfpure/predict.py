@@ -22,7 +22,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfpure.arrays import from_arrays
-from tfpure.batch import check_batch, unpack
+from tfpure.batch import check_batch, loop_over_batches, unpack
 from tfpure.state import TrainState
 from tfpure.types import check_count
 
@@ -57,23 +57,17 @@ class _Predictor:
             tf.TensorArray(s.dtype, size=0, dynamic_size=True, infer_shape=False) for s in specs
         ]
 
-        def cond(i: tf.Tensor, more: tf.Tensor, *_: Any) -> tf.Tensor:
-            return tf.logical_and(i < self.steps_per_call, more)
+        def step(i: tf.Tensor, batch: Any, arrays: tuple) -> tuple:
+            outputs = tf.nest.flatten(forward(unpack(batch)[0]))
+            return tuple(a.write(i, y) for a, y in zip(arrays, outputs, strict=True))
 
-        def body(i: tf.Tensor, more: tf.Tensor, *arrays: tf.TensorArray) -> tuple:
-            optional = iterator.get_next_as_optional()
-
-            def step() -> tuple:
-                outputs = tf.nest.flatten(forward(unpack(optional.get_value())[0]))
-                return (
-                    i + 1,
-                    tf.constant(True),
-                    *(a.write(i, y) for a, y in zip(arrays, outputs, strict=True)),
-                )
-
-            return tf.cond(optional.has_value(), step, lambda: (i, tf.constant(False), *arrays))
-
-        i, _, *arrays = tf.while_loop(cond, body, (tf.constant(0), tf.constant(True), *arrays))
+        i, arrays = loop_over_batches(
+            lambda i: iterator.get_next_as_optional(),
+            iterator.element_spec,
+            self.steps_per_call,
+            step,
+            tuple(arrays),
+        )
         # No batch left (the data ended at a call boundary): nothing to concatenate.
         return i, [
             tf.cond(i > 0, a.concat, lambda s=s: tf.zeros([0], s.dtype))
