@@ -7,7 +7,7 @@ state (or a structure of states) it builds an `Engine` here, holding the
 
   * ``on_batch(batch) -> logs``: a call on one batch;
   * ``on_iterator(iterator, k) -> (steps_run, logs)``: up to `k` steps pulled
-    from a `tf.data` iterator inside the graph (a `tf.while_loop`);
+    from a `tf.data` iterator inside the graph (`batch.loop_over_batches`);
   * ``on_next(iterator, k)``: at one step a call on one device, that step,
     straight-line (and a guarded engine's `Window`, whose one-step calls a
     loop judges together while nothing looks at the state between them);
@@ -28,7 +28,7 @@ its steps run again one at a time as above (`replay`, a function of its own
 that only a failed call traces). Its results equal the per-step
 path's bit for bit (the same body, on the same batches, from the same
 seeds); a failure costs the call twice. A `Window` does the same across
-graph calls, its shadows holding the values from its start.
+graph calls, holding the values from its start as its `open` read them.
 
 Invariant of every guarded step: when a check fails, or the graph fails at
 run time in the forward pass (a label out of range, say), no variable the
