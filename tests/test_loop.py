@@ -153,13 +153,13 @@ def test_fit_loop_equals_tutorial_loop():
     # known length, which lasts to each epoch's end, `Window.on_lasting`; over data of
     # unknown length, `Window.on_next`, which counts the batches its steps pull (to tell
     # the data's end from a step's own OutOfRangeError). Both equal the tutorial loop.
-    unknown = make_state(SPEC.build(2)), tp.make_train_step(SCCE)
-    _, history_u = tp.fit_loop(*unknown[:1], data.filter(lambda *_: True), unknown[1],
-                               epochs=2, verbose=0)  # fmt: skip
+    state_u, step_u = make_state(SPEC.build(2)), tp.make_train_step(SCCE)
+    unknown_length = data.filter(lambda *_: True)
+    _, history_u = tp.fit_loop(state_u, unknown_length, step_u, epochs=2, verbose=0)
     assert history_u == history
-    for a, b in zip(unknown[0].model.variables, reference.variables, strict=True):
+    for a, b in zip(state_u.model.variables, reference.variables, strict=True):
         np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
-    engine, counted = step.engine(state), unknown[1].engine(unknown[0])
+    engine, counted = step.engine(state), step_u.engine(state_u)
     assert engine.window.on_lasting.experimental_get_tracing_count() == 1
     assert counted.window.on_next.experimental_get_tracing_count() == 1
     assert engine.window.on_next.experimental_get_tracing_count() == 0
