@@ -355,6 +355,11 @@ class Step:
           >>> run = step.runner(state, iter(data))
           >>> [int(run(None)[1]) for _ in range(3)]
           [4, 2, 0]
+          >>> # One step a call: a guard window of up to 16 calls, over data that lasts.
+          >>> one = tp.make_train_step("mse")
+          >>> run = one.runner(state, iter(data.repeat()), span=True, lasting=True)
+          >>> int(run(one.span(state))[1])
+          16
         """
         engine = self.engine(state)
         runner = self._run(engine, epoch_runner, engine, iterator, grouped, span, lasting)
