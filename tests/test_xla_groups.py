@@ -6,6 +6,8 @@ an action, checkpointed runs, `run_on_iterator`); a group of unlike batches (a
 ragged last batch) runs one step at a time.
 """
 
+import functools
+
 import keras
 import numpy as np
 import pytest
@@ -18,6 +20,7 @@ from tfpure.state import owned_variables
 from tfpure.testing.strategies import ModelSpec
 
 from reference import documented_shuffle, preempted_after
+from shared import reused
 
 SCCE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 SPEC = ModelSpec((5,), (("dense", 6), ("dropout", 50), ("batchnorm", 0)), num_classes=3, l2=0.01)
@@ -44,15 +47,30 @@ def traces(step, state, name):
     return getattr(step.engine(state), name).experimental_get_tracing_count()
 
 
+def xla_single():
+    """A state and an XLA step of one step a call, shared by the tests (`reused`)."""
+    return reused("xla-single", lambda: (make_state(), tp.make_train_step(SCCE, jit_compile=True)))
+
+
+@functools.cache
+def grouped_run(**schedule):
+    """`fit_loop` of a fresh state and XLA step at 4 steps a call over `data()`: (history,
+    every variable's value, how often `on_groups` was traced, the steps run). Run once
+    per process: tests compare runs to it."""
+    state, step = make_state(), xla_step()
+    _, history = tp.fit_loop(state, data(), step, verbose=0, **schedule)
+    values = [v.numpy() for v in owned_variables(state)]
+    return history, values, traces(step, state, "on_groups"), int(state.step)
+
+
 def test_groups_from_the_data_equal_batches_stacked_in_the_graph_bit_for_bit():
     """45 examples in batches of 8: 6 batches, the last of 5. Grouped by the data
     (the epoch's calls are whole): a group of 4 alike, then [8, 5] one by one. Stacked
     in the graph (an action every 4 steps cuts the calls): a call of 4 stacked, then
     the epoch's last 2, the next epoch's first 2 steps one by one, then 4 stacked. Both run the same
     XLA loop on the stacked batches, so the same bits."""
-    grouped, pulled = make_state(), make_state()
-    step_g, step_p = xla_step(), xla_step()
-    _, history_g = tp.fit_loop(grouped, data(), step_g, epochs=2, verbose=0)
+    history_g, grouped, grouped_traces, _ = grouped_run(epochs=2)
+    pulled, step_p = make_state(), xla_step()
     seen = []
     _, history_p = tp.fit_loop(
         pulled,
@@ -64,20 +82,20 @@ def test_groups_from_the_data_equal_batches_stacked_in_the_graph_bit_for_bit():
     )
     assert seen == [4, 8, 12]
     assert history_g == history_p
-    for a, b in zip(grouped.model.variables, pulled.model.variables, strict=True):
-        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
-    assert int(grouped.step) == int(pulled.step) == 12
+    for a, b in zip(grouped, owned_variables(pulled), strict=True):
+        np.testing.assert_array_equal(a, b.numpy(), err_msg=b.name)
+    assert int(pulled.step) == 12
     # Each run took its path: data groups once traced, or none.
-    assert traces(step_g, grouped, "on_groups") == 1
+    assert grouped_traces == 1
     assert traces(step_p, pulled, "on_groups") == 0
 
 
 @pytest.mark.parametrize("n, batch", [(45, 8), (3, 8)])
 def test_xla_groups_equal_single_xla_steps(n, batch):
     """A short last group with a ragged last batch; one batch in all."""
-    fused, single = make_state(), make_state()
-    _, history_f = tp.fit_loop(fused, data(n, batch), xla_step(), epochs=1, verbose=0)
-    single_step = tp.make_train_step(SCCE, jit_compile=True)
+    fused, step = reused("xla-4", lambda: (make_state(), xla_step()))
+    single, single_step = xla_single()
+    _, history_f = tp.fit_loop(fused, data(n, batch), step, epochs=1, verbose=0)
     _, history_s = tp.fit_loop(single, data(n, batch), single_step, epochs=1, verbose=0)
     for name in history_s:
         np.testing.assert_allclose(history_f[name], history_s[name], rtol=1e-6, err_msg=name)
@@ -89,11 +107,12 @@ def test_xla_groups_equal_single_xla_steps(n, batch):
 def test_a_nonfinite_batch_inside_an_xla_group_stops_at_that_step_and_changes_nothing():
     x, _ = SPEC.batch(64, 0)
     x[21] = np.nan  # batch 2 (0-based) of 8-example batches: inside the first group of 4
-    state, reference = make_state(), make_state()
+    state = make_state()
     with pytest.raises(tp.NonFiniteError, match=r"at step 2 \(0-based\)"):
         tp.fold(xla_step(), state, data(64, 8, x))
     assert int(state.step) == 2
-    tp.fold(tp.make_train_step(SCCE, jit_compile=True), reference, data(64, 8, x).take(2))
+    reference, single_step = xla_single()
+    tp.fold(single_step, reference, data(64, 8, x).take(2))
     for a, b in zip(state.model.variables, reference.model.variables, strict=True):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-6, atol=1e-7, err_msg=a.path)
     for a, b in zip(state.optimizer.variables, reference.optimizer.variables, strict=True):
@@ -105,12 +124,12 @@ def test_a_skipped_batch_inside_an_xla_group_is_put_back_and_counted():
     back too), except for the step counter."""
     x, y = SPEC.batch(64, 0)
     x[21] = np.nan
-    skipping, reference = make_state(), make_state()
-    skipping, logs = tp.fold(xla_step(nonfinite="skip"), skipping, data(64, 8, x))
+    skipping, logs = tp.fold(xla_step(nonfinite="skip"), make_state(), data(64, 8, x))
     assert int(skipping.step) == 8 and int(logs["skipped"]) == 1
     keep = np.r_[0:16, 24:64]
     clean = tf.data.Dataset.from_tensor_slices((x[keep], y[keep])).batch(8)
-    tp.fold(tp.make_train_step(SCCE, jit_compile=True), reference, clean)
+    reference, single_step = xla_single()
+    tp.fold(single_step, reference, clean)
     for a, b in zip(skipping.model.variables, reference.model.variables, strict=True):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6, err_msg=a.path)
 
@@ -144,7 +163,8 @@ def test_an_xla_run_on_shuffled_arrays_is_fed_their_slices_bit_for_bit(monkeypat
     """fit_loop over arrays, XLA at 4 steps a call: the groups are the arrays' slices (no
     ``ragged_batch``), and the run equals one over the documented order's pipeline."""
     x, y = SPEC.batch(45, 0)
-    reference, step_r = make_state(), xla_step()
+    reference, step_r = reused("xla-4", lambda: (make_state(), xla_step()))
+    keras.utils.set_random_seed(0)  # (the order's draws depend on it, as the arrays' do)
     ordered = documented_shuffle((x, y), 3).batch(8)
     _, history_r = tp.fit_loop(reference, ordered, step_r, epochs=2, verbose=0)
     stacked = []
@@ -154,10 +174,7 @@ def test_an_xla_run_on_shuffled_arrays_is_fed_their_slices_bit_for_bit(monkeypat
     )
     sliced, step = make_state(), xla_step()
     _, history = tp.fit_loop(sliced, (x, y), step, batch_size=8, shuffle=3, epochs=2, verbose=0)
-    assert (
-        stacked == []
-        and traces(step, sliced, "on_groups") == traces(step_r, reference, "on_groups") == 1
-    )
+    assert stacked == [] and traces(step, sliced, "on_groups") == 1
     assert history == history_r
     for a, b in zip(owned_variables(sliced), owned_variables(reference), strict=True):
         np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.name)
@@ -217,10 +234,9 @@ def test_a_user_written_body_in_xla_groups_equals_single_xla_steps_and_skips_ali
 def test_a_step_budget_is_grouped_only_when_every_window_is_whole_calls(eval_every, grouped):
     """Windows of 8 steps are 2 whole calls of 4: the stream is grouped. Windows of 6 end
     in the middle of a call: the batches are pulled instead. Both run the budget exactly."""
-    state, step = make_state(), xla_step()
-    _, history = tp.fit_loop(state, data(), step, steps=24, eval_every=eval_every, verbose=0)
-    assert int(state.step) == 24 and len(history["loss"]) == 24 // eval_every
-    assert traces(step, state, "on_groups") == int(grouped)
+    history, _, on_groups, steps = grouped_run(steps=16, eval_every=eval_every)
+    assert len(history["loss"]) == -(-16 // eval_every)  # windows of 8, 8 or 6, 6, 4
+    assert steps == 16 and on_groups == int(grouped)
 
 
 @pytest.mark.parametrize("run", ["epochs", "budget"])
@@ -232,8 +248,7 @@ def test_a_checkpointed_run_is_fed_groups_and_resumes_on_them_bit_for_bit(
     extended to 16 by replaying two groups of the repeated data. Both runs of each take the
     grouped path and end as the uninterrupted run, bit for bit."""
     kwargs = {"epochs": 2} if run == "epochs" else {"steps": 16, "eval_every": 8}
-    reference = make_state()
-    _, history_r = tp.fit_loop(reference, data(), xla_step(), verbose=0, **kwargs)
+    history_r, reference, *_ = grouped_run(**kwargs)
     first, step = make_state(), xla_step()
     if run == "epochs":
         count = preempted_after(1, monkeypatch)  # a SIGTERM as the run sees it
@@ -254,6 +269,5 @@ def test_a_checkpointed_run_is_fed_groups_and_resumes_on_them_bit_for_bit(
     )
     assert traces(step, resumed, "on_groups") == 1
     assert history == history_r
-    mine, theirs = owned_variables(resumed), owned_variables(reference)
-    for a, b in zip(mine, theirs, strict=True):
-        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.name)
+    for a, b in zip(owned_variables(resumed), reference, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b, err_msg=a.name)
