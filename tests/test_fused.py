@@ -16,6 +16,7 @@ from tfpure.testing import strategies as tps
 from tfpure.testing.strategies import ModelSpec
 
 from reference import twin
+from shared import reused
 
 SCCE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 SPEC = ModelSpec((5,), (("dense", 6), ("dropout", 50), ("batchnorm", 0)), num_classes=3, l2=0.01)
@@ -436,15 +437,16 @@ def test_xla_windows_hold_their_start_while_xla_steps_write_and_end_as_single_st
     with bad steps at every position, windows end as XLA steps judged one at a time
     end, bit for bit, and no checkpoint holds a non-finite value."""
     ends = []
-    for name, callbacks in [("window", []), ("k1", [BatchEnd()])]:
-        state = state_maker(SPEC, 0)()
-        step = tp.make_train_step(SCCE, nonfinite="skip", jit_compile=True)
+    for name, callbacks in [("window", []), ("k1", [BatchEnd()])]:  # one XLA step compiled
+        state, step = reused("xla-skip", lambda: (
+            state_maker(SPEC, 0)(), tp.make_train_step(SCCE, nonfinite="skip", jit_compile=True)
+        ))  # fmt: skip
         ends.append((*checkpointed_run(state, step, tmp_path / name, POSITIONS, callbacks),
-                     state))  # fmt: skip
+                     values(state)))  # fmt: skip
     (history, saves, window), (single_history, single_saves, single) = ends
     assert history["skipped"] == [4, 1] and history == single_history
     assert saves == single_saves == saves_after(20)
-    for a, b in zip(values(window), values(single), strict=True):
+    for a, b in zip(window, single, strict=True):
         np.testing.assert_array_equal(a, b)
 
 
