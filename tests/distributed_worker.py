@@ -4,13 +4,14 @@
                                                [--checkpoint DIR] [--nan-batch I] [--gan]
                                                [--two-outputs]
     python tests/distributed_worker.py MODE --jobs JOBS.json
-    python tests/distributed_worker.py --fork MODE:JOBS.json [MODE:JOBS.json ...]
+    python tests/distributed_worker.py --fork MODE:JOBS.json[@TF_CONFIG.json] [...]
 
 ``--jobs`` runs several runs one after the other in one process, one strategy
 (a JSON list of ``[OUT, [options...]]``); a run that resumes from a checkpoint
 directory reads it afresh, as a new process would. ``--fork`` runs each
 MODE's jobs in a child forked from this process after TensorFlow is imported
-and before its runtime starts (so each child picks its own devices), one
+and before its runtime starts (so each child picks its own devices; a
+``multiworker`` child takes its TF_CONFIG from the file after ``@``), one
 interpreter start for all; it fails if any child fails.
 
 MODE is ``single`` (one device), ``mirrored`` (MirroredStrategy over two
@@ -304,10 +305,14 @@ def main():
         children = []
         for spec in sys.argv[2:]:
             mode, jobs = spec.split(":", 1)
+            jobs, _, config = jobs.partition("@")
             pid = os.fork()
             if pid == 0:
                 code = 0
                 try:
+                    if config:
+                        with open(config) as f:
+                            os.environ["TF_CONFIG"] = f.read()
                     run_jobs(mode, jobs)
                 except BaseException:
                     traceback.print_exc()

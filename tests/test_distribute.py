@@ -36,29 +36,21 @@ def free_port():
         return s.getsockname()[1]
 
 
-def run_two_workers(out_dir, jobs):
-    """Two MultiWorkerMirroredStrategy workers on 127.0.0.1, one process each, each running
-    `jobs` (option lists) one after the other; worker i's j-th run writes w{i}-{j}.npz."""
+def two_workers(out_dir, jobs):
+    """`--fork` specs of two MultiWorkerMirroredStrategy workers on 127.0.0.1, each running
+    `jobs` (option lists) one after the other; worker i's j-th run writes w{i}-{j}.npz.
+    (By hand: ``python tests/distributed_worker.py --fork SPEC0 SPEC1``.)"""
     workers = [f"127.0.0.1:{free_port()}" for _ in range(2)]
-    processes = []
+    specs = []
     for index in range(2):
         config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
+        (out_dir / f"w{index}-config.json").write_text(json.dumps(config))
         path = out_dir / f"w{index}-jobs.json"
         path.write_text(
             json.dumps([[str(out_dir / f"w{index}-{j}.npz"), o] for j, o in enumerate(jobs)])
         )
-        processes.append(
-            subprocess.Popen(
-                [sys.executable, str(WORKER), "multiworker", "--jobs", str(path)],
-                env={**os.environ, "TF_CONFIG": json.dumps(config)},
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-        )
-    for process in processes:
-        _, err = process.communicate(timeout=300)
-        assert process.returncode == 0, err[-3000:]
+        specs.append(f"multiworker:{path}@{out_dir / f'w{index}-config.json'}")
+    return specs
 
 
 def load(path):
@@ -83,7 +75,8 @@ def jobs_file(mode, jobs, directory):
 
 @pytest.fixture(scope="session")
 def runs(tmp_path_factory):
-    """The one-device references and the two-replica runs: two children of one process."""
+    """The one-device references, the two-replica runs and two multi-worker workers: four
+    children of one process."""
     base = tmp_path_factory.mktemp("distribute")
     ckpt = str(base / "ckpt")
     single = jobs_file(
@@ -108,7 +101,11 @@ def runs(tmp_path_factory):
         ],
         base,
     )
-    run("--fork", single, mirrored)
+    # The chief writes the checkpoints, both workers restore from them: 2 epochs, then the
+    # same run asked for 3 resumes at epoch 2 (the workers' second run).
+    shared = str(base / "mw-ckpt")
+    jobs = [["--epochs", "2", "--checkpoint", shared], ["--epochs", "3", "--checkpoint", shared]]
+    run("--fork", single, mirrored, *two_workers(base, jobs))
     return base
 
 
@@ -162,21 +159,16 @@ def test_mirrored_checkpoint_resume_equals_one_device(runs):
     assert_same_run(load(runs / "mirrored-resumed.npz"), load(runs / "single.npz"), replicas=2)
 
 
-def test_multiworker_with_checkpoint_resume_equals_one_device(tmp_path, runs):
-    """The chief writes the checkpoints, both workers restore from them: 2 epochs, then
-    the same run asked for 3 resumes at epoch 2 (the workers' second run)."""
-    ckpt = str(tmp_path / "ckpt")
-    run_two_workers(
-        tmp_path, [["--epochs", "2", "--checkpoint", ckpt], ["--epochs", "3", "--checkpoint", ckpt]]
-    )
-    assert sorted(os.listdir(ckpt)) == [
+def test_multiworker_with_checkpoint_resume_equals_one_device(runs):
+    """The chief writes the checkpoints, both workers restore from them (`runs`)."""
+    assert sorted(os.listdir(runs / "mw-ckpt")) == [
         ".tfpure.lock",  # the chief's: one writer per directory
         "checkpoint",
         *sorted(
             f"ckpt-{n}.{suffix}" for n in (8, 16, 24) for suffix in ("data-00000-of-00001", "index")
         ),
     ]  # the chief's files only: the other worker's copies are gone
-    first, resumed = load(tmp_path / "w0-0.npz"), load(tmp_path / "w0-1.npz")
+    first, resumed = load(runs / "w0-0.npz"), load(runs / "w0-1.npz")
     assert int(first["step"]) == 16 and int(resumed["trained"]) == 8  # resumed, not retrained
     assert_same_run(resumed, load(runs / "single.npz"), replicas=2)
 
