@@ -53,7 +53,7 @@ def xla_single():
 
 
 @functools.cache
-def grouped_run(**schedule):
+def xla_run(**schedule):
     """`fit_loop` of a fresh state and XLA step at 4 steps a call over `data()`: (history,
     every variable's value, how often `on_groups` was traced, the steps run). Run once
     per process: tests compare runs to it."""
@@ -69,7 +69,7 @@ def test_groups_from_the_data_equal_batches_stacked_in_the_graph_bit_for_bit():
     in the graph (an action every 4 steps cuts the calls): a call of 4 stacked, then
     the epoch's last 2, the next epoch's first 2 steps one by one, then 4 stacked. Both run the same
     XLA loop on the stacked batches, so the same bits."""
-    history_g, grouped, grouped_traces, _ = grouped_run(epochs=2)
+    history_g, grouped, grouped_traces, _ = xla_run(epochs=2)
     pulled, step_p = make_state(), xla_step()
     seen = []
     _, history_p = tp.fit_loop(
@@ -82,7 +82,7 @@ def test_groups_from_the_data_equal_batches_stacked_in_the_graph_bit_for_bit():
     )
     assert seen == [4, 8, 12]
     assert history_g == history_p
-    weights = pulled.model.variables  # (first of the values `grouped_run` returns)
+    weights = pulled.model.variables  # (the first of the values `xla_run` returns)
     for a, b in zip(grouped[: len(weights)], weights, strict=True):
         np.testing.assert_array_equal(a, b.numpy(), err_msg=b.path)
     assert int(pulled.step) == 12
@@ -235,7 +235,7 @@ def test_a_user_written_body_in_xla_groups_equals_single_xla_steps_and_skips_ali
 def test_a_step_budget_is_grouped_only_when_every_window_is_whole_calls(eval_every, grouped):
     """Windows of 8 steps are 2 whole calls of 4: the stream is grouped. Windows of 6 end
     in the middle of a call: the batches are pulled instead. Both run the budget exactly."""
-    history, _, on_groups, steps = grouped_run(steps=16, eval_every=eval_every)
+    history, _, on_groups, steps = xla_run(steps=16, eval_every=eval_every)
     assert len(history["loss"]) == -(-16 // eval_every)  # windows of 8, 8 or 6, 6, 4
     assert steps == 16 and on_groups == int(grouped)
 
@@ -249,7 +249,7 @@ def test_a_checkpointed_run_is_fed_groups_and_resumes_on_them_bit_for_bit(
     extended to 16 by replaying two groups of the repeated data. Both runs of each take the
     grouped path and end as the uninterrupted run, bit for bit."""
     kwargs = {"epochs": 2} if run == "epochs" else {"steps": 16, "eval_every": 8}
-    history_r, reference, *_ = grouped_run(**kwargs)
+    history_r, reference, *_ = xla_run(**kwargs)
     first, step = make_state(), xla_step()
     if run == "epochs":
         count = preempted_after(1, monkeypatch)  # a SIGTERM as the run sees it
