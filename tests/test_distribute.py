@@ -103,8 +103,11 @@ def runs(tmp_path_factory):
     )
     # The chief writes the checkpoints, both workers restore from them: 2 epochs, then the
     # same run asked for 3 resumes at epoch 2 (the workers' second run).
-    shared = str(base / "mw-ckpt")
-    jobs = [["--epochs", "2", "--checkpoint", shared], ["--epochs", "3", "--checkpoint", shared]]
+    together = str(base / "mw-ckpt")
+    jobs = [
+        ["--epochs", "2", "--checkpoint", together],
+        ["--epochs", "3", "--checkpoint", together],
+    ]
     run("--fork", single, mirrored, *two_workers(base, jobs))
     return base
 

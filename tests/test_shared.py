@@ -44,4 +44,5 @@ def test_a_reused_state_and_step_run_as_fresh_ones_bit_for_bit():
         for a, b in zip(values, other_values, strict=True):
             np.testing.assert_array_equal(a, b)
     state, step = reused("test", build)
-    assert int(state.step) == 0 and step.engine(state).on_batch.experimental_get_tracing_count()
+    window = step.engine(state).window.on_lasting
+    assert int(state.step) == 0 and window.experimental_get_tracing_count() == 1  # one trace
