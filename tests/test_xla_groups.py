@@ -69,7 +69,7 @@ def test_groups_from_the_data_equal_batches_stacked_in_the_graph_bit_for_bit():
     in the graph (an action every 4 steps cuts the calls): a call of 4 stacked, then
     the epoch's last 2, the next epoch's first 2 steps one by one, then 4 stacked. Both run the same
     XLA loop on the stacked batches, so the same bits."""
-    history_g, grouped, grouped_traces, _ = xla_run(epochs=2)
+    history_g, grouped, grouped_traces, grouped_steps = xla_run(epochs=2)
     pulled, step_p = make_state(), xla_step()
     seen = []
     _, history_p = tp.fit_loop(
@@ -85,7 +85,7 @@ def test_groups_from_the_data_equal_batches_stacked_in_the_graph_bit_for_bit():
     weights = pulled.model.variables  # (the first of the values `xla_run` returns)
     for a, b in zip(grouped[: len(weights)], weights, strict=True):
         np.testing.assert_array_equal(a, b.numpy(), err_msg=b.path)
-    assert int(pulled.step) == 12
+    assert grouped_steps == int(pulled.step) == 12
     # Each run took its path: data groups once traced, or none.
     assert grouped_traces == 1
     assert traces(step_p, pulled, "on_groups") == 0
