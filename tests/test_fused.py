@@ -327,24 +327,24 @@ def test_an_error_of_the_data_ends_a_window_with_its_steps_kept():
     """The data failing inside a window of one-step calls (a check in its pipeline, at
     batch 5): the window is put back and its steps before the error run again one at a
     time, so they are kept as single steps keep them (bit for bit), and the data's error
-    is raised."""
+    is raised. A fused call pulls its batches before any step runs: the data failing in
+    its pull (batch 5, of the second call of 4) raises before the call writes anything,
+    its batch 4 unrun (never judged: it leaves no trace), and the run ends as single
+    steps end after the first call."""
     x, y = SPEC.batch(64, 0)
     x[43] = np.nan  # batch 5 (0-based) of 8-example batches
     checked = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
     checked = checked.map(lambda x, y: (tf.debugging.check_numerics(x, "bad data"), y))
-    ends = []
-    for window in (True, False):
-        state, step = state_maker(SPEC, 0)(), tp.make_train_step(SCCE)
-        if window:
-            with pytest.raises(tf.errors.InvalidArgumentError, match="bad data"):
-                tp.fold(step, state, checked)
-        else:
-            for batch in checked.take(5):
-                state, _ = step(state, batch)
-        ends.append(values(state))
-    assert int(ends[0][0]) == 5
-    for a, b in zip(*ends, strict=True):
-        np.testing.assert_array_equal(a, b)
+    for k, single in [(1, 5), (4, 4)]:
+        state = state_maker(SPEC, 0)()
+        with pytest.raises(tf.errors.InvalidArgumentError, match="bad data"):
+            tp.fold(tp.make_train_step(SCCE, steps_per_call=k), state, checked)
+        clean, step = state_maker(SPEC, 0)(), tp.make_train_step(SCCE)
+        for batch in checked.take(single):
+            clean, _ = step(clean, batch)
+        assert int(state.step) == single
+        for a, b in zip(values(state), values(clean), strict=True):
+            np.testing.assert_array_equal(a, b)
 
 
 def test_a_window_interrupted_between_its_steps_leaves_its_state_judged():
@@ -379,6 +379,37 @@ def test_a_window_interrupted_between_its_steps_leaves_its_state_judged():
     assert int(ends[0][0]) == 2 and int(ends[0][1]) == 1  # state.step, state.skipped
     for a, b in zip(*ends, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_fused_call_interrupted_once_its_steps_ran_leaves_the_state_from_before_it():
+    """A KeyboardInterrupt once a fused call's steps ran, before they are judged: the call
+    is put back (its batches consumed unrun), so the state is the one the call before it
+    left, judged: single steps' state after that call's batches, bit for bit."""
+    from tfpure.graph import Runner
+
+    data = dataset(SPEC, 64, 8)
+    state, step = state_maker(SPEC, 0)(), tp.make_train_step(SCCE, steps_per_call=4)
+    iterator = iter(data)
+    runner = Runner(step.engine(state).fused, iterator)
+    steps, calls = runner._steps, []
+
+    def interrupted(*args):
+        calls.append(steps(*args))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return calls[-1]
+
+    runner._steps = interrupted
+    assert runner(tf.constant(4))[0] == 4
+    with pytest.raises(KeyboardInterrupt):
+        runner(tf.constant(4))
+    clean, single = state_maker(SPEC, 0)(), tp.make_train_step(SCCE)
+    for batch in data.take(4):
+        clean, _ = single(clean, batch)
+    assert int(state.step) == 4 and len(calls) == 2
+    for a, b in zip(values(state), values(clean), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert len(list(iterator)) == 0  # the interrupted call's batches were consumed
 
 
 class BatchEnd(keras.callbacks.Callback):

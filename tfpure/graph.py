@@ -21,14 +21,14 @@ gives the verdict in cross-replica context; a failed step puts them back
 with ``jit_compile=True``.
 
 A guarded call of several steps on one device pulled from an iterator
-judges them at once instead (`Engine._deferred_loop`): its steps run with
-nothing put back, the call holding the values from before it and the
-batches it pulled; if a step is not kept, the call puts everything back and
+judges them at once instead (`Fused`): the call pulls its batches first and
+holds the values from before it; its steps run with nothing put back; if a
+step is not kept, or one fails at run time, the call puts everything back and
 its steps run again one at a time as above (`replay`, a function of its own
-that only a failed call traces). Its results equal the per-step
-path's bit for bit (the same body, on the same batches, from the same
-seeds); a failure costs the call twice. A `Window` does the same across
-graph calls, holding the values from its start as its `open` read them.
+that only a failed call traces). Its results equal the per-step path's bit
+for bit (the same body, on the same batches, from the same seeds); a failure
+costs the call twice. A `Window` does the same across one-step graph calls,
+holding the values from its start as its `open` read them.
 
 Invariant of every guarded step: when a check fails, or the graph fails at
 run time in the forward pass (a label out of range, say), no variable the
@@ -61,8 +61,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Body", "Engine"]
 
-PutBack = Literal["cond", "inline", "defer", "window"]
-JUDGED_LATER = ("defer", "window")  # (`Engine._run_one`)
+PutBack = Literal["cond", "inline", "window"]
 
 
 class Body(Protocol):
@@ -80,7 +79,7 @@ class Body(Protocol):
     rollback_variables: Sequence[Any]
     #: What else a step may write: its values held before each step.
     held_variables: Sequence[Any]
-    #: What a step writes beyond the guard's cover (a deferred call puts it back too).
+    #: What a step writes beyond the guard's cover (a `Fused` call puts it back too).
     also_written: Sequence[Any]
 
     def one(self, batch: Any, judge: bool = True, ordered: bool = True) -> Any:
@@ -133,8 +132,6 @@ class Engine:
         # Several processes: the loops hand over per-replica batches (see _run_one).
         self.sharded = cluster_task(self.strategy) is not None
         self.guarded = body.train and spec.nonfinite is not None
-        # Guarded, several steps a call on one device: judged at once (`_deferred_loop`).
-        self.deferred = self.guarded and self.strategy is None and spec.steps_per_call > 1
         # Examples run through the step (kept or skipped): the loops' throughput.
         self.examples = examples
         # Built by `Step.engine` under the strategy's scope, like the body's variables.
@@ -171,11 +168,15 @@ class Engine:
         self.on_batch = tf.function(self._on_batch, autograph=False)
         self.signatures = Signatures(body.model)
         loop = functools.partial(tf.function, reduce_retracing=True, autograph=False)
-        self.on_iterator, self.replay = loop(self._on_iterator), loop(self._replay)
+        self.on_iterator = loop(self._on_iterator)
         self.straight = spec.steps_per_call == 1 and self.strategy is None  # (`_on_next`)
         self.on_next = loop(functools.partial(_on_next, self))
         self.span = WINDOW if self.straight else spec.steps_per_call  # (`Step.span`)
         self.window = Window(self) if self.straight and self.guarded else None
+        # Guarded, several steps a call on one device, in the plain graph: a call's
+        # batches pulled first, its steps judged at once.
+        plain = spec.steps_per_call > 1 and self.strategy is None and not spec.jit_compile
+        self.fused = Fused(self) if self.guarded and plain else None
 
     # -- one step -----------------------------------------------------------------
 
@@ -193,14 +194,13 @@ class Engine:
             counted; returns "no failure";
           * ``"inline"``: nothing to undo: an unguarded step inside an XLA loop,
             the body run inline; returns "no failure";
-          * ``"defer"``: not here: the caller judges a whole call (`_deferred_loop`),
-            the step checking only that its batch held examples and a loss scale's
-            overflow (under XLA, all its checks: one XLA function for every path),
-            and the call its loss or logs and variables at its end; the
-            shadows are saved still, for `recover` after a run-time error in the
-            forward pass; returns "keep";
-          * ``"window"``: as "defer", across graph calls (`Window`): nothing is
-            saved (the window's shadows hold the values from its start).
+          * ``"window"``: not here: the caller judges the step with others, by
+            the state they leave (a `Window` of one-step calls, a `Fused` call),
+            the step checking only that its batch held examples and a loss
+            scale's overflow (under XLA, all its checks: one XLA function for
+            every path); nothing is saved (the caller holds the values from
+            before its steps, and puts them back after a run-time error too), and
+            its updates need not wait for its forward pass; returns "keep".
 
         `after`: what the shadows' saving waits for (the batch, when pulling it
         may fail: no shadow is then saved, and nothing is armed).
@@ -212,9 +212,6 @@ class Engine:
             with tf.control_dependencies(after):
                 first, held = rollback.save()
             first = first + held
-        elif put_back == "defer":
-            with tf.control_dependencies(after):
-                first, held = rollback.save_shadows(), []
         else:
             assert put_back == "window", put_back  # ("inline" steps are unguarded)
             first, held = list(after), []
@@ -222,11 +219,11 @@ class Engine:
             if put_back == "inline":
                 out = self.body.one(batch)
             else:
-                # Under XLA a deferred step is judged too: its XLA function is then the
-                # one the per-step paths (a ragged group, a replay) compile, not a second.
+                # Under XLA a step judged later is judged too: its XLA function is then
+                # the one the per-step paths (a ragged group) compile, not a second.
                 judge = put_back == "cond" or self.spec.jit_compile
-                out = self._dispatch(batch, judge, ordered=put_back != "window")
-            keep, ok = self.body.merge(out, record=put_back not in JUDGED_LATER)
+                out = self._dispatch(batch, judge, ordered=put_back == "cond")
+            keep, ok = self.body.merge(out, record=put_back == "cond")
         with tf.control_dependencies([keep, ok]):
             done = [self.examples.assign_add(_examples_in(self, batch))]
         if rollback is not None and put_back == "cond":
@@ -236,7 +233,7 @@ class Engine:
             with tf.control_dependencies([kept, *done]):
                 done = [rollback.disarm()]
         with tf.control_dependencies(done):
-            return tf.identity(keep if put_back in JUDGED_LATER else ok)
+            return tf.identity(keep if put_back == "window" else ok)
 
     def _undo(self, held: list[tf.Tensor]) -> tf.Tensor:
         """The branch of a step not kept: its shadows and `held` values put back; then,
@@ -278,77 +275,50 @@ class Engine:
         with tf.control_dependencies(self._assert_kept(ok)):
             return self.body.logs()
 
-    def _on_iterator(self, iterator: Any, k: tf.Tensor) -> Any:
-        """(steps run, logs), and for a deferred call the replay it asks for (`_deferred_loop`):
-        (whether to replay it, the lists of the batches it pulled, the values from before it
-        of the variables it may have written)."""
+    def _on_iterator(self, iterator: Any, k: tf.Tensor) -> tuple[tf.Tensor, Logs]:
+        """Up to `k` steps pulled from `iterator`, each judged on its own: (steps run, logs).
+        (Under XLA, a whole call's batches stacked in one XLA loop: `_on_pulled`.)"""
         self.count_trace()
         if self.groups and _dense(iterator):
-            i, ok, *replay = tf.cond(
+            i, ok = tf.cond(
                 tf.equal(k, self.spec.steps_per_call),
-                lambda: (*_on_pulled(self, iterator), *_no_replay(self, iterator)),
-                lambda: self._loop(iterator, k),
+                lambda: _on_pulled(self, iterator),
+                lambda: self._step_loop(iterator, k),
             )
         else:
-            i, ok, *replay = self._loop(iterator, k)
+            i, ok = self._step_loop(iterator, k)
         with tf.control_dependencies(self._assert_kept(ok)):
-            out = tf.identity(i), self.body.logs()
-        return (*out, tuple(replay)) if self.deferred else out
+            return tf.identity(i), self.body.logs()
 
-    def run_iterator(self, iterator: Any, k: tf.Tensor, out: Any = None) -> tuple[tf.Tensor, Logs]:
-        """``on_iterator(iterator, k)`` (or its outputs `out`), and the replay a deferred
-        call asks for, step by step under the whole guard (`replay`, traced at the first)."""
-        out = self.on_iterator(iterator, k) if out is None else out
-        if not self.deferred:
-            return out
-        i, logs, (again, lists, before) = out
-        replay = functools.partial(self.replay, iterator, k, (i, lists), before)
-        if tf.executing_eagerly():
-            return replay() if bool(again) else (i, logs)
-        return tf.cond(again, replay, lambda: (i, logs))
-
-    def _replay(self, iterator: Any, k: tf.Tensor, replayed: tuple, before: list) -> Any:
-        """A deferred call put back (every variable it may have written gets its value from
-        `before` it back), then run again one step at a time under the whole guard: the
-        batches it pulled read back first (`replayed`: how many, and their lists, as
-        `_step_loop` takes them), then new ones. (steps run, logs)."""
-        self.count_trace()
-        with tf.control_dependencies([_put_back(self._written(), before)]):
-            j, ok = self._step_loop(iterator, k, replayed)
-        with tf.control_dependencies(self._assert_kept(ok)):
-            return tf.identity(j), self.body.logs()
+    def run_iterator(self, iterator: Any, k: tf.Tensor) -> tuple[tf.Tensor, Logs]:
+        """Up to `k` steps pulled from `iterator`: (steps run, logs). A guarded plain-graph
+        engine of several steps a call, called eagerly on dense batches, judges them at
+        once (`Fused`); inside a caller's graph (which no Python can watch) each step is
+        judged on its own."""
+        if self.fused is not None and _dense(iterator) and tf.executing_eagerly():
+            return Runner(self.fused, iterator, ahead=False)(k)
+        return self.on_iterator(iterator, k)
 
     @property
     def _stops_on_failure(self) -> bool:
         return self.guarded and self.spec.nonfinite == "raise"
 
-    def _loop(self, iterator: Any, k: tf.Tensor) -> tuple:
-        """Up to `k` steps pulled from `iterator`: (steps run, no failure), and for a
-        deferred engine the replay asked for (`_deferred_loop`)."""
-        if self.deferred and _dense(iterator):
-            return _deferred_loop(self, iterator, k)
-        out = self._step_loop(iterator, k)
-        return (*out, *_no_replay(self, iterator)) if self.deferred else out
-
     def _step_loop(
-        self, iterator: Any, k: tf.Tensor, replayed: tuple[tf.Tensor, Any] | None = None
+        self, iterator: Any, k: tf.Tensor, pulled: tuple[list, tf.Tensor] | None = None
     ) -> tuple[tf.Tensor, tf.Tensor]:
         """Up to `k` steps, each on a batch pulled from `iterator`: (steps run, no failure).
 
-        `replayed`: (n, lists): the first n batches are read back from the lists a
-        deferred call kept of the batches it pulled (`_deferred_loop`), not pulled.
+        `pulled`: (lists, start): the batches are read back from these lists of batches a
+        `Fused` runner pulled (one list per leaf), from index `start`, instead (`iterator`
+        then gives only their spec).
         """
         stop_on_failure = self._stops_on_failure
 
         def batch_for(i: tf.Tensor) -> Any:  # (an optional: empty at the data's end)
-            if replayed is None:
+            if pulled is None:
                 return iterator.get_next_as_optional()
-            n, lists = replayed
-            return tf.cond(
-                i < n,
-                lambda: tf.experimental.Optional.from_value(_read_back(iterator, lists, i)),
-                iterator.get_next_as_optional,
-            )
+            lists, start = pulled
+            return tf.experimental.Optional.from_value(_read_back(iterator, lists, start + i))
 
         i, ok = tf.constant(0), tf.constant(True)
         if self.spec.steps_per_call == 1:  # Straight-line: no loop machinery.
@@ -497,6 +467,8 @@ def epoch_runner(
         if grouped:
             return lambda limit: engine.on_groups(iterator, limit)
         return lambda limit: engine.run_iterator(iterator, limit)
+    if engine.fused is not None and not grouped and _dense(iterator):
+        return Runner(engine.fused, iterator)
     call = flat_caller(
         engine.loop_function(grouped, span, lasting).get_concrete_function(
             iterator, tf.TensorSpec([], tf.int32)
@@ -505,9 +477,7 @@ def epoch_runner(
     )
     if engine.straight and not grouped:
         return _straight(engine, call, iterator, span, lasting)
-    if grouped or not engine.deferred:
-        return call
-    return lambda limit: engine.run_iterator(iterator, limit, call(limit))
+    return call
 
 
 def _check_xla(spec: StepSpec, body: Body) -> None:
@@ -539,7 +509,7 @@ class Window:
     batch, then judges the state the window leaves once
     (`Body.verdict`, as a fused call is judged). The window holds the values
     from its start of every variable the steps may write (`Engine._written`),
-    as a deferred call does: read by `open` and held in Python while the
+    as a `Fused` call does: read by `open` and held in Python while the
     window runs (a step's update then writes to new memory instead of over
     them; no shadow variables). A window not kept, or a call that fails at run
     time (its step, or the data with anything but its end), puts them back and
@@ -667,6 +637,165 @@ class Window:
         return logs
 
 
+class Fused:
+    """The guard of fused calls (several steps a call, on one device, in the plain graph,
+    called eagerly): a call's steps judged at once, by the state they leave.
+
+    The batches a call runs are pulled before it (the call before pulls them, in
+    the same graph call as its own steps, as an unguarded call pulls each batch
+    while the step before runs; the first call of a `Runner` by `pull`) and held
+    in Python as lists (one per leaf), with the values from before the call of
+    every variable its steps may write (`Engine._written`, read by `open`: a
+    step's update then writes to new memory instead of over them). `steps` runs
+    the call's steps on them unjudged (``put_back="window"``: each checks only
+    that its batch held examples and a loss scale's overflow; its updates need
+    not wait for its forward pass; the first step not kept ends them) and judges
+    the state they leave (`Body.verdict`: a non-finite weight, slot, statistic or
+    sum stays non-finite through the steps after the one that wrote it). A call
+    not kept, or whose steps fail at run time, is put back and its batches run
+    again one step at a time under the whole guard (`replay`, a function of its
+    own that only a failed call traces): it ends where single steps end, bit for
+    bit, the failing step raising its error again. An error of the data (anything
+    but its end) raises from the call that pulls the batch, before the steps of the
+    batches it pulled ahead of it run: those are never run or judged. What a
+    guarded step costs per step (saving shadows, the put-back branch, the wait
+    for the forward pass) is then paid once per call, and only when it fails.
+    """
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        loop = functools.partial(tf.function, reduce_retracing=True, autograph=False)
+        self.pull, self.steps, self.replay = loop(self._pull), loop(self._steps), loop(self._replay)
+        self.open = tf.function(self._open, autograph=False)
+        self.put_back = tf.function(
+            lambda before: _put_back(engine._written(), before), autograph=False
+        )
+
+    def _open(self) -> list[tf.Tensor]:
+        return [tf.convert_to_tensor(v) for v in self.engine._written()]
+
+    def _pull(self, iterator: Any, k: tf.Tensor) -> tuple[tf.Tensor, list]:
+        """Up to `k` batches pulled into lists: (how many, the lists)."""
+        lists = [
+            tf.raw_ops.EmptyTensorList(
+                element_shape=tf.constant(-1), max_num_elements=-1, element_dtype=spec.dtype
+            )
+            for spec in tf.nest.flatten(iterator.element_spec)
+        ]
+
+        def push(i: tf.Tensor, batch: Any, carry: tuple) -> tuple:
+            return tuple(
+                tf.raw_ops.TensorListPushBack(input_handle=h, tensor=t)
+                for h, t in zip(carry, tf.nest.flatten(batch), strict=True)
+            )
+
+        n, lists = loop_over_batches(
+            lambda i: iterator.get_next_as_optional(), iterator.element_spec, k, push, tuple(lists)
+        )
+        return n, list(lists)
+
+    def _steps(
+        self, iterator: Any, lists: list, start: tf.Tensor, n: tf.Tensor, ahead: tf.Tensor
+    ) -> tuple:
+        """The steps of the `n` batches of `lists` from `start`, unjudged, then judged at
+        once; meanwhile up to `ahead` more batches pulled: (kept, logs, pulled, lists)."""
+        engine = self.engine
+        engine.count_trace()
+        i, (keep,) = loop_over_batches(
+            lambda i: tf.experimental.Optional.from_value(_read_back(iterator, lists, start + i)),
+            iterator.element_spec,
+            n,
+            lambda i, batch, carry: (engine._run_one(batch, "window"),),
+            (tf.constant(True),),
+            lambda carry: carry[0],  # (a call not kept runs again: no need to go on)
+        )
+        return (_verdict(engine, i, keep), engine.body.logs(), *self._pull(iterator, ahead))
+
+    def _replay(
+        self, iterator: Any, lists: list, start: tf.Tensor, n: tf.Tensor, before: list
+    ) -> tuple[tf.Tensor, Logs]:
+        """A call put back (every variable it may have written gets its value from `before`
+        back), then its `n` batches (of `lists`, from `start`) run again one step at a
+        time under the whole guard: (steps run, logs)."""
+        engine = self.engine
+        engine.count_trace()
+        with tf.control_dependencies([_put_back(engine._written(), before)]):
+            j, ok = engine._step_loop(iterator, n, (lists, start))
+        with tf.control_dependencies(engine._assert_kept(ok)):
+            return tf.identity(j), engine.body.logs()
+
+
+class Runner:
+    """The calls of a `Fused` engine on one iterator: ``runner(limit) -> (steps run, logs)``.
+
+    Holds the batches its last call pulled ahead for the next ones (`ahead`:
+    a loop's runner, which lives as long as its iterator; a direct call's pulls
+    a call's batches alone), so a call's batches are pulled while the call before
+    runs its steps. A call runs `limit` steps (fewer at the data's end), on the
+    batches held, then on those pulled ahead.
+    """
+
+    def __init__(self, fused: Fused, iterator: Any, ahead: bool = True):
+        self.fused, self.ahead = fused, ahead
+        self.k = fused.engine.spec.steps_per_call
+        if tf.config.functions_run_eagerly():
+            self._pull = functools.partial(fused.pull, iterator)
+            self._steps = functools.partial(fused.steps, iterator)
+            self._open = fused.open
+        else:  # (flat callers, `flat_caller`: the loops call them once a call)
+            n = tf.TensorSpec([], tf.int32)
+            lists = [tf.TensorSpec([], tf.variant)] * len(tf.nest.flatten(iterator.element_spec))
+            self._pull = flat_caller(fused.pull.get_concrete_function(iterator, n), iterator)
+            steps = flat_caller(
+                fused.steps.get_concrete_function(iterator, lists, n, n, n), iterator
+            )
+            self._steps = lambda lists, *rest: steps(*lists, *rest)
+            self._open = flat_caller(fused.open.get_concrete_function())
+        self._replay = functools.partial(fused.replay, iterator)
+        self.lists: list = []
+        self.held = self.at = 0  # batches held, and the next one's index
+        self.ended = False  # no batch after those held
+
+    def __call__(self, limit: tf.Tensor) -> tuple[int, Logs]:
+        want, ran, logs = int(limit), 0, None
+        while ran < want:
+            if self.at == self.held and (self.ended or not self._refill(want - ran)):
+                break
+            n = min(want - ran, self.held - self.at)
+            logs = self._call(n, self.at + n == self.held and not self.ended and self.ahead)
+            ran += n
+        return ran, self.fused.engine.body.logs() if logs is None else logs
+
+    def _refill(self, want: int) -> int:
+        """Pulls the next call's batches (a call's, or `want` for a direct call)."""
+        held, self.lists = self._pull(tf.constant(self.k if self.ahead else want))
+        self.held, self.at = int(held), 0
+        self.ended = self.held < (self.k if self.ahead else want)
+        return self.held
+
+    def _call(self, n: int, ahead: bool) -> Logs:
+        """`n` steps on the held batches (pulling the next call's if `ahead`)."""
+        lists, at = self.lists, tf.constant(self.at)
+        before = self._open()
+        try:
+            kept, logs, held, pulled = self._steps(
+                lists, at, tf.constant(n), tf.constant(self.k if ahead else 0)
+            )
+        except tf.errors.OpError:
+            self._replay(lists, at, tf.constant(n), before)  # the failing step raises again
+            raise
+        except BaseException:  # (an interrupt once the steps ran: the state from before)
+            self.fused.put_back(before)
+            raise
+        if not bool(kept):
+            _, logs = self._replay(lists, at, tf.constant(n), before)
+        self.at += n
+        if ahead:
+            self.lists, self.held, self.at = pulled, int(held), 0
+            self.ended = self.held < self.k
+        return logs
+
+
 def _on_next(engine: Engine, iterator: Any, k: tf.Tensor) -> tuple[tf.Tensor, Logs]:
     """One step on the iterator's next batch, straight-line (`k` is 1): no branch on
     whether a batch came, whose capture of every variable costs a trace time and a
@@ -735,72 +864,6 @@ def _until_the_end(call: Any, engine: Engine, limit: tf.Tensor) -> tuple[tf.Tens
         return tf.constant(0), engine.body.logs()
 
 
-def _deferred_loop(engine: Engine, iterator: Any, k: tf.Tensor) -> tuple:
-    """`Engine._step_loop` with one verdict for the call, unless a step is not kept.
-
-    The steps run without putting anything back (``put_back="defer"``), each
-    checking only that its batch held examples and a loss scale's overflow;
-    the call holds the values of every variable its steps
-    may write, and the batches it pulled, and judges the variables and the
-    sums of the loss or logs once, by the state it leaves (`Body.verdict`): a
-    non-finite weight, slot, statistic or sum stays non-finite through the
-    steps after the one that wrote it.
-    At the first step not kept the loop stops; when a step or the verdict
-    fails, the call hands back the values from before it and asks to be run
-    again: `Engine.replay`, a function of its own traced at the first failure,
-    puts every variable back and runs one step at a time under the whole guard
-    on the batches the call pulled, then on new ones. What a guarded step costs
-    per step (the put-back branch and its reads, the failure record) is then
-    paid once per call, and only when a step fails; neither the put-back nor
-    the replay's steps are traced or compiled in the call's graph.
-
-    Returns (steps pulled, True, whether to replay, the lists of the pulled
-    batches' leaves, the values from before the call of the variables its steps
-    may write).
-    """
-    rollback = engine.rollback
-    assert rollback is not None
-    written = engine._written()
-    before = [tf.convert_to_tensor(v) for v in written]
-    start = _no_replay(engine, iterator)[1]
-
-    def step(i: tf.Tensor, batch: Any, carry: tuple) -> tuple:
-        kept = [
-            tf.raw_ops.TensorListPushBack(input_handle=h, tensor=t)
-            for h, t in zip(carry[1:], tf.nest.flatten(batch), strict=True)
-        ]
-        return (engine._run_one(batch, "defer"), *kept)
-
-    with tf.control_dependencies([rollback.arm()]):  # (the loop stops at a step not kept)
-        i, (keep, *pulled) = loop_over_batches(
-            lambda i: iterator.get_next_as_optional(),
-            iterator.element_spec,
-            k,
-            step,
-            (tf.constant(True), *start),
-            lambda carry: carry[0],
-        )
-    keep = _verdict(engine, i, keep)  # not kept: the caller puts it back and replays it
-    with tf.control_dependencies([keep]):
-        disarm = rollback.disarm()
-    with tf.control_dependencies([disarm]):
-        return tf.identity(i), tf.constant(True), tf.logical_not(keep), pulled, before
-
-
-def _no_replay(engine: Engine, iterator: Any) -> tuple[tf.Tensor, list[tf.Tensor], list]:
-    """A call that asks for no replay: (False, an empty list per leaf of the batches, the
-    values of the variables a deferred call may write, as `_deferred_loop` hands back)."""
-    if not _dense(iterator):
-        return tf.constant(False), [], []
-    lists = [
-        tf.raw_ops.EmptyTensorList(
-            element_shape=tf.constant(-1), max_num_elements=-1, element_dtype=spec.dtype
-        )
-        for spec in tf.nest.flatten(iterator.element_spec)
-    ]
-    return tf.constant(False), lists, [tf.convert_to_tensor(v) for v in engine._written()]
-
-
 def _dense(iterator: Any) -> bool:
     """Whether `iterator`'s batches are dense tensors (no ragged or sparse leaf)."""
     return all(isinstance(s, tf.TensorSpec) for s in tf.nest.flatten(iterator.element_spec))
@@ -851,7 +914,7 @@ def _run_pulled(engine: Engine, pulled: list[Any], present: tf.Tensor) -> tuple:
 def _group(engine: Engine, stacked: Any) -> tuple[tf.Tensor, tf.Tensor]:
     """The steps of one XLA call, over the leading axis of `stacked`: (steps, kept).
 
-    Guarded, the call is judged at its end, as a deferred call is (`_deferred_loop`):
+    Guarded, the call is judged at its end, as a `Fused` call is:
     its steps run unjudged, holding the values from before the call; if a step or
     the `verdict` fails, everything is put back and the call is not kept (the caller
     runs its steps again, `Engine._group_call`). XLA runs only the branch taken.
@@ -900,7 +963,7 @@ def _unjudged(engine: Engine, batch: Any) -> tf.Tensor:
 
 
 def _read_back(iterator: Any, lists: Sequence[tf.Tensor], j: tf.Tensor) -> Any:
-    """Batch `j` of those a deferred call kept in `lists` (one list per leaf)."""
+    """Batch `j` of those a `Fused` runner pulled into `lists` (one list per leaf)."""
     leaves = []
     for handle, spec in zip(lists, tf.nest.flatten(iterator.element_spec), strict=True):
         leaf = tf.raw_ops.TensorListGetItem(

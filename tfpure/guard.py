@@ -158,14 +158,8 @@ class Rollback:
 
     def save(self) -> tuple[list[Any], list[tf.Tensor]]:
         """The ops that save the shadows, and the held variables' values."""
-        return [*self.save_shadows(), self.armed.assign(True)], [_read(v) for v in self.held]
-
-    def save_shadows(self) -> list[Any]:
-        """The ops that save the shadows alone (`recover` puts them back once armed)."""
-        return [s.assign(_read(v)) for s, v in self.pairs]
-
-    def arm(self) -> Any:
-        return self.armed.assign(True)
+        shadows = [s.assign(_read(v)) for s, v in self.pairs]
+        return [*shadows, self.armed.assign(True)], [_read(v) for v in self.held]
 
     def restore(self, held: Sequence[tf.Tensor]) -> list[Any]:
         shadows = [v.assign(s.read_value()) for s, v in self.pairs]
