@@ -164,6 +164,34 @@ def test_run_on_iterator_honours_max_steps():
     assert step.experimental_get_tracing_count() == 1
 
 
+def test_a_runner_s_calls_of_any_length_equal_single_steps_bit_for_bit():
+    """A loop's calls may be cut short (saves, actions, an epoch of `steps_per_epoch`): a
+    runner's call runs the batches it pulled ahead first, then newly pulled ones. With
+    skipped NaN batches in a call that starts at the held batches' first (2) and
+    one that starts inside them (9), every variable, count and log ends as single steps
+    end, bit for bit."""
+    x, y = SPEC.batch(88, 0)  # 11 batches of 8
+    x[[8 * 2 + 1, 8 * 9 + 1]] = np.nan
+    data = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
+    ends = []
+    for k in (4, 1):
+        state = state_maker(SPEC, 0)()
+        step = tp.make_train_step(SCCE, steps_per_call=k, nonfinite="skip")
+        if k == 4:
+            run = step.runner(state, iter(data))
+            ran = [int(run(n)[1]) for n in (3, 1, 5, 2, 4)]
+            assert ran == [3, 1, 5, 2, 0]
+            logs = step.results(state)
+        else:
+            for batch in data:
+                state, logs = step(state, batch)
+        ends.append(({k: float(v) for k, v in logs.items()}, values(state)))
+    (fused_logs, fused), (single_logs, single) = ends
+    assert fused_logs == single_logs and fused_logs["skipped"] == 2
+    for a, b in zip(fused, single, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_xla_with_fused_steps_matches_the_plain_graph():
     spec = ModelSpec((5,), (("dense", 6), ("batchnorm", 0)), num_classes=3, l2=0.01)
     data = dataset(spec, 45, 8)
