@@ -249,8 +249,8 @@ class TrainBody(_Body):
         Not `judge`: a step of a call judged at its end, which checks only that its batch
         held examples and a loss scale's overflow: its loss stays in the loss tracker's
         sum, and `verdict` judges it with the variables once the call ran. Not `ordered`:
-        the updates do not wait for the forward pass to run whole (a step of a `Window`,
-        which puts every variable back after a run-time error).
+        the updates do not wait for the forward pass to run whole (a step of a `Window`
+        or a `Fused` call, which put every variable back after a run-time error).
         """
         batch, x, y, sample_weight = self._checked(batch)
         with tf.GradientTape() as tape:

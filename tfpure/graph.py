@@ -88,7 +88,8 @@ class Body(Protocol):
         held examples (a built-in body) and a loss scale's overflow; the call's `verdict`
         judges its loss or logs (through their sums) and the variables. Not `ordered`:
         its updates need not wait for its forward pass to run whole (a step of a
-        `Window`, whose shadows cover every variable: a run-time error puts them back)."""
+        `Window` or a `Fused` call, which hold the values from before their steps of
+        every variable: a run-time error puts them back)."""
 
     def verdict(self) -> tf.Tensor:
         """Whether every variable a step checks, and the sums of its loss or logs, are
