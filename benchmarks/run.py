@@ -11,7 +11,8 @@ teardown reported apart). It measures
 * the tutorial's hand-written loop, eagerly and as a ``tf.function``, and as
   an in-graph ``tf.range`` loop of 16 steps per call (the overhead floor);
 * Keras ``fit`` with ``steps_per_execution`` 1 and 16, and with XLA;
-* tfpure ``fit_loop`` with 1 and 16 steps per call, with XLA, without the
+* tfpure ``fit_loop`` with 1 and 16 steps per call, with XLA (and with a
+  ``Checkpointer`` attached, its saves left out of the time), without the
   non-finite guard, under a one-replica ``MirroredStrategy``, and with
   ``jit_compile="auto", steps_per_call="auto"`` (against the best of the
   configurations picked by hand);
@@ -38,6 +39,7 @@ import argparse
 import json
 import os
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -249,6 +251,7 @@ def measure_tutorial(rounds: int) -> BenchResult:
     spec = WORKLOADS["tutorial_mlp"]
     variants = mlp_variants(slow_xla=True)
     variants[AUTO] = Variant(steps_per_call="auto", jit_compile="auto")
+    variants[CHECKPOINTED] = Variant(steps_per_call=16, custom=checkpointed_xla)
     if jax_missing is None:
         variants[JAX] = Variant(steps_per_call=16, custom=jax_scan_loop(16))
     return compare(
@@ -260,6 +263,35 @@ def measure_tutorial(rounds: int) -> BenchResult:
         steps=spec["steps"],
         title="tutorial MLP",
     )
+
+
+CHECKPOINTED = "tfpure XLA k=16, checkpointed"
+
+
+class _WindowTimer(keras.callbacks.Callback):
+    """The time from a `fit_loop` window's begin to its end (its save comes after)."""
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self.begin = time.perf_counter()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        self.end = time.perf_counter()
+
+
+def checkpointed_xla(state: object, data: tf.data.Dataset) -> Callable[[int], float]:
+    """A custom runner: XLA k=16 `fit_loop` with a `tp.Checkpointer` attached (a fresh
+    directory each round; it saves at the run's end), timed as `tp.bench` times its tfpure
+    rows: from the window's begin to its end, so the save is left out."""
+    step = tp.make_train_step(SCCE, steps_per_call=16, jit_compile=True)
+    timer = _WindowTimer()
+
+    def run(n: int) -> float:
+        with tempfile.TemporaryDirectory() as directory:
+            tp.fit_loop(state, data, step, steps=n, callbacks=[timer], verbose=0,
+                        checkpoint=tp.Checkpointer(directory))  # fmt: skip
+        return timer.end - timer.begin
+
+    return run
 
 
 ARRAYS = "tfpure XLA k=16 on arrays"
@@ -657,6 +689,13 @@ RATIOS = [
         "tfpure XLA k=16",
         "tfpure XLA k=16 no guard",
         1.03,
+    ),
+    (
+        "XLA k=16 with a Checkpointer / without, tutorial MLP",
+        "tutorial_mlp",
+        CHECKPOINTED,
+        "tfpure XLA k=16",
+        1.02,
     ),
     ("guard cost, compute MLP", "compute_mlp", "tfpure k=16", "tfpure k=16 no guard", 1.03),
     (

@@ -89,17 +89,22 @@ def test_a_user_written_body_own_variants_and_a_hand_written_loop():
     def hand_written(state, data):
         return ran.append  # runner(n): "runs" n steps
 
+    def timing_itself(state, data):
+        return lambda n: 0.25 * n  # runner(n): its steps "took" 0.25 s each
+
     variants = {
         "no guard": tp.bench.Variant(steps_per_call=1, nonfinite=None),
         "fused": tp.bench.VARIANTS["fused"],
         "mine": tp.bench.Variant(custom=hand_written),
+        "timed": tp.bench.Variant(custom=timing_itself),
         "keras_fit": tp.bench.VARIANTS["keras_fit"],
     }
     MADE.clear()
     result = compare(make_state, body, make_data(), variants=variants, rounds=2, steps=2)
-    assert result.steps == {"no guard": 2, "fused": 16, "mine": 2}
+    assert result.steps == {"no guard": 2, "fused": 16, "mine": 2, "timed": 2}
     assert [steps_taken(s) for s in MADE[:2]] == [6, 48]  # a warm-up and two rounds each
-    assert ran == [2, 2, 2] and set(result.outside) == {"no guard", "fused"}
+    assert ran == [2, 2, 2] and set(result.outside) == {"no guard", "fused", "timed"}
+    assert result.rounds["timed"] == (0.25, 0.25)  # the seconds a runner returns, per step
     assert "no Keras compile equivalent" in result.skipped["keras_fit"]
     table = result.to_markdown()
     assert "| mine |" in table and "| — |" in table and "| keras_fit | skipped:" in table

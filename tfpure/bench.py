@@ -71,7 +71,9 @@ class Variant:
       slow: runs an eighth of the steps per round (an eager variant).
       custom: a hand-written loop instead: ``runner = custom(state, data)``,
         ``runner(n)`` runs n steps (timed around the call, so it should keep
-        its iterator between calls).
+        its iterator between calls; or, if it returns a number, that many
+        seconds are its steps', e.g. a `fit_loop` window's from its begin to its
+        end, and the rest of the call is reported outside them).
 
     Example:
       >>> import tfpure as tp
@@ -530,11 +532,13 @@ def _keras_runner(step: Step, variant: Variant, k: int, state: TrainState, data:
     return run
 
 
-def _timed_around(runner: Runner) -> Callable[[int], None]:
-    """A hand-written loop is timed around its call (what it returns is ignored)."""
+def _timed_around(runner: Runner) -> Callable[[int], float | None]:
+    """A hand-written loop is timed around its call, unless it returns the seconds its
+    steps took (a number: the rest of the call is then reported outside the steps)."""
 
-    def run(n: int) -> None:
-        runner(n)
+    def run(n: int) -> float | None:
+        inside = runner(n)
+        return None if inside is None else float(inside)
 
     return run
 
