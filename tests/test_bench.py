@@ -87,10 +87,10 @@ def test_a_user_written_body_own_variants_and_a_hand_written_loop():
     ran = []
 
     def hand_written(state, data):
-        return ran.append  # runner(n): "runs" n steps
+        return lambda n: ran.append(n) or np.float32(n)  # "runs" n steps; no float returned
 
     def timing_itself(state, data):
-        return lambda n: 0.25 * n  # runner(n): its steps "took" 0.25 s each
+        return lambda n: 0.25 * n  # runner(n): its steps "took" 0.25 s each (a float)
 
     variants = {
         "no guard": tp.bench.Variant(steps_per_call=1, nonfinite=None),

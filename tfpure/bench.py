@@ -71,7 +71,7 @@ class Variant:
       slow: runs an eighth of the steps per round (an eager variant).
       custom: a hand-written loop instead: ``runner = custom(state, data)``,
         ``runner(n)`` runs n steps (timed around the call, so it should keep
-        its iterator between calls; or, if it returns a number, that many
+        its iterator between calls; or, if it returns a Python float, that many
         seconds are its steps', e.g. a `fit_loop` window's from its begin to its
         end, and the rest of the call is reported outside them).
 
@@ -534,11 +534,12 @@ def _keras_runner(step: Step, variant: Variant, k: int, state: TrainState, data:
 
 def _timed_around(runner: Runner) -> Callable[[int], float | None]:
     """A hand-written loop is timed around its call, unless it returns the seconds its
-    steps took (a number: the rest of the call is then reported outside the steps)."""
+    steps took (a Python float: the rest of the call is then reported outside the steps;
+    anything else it returns is ignored)."""
 
     def run(n: int) -> float | None:
         inside = runner(n)
-        return None if inside is None else float(inside)
+        return inside if type(inside) is float else None
 
     return run
 
