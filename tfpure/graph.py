@@ -421,6 +421,18 @@ class Engine:
         also = [part for v in self.body.also_written for part in components(v)]
         return [*self.rollback.covered, *also, self.examples]
 
+    def traced(
+        self, element_spec: Any, grouped: bool = False, span: bool = False, lasting: bool = False
+    ) -> Any:
+        """The graph function the loops run on an iterator of `element_spec` (see
+        `loop_function`; a `Fused` engine's `steps`), traced: its checks ran."""
+        spec = tf.data.IteratorSpec(element_spec)
+        if self.fused is not None and not grouped and _dense_spec(element_spec):
+            return self.fused.steps_function(spec, element_spec)
+        return self.loop_function(grouped, span, lasting).get_concrete_function(
+            spec, tf.TensorSpec([], tf.int32)
+        )
+
     def loop_function(
         self, grouped: bool = False, span: bool = False, lasting: bool = False
     ) -> Any:
@@ -644,7 +656,8 @@ class Fused:
 
     The batches a call runs are pulled before it (the call before pulls them, in
     the same graph call as its own steps, as an unguarded call pulls each batch
-    while the step before runs; the first call of a `Runner` by `pull`) and held
+    while the step before runs; for the first call of a `Runner`, a call of
+    `steps` that runs none) and held
     in Python as lists (one per leaf), with the values from before the call of
     every variable its steps may write (`Engine._written`, read by `open`: a
     step's update then writes to new memory instead of over them). `steps` runs
@@ -666,7 +679,7 @@ class Fused:
     def __init__(self, engine: Engine):
         self.engine = engine
         loop = functools.partial(tf.function, reduce_retracing=True, autograph=False)
-        self.pull, self.steps, self.replay = loop(self._pull), loop(self._steps), loop(self._replay)
+        self.steps, self.replay = loop(self._steps), loop(self._replay)
         self.open = tf.function(self._open, autograph=False)
         self.put_back = tf.function(
             lambda before: _put_back(engine._written(), before), autograph=False
@@ -677,12 +690,7 @@ class Fused:
 
     def _pull(self, iterator: Any, k: tf.Tensor) -> tuple[tf.Tensor, list]:
         """Up to `k` batches pulled into lists: (how many, the lists)."""
-        lists = [
-            tf.raw_ops.EmptyTensorList(
-                element_shape=tf.constant(-1), max_num_elements=-1, element_dtype=spec.dtype
-            )
-            for spec in tf.nest.flatten(iterator.element_spec)
-        ]
+        lists = _empty_lists(iterator.element_spec)
 
         def push(i: tf.Tensor, batch: Any, carry: tuple) -> tuple:
             return tuple(
@@ -699,7 +707,8 @@ class Fused:
         self, iterator: Any, lists: list, start: tf.Tensor, n: tf.Tensor, ahead: tf.Tensor
     ) -> tuple:
         """The steps of the `n` batches of `lists` from `start`, unjudged, then judged at
-        once; meanwhile up to `ahead` more batches pulled: (kept, logs, pulled, lists)."""
+        once; meanwhile up to `ahead` more batches pulled: (kept, logs, pulled, lists).
+        (With `n` 0: a pull alone, the state judged as it stands.)"""
         engine = self.engine
         engine.count_trace()
         i, (keep,) = loop_over_batches(
@@ -711,6 +720,13 @@ class Fused:
             lambda carry: carry[0],  # (a call not kept runs again: no need to go on)
         )
         return (_verdict(engine, i, keep), engine.body.logs(), *self._pull(iterator, ahead))
+
+    def steps_function(self, iterator: Any, element_spec: Any) -> Any:
+        """`steps` traced for `iterator` (an iterator, or a `tf.data.IteratorSpec`) of
+        batches of `element_spec`."""
+        n = tf.TensorSpec([], tf.int32)
+        lists = [tf.TensorSpec([], tf.variant)] * len(tf.nest.flatten(element_spec))
+        return self.steps.get_concrete_function(iterator, lists, n, n, n)
 
     def _replay(
         self, iterator: Any, lists: list, start: tf.Tensor, n: tf.Tensor, before: list
@@ -740,20 +756,14 @@ class Runner:
         self.fused, self.ahead = fused, ahead
         self.k = fused.engine.spec.steps_per_call
         if tf.config.functions_run_eagerly():
-            self._pull = functools.partial(fused.pull, iterator)
             self._steps = functools.partial(fused.steps, iterator)
             self._open = fused.open
         else:  # (flat callers, `flat_caller`: the loops call them once a call)
-            n = tf.TensorSpec([], tf.int32)
-            lists = [tf.TensorSpec([], tf.variant)] * len(tf.nest.flatten(iterator.element_spec))
-            self._pull = flat_caller(fused.pull.get_concrete_function(iterator, n), iterator)
-            steps = flat_caller(
-                fused.steps.get_concrete_function(iterator, lists, n, n, n), iterator
-            )
+            steps = flat_caller(fused.steps_function(iterator, iterator.element_spec), iterator)
             self._steps = lambda lists, *rest: steps(*lists, *rest)
             self._open = flat_caller(fused.open.get_concrete_function())
         self._replay = functools.partial(fused.replay, iterator)
-        self.lists: list = []
+        self.lists: list = _empty_lists(iterator.element_spec)
         self.held = self.at = 0  # batches held, and the next one's index
         self.ended = False  # no batch after those held
 
@@ -768,8 +778,10 @@ class Runner:
         return ran, self.fused.engine.body.logs() if logs is None else logs
 
     def _refill(self, want: int) -> int:
-        """Pulls the next call's batches (a call's, or `want` for a direct call)."""
-        held, self.lists = self._pull(tf.constant(self.k if self.ahead else want))
+        """Pulls the next call's batches (a call's, or `want` for a direct call): a call of
+        `steps` that runs none."""
+        zero, pull = tf.constant(0), tf.constant(self.k if self.ahead else want)
+        _, _, held, self.lists = self._steps(self.lists, zero, zero, pull)
         self.held, self.at = int(held), 0
         self.ended = self.held < (self.k if self.ahead else want)
         return self.held
@@ -867,7 +879,21 @@ def _until_the_end(call: Any, engine: Engine, limit: tf.Tensor) -> tuple[tf.Tens
 
 def _dense(iterator: Any) -> bool:
     """Whether `iterator`'s batches are dense tensors (no ragged or sparse leaf)."""
-    return all(isinstance(s, tf.TensorSpec) for s in tf.nest.flatten(iterator.element_spec))
+    return _dense_spec(iterator.element_spec)
+
+
+def _empty_lists(element_spec: Any) -> list[tf.Tensor]:
+    """An empty tensor list per leaf of batches of `element_spec`."""
+    return [
+        tf.raw_ops.EmptyTensorList(
+            element_shape=tf.constant(-1), max_num_elements=-1, element_dtype=spec.dtype
+        )
+        for spec in tf.nest.flatten(element_spec)
+    ]
+
+
+def _dense_spec(element_spec: Any) -> bool:
+    return all(isinstance(s, tf.TensorSpec) for s in tf.nest.flatten(element_spec))
 
 
 def _on_pulled(engine: Engine, iterator: Any) -> tuple[tf.Tensor, tf.Tensor]:

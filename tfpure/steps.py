@@ -280,10 +280,7 @@ class Step:
         """
         strategy = strategy_of(leaves(state))
         if not tf.config.functions_run_eagerly() and cluster_task(strategy) is None:
-            engine = self.engine(state)
-            return engine.loop_function(grouped, span, lasting).get_concrete_function(
-                tf.data.IteratorSpec(element_spec), tf.TensorSpec([], tf.int32)
-            )
+            return self.engine(state).traced(element_spec, grouped, span, lasting)
         return None
 
     def _limit(self, max_steps: int | None) -> tf.Tensor:
