@@ -296,7 +296,7 @@ class Engine:
         engine of several steps a call, called eagerly on dense batches, judges them at
         once (`Fused`); inside a caller's graph (which no Python can watch) each step is
         judged on its own."""
-        if self.fused is not None and _dense(iterator) and tf.executing_eagerly():
+        if self.fuses(iterator.element_spec) and tf.executing_eagerly():
             return Runner(self.fused, iterator, ahead=False)(k)
         return self.on_iterator(iterator, k)
 
@@ -421,13 +421,26 @@ class Engine:
         also = [part for v in self.body.also_written for part in components(v)]
         return [*self.rollback.covered, *also, self.examples]
 
+    @functools.cached_property
+    def put_back(self) -> Any:
+        """``put_back(before)``: every variable a guarded call's steps may write
+        (`_written`) given its value from `before` back (a `Window` or `Fused` call not
+        kept), in one graph call traced at the first failure: an interrupt cannot cut it
+        half-way."""
+        return tf.function(lambda before: _put_back(self._written(), before), autograph=False)
+
+    def fuses(self, element_spec: Any, grouped: bool = False) -> bool:
+        """Whether calls on batches of `element_spec` run as `Fused` calls (dense ones,
+        not grouped, of a guarded plain-graph engine of several steps a call)."""
+        return self.fused is not None and not grouped and _dense_spec(element_spec)
+
     def traced(
         self, element_spec: Any, grouped: bool = False, span: bool = False, lasting: bool = False
     ) -> Any:
         """The graph function the loops run on an iterator of `element_spec` (see
         `loop_function`; a `Fused` engine's `steps`), traced: its checks ran."""
         spec = tf.data.IteratorSpec(element_spec)
-        if self.fused is not None and not grouped and _dense_spec(element_spec):
+        if self.fuses(element_spec, grouped):
             return self.fused.steps_function(spec, element_spec)
         return self.loop_function(grouped, span, lasting).get_concrete_function(
             spec, tf.TensorSpec([], tf.int32)
@@ -480,14 +493,9 @@ def epoch_runner(
         if grouped:
             return lambda limit: engine.on_groups(iterator, limit)
         return lambda limit: engine.run_iterator(iterator, limit)
-    if engine.fused is not None and not grouped and _dense(iterator):
+    if engine.fuses(iterator.element_spec, grouped):
         return Runner(engine.fused, iterator)
-    call = flat_caller(
-        engine.loop_function(grouped, span, lasting).get_concrete_function(
-            iterator, tf.TensorSpec([], tf.int32)
-        ),
-        iterator,
-    )
+    call = flat_caller(engine.traced(iterator.element_spec, grouped, span, lasting), iterator)
     if engine.straight and not grouped:
         return _straight(engine, call, iterator, span, lasting)
     return call
@@ -544,8 +552,6 @@ class Window:
         )
         self.open = tf.function(self._open, autograph=False)
         self.close = tf.function(self._close, autograph=False)
-        # One graph call (traced at the first failure): an interrupt cannot cut it half-way.
-        self.put_back = tf.function(lambda before: _put_back(self.written, before), autograph=False)
         self._open_call: Callable[[], Any] = self.open  # (flat callers at the first window)
         self._close_call: Callable[[], Any] = self.close
 
@@ -586,7 +592,7 @@ class Window:
         return _verdict(self.engine, self.pulled.read_value(), self.kept.read_value())
 
     def _restore(self) -> None:
-        self.put_back(self.before)
+        self.engine.put_back(self.before)
 
     def run(
         self, call: Any, limit: tf.Tensor, n: int, spec: Any, lasting: bool = False
@@ -657,8 +663,8 @@ class Fused:
     The batches a call runs are pulled before it (the call before pulls them, in
     the same graph call as its own steps, as an unguarded call pulls each batch
     while the step before runs; for the first call of a `Runner`, a call of
-    `steps` that runs none) and held
-    in Python as lists (one per leaf), with the values from before the call of
+    `steps` that runs none) and held in Python as lists (one per leaf), with the
+    values from before the call of
     every variable its steps may write (`Engine._written`, read by `open`: a
     step's update then writes to new memory instead of over them). `steps` runs
     the call's steps on them unjudged (``put_back="window"``: each checks only
@@ -681,9 +687,6 @@ class Fused:
         loop = functools.partial(tf.function, reduce_retracing=True, autograph=False)
         self.steps, self.replay = loop(self._steps), loop(self._replay)
         self.open = tf.function(self._open, autograph=False)
-        self.put_back = tf.function(
-            lambda before: _put_back(engine._written(), before), autograph=False
-        )
 
     def _open(self) -> list[tf.Tensor]:
         return [tf.convert_to_tensor(v) for v in self.engine._written()]
@@ -798,7 +801,7 @@ class Runner:
             self._replay(lists, at, tf.constant(n), before)  # the failing step raises again
             raise
         except BaseException:  # (an interrupt once the steps ran: the state from before)
-            self.fused.put_back(before)
+            self.fused.engine.put_back(before)
             raise
         if not bool(kept):
             _, logs = self._replay(lists, at, tf.constant(n), before)
