@@ -495,7 +495,12 @@ def epoch_runner(
         return lambda limit: engine.run_iterator(iterator, limit)
     if engine.fuses(iterator.element_spec, grouped):
         return Runner(engine.fused, iterator)
-    call = flat_caller(engine.traced(iterator.element_spec, grouped, span, lasting), iterator)
+    call = flat_caller(
+        engine.loop_function(grouped, span, lasting).get_concrete_function(
+            iterator, tf.TensorSpec([], tf.int32)
+        ),
+        iterator,
+    )
     if engine.straight and not grouped:
         return _straight(engine, call, iterator, span, lasting)
     return call
