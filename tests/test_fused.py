@@ -409,26 +409,31 @@ def test_a_window_interrupted_between_its_steps_leaves_its_state_judged():
         np.testing.assert_array_equal(a, b)
 
 
-def test_a_fused_call_interrupted_once_its_steps_ran_leaves_the_state_from_before_it():
-    """A KeyboardInterrupt once a fused call's steps ran, before they are judged: the call
-    is put back (its batches consumed unrun), so the state is the one the call before it
-    left, judged: single steps' state after that call's batches, bit for bit."""
+@pytest.mark.parametrize("ran", [True, False])
+def test_a_fused_call_interrupted_leaves_the_state_from_before_it(ran):
+    """A KeyboardInterrupt in a fused call's graph call, once its steps ran (before they are
+    judged) or before it started: the state is the one the call before it left, judged
+    (single steps' state after that call's batches, bit for bit). Once they ran, the call
+    is put back from its copy; before it started, its copy is not whole (the one there is
+    the call before's: putting it back would undo that call)."""
     from tfpure.graph import Runner
 
     data = dataset(SPEC, 64, 8)
     state, step = state_maker(SPEC, 0)(), tp.make_train_step(SCCE, steps_per_call=4)
     iterator = iter(data)
     runner = Runner(step.engine(state).fused, iterator)
-    steps, calls = runner._steps, []
+    steps, calls = runner._call_steps, []
 
     def interrupted(lists, start, n, ahead):  # (a call of no step pulls only)
+        calls.extend([n] if int(n) else [])
+        if len(calls) == 2 and not ran:
+            raise KeyboardInterrupt
         out = steps(lists, start, n, ahead)
-        calls.extend([out] if int(n) else [])
         if len(calls) == 2:
             raise KeyboardInterrupt
         return out
 
-    runner._steps = interrupted
+    runner._call_steps = interrupted
     assert runner(tf.constant(4))[0] == 4
     with pytest.raises(KeyboardInterrupt):
         runner(tf.constant(4))

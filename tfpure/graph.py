@@ -22,7 +22,7 @@ with ``jit_compile=True``.
 
 A guarded call of several steps on one device pulled from an iterator
 judges them at once instead (`Fused`): the call pulls its batches first and
-holds the values from before it; its steps run with nothing put back; if a
+copies the values from before it; its steps run with nothing put back; if a
 step is not kept, or one fails at run time, the call puts everything back and
 its steps run again one at a time as above (`replay`, a function of its own
 that only a failed call traces). Its results equal the per-step path's bit
@@ -421,14 +421,6 @@ class Engine:
         also = [part for v in self.body.also_written for part in components(v)]
         return [*self.rollback.covered, *also, self.examples]
 
-    @functools.cached_property
-    def put_back(self) -> Any:
-        """``put_back(before)``: every variable a guarded call's steps may write
-        (`_written`) given its value from `before` back (a `Window` or `Fused` call not
-        kept), in one graph call traced at the first failure: an interrupt cannot cut it
-        half-way."""
-        return tf.function(lambda before: _put_back(self._written(), before), autograph=False)
-
     def fuses(self, element_spec: Any, grouped: bool = False) -> bool:
         """Whether calls on batches of `element_spec` run as `Fused` calls (dense ones,
         not grouped, of a guarded plain-graph engine of several steps a call)."""
@@ -535,11 +527,12 @@ class Window:
     batch, then judges the state the window leaves once
     (`Body.verdict`, as a fused call is judged). The window holds the values
     from its start of every variable the steps may write (`Engine._written`),
-    as a `Fused` call does: read by `open` and held in Python while the
-    window runs (a step's update then writes to new memory instead of over
-    them; no shadow variables). A window not kept, or a call that fails at run
-    time (its step, or the data with anything but its end), puts them back and
-    runs the window's batches again one step at a time under the whole guard
+    read by `open` and held in Python while the window runs (a step's update
+    then writes to new memory instead of over them; no shadow variables: a
+    `Fused` call copies them into variables of its own, in its graph call). A
+    window not kept, or a call that fails at run time (its step, or the data
+    with anything but its end), puts them back and runs the window's batches
+    again one step at a time under the whole guard
     (`Engine.on_batch`):
     the run then ends where single steps end, bit for bit; the failure costs
     the window twice. The data's end judges the steps before it.
@@ -557,6 +550,9 @@ class Window:
         )
         self.open = tf.function(self._open, autograph=False)
         self.close = tf.function(self._close, autograph=False)
+        # Every variable the steps may write given its value from the window's start back,
+        # in one graph call (traced at the first failure: an interrupt cannot cut it).
+        self.put_back = tf.function(lambda before: _put_back(self.written, before), autograph=False)
         self._open_call: Callable[[], Any] = self.open  # (flat callers at the first window)
         self._close_call: Callable[[], Any] = self.close
 
@@ -597,7 +593,7 @@ class Window:
         return _verdict(self.engine, self.pulled.read_value(), self.kept.read_value())
 
     def _restore(self) -> None:
-        self.engine.put_back(self.before)
+        self.put_back(self.before)
 
     def run(
         self, call: Any, limit: tf.Tensor, n: int, spec: Any, lasting: bool = False
@@ -668,33 +664,47 @@ class Fused:
     The batches a call runs are pulled before it (the call before pulls them, in
     the same graph call as its own steps, as an unguarded call pulls each batch
     while the step before runs; for the first call of a `Runner`, a call of
-    `steps` that runs none) and held in Python as lists (one per leaf), with the
-    values from before the call of
-    every variable its steps may write (`Engine._written`, read by `open`: a
-    step's update then writes to new memory instead of over them). `steps` runs
-    the call's steps on them unjudged (``put_back="window"``: each checks only
-    that its batch held examples and a loss scale's overflow; its updates need
-    not wait for its forward pass; the first step not kept ends them) and judges
-    the state they leave (`Body.verdict`: a non-finite weight, slot, statistic or
-    sum stays non-finite through the steps after the one that wrote it). A call
-    not kept, or whose steps fail at run time, is put back and its batches run
-    again one step at a time under the whole guard (`replay`, a function of its
-    own that only a failed call traces): it ends where single steps end, bit for
-    bit, the failing step raising its error again. An error of the data (anything
-    but its end) raises from the call that pulls the batch, before the steps of the
-    batches it pulled ahead of it run: those are never run or judged. What a
-    guarded step costs per step (saving shadows, the put-back branch, the wait
-    for the forward pass) is then paid once per call, and only when it fails.
+    `steps` that runs none) and held in Python as lists (one per leaf). A call
+    first copies every variable its steps may write (`Engine._written`) into a
+    variable of its own, in the same graph call (no call of its own to read
+    them: on a small model that call cost as much as the rest of the guard),
+    then stamps the copy with the call's number (`stamp`), so that after a
+    failure the copy is known to hold the values from before this call.
+    `steps` runs the call's steps on them unjudged (``put_back="window"``:
+    each checks only that its batch held examples and a loss scale's overflow;
+    its updates need not wait for its forward pass; the first step not kept
+    ends them) and judges the state they leave (`Body.verdict`: a non-finite
+    weight, slot, statistic or sum stays non-finite through the steps after
+    the one that wrote it). A call not kept, or whose steps fail at run time
+    once the copy is stamped, is put back (`restore`) and its batches run again
+    one step at a time under the whole guard (`replay`, a function of its own
+    that only a failed call traces): it ends where single steps end, bit for
+    bit, the failing step raising its error again. An error of the data
+    (anything but its end) raises from the call that pulls the batch, before the
+    steps of the batches it pulled ahead of it run: those are never run or
+    judged. What a guarded step costs per step (saving shadows, the put-back
+    branch, the wait for the forward pass) is then paid once per call, and only
+    when it fails; a call's copy costs one more copy of the training state.
     """
 
     def __init__(self, engine: Engine):
         self.engine = engine
+        self.written = engine._written()
+        self.copies = [variable(tf.convert_to_tensor(v), "tfpure_call_start") for v in self.written]
+        # The number of the last call whose copy is whole; `calls`: of the calls made.
+        self.stamp = variable(tf.constant(0, tf.int64), "tfpure_call_stamp")
+        self.calls = 0
         loop = functools.partial(tf.function, reduce_retracing=True, autograph=False)
         self.steps, self.replay = loop(self._steps), loop(self._replay)
-        self.open = tf.function(self._open, autograph=False)
+        self.restore = tf.function(
+            lambda: _put_back(self.written, [c.read_value() for c in self.copies]),
+            autograph=False,
+        )
 
-    def _open(self) -> list[tf.Tensor]:
-        return [tf.convert_to_tensor(v) for v in self.engine._written()]
+    def copied(self) -> bool:
+        """After a failed call: whether its copy is whole (it then may have run steps)."""
+        stamp, self.calls = self.calls, int(self.stamp.numpy())
+        return stamp == self.calls
 
     def _pull(self, iterator: Any, k: tf.Tensor) -> tuple[tf.Tensor, list]:
         """Up to `k` batches pulled into lists: (how many, the lists)."""
@@ -719,6 +729,12 @@ class Fused:
         (With `n` 0: a pull alone, the state judged as it stands.)"""
         engine = self.engine
         engine.count_trace()
+        pairs = zip(self.copies, self.written, strict=True)
+        copied = [c.assign(tf.convert_to_tensor(v)) for c, v in pairs]
+        with tf.control_dependencies(copied):
+            stamped = self.stamp.assign_add(1)
+        with tf.control_dependencies([stamped]):
+            n = tf.identity(n)  # (the steps wait for the copy: the loop's count does)
         i, (keep,) = loop_over_batches(
             lambda i: tf.experimental.Optional.from_value(_read_back(iterator, lists, start + i)),
             iterator.element_spec,
@@ -737,15 +753,13 @@ class Fused:
         return self.steps.get_concrete_function(iterator, lists, n, n, n)
 
     def _replay(
-        self, iterator: Any, lists: list, start: tf.Tensor, n: tf.Tensor, before: list
+        self, iterator: Any, lists: list, start: tf.Tensor, n: tf.Tensor
     ) -> tuple[tf.Tensor, Logs]:
-        """A call put back (every variable it may have written gets its value from `before`
-        back), then its `n` batches (of `lists`, from `start`) run again one step at a
-        time under the whole guard: (steps run, logs)."""
+        """A call's `n` batches (of `lists`, from `start`) run again one step at a time
+        under the whole guard, once it is put back (`restore`): (steps run, logs)."""
         engine = self.engine
         engine.count_trace()
-        with tf.control_dependencies([_put_back(engine._written(), before)]):
-            j, ok = engine._step_loop(iterator, n, (lists, start))
+        j, ok = engine._step_loop(iterator, n, (lists, start))
         with tf.control_dependencies(engine._assert_kept(ok)):
             return tf.identity(j), engine.body.logs()
 
@@ -764,12 +778,11 @@ class Runner:
         self.fused, self.ahead = fused, ahead
         self.k = fused.engine.spec.steps_per_call
         if tf.config.functions_run_eagerly():
-            self._steps = functools.partial(fused.steps, iterator)
-            self._open = fused.open
-        else:  # (flat callers, `flat_caller`: the loops call them once a call)
-            steps = flat_caller(fused.steps_function(iterator, iterator.element_spec), iterator)
-            self._steps = lambda lists, *rest: steps(*lists, *rest)
-            self._open = flat_caller(fused.open.get_concrete_function())
+            steps = functools.partial(fused.steps, iterator)
+        else:  # (a flat caller, `flat_caller`: the loops call it once a call)
+            flat = flat_caller(fused.steps_function(iterator, iterator.element_spec), iterator)
+            steps = lambda lists, *rest: flat(*lists, *rest)  # noqa: E731
+        self._call_steps = steps
         self._replay = functools.partial(fused.replay, iterator)
         self.lists: list = _empty_lists(iterator.element_spec)
         self.held = self.at = 0  # batches held, and the next one's index
@@ -789,32 +802,44 @@ class Runner:
         """Pulls the next call's batches (a call's, or `want` for a direct call): a call of
         `steps` that runs none."""
         zero, pull = tf.constant(0), tf.constant(self.k if self.ahead else want)
-        _, _, held, self.lists = self._steps(self.lists, zero, zero, pull)
+        try:
+            _, _, held, self.lists = self._steps(self.lists, zero, zero, pull)
+        except BaseException:
+            self.fused.copied()  # (no step ran: nothing to put back)
+            raise
         self.held, self.at = int(held), 0
         self.ended = self.held < (self.k if self.ahead else want)
         return self.held
 
     def _call(self, n: int, ahead: bool) -> Logs:
         """`n` steps on the held batches (pulling the next call's if `ahead`)."""
-        lists, at = self.lists, tf.constant(self.at)
-        before = self._open()
+        lists, at, count = self.lists, tf.constant(self.at), tf.constant(n)
+        fused = self.fused
         try:
             kept, logs, held, pulled = self._steps(
-                lists, at, tf.constant(n), tf.constant(self.k if ahead else 0)
+                lists, at, count, tf.constant(self.k if ahead else 0)
             )
         except tf.errors.OpError:
-            self._replay(lists, at, tf.constant(n), before)  # the failing step raises again
+            if fused.copied():  # (else no step ran)
+                fused.restore()
+            self._replay(lists, at, count)  # the failing step raises again
             raise
         except BaseException:  # (an interrupt once the steps ran: the state from before)
-            self.fused.engine.put_back(before)
+            if fused.copied():
+                fused.restore()
             raise
         if not bool(kept):
-            _, logs = self._replay(lists, at, tf.constant(n), before)
+            fused.restore()
+            _, logs = self._replay(lists, at, count)
         self.at += n
         if ahead:
             self.lists, self.held, self.at = pulled, int(held), 0
             self.ended = self.held < self.k
         return logs
+
+    def _steps(self, *args: Any) -> tuple:
+        self.fused.calls += 1
+        return self._call_steps(*args)
 
 
 def _on_next(engine: Engine, iterator: Any, k: tf.Tensor) -> tuple[tf.Tensor, Logs]:
