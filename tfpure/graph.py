@@ -281,10 +281,11 @@ class Engine:
         (Under XLA, a whole call's batches stacked in one XLA loop: `_on_pulled`.)"""
         self.count_trace()
         if self.groups and _dense(iterator):
-            i, ok = tf.cond(
+            i, ok = branch(
                 tf.equal(k, self.spec.steps_per_call),
                 lambda: _on_pulled(self, iterator),
                 lambda: self._step_loop(iterator, k),
+                functional=True,
             )
         else:
             i, ok = self._step_loop(iterator, k)
@@ -370,9 +371,10 @@ class Engine:
 
                 return self._steps(tf.minimum(n, k), row, self._run_one)
 
-            return tf.cond(tf.logical_and(alike, n <= k), stacked, each)
+            return branch(tf.logical_and(alike, n <= k), stacked, each, functional=True)
 
-        i, ok = tf.cond(optional.has_value(), present, lambda: (tf.constant(0), tf.constant(True)))
+        absent = lambda: (tf.constant(0), tf.constant(True))  # noqa: E731
+        i, ok = branch(optional.has_value(), present, absent, functional=True)
         with tf.control_dependencies(self._assert_kept(ok)):
             return tf.identity(i), self.body.logs()
 
@@ -408,10 +410,11 @@ class Engine:
         if self.rollback is None:
             return i, kept
         steps = tf.shape(tf.nest.flatten(stacked)[0])[0]
-        return tf.cond(
+        return branch(
             kept,
             lambda: (i, tf.constant(True)),
             lambda: self._steps(steps, lambda j: _nth(stacked, j), self._run_one),
+            functional=True,
         )
 
     def _written(self) -> list[Any]:
@@ -958,10 +961,10 @@ def _on_pulled(engine: Engine, iterator: Any) -> tuple[tf.Tensor, tf.Tensor]:
             stacked = tf.nest.pack_sequence_as(iterator.element_spec, leaves)
             return engine._group_call(stacked)
 
-        return tf.cond(same, stacked, lambda: _run_pulled(engine, pulled, present))
+        return branch(same, stacked, lambda: _run_pulled(engine, pulled, present), True)
 
-    return tf.cond(
-        tf.equal(present, len(pulled)), full, lambda: _run_pulled(engine, pulled, present)
+    return branch(
+        tf.equal(present, len(pulled)), full, lambda: _run_pulled(engine, pulled, present), True
     )
 
 
