@@ -706,8 +706,10 @@ class Fused:
 
     def copied(self) -> bool:
         """After a failed call: whether its copy is whole (it then may have run steps)."""
-        stamp, self.calls = self.calls, int(self.stamp.numpy())
-        return stamp == self.calls
+        stamped = int(self.stamp.numpy())
+        whole = stamped == self.calls
+        self.calls = stamped  # (a call whose copy was not made counts no more)
+        return whole
 
     def _pull(self, iterator: Any, k: tf.Tensor) -> tuple[tf.Tensor, list]:
         """Up to `k` batches pulled into lists: (how many, the lists)."""
@@ -961,10 +963,14 @@ def _on_pulled(engine: Engine, iterator: Any) -> tuple[tf.Tensor, tf.Tensor]:
             stacked = tf.nest.pack_sequence_as(iterator.element_spec, leaves)
             return engine._group_call(stacked)
 
-        return branch(same, stacked, lambda: _run_pulled(engine, pulled, present), True)
+        each = lambda: _run_pulled(engine, pulled, present)  # noqa: E731
+        return branch(same, stacked, each, functional=True)
 
     return branch(
-        tf.equal(present, len(pulled)), full, lambda: _run_pulled(engine, pulled, present), True
+        tf.equal(present, len(pulled)),
+        full,
+        lambda: _run_pulled(engine, pulled, present),
+        functional=True,
     )
 
 
