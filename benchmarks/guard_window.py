@@ -5,6 +5,7 @@
     python benchmarks/guard_window.py defaults [--on mlp|mobilenet|transformer] [--rounds 7]
                                                [--arrays]
     python benchmarks/guard_window.py first [--on mlp|mobilenet|transformer] [--rounds 5]
+    python benchmarks/guard_window.py fused [--xla] [--rounds 30]
 
 ``mlp``: the tutorial MLP of `benchmarks/run.py` (64 batches of 64), driven through
 `Step.runner` (32 calls of 16 steps a round, rounds interleaved in one
@@ -31,6 +32,12 @@ step a call with a batch hook (each step judged alone) and 16 a call; and
 Keras `fit` of the same epoch on a freshly compiled model. Prints the
 median seconds of each and paired medians of guarded / unguarded and of
 each to Keras `fit`.
+``fused``: the guard at 16 steps a call, as `benchmarks/run.py` times it: the
+tutorial MLP (320 batches of 64, the pipeline of `run.py`), one `fit_loop` of
+320 steps a round, guarded ("raise") and unguarded, timed from the epoch's
+begin to its end, rounds interleaved (``--xla``: ``jit_compile=True``, the
+calls over groups of batches). Prints the median per-step time of each and
+the paired median of guarded / unguarded.
 One process measures one checkout: run it under each checkout's ``PYTHONPATH`` to compare code.
 """
 
@@ -222,16 +229,46 @@ def _paired(a: list[float], b: list[float]) -> float:
     return statistics.median(x / y for x, y in zip(a, b, strict=True))
 
 
+def measure_fused(rounds: int, xla: bool) -> None:
+    import tfpure as tp
+
+    run = _run_module()
+    data = run.make_dataset(64, 64, 320)
+    runs = {}
+    for name, nonfinite in [("guarded", "raise"), ("no guard", None)]:
+        state = run.mlp_state(run.tutorial_mlp)()
+        step = tp.make_train_step(run.SCCE, nonfinite=nonfinite, steps_per_call=16, jit_compile=xla)
+        timer = run._WindowTimer()
+
+        def go(state=state, step=step, timer=timer) -> float:
+            tp.fit_loop(state, data, step, steps=320, callbacks=[timer], verbose=0)
+            return timer.end - timer.begin
+
+        for _ in range(3):  # warm-up: traces, graph optimisation
+            go()
+        runs[name] = go
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, go in runs.items():
+            times[name].append(go() / 320 * 1e6)
+    _report(times, "no guard")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("model", choices=["mlp", "mobilenet", "transformer", "defaults", "first"])
+    parser.add_argument(
+        "model", choices=["mlp", "mobilenet", "transformer", "defaults", "first", "fused"]
+    )
     parser.add_argument("--on", choices=["mlp", "mobilenet", "transformer"], default="mlp",
                         help="defaults, first: the model")  # fmt: skip
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--arrays", action="store_true",
                         help="defaults: both given arrays, batch_size=")  # fmt: skip
+    parser.add_argument("--xla", action="store_true", help="fused: jit_compile=True")
     args = parser.parse_args()
-    if args.model == "mlp":
+    if args.model == "fused":
+        measure_fused(args.rounds or 30, args.xla)
+    elif args.model == "mlp":
         measure_mlp(args.rounds or 9)
     elif args.model == "first":
         measure_first(args.on, args.rounds or 5)
