@@ -280,7 +280,7 @@ class Engine:
         """Up to `k` steps pulled from `iterator`, each judged on its own: (steps run, logs).
         (Under XLA, a whole call's batches stacked in one XLA loop: `_on_pulled`.)"""
         self.count_trace()
-        if self.groups and _dense(iterator):
+        if self.groups and _dense(iterator.element_spec):
             i, ok = branch(
                 tf.equal(k, self.spec.steps_per_call),
                 lambda: _on_pulled(self, iterator),
@@ -427,7 +427,7 @@ class Engine:
     def fuses(self, element_spec: Any, grouped: bool = False) -> bool:
         """Whether calls on batches of `element_spec` run as `Fused` calls (dense ones,
         not grouped, of a guarded plain-graph engine of several steps a call)."""
-        return self.fused is not None and not grouped and _dense_spec(element_spec)
+        return self.fused is not None and not grouped and _dense(element_spec)
 
     def traced(
         self, element_spec: Any, grouped: bool = False, span: bool = False, lasting: bool = False
@@ -824,14 +824,11 @@ class Runner:
             kept, logs, held, pulled = self._steps(
                 lists, at, count, tf.constant(self.k if ahead else 0)
             )
-        except tf.errors.OpError:
+        except BaseException as err:  # (a run-time error, or an interrupt once the steps ran)
             if fused.copied():  # (else no step ran)
                 fused.restore()
-            self._replay(lists, at, count)  # the failing step raises again
-            raise
-        except BaseException:  # (an interrupt once the steps ran: the state from before)
-            if fused.copied():
-                fused.restore()
+            if isinstance(err, tf.errors.OpError):
+                self._replay(lists, at, count)  # the failing step raises again
             raise
         if not bool(kept):
             fused.restore()
@@ -915,9 +912,9 @@ def _until_the_end(call: Any, engine: Engine, limit: tf.Tensor) -> tuple[tf.Tens
         return tf.constant(0), engine.body.logs()
 
 
-def _dense(iterator: Any) -> bool:
-    """Whether `iterator`'s batches are dense tensors (no ragged or sparse leaf)."""
-    return _dense_spec(iterator.element_spec)
+def _dense(element_spec: Any) -> bool:
+    """Whether batches of `element_spec` are dense tensors (no ragged or sparse leaf)."""
+    return all(isinstance(s, tf.TensorSpec) for s in tf.nest.flatten(element_spec))
 
 
 def _empty_lists(element_spec: Any) -> list[tf.Tensor]:
@@ -928,10 +925,6 @@ def _empty_lists(element_spec: Any) -> list[tf.Tensor]:
         )
         for spec in tf.nest.flatten(element_spec)
     ]
-
-
-def _dense_spec(element_spec: Any) -> bool:
-    return all(isinstance(s, tf.TensorSpec) for s in tf.nest.flatten(element_spec))
 
 
 def _on_pulled(engine: Engine, iterator: Any) -> tuple[tf.Tensor, tf.Tensor]:
