@@ -8,7 +8,7 @@
     python benchmarks/guard_window.py fused [--xla] [--rounds 30]
 
 ``mlp``: the tutorial MLP of `benchmarks/run.py` (64 batches of 64), driven through
-`Step.runner` (32 calls of 16 steps a round, rounds interleaved in one
+`Step.runner` (512 steps a round in calls of `Step.span` steps, rounds interleaved in one
 process): a guarded runner whose calls span a window (``span=True``, as
 `fit_loop` runs when no callback looks at single steps; ``lasting=True``:
 the data repeats, as `fit_loop` knows data of known length lasts), a guarded runner
@@ -72,10 +72,13 @@ def measure_mlp(rounds: int) -> None:
                                   ("no guard", None, True)]:  # fmt: skip
         s, step = state(), tp.make_train_step(loss, nonfinite=nonfinite)
         runners[name] = step.runner(s, iter(data), span=span, lasting=True)  # (data repeats)
+        span = step.span(s)  # (a window's most steps: `tfpure.graph.WINDOW`)
         for _ in range(20):  # warm-up: traces, graph optimisation
-            runners[name](16)
-    calls = {name: functools.partial(_calls, run, 32, 16) for name, run in runners.items()}
-    _report(_interleaved(calls, rounds, 32 * 16), "no guard")
+            runners[name](span)
+    calls = {
+        name: functools.partial(_calls, run, 512 // span, span) for name, run in runners.items()
+    }
+    _report(_interleaved(calls, rounds, 512), "no guard")
 
 
 def _calls(run, calls: int, steps: int) -> None:

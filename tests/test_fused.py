@@ -409,6 +409,45 @@ def test_a_window_interrupted_between_its_steps_leaves_its_state_judged():
         np.testing.assert_array_equal(a, b)
 
 
+def test_windows_hold_16_to_64_steps_by_their_batches_size_and_end_as_single_steps(
+    monkeypatch,
+):
+    """A window of one-step calls runs up to 64 steps (`tfpure.graph.WINDOW`), fewer
+    where that many batches (each the size of its first) would take more than
+    `HELD_BYTES`, but at least 16: `fold` over 100 small batches judges windows of 64
+    and 36 steps; with no byte to spare, of 16 (six, then 4 at the data's end). NaN
+    batches at a window's first step, its 16th and 17th, its middle, its last, the
+    data's last: skipped as single steps skip them, bit for bit, either way."""
+    from tfpure import graph
+
+    x, y = SPEC.batch(800, 0)
+    x[[8 * b + 3 for b in (0, 15, 16, 40, 63, 64, 99)]] = np.nan
+    data = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
+    single = state_maker(SPEC, 0)()
+    _, single_logs = tp.fold(tp.make_train_step(SCCE, nonfinite="skip"), single, list(data))
+    state, step = state_maker(SPEC, 0)(), tp.make_train_step(SCCE, nonfinite="skip")
+    window, owned = step.engine(state).window, owned_variables(state)
+    initial = [v.numpy() for v in owned]
+    lengths, judged = [], window._run
+
+    def counted(*args):
+        ran, logs, ended = judged(*args)
+        lengths.append(ran)
+        return ran, logs, ended
+
+    monkeypatch.setattr(window, "_run", counted)
+    for held_bytes, windows in [(graph.HELD_BYTES, [64, 36]), (0, [16] * 6 + [4])]:
+        monkeypatch.setattr(graph, "HELD_BYTES", held_bytes)
+        for v, value in zip(owned, initial, strict=True):
+            v.assign(value)
+        lengths.clear()
+        _, logs = tp.fold(step, state, data)
+        assert lengths == windows
+        assert logs == single_logs and int(logs["skipped"]) == 7
+        for a, b in zip(values(state), values(single), strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize("ran", [True, False])
 def test_a_fused_call_interrupted_leaves_the_state_from_before_it(ran):
     """A KeyboardInterrupt in a fused call's graph call, once its steps ran (before they are

@@ -510,7 +510,11 @@ def _check_xla(spec: StepSpec, body: Body) -> None:
 
 
 # The most steps a loop at one step a call runs between two looks at the state (`Window`).
-WINDOW = 16
+WINDOW = 64
+# A window holds its batches: past its `HELD_STEPS`-th step, only while they take at most
+# `HELD_BYTES` (each as many as its first).
+HELD_STEPS = 16
+HELD_BYTES = 32 * 2**20
 # A loop whose actions or saves come every fewer steps judges each step: a window's two
 # calls of its own (to save and to judge the state) would cost more than the per-step guard.
 SHORTEST_WINDOW = 4
@@ -521,7 +525,8 @@ class Window:
 
     A loop whose calls span several steps (nothing looks at the state between
     them: no batch hook listens, no action or save is due) runs a call of n
-    steps as n graph calls of `on_next` (of `on_lasting` over data the loop
+    steps in windows of n steps, or of `_window_length` where fewer (their
+    batches' bytes), each as graph calls of `on_next` (of `on_lasting` over data the loop
     knows lasts to the window's end: its steps do not count the batches they
     pull, and any `OutOfRangeError` is a step's error), each step unjudged
     (``put_back="window"``: it checks only that its batch held examples and a
@@ -610,21 +615,28 @@ class Window:
             # cost about a step's dispatch each on a small model.
             self._open_call = flat_caller(self.open.get_concrete_function())
             self._close_call = flat_caller(self.close.get_concrete_function())
-        self.before = self._open_call()
-        try:
-            return self._run(call, limit, n, spec, lasting)
-        finally:
-            self.before = []  # (held no longer: the steps after the window update in place)
+        done, logs, ended = 0, {}, False
+        while done < n and not ended:  # windows of `_window_length` steps
+            self.before = self._open_call()
+            try:
+                ran, logs, ended = self._run(call, limit, n - done, spec, lasting)
+            finally:
+                self.before = []  # (held no longer: the steps after it update in place)
+            done += ran
+        return done, logs
 
     def _run(
         self, call: Any, limit: tf.Tensor, n: int, spec: Any, lasting: bool
-    ) -> tuple[int, Logs]:
+    ) -> tuple[int, Logs, bool]:
+        """One window of up to `n` steps: (steps run, logs, whether the data ended)."""
         batches: list[Any] = []
         logs: Logs = {}
         try:
-            for _ in range(n):
+            while len(batches) < n:
                 _, logs, batch = call(limit)
                 batches.append(batch)
+                if len(batches) == 1:
+                    n = min(n, _window_length(batch))
         except tf.errors.OpError as err:
             failed = lasting or not isinstance(err, tf.errors.OutOfRangeError)
             if failed or int(self.pulled.numpy()) > len(batches):
@@ -635,13 +647,15 @@ class Window:
                 self._again(batches, spec)
                 raise
             # The data's end: the steps before it are judged as a shorter window.
-            return len(batches), (
-                self._judged(batches, logs, spec) if batches else self.engine.body.logs()
+            return (
+                len(batches),
+                (self._judged(batches, logs, spec) if batches else self.engine.body.logs()),
+                True,
             )
         except BaseException:  # (a KeyboardInterrupt between steps: the state left judged)
             self._judged(batches, logs, spec)
             raise
-        return len(batches), self._judged(batches, logs, spec)
+        return len(batches), self._judged(batches, logs, spec), False
 
     def _judged(self, batches: list[Any], logs: Logs, spec: Any) -> Logs:
         if bool(self._close_call()):
@@ -910,6 +924,16 @@ def _until_the_end(call: Any, engine: Engine, limit: tf.Tensor) -> tuple[tf.Tens
         if engine.rollback is not None and bool(engine.rollback.armed.numpy()):
             raise
         return tf.constant(0), engine.body.logs()
+
+
+def _window_length(batch: Any) -> int:
+    """The steps of a window whose first batch is `batch`: `WINDOW`, fewer where that
+    many such batches would take more than `HELD_BYTES`, and at least `HELD_STEPS`."""
+    size = sum(
+        leaf.shape.num_elements() * max(leaf.dtype.size, 1)  # (a string: a byte or more)
+        for leaf in tf.nest.flatten(batch, expand_composites=True)
+    )
+    return max(HELD_STEPS, min(WINDOW, HELD_BYTES // max(size, 1)))
 
 
 def _dense(element_spec: Any) -> bool:

@@ -239,7 +239,7 @@ def fit_loop(
       val_data: validation batches, run after each epoch.
       callbacks: Keras callbacks.
       actions: `Action`s to run at exact steps (see `tp.every`).
-      verbose: 0 silent, 1 progress bar (drawn at each call's end: up to 16 steps
+      verbose: 0 silent, 1 progress bar (drawn at each call's end: up to 64 steps
         apart at one step a call, in guard windows), 2 one line per epoch (as in Keras).
       steps_per_epoch: if given, each epoch runs this many steps from one
         iterator kept across epochs (needed for a repeating dataset).

@@ -352,11 +352,11 @@ class Step:
           >>> run = step.runner(state, iter(data))
           >>> [int(run(None)[1]) for _ in range(3)]
           [4, 2, 0]
-          >>> # One step a call: a guard window of up to 16 calls, over data that lasts.
+          >>> # One step a call: guard windows of up to 64 calls, over data that lasts.
           >>> one = tp.make_train_step("mse")
           >>> run = one.runner(state, iter(data.repeat()), span=True, lasting=True)
           >>> int(run(one.span(state))[1])
-          16
+          64
         """
         engine = self.engine(state)
         runner = self._run(engine, epoch_runner, engine, iterator, grouped, span, lasting)
@@ -371,16 +371,17 @@ class Step:
 
     def span(self, state: Any) -> int:
         """The most steps one `runner` call runs for `state`: `steps_per_call`, or at one
-        step a call on one device a window of 16 graph calls, which a guarded step judges
-        together (the loops ask for a window while no batch hook listens and no action is
-        due: nothing looks at the state between its steps).
+        step a call on one device 64 graph calls, which a guarded step judges together,
+        in one window or, where 64 of its batches would take more than 32 MiB, in
+        windows of fewer (at least 16) (the loops ask for that many while no batch hook
+        listens and no action is due: nothing looks at the state between the steps).
 
         Example:
           >>> import keras, tfpure as tp
           >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
           >>> state = tp.TrainState.create(model=model, optimizer=keras.optimizers.SGD())
           >>> [tp.make_train_step("mse", steps_per_call=k).span(state) for k in (1, 4)]
-          [16, 4]
+          [64, 4]
         """
         if tf.config.functions_run_eagerly():
             return self.spec.steps_per_call
