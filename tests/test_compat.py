@@ -106,6 +106,27 @@ def test_serialized_dataset_graph_refuses_external_state():
         compat.serialized_dataset_graph(outside)
 
 
+def test_sliced_arrays_finds_the_tensors_the_tutorials_pipeline_slices():
+    """The private attributes it reads are there (the tutorial's pipeline is recognised,
+    its very tensors found), and any other data is not taken for arrays."""
+    x, y = np.arange(30.0, dtype="float32").reshape(10, 3), np.arange(10)
+    source = tf.data.Dataset.from_tensor_slices({"x": x, "y": y})
+    for data in (source.batch(4), source.batch(4).prefetch(tf.data.AUTOTUNE)):
+        arrays, size = compat.sliced_arrays(data)
+        assert size == 4 and sorted(arrays) == ["x", "y"]
+        np.testing.assert_array_equal(arrays["x"], x)
+        np.testing.assert_array_equal(arrays["y"], y)
+    for other in (
+        source.shuffle(10, seed=1).batch(4),  # an order of its own
+        source.batch(4, drop_remainder=True),
+        source.batch(4).map(lambda d: d),
+        source.batch(4).take(2),
+        tf.data.Dataset.range(10).batch(4),
+        tf.data.Dataset.from_tensor_slices(tf.ragged.constant([[1], [2, 3]])).batch(2),
+    ):
+        assert compat.sliced_arrays(other) is None
+
+
 def test_supports_no_merge_call_tells_strategies_apart():
     assert compat.supports_no_merge_call() is True
     with tf.distribute.MirroredStrategy(["/cpu:0"]).scope():

@@ -160,6 +160,28 @@ def test_groups_of_arrays_are_views_of_the_arrays_equal_to_their_batches_grouped
     assert array_groups(sliced.take(6), 4) is None  # derived data: grouped as any dataset
 
 
+def test_the_tutorials_pipeline_is_grouped_as_views_of_its_arrays_bit_for_bit():
+    """``from_tensor_slices(arrays).batch(n)``, maybe prefetched: `group_batches` slices
+    the arrays the pipeline holds (`array_groups`), yielding what ``ragged_batch(4)``
+    yields, spec and bits, pass after pass; other pipelines are stacked as before."""
+    x, y = SPEC.batch(45, 0)
+    pipelines = [
+        lambda: tf.data.Dataset.from_tensor_slices((x, y)).batch(8),  # a ragged last batch
+        lambda: tf.data.Dataset.from_tensor_slices({"x": x, "y": y}).batch(9).prefetch(2),
+    ]
+    for make in pipelines:
+        data, reference = make(), make().ragged_batch(4)
+        groups = group_batches(data, 4)
+        assert array_groups(data, 4) is groups  # (made once a dataset and k)
+        assert groups.element_spec == reference.element_spec
+        for _ in range(2):
+            for mine, theirs in zip(groups, reference, strict=True):
+                for a, b in zip(tf.nest.flatten(mine), tf.nest.flatten(theirs), strict=True):
+                    np.testing.assert_array_equal(a.to_tensor(), b.to_tensor())
+    shuffled = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(45, seed=1).batch(8)
+    assert array_groups(shuffled, 4) is None
+
+
 def test_an_xla_run_on_shuffled_arrays_is_fed_their_slices_bit_for_bit(monkeypatch):
     """fit_loop over arrays, XLA at 4 steps a call: the groups are the arrays' slices (no
     ``ragged_batch``), and the run equals one over the documented order's pipeline."""

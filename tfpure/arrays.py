@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from tfpure.compat import sliced_arrays
 from tfpure.types import check_count
 
 __all__ = ["array_groups", "from_arrays"]
@@ -93,7 +94,9 @@ def from_arrays(
 
 
 def array_groups(data: tf.data.Dataset, k: int) -> tf.data.Dataset | None:
-    """The batches of `data` made by `from_arrays`, `k` to an element; None for other data.
+    """The batches of `data` made by `from_arrays`, or by the tutorials' pipeline
+    ``tf.data.Dataset.from_tensor_slices(arrays).batch(n)`` (maybe then prefetched),
+    `k` to an element; None for other data.
 
     Equal, element for element and bit for bit, to ``data.ragged_batch(k)``
     (its element spec too), and sliced from the arrays instead of stacked
@@ -109,7 +112,16 @@ def array_groups(data: tf.data.Dataset, k: int) -> tf.data.Dataset | None:
       None
     """
     make = _GROUPS.get(data)
-    return None if make is None else make(k)
+    if make is None:
+        found = sliced_arrays(data)  # (the very arrays the pipeline slices: no copy)
+        if found is None:
+            return None
+        arrays, size = found
+        n = int(tf.nest.flatten(arrays)[0].shape[0])  # (the pipeline checked they agree)
+        if n == 0:
+            return None
+        make = _GROUPS[data] = _Slicer(arrays, n, size, None).groups
+    return make(k)
 
 
 class _Slicer:

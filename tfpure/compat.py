@@ -26,6 +26,10 @@ Private API                                        What for
                                                    with flat tensors (speed only)
 ``Operation._set_attr``, the ``If`` op's           keep the guard's per-step branches
 ``_lower_using_switch_merge`` attribute            functional (speed only)
+``_BatchDataset._input_dataset``, ``._batch_size``, feed the batches of
+``._drop_remainder``; ``_TensorSliceDataset.``      ``from_tensor_slices(arrays)``
+``_tensors``; ``_PrefetchDataset._input_dataset``   ``.batch(n)`` to an XLA step's calls
+                                                   as views of the arrays (speed only)
 ``Dataset._as_serialized_graph``                   refuse data a resume cannot replay
 a dataset op's inputs, by name (`tf.raw_ops`)      read its seeds and batch size; an
                                                    op read otherwise is not replayable
@@ -68,6 +72,7 @@ __all__ = [
     "optimizer_built_for",
     "seed_generators",
     "serialized_dataset_graph",
+    "sliced_arrays",
     "supports_no_merge_call",
 ]
 
@@ -348,6 +353,42 @@ def branch(
 
         set_attr("_lower_using_switch_merge", attr_value_pb2.AttrValue(b=False))
     return out
+
+
+def sliced_arrays(data: tf.data.Dataset) -> tuple[Any, int] | None:
+    """`data` seen as ``Dataset.from_tensor_slices(arrays).batch(size)``, keeping its
+    remainder, maybe then prefetched (the tutorials' pipeline): ``(arrays, size)``, the
+    arrays the very tensors `data` slices; None for any other data, or if tf.data's
+    classes changed (then grouping its batches is only slower).
+
+    Example:
+      >>> import numpy as np, tensorflow as tf
+      >>> from tfpure.compat import sliced_arrays
+      >>> x, y = np.zeros((10, 3), "float32"), np.arange(10)
+      >>> data = tf.data.Dataset.from_tensor_slices((x, y)).batch(4).prefetch(2)
+      >>> (xs, ys), size = sliced_arrays(data)
+      >>> xs.shape, ys.numpy().tolist() == list(range(10)), size
+      (TensorShape([10, 3]), True, 4)
+      >>> print(sliced_arrays(data.unbatch().batch(4)))
+      None
+    """
+    if type(data).__name__ == "_PrefetchDataset":
+        data = getattr(data, "_input_dataset", None)
+    if type(data).__name__ != "_BatchDataset":
+        return None
+    source = getattr(data, "_input_dataset", None)
+    size = tf.get_static_value(getattr(data, "_batch_size", None))
+    keep = tf.get_static_value(getattr(data, "_drop_remainder", None))
+    if type(source).__name__ != "_TensorSliceDataset" or size is None or keep is None or keep:
+        return None
+    specs = tf.nest.flatten(source.element_spec)
+    tensors = list(getattr(source, "_tensors", None) or [])
+    if len(tensors) != len(specs) or not all(
+        isinstance(s, tf.TensorSpec) and hasattr(t, "numpy") and t.shape[1:] == s.shape
+        for t, s in zip(tensors, specs, strict=True)
+    ):
+        return None  # (composite leaves, or tensors of a graph: not arrays in memory)
+    return tf.nest.pack_sequence_as(source.element_spec, tensors), int(size)
 
 
 def serialized_dataset_graph(data: tf.data.Dataset) -> tf.Tensor:
