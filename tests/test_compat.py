@@ -111,9 +111,13 @@ def test_sliced_arrays_finds_the_tensors_the_tutorials_pipeline_slices():
     its very tensors found), and any other data is not taken for arrays."""
     x, y = np.arange(30.0, dtype="float32").reshape(10, 3), np.arange(10)
     source = tf.data.Dataset.from_tensor_slices({"x": x, "y": y})
-    for data in (source.batch(4), source.batch(4).prefetch(tf.data.AUTOTUNE)):
-        arrays, size = compat.sliced_arrays(data)
-        assert size == 4 and sorted(arrays) == ["x", "y"]
+    for data, endless in [
+        (source.batch(4), False),
+        (source.batch(4).prefetch(tf.data.AUTOTUNE), False),
+        (source.batch(4).prefetch(2).repeat(), True),
+    ]:
+        arrays, size, repeated = compat.sliced_arrays(data)
+        assert size == 4 and sorted(arrays) == ["x", "y"] and repeated is endless
         np.testing.assert_array_equal(arrays["x"], x)
         np.testing.assert_array_equal(arrays["y"], y)
     for other in (
@@ -121,6 +125,7 @@ def test_sliced_arrays_finds_the_tensors_the_tutorials_pipeline_slices():
         source.batch(4, drop_remainder=True),
         source.batch(4).map(lambda d: d),
         source.batch(4).take(2),
+        source.batch(4).repeat(2),
         tf.data.Dataset.range(10).batch(4),
         tf.data.Dataset.from_tensor_slices(tf.ragged.constant([[1], [2, 3]])).batch(2),
     ):

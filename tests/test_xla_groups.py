@@ -161,9 +161,10 @@ def test_groups_of_arrays_are_views_of_the_arrays_equal_to_their_batches_grouped
 
 
 def test_the_tutorials_pipeline_is_grouped_as_views_of_its_arrays_bit_for_bit():
-    """``from_tensor_slices(arrays).batch(n)``, maybe prefetched: `group_batches` slices
-    the arrays the pipeline holds (`array_groups`), yielding what ``ragged_batch(4)``
-    yields, spec and bits, pass after pass; other pipelines are stacked as before."""
+    """``from_tensor_slices(arrays).batch(n)``, maybe prefetched, maybe repeated:
+    `group_batches` slices the arrays the pipeline holds (`array_groups`), yielding what
+    ``ragged_batch(k)`` yields, spec and bits, pass after pass; other pipelines are
+    stacked as before."""
     x, y = SPEC.batch(45, 0)
     pipelines = [
         lambda: tf.data.Dataset.from_tensor_slices((x, y)).batch(8),  # a ragged last batch
@@ -178,6 +179,14 @@ def test_the_tutorials_pipeline_is_grouped_as_views_of_its_arrays_bit_for_bit():
             for mine, theirs in zip(groups, reference, strict=True):
                 for a, b in zip(tf.nest.flatten(mine), tf.nest.flatten(theirs), strict=True):
                     np.testing.assert_array_equal(a.to_tensor(), b.to_tensor())
+    # Repeated endlessly (a step budget's data): where an epoch is whole groups of k.
+    data = pipelines[0]().repeat()
+    assert array_groups(data, 4) is None  # 6 batches an epoch: groups would span epochs
+    groups, reference = array_groups(data, 3), pipelines[0]().repeat().ragged_batch(3)
+    assert groups.element_spec == reference.element_spec
+    for mine, theirs in zip(groups.take(5), reference.take(5), strict=True):
+        for a, b in zip(tf.nest.flatten(mine), tf.nest.flatten(theirs), strict=True):
+            np.testing.assert_array_equal(a.to_tensor(), b.to_tensor())
     shuffled = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(45, seed=1).batch(8)
     assert array_groups(shuffled, 4) is None
 

@@ -38,7 +38,7 @@ from tfpure.types import check_count
 __all__ = ["array_groups", "from_arrays"]
 
 # The datasets `from_arrays` made, each with how to group its batches k to an element.
-_GROUPS: weakref.WeakKeyDictionary[tf.data.Dataset, Callable[[int], tf.data.Dataset]] = (
+_GROUPS: weakref.WeakKeyDictionary[tf.data.Dataset, Callable[[int], tf.data.Dataset | None]] = (
     weakref.WeakKeyDictionary()
 )
 
@@ -95,8 +95,8 @@ def from_arrays(
 
 def array_groups(data: tf.data.Dataset, k: int) -> tf.data.Dataset | None:
     """The batches of `data` made by `from_arrays`, or by the tutorials' pipeline
-    ``tf.data.Dataset.from_tensor_slices(arrays).batch(n)`` (maybe then prefetched),
-    `k` to an element; None for other data.
+    ``tf.data.Dataset.from_tensor_slices(arrays).batch(n)`` (maybe then prefetched,
+    maybe then repeated), `k` to an element; None for other data.
 
     Equal, element for element and bit for bit, to ``data.ragged_batch(k)``
     (its element spec too), and sliced from the arrays instead of stacked
@@ -113,15 +113,37 @@ def array_groups(data: tf.data.Dataset, k: int) -> tf.data.Dataset | None:
     """
     make = _GROUPS.get(data)
     if make is None:
-        found = sliced_arrays(data)  # (the very arrays the pipeline slices: no copy)
-        if found is None:
+        make = _pipeline_groups(data)
+        if make is None:
             return None
-        arrays, size = found
-        n = int(tf.nest.flatten(arrays)[0].shape[0])  # (the pipeline checked they agree)
-        if n == 0:
-            return None
-        make = _GROUPS[data] = _Slicer(arrays, n, size, None).groups
+        _GROUPS[data] = make
     return make(k)
+
+
+def _pipeline_groups(data: tf.data.Dataset) -> Callable[[int], tf.data.Dataset | None] | None:
+    """The groups of the tutorials' pipeline (`compat.sliced_arrays`), from the very arrays
+    it slices (no copy). Repeated endlessly (a step budget's data), only where an epoch's
+    batches are whole groups of `k` (no group of ``ragged_batch(k)`` spans two epochs)."""
+    found = sliced_arrays(data)
+    if found is None:
+        return None
+    arrays, size, endless = found
+    n = int(tf.nest.flatten(arrays)[0].shape[0])  # (the pipeline checked they agree)
+    if n == 0:
+        return None
+    slicer = _Slicer(arrays, n, size, None)
+    if not endless:
+        return slicer.groups
+    repeated: dict[int, tf.data.Dataset] = {}
+
+    def groups(k: int) -> tf.data.Dataset | None:
+        if slicer.count % k:
+            return None
+        if k not in repeated:
+            repeated[k] = slicer.groups(k).repeat()
+        return repeated[k]
+
+    return groups
 
 
 class _Slicer:
