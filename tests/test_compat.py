@@ -106,18 +106,14 @@ def test_serialized_dataset_graph_refuses_external_state():
         compat.serialized_dataset_graph(outside)
 
 
-def test_sliced_arrays_finds_the_tensors_the_tutorials_pipeline_slices():
+def test_sliced_arrays_and_endless_source_see_through_the_tutorials_pipeline():
     """The private attributes it reads are there (the tutorial's pipeline is recognised,
     its very tensors found), and any other data is not taken for arrays."""
     x, y = np.arange(30.0, dtype="float32").reshape(10, 3), np.arange(10)
     source = tf.data.Dataset.from_tensor_slices({"x": x, "y": y})
-    for data, endless in [
-        (source.batch(4), False),
-        (source.batch(4).prefetch(tf.data.AUTOTUNE), False),
-        (source.batch(4).prefetch(2).repeat(), True),
-    ]:
-        arrays, size, repeated = compat.sliced_arrays(data)
-        assert size == 4 and sorted(arrays) == ["x", "y"] and repeated is endless
+    for data in (source.batch(4), source.batch(4).prefetch(tf.data.AUTOTUNE)):
+        arrays, size = compat.sliced_arrays(data)
+        assert size == 4 and sorted(arrays) == ["x", "y"]
         np.testing.assert_array_equal(arrays["x"], x)
         np.testing.assert_array_equal(arrays["y"], y)
     for other in (
@@ -125,11 +121,15 @@ def test_sliced_arrays_finds_the_tensors_the_tutorials_pipeline_slices():
         source.batch(4, drop_remainder=True),
         source.batch(4).map(lambda d: d),
         source.batch(4).take(2),
-        source.batch(4).repeat(2),
+        source.batch(4).repeat(),  # (repeated: `endless_source`)
         tf.data.Dataset.range(10).batch(4),
         tf.data.Dataset.from_tensor_slices(tf.ragged.constant([[1], [2, 3]])).batch(2),
     ):
         assert compat.sliced_arrays(other) is None
+    batches = source.batch(4)
+    assert compat.endless_source(batches.repeat()) is batches
+    assert compat.endless_source(batches.repeat(2)) is None
+    assert compat.endless_source(batches) is None
 
 
 def test_supports_no_merge_call_tells_strategies_apart():

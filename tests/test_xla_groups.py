@@ -161,10 +161,10 @@ def test_groups_of_arrays_are_views_of_the_arrays_equal_to_their_batches_grouped
 
 
 def test_the_tutorials_pipeline_is_grouped_as_views_of_its_arrays_bit_for_bit():
-    """``from_tensor_slices(arrays).batch(n)``, maybe prefetched, maybe repeated:
-    `group_batches` slices the arrays the pipeline holds (`array_groups`), yielding what
-    ``ragged_batch(k)`` yields, spec and bits, pass after pass; other pipelines are
-    stacked as before."""
+    """``from_tensor_slices(arrays).batch(n)``, maybe prefetched, maybe repeated (as
+    arrays given with `batch_size=`): `group_batches` slices the arrays the pipeline holds
+    (`array_groups`), yielding what ``ragged_batch(k)`` yields, spec and bits, pass after
+    pass; other pipelines are stacked as before."""
     x, y = SPEC.batch(45, 0)
     pipelines = [
         lambda: tf.data.Dataset.from_tensor_slices((x, y)).batch(8),  # a ragged last batch
@@ -189,6 +189,13 @@ def test_the_tutorials_pipeline_is_grouped_as_views_of_its_arrays_bit_for_bit():
             np.testing.assert_array_equal(a.to_tensor(), b.to_tensor())
     shuffled = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(45, seed=1).batch(8)
     assert array_groups(shuffled, 4) is None
+    # Arrays given with `batch_size=`, shuffled each epoch, repeated for a budget: the
+    # epochs' groups repeated, each epoch drawing its order anew, as their batches do.
+    sliced, stacked = (from_arrays((x, y), 5, shuffle=3).repeat() for _ in range(2))
+    groups, reference = array_groups(sliced, 3), stacked.ragged_batch(3)  # 9 batches
+    for mine, theirs in zip(groups.take(7), reference.take(7), strict=True):
+        for a, b in zip(tf.nest.flatten(mine), tf.nest.flatten(theirs), strict=True):
+            np.testing.assert_array_equal(a.to_tensor(), b.to_tensor())
 
 
 def test_an_xla_run_on_shuffled_arrays_is_fed_their_slices_bit_for_bit(monkeypatch):

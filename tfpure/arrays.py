@@ -32,15 +32,14 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from tfpure.compat import sliced_arrays
+from tfpure.compat import endless_source, sliced_arrays
 from tfpure.types import check_count
 
 __all__ = ["array_groups", "from_arrays"]
 
-# The datasets `from_arrays` made, each with how to group its batches k to an element.
-_GROUPS: weakref.WeakKeyDictionary[tf.data.Dataset, Callable[[int], tf.data.Dataset | None]] = (
-    weakref.WeakKeyDictionary()
-)
+# The datasets `from_arrays` made (and the tutorials' pipelines grouped), each with the
+# slicer of its batches and their groups.
+_GROUPS: weakref.WeakKeyDictionary[tf.data.Dataset, _Slicer] = weakref.WeakKeyDictionary()
 
 
 def from_arrays(
@@ -89,14 +88,15 @@ def from_arrays(
     arrays = _arrays(data, argument)
     slicer = _Slicer(arrays, _length(arrays, argument), batch_size, seed)
     dataset = slicer.batches()
-    _GROUPS[dataset] = slicer.groups
+    _GROUPS[dataset] = slicer
     return dataset
 
 
 def array_groups(data: tf.data.Dataset, k: int) -> tf.data.Dataset | None:
     """The batches of `data` made by `from_arrays`, or by the tutorials' pipeline
-    ``tf.data.Dataset.from_tensor_slices(arrays).batch(n)`` (maybe then prefetched,
-    maybe then repeated), `k` to an element; None for other data.
+    ``tf.data.Dataset.from_tensor_slices(arrays).batch(n)`` (maybe then prefetched),
+    maybe then repeated endlessly (where an epoch is whole groups), `k` to an element;
+    None for other data.
 
     Equal, element for element and bit for bit, to ``data.ragged_batch(k)``
     (its element spec too), and sliced from the arrays instead of stacked
@@ -111,39 +111,27 @@ def array_groups(data: tf.data.Dataset, k: int) -> tf.data.Dataset | None:
       >>> print(array_groups(data.take(2), 2))
       None
     """
-    make = _GROUPS.get(data)
-    if make is None:
-        make = _pipeline_groups(data)
-        if make is None:
-            return None
-        _GROUPS[data] = make
-    return make(k)
-
-
-def _pipeline_groups(data: tf.data.Dataset) -> Callable[[int], tf.data.Dataset | None] | None:
-    """The groups of the tutorials' pipeline (`compat.sliced_arrays`), from the very arrays
-    it slices (no copy). Repeated endlessly (a step budget's data), only where an epoch's
-    batches are whole groups of `k` (no group of ``ragged_batch(k)`` spans two epochs)."""
-    found = sliced_arrays(data)
-    if found is None:
+    source = endless_source(data)
+    slicer = _slicer(data if source is None else source)
+    if slicer is None:
         return None
-    arrays, size, endless = found
-    n = int(tf.nest.flatten(arrays)[0].shape[0])  # (the pipeline checked they agree)
-    if n == 0:
-        return None
-    slicer = _Slicer(arrays, n, size, None)
-    if not endless:
-        return slicer.groups
-    repeated: dict[int, tf.data.Dataset] = {}
+    return slicer.groups(k) if source is None else slicer.repeated_groups(k)
 
-    def groups(k: int) -> tf.data.Dataset | None:
-        if slicer.count % k:
+
+def _slicer(data: tf.data.Dataset) -> _Slicer | None:
+    """The slicer of `data`'s batches: `from_arrays`'s, or one of the arrays a tutorials'
+    pipeline slices (`compat.sliced_arrays`: the very arrays, no copy)."""
+    slicer = _GROUPS.get(data)
+    if slicer is None:
+        found = sliced_arrays(data)
+        if found is None:
             return None
-        if k not in repeated:
-            repeated[k] = slicer.groups(k).repeat()
-        return repeated[k]
-
-    return groups
+        arrays, size = found
+        n = int(tf.nest.flatten(arrays)[0].shape[0])  # (the pipeline checked they agree)
+        if n == 0:
+            return None
+        slicer = _GROUPS[data] = _Slicer(arrays, n, size, None)
+    return slicer
 
 
 class _Slicer:
@@ -154,6 +142,7 @@ class _Slicer:
         self.arrays, self.n, self.batch_size = arrays, n, batch_size
         self.count = -(-n // batch_size)  # batches an epoch
         self._groups: dict[int, tf.data.Dataset] = {}
+        self._repeated: dict[int, tf.data.Dataset] = {}
         # One draw an epoch, shared by the batches and their groups (as a shuffle inside
         # `data` is shared by ``data.ragged_batch(k)``).
         self.draws = (
@@ -204,6 +193,16 @@ class _Slicer:
         if k not in self._groups:
             self._groups[k] = self._grouped(k)
         return self._groups[k]
+
+    def repeated_groups(self, k: int) -> tf.data.Dataset | None:
+        """The groups of the batches repeated endlessly (a step budget's data): an epoch's
+        groups repeated, where its batches are whole groups of `k` (no group of
+        ``ragged_batch(k)`` then spans two epochs); None where they are not."""
+        if self.count % k:
+            return None
+        if k not in self._repeated:
+            self._repeated[k] = self.groups(k).repeat()
+        return self._repeated[k]
 
     def _grouped(self, k: int) -> tf.data.Dataset:
         batches = tf.minimum(tf.range(self.count + 1, dtype=tf.int64) * self.batch_size, self.n)

@@ -29,7 +29,8 @@ Private API                                        What for
 ``_BatchDataset._input_dataset``, ``._batch_size``, feed the batches of
 ``._drop_remainder``; ``_TensorSliceDataset.``      ``from_tensor_slices(arrays)``
 ``_tensors``; ``_PrefetchDataset._input_dataset``   ``.batch(n)`` to an XLA step's calls
-``_RepeatDataset._input_dataset``, ``._count``      as views of the arrays (speed only)
+``_RepeatDataset._input_dataset``, ``._count``      as views of the arrays, repeated
+                                                   too (speed only)
 ``Dataset._as_serialized_graph``                   refuse data a resume cannot replay
 a dataset op's inputs, by name (`tf.raw_ops`)      read its seeds and batch size; an
                                                    op read otherwise is not replayable
@@ -61,6 +62,7 @@ __all__ = [
     "branch",
     "checkpoint_value_key",
     "dataset_op_inputs",
+    "endless_source",
     "flat_caller",
     "flatten_layers",
     "is_composite",
@@ -355,31 +357,44 @@ def branch(
     return out
 
 
-def sliced_arrays(data: tf.data.Dataset) -> tuple[Any, int, bool] | None:
+def endless_source(data: tf.data.Dataset) -> tf.data.Dataset | None:
+    """The dataset `data` repeats endlessly (``source.repeat()``); None for other data, or
+    if tf.data's classes changed (then grouping its batches is only slower).
+
+    Example:
+      >>> import tensorflow as tf
+      >>> from tfpure.compat import endless_source
+      >>> source = tf.data.Dataset.range(3)
+      >>> endless_source(source.repeat()) is source
+      True
+      >>> print(endless_source(source.repeat(2)), endless_source(source))
+      None None
+    """
+    if type(data).__name__ != "_RepeatDataset":
+        return None
+    if tf.get_static_value(getattr(data, "_count", None)) != -1:
+        return None
+    source = getattr(data, "_input_dataset", None)
+    return source if isinstance(source, tf.data.Dataset) else None
+
+
+def sliced_arrays(data: tf.data.Dataset) -> tuple[Any, int] | None:
     """`data` seen as ``Dataset.from_tensor_slices(arrays).batch(size)``, keeping its
-    remainder, maybe then prefetched (the tutorials' pipeline), maybe then repeated
-    endlessly: ``(arrays, size, endless)``, the arrays the very tensors `data` slices;
-    None for any other data, or if tf.data's classes changed (then grouping its batches
-    is only slower).
+    remainder, maybe then prefetched (the tutorials' pipeline): ``(arrays, size)``, the
+    arrays the very tensors `data` slices; None for any other data, or if tf.data's
+    classes changed (then grouping its batches is only slower).
 
     Example:
       >>> import numpy as np, tensorflow as tf
       >>> from tfpure.compat import sliced_arrays
       >>> x, y = np.zeros((10, 3), "float32"), np.arange(10)
       >>> data = tf.data.Dataset.from_tensor_slices((x, y)).batch(4).prefetch(2)
-      >>> (xs, ys), size, endless = sliced_arrays(data)
-      >>> xs.shape, ys.numpy().tolist() == list(range(10)), size, endless
-      (TensorShape([10, 3]), True, 4, False)
-      >>> sliced_arrays(data.repeat())[1:]
-      (4, True)
-      >>> print(sliced_arrays(data.unbatch().batch(4)), sliced_arrays(data.repeat(2)))
-      None None
+      >>> (xs, ys), size = sliced_arrays(data)
+      >>> xs.shape, ys.numpy().tolist() == list(range(10)), size
+      (TensorShape([10, 3]), True, 4)
+      >>> print(sliced_arrays(data.unbatch().batch(4)))
+      None
     """
-    endless = type(data).__name__ == "_RepeatDataset"
-    if endless:
-        if tf.get_static_value(getattr(data, "_count", None)) != -1:
-            return None
-        data = getattr(data, "_input_dataset", None)
     if type(data).__name__ == "_PrefetchDataset":
         data = getattr(data, "_input_dataset", None)
     if type(data).__name__ != "_BatchDataset":
@@ -396,7 +411,7 @@ def sliced_arrays(data: tf.data.Dataset) -> tuple[Any, int, bool] | None:
         for t, s in zip(tensors, specs, strict=True)
     ):
         return None  # (composite leaves, or tensors of a graph: not arrays in memory)
-    return tf.nest.pack_sequence_as(source.element_spec, tensors), int(size), endless
+    return tf.nest.pack_sequence_as(source.element_spec, tensors), int(size)
 
 
 def serialized_dataset_graph(data: tf.data.Dataset) -> tf.Tensor:
