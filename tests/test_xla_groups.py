@@ -135,6 +135,13 @@ def test_a_skipped_batch_inside_an_xla_group_is_put_back_and_counted():
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6, err_msg=a.path)
 
 
+def assert_same_groups(groups, reference):
+    """The two datasets of groups (ragged leaves) yield the same elements, bit for bit."""
+    for mine, theirs in zip(groups, reference, strict=True):
+        for a, b in zip(tf.nest.flatten(mine), tf.nest.flatten(theirs), strict=True):
+            np.testing.assert_array_equal(a.to_tensor(), b.to_tensor())
+
+
 def test_group_batches_stacks_alike_batches_and_keeps_a_ragged_last_one():
     groups = list(group_batches(data(45, 8), 4))
     x, y = groups[0]
@@ -154,9 +161,7 @@ def test_groups_of_arrays_are_views_of_the_arrays_equal_to_their_batches_grouped
         assert groups.element_spec == reference.element_spec
         assert int(groups.cardinality()) == 2
         for _ in range(2):
-            for mine, theirs in zip(groups, reference, strict=True):
-                for a, b in zip(tf.nest.flatten(mine), tf.nest.flatten(theirs), strict=True):
-                    np.testing.assert_array_equal(a.to_tensor(), b.to_tensor())
+            assert_same_groups(groups, reference)
     assert array_groups(sliced.take(6), 4) is None  # derived data: grouped as any dataset
 
 
@@ -176,26 +181,20 @@ def test_the_tutorials_pipeline_is_grouped_as_views_of_its_arrays_bit_for_bit():
         assert array_groups(data, 4) is groups  # (made once a dataset and k)
         assert groups.element_spec == reference.element_spec
         for _ in range(2):
-            for mine, theirs in zip(groups, reference, strict=True):
-                for a, b in zip(tf.nest.flatten(mine), tf.nest.flatten(theirs), strict=True):
-                    np.testing.assert_array_equal(a.to_tensor(), b.to_tensor())
+            assert_same_groups(groups, reference)
     # Repeated endlessly (a step budget's data): where an epoch is whole groups of k.
     data = pipelines[0]().repeat()
     assert array_groups(data, 4) is None  # 6 batches an epoch: groups would span epochs
     groups, reference = array_groups(data, 3), pipelines[0]().repeat().ragged_batch(3)
     assert groups.element_spec == reference.element_spec
-    for mine, theirs in zip(groups.take(5), reference.take(5), strict=True):
-        for a, b in zip(tf.nest.flatten(mine), tf.nest.flatten(theirs), strict=True):
-            np.testing.assert_array_equal(a.to_tensor(), b.to_tensor())
+    assert_same_groups(groups.take(5), reference.take(5))
     shuffled = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(45, seed=1).batch(8)
     assert array_groups(shuffled, 4) is None
     # Arrays given with `batch_size=`, shuffled each epoch, repeated for a budget: the
     # epochs' groups repeated, each epoch drawing its order anew, as their batches do.
     sliced, stacked = (from_arrays((x, y), 5, shuffle=3).repeat() for _ in range(2))
     groups, reference = array_groups(sliced, 3), stacked.ragged_batch(3)  # 9 batches
-    for mine, theirs in zip(groups.take(7), reference.take(7), strict=True):
-        for a, b in zip(tf.nest.flatten(mine), tf.nest.flatten(theirs), strict=True):
-            np.testing.assert_array_equal(a.to_tensor(), b.to_tensor())
+    assert_same_groups(groups.take(7), reference.take(7))
 
 
 def test_an_xla_run_on_shuffled_arrays_is_fed_their_slices_bit_for_bit(monkeypatch):
