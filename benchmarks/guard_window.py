@@ -67,16 +67,16 @@ def measure_mlp(rounds: int) -> None:
     state = run.mlp_state(run.tutorial_mlp)
     data = run.make_dataset(64, 64, 64).repeat()
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    runners = {}
+    runners, most = {}, 0
     for name, nonfinite, span in [("window", "raise", True), ("per step", "raise", False),
                                   ("no guard", None, True)]:  # fmt: skip
         s, step = state(), tp.make_train_step(loss, nonfinite=nonfinite)
         runners[name] = step.runner(s, iter(data), span=span, lasting=True)  # (data repeats)
-        span = step.span(s)  # (a window's most steps: `tfpure.graph.WINDOW`)
+        most = step.span(s)  # (every runner's calls: `tfpure.graph.WINDOW` steps)
         for _ in range(20):  # warm-up: traces, graph optimisation
-            runners[name](span)
+            runners[name](most)
     calls = {
-        name: functools.partial(_calls, run, 512 // span, span) for name, run in runners.items()
+        name: functools.partial(_calls, run, 512 // most, most) for name, run in runners.items()
     }
     _report(_interleaved(calls, rounds, 512), "no guard")
 

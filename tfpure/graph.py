@@ -607,8 +607,9 @@ class Window:
         self, call: Any, limit: tf.Tensor, n: int, spec: Any, lasting: bool = False
     ) -> tuple[int, Logs]:
         """Up to `n` steps, ``call(limit)`` each (the flat caller of `on_next`, or of
-        `on_lasting` over `lasting` data), judged once: (steps run, logs). The data's end
-        ends the window early. `spec`: the batches' (the iterator's element spec)."""
+        `on_lasting` over `lasting` data), judged once a window (`_window_length` steps,
+        fewer at the end): (steps run, logs). The data's end ends the window, and the
+        call, early. `spec`: the batches' (the iterator's element spec)."""
         if self.written is None:
             self.written = self.engine._written()
             # Called as the steps are (`flat_caller`): a window's two calls of its own
