@@ -39,7 +39,6 @@ def pytest_configure(config: pytest.Config) -> None:
         return
     if config.getoption("numprocesses", None) and "PYTEST_XDIST_WORKER" not in os.environ:
         return  # the xdist controller: its workers trace
-    from tensorflow.python.eager.polymorphic_function import tracing_compilation
     from tensorflow.python.framework import func_graph
 
     original = func_graph.func_graph_from_py_func
@@ -55,8 +54,7 @@ def pytest_configure(config: pytest.Config) -> None:
             if depth[0] == 0:
                 _traces.append((_test[0], str(name), time.perf_counter() - start))
 
-    func_graph.func_graph_from_py_func = timed
-    tracing_compilation.func_graph_module.func_graph_from_py_func = timed
+    func_graph.func_graph_from_py_func = timed  # (tf.function's tracing reads it here)
 
 
 @pytest.hookimpl(hookwrapper=True)
